@@ -1,0 +1,269 @@
+"""Site configuration: one YAML per site, loaded once into a validated :class:`SiteConfig`.
+
+A bad value fails at start-up with its key path, the value found and what was expected::
+
+    gcml config error in site.yaml:
+      - network.channels: found [8, 16] with strides [2, 2]; expected len(strides) == len(channels) - 1
+
+Example:
+    >>> cfg = load_config("sample_configs/site_a.yaml")
+    >>> cfg.labels
+    {'organ': 1, 'lesion': 2}
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+__all__ = [
+    "CONFIG_ENV",
+    "ConfigError",
+    "IntensityConfig",
+    "NetworkConfig",
+    "SegResNetConfig",
+    "SiteConfig",
+    "TrainConfig",
+    "UNetConfig",
+    "ValidationConfig",
+    "load_config",
+]
+
+CONFIG_ENV = "GCML_CONFIG"
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+class ConfigError(ValueError):
+    """A site YAML that cannot be used; the message lists every bad key with what was expected."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+Triple = tuple[float, float, float]
+IntTriple = tuple[int, int, int]
+
+
+class IntensityConfig(_Strict):
+    """How image intensities are normalised before the network.
+
+    ``zscore``: per-channel (x - mean) / std over the volume.
+    ``range``: clip to [a_min, a_max] and scale linearly to [b_min, b_max] (CT-style windows).
+    """
+
+    mode: Literal["zscore", "range"] = "zscore"
+    a_min: float = -1000.0
+    a_max: float = 1000.0
+    b_min: float = 0.0
+    b_max: float = 1.0
+
+    @model_validator(mode="after")
+    def _window(self) -> IntensityConfig:
+        if self.mode == "range" and not self.a_min < self.a_max:
+            raise ValueError(f"found a_min={self.a_min}, a_max={self.a_max}; expected a_min < a_max")
+        return self
+
+
+class UNetConfig(_Strict):
+    """MONAI ``UNet``: ``channels[i]`` features at level i, downsampled by ``strides[i]``."""
+
+    name: Literal["UNet"] = "UNet"
+    channels: tuple[Annotated[int, Field(ge=1)], ...] = (16, 32, 64, 128)
+    strides: tuple[Annotated[int, Field(ge=1)], ...] = (2, 2, 2)
+    num_res_units: int = Field(2, ge=0)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+
+    @model_validator(mode="after")
+    def _levels(self) -> UNetConfig:
+        if len(self.channels) < 2 or len(self.strides) != len(self.channels) - 1:
+            raise ValueError(
+                f"found channels={list(self.channels)} with strides={list(self.strides)}; "
+                "expected at least 2 channels and len(strides) == len(channels) - 1"
+            )
+        return self
+
+    @property
+    def downsample(self) -> int:
+        """Total downsampling factor; ROI sizes must be divisible by it."""
+        f = 1
+        for s in self.strides:
+            f *= s
+        return f
+
+
+class SegResNetConfig(_Strict):
+    """MONAI ``SegResNet``: ``init_filters`` doubled at each of ``len(blocks_down)`` levels."""
+
+    name: Literal["SegResNet"]
+    init_filters: int = Field(8, ge=1)
+    blocks_down: tuple[Annotated[int, Field(ge=1)], ...] = (1, 2, 2, 4)
+    blocks_up: tuple[Annotated[int, Field(ge=1)], ...] = (1, 1, 1)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+
+    @model_validator(mode="after")
+    def _levels(self) -> SegResNetConfig:
+        if len(self.blocks_up) != len(self.blocks_down) - 1:
+            raise ValueError(
+                f"found blocks_down={list(self.blocks_down)} with blocks_up={list(self.blocks_up)}; "
+                "expected len(blocks_up) == len(blocks_down) - 1"
+            )
+        return self
+
+    @property
+    def downsample(self) -> int:
+        return 2 ** (len(self.blocks_down) - 1)
+
+
+NetworkConfig = Annotated[Union[UNetConfig, SegResNetConfig], Field(discriminator="name")]
+
+
+class TrainConfig(_Strict):
+    """Local supervised fine-tuning of the served model on the site's final labels."""
+
+    epochs: int = Field(20, ge=1)
+    batch_size: int = Field(2, ge=1)
+    samples_per_case: int = Field(2, ge=1, description="random ROI crops drawn from each case per epoch")
+    lr: float = Field(1e-3, gt=0.0)
+    weight_decay: float = Field(1e-5, ge=0.0)
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    num_threads: int = Field(0, ge=0, description="torch CPU threads in the training process; 0 = torch default")
+
+
+class ValidationConfig(_Strict):
+    """The site's held-out labels that gate every publish.
+
+    A case is assigned to validation once, when it is first seen, and never moves.
+    ``min_cases`` validation cases are filled first; after that a case joins validation
+    when the split would otherwise fall below ``fraction``.
+    """
+
+    fraction: float = Field(0.2, gt=0.0, lt=1.0)
+    min_cases: int = Field(1, ge=1)
+    sw_batch_size: int = Field(1, ge=1)
+    overlap: float = Field(0.25, ge=0.0, lt=1.0)
+
+
+class SiteConfig(_Strict):
+    """Everything one site's GCML app needs; see ``sample_configs/site_a.yaml`` for a documented example."""
+
+    site: str
+    labels: dict[str, int]
+    input_channels: int = Field(1, ge=1)
+    spacing: Triple = (1.0, 1.0, 1.0)
+    roi_size: IntTriple = (32, 32, 32)
+    intensity: IntensityConfig = IntensityConfig()
+    network: NetworkConfig = UNetConfig()
+    train: TrainConfig = TrainConfig()
+    validation: ValidationConfig = ValidationConfig()
+    state_dir: Path = Path("gcml_state")
+
+    @field_validator("site")
+    @classmethod
+    def _site(cls, v: str) -> str:
+        if not _NAME.match(v):
+            raise ValueError(f"found {v!r}; expected 1-64 characters of letters, digits, '.', '_' or '-'")
+        return v
+
+    @field_validator("labels")
+    @classmethod
+    def _labels(cls, v: dict[str, int]) -> dict[str, int]:
+        if not v:
+            raise ValueError("found no labels; expected at least one 'name: index' with index >= 1")
+        bad = {k: i for k, i in v.items() if i < 1 or i > 255}
+        if bad:
+            raise ValueError(f"found {bad}; expected indices between 1 and 255 (0 is background)")
+        if len(set(v.values())) != len(v):
+            raise ValueError(f"found {v}; expected each label to have its own index")
+        if any(k.lower() == "background" for k in v):
+            raise ValueError("found 'background'; expected only foreground labels (background is 0)")
+        return dict(sorted(v.items(), key=lambda kv: kv[1]))
+
+    @field_validator("spacing")
+    @classmethod
+    def _spacing(cls, v: Triple) -> Triple:
+        if any(s <= 0 for s in v):
+            raise ValueError(f"found {list(v)}; expected three positive spacings in mm")
+        return v
+
+    @model_validator(mode="after")
+    def _roi(self) -> SiteConfig:
+        k = self.network.downsample
+        if any(r < 1 or r % k for r in self.roi_size):
+            raise ValueError(
+                f"roi_size: found {list(self.roi_size)}; expected positive sizes divisible by {k}, "
+                f"the total downsampling of network {self.network.name}"
+            )
+        return self
+
+    @property
+    def out_channels(self) -> int:
+        """Network output channels: background plus one per label, in index order."""
+        return len(self.labels) + 1
+
+
+def _format_errors(err: ValidationError) -> list[str]:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"] if not str(p).startswith("function-after"))
+        loc = re.sub(r"\.(UNet|SegResNet)\b", "", loc)
+        msg = e["msg"].removeprefix("Value error, ")
+        found = e.get("input")
+        if e["type"] == "extra_forbidden":
+            lines.append(f"{loc}: found unknown key; expected one of the documented keys (see sample_configs/)")
+        elif e["type"] == "missing" and isinstance(e["loc"][-1], int):
+            parent = loc.rsplit(".", 1)[0]
+            lines.append(f"{parent}: found {found!r}; expected {e['loc'][-1] + 1} values")
+        elif e["type"] == "missing":
+            lines.append(f"{loc}: missing; expected a value")
+        elif e["type"] == "union_tag_invalid":
+            tags = e["ctx"]["expected_tags"]
+            lines.append(f"{loc}.name: found {e['ctx']['tag']!r}; expected one of {tags}")
+        elif "found" in msg:
+            lines.append(f"{loc or '<root>'}: {msg}")
+        else:
+            msg = msg.removeprefix("Input should be ").removeprefix("input should be ")
+            lines.append(f"{loc or '<root>'}: found {found!r}; expected {msg}")
+    return lines
+
+
+def load_config(path: str | os.PathLike | None = None) -> SiteConfig:
+    """Load and validate a site YAML.
+
+    Args:
+        path: the YAML file; ``None`` reads the path from the ``GCML_CONFIG`` environment variable.
+
+    Returns:
+        the validated config; a relative ``state_dir`` is resolved against the YAML's folder.
+
+    Raises:
+        ConfigError: the file is missing, is not YAML, or any value is invalid; the message names
+            every bad key path with the value found and what was expected.
+    """
+    if path is None:
+        path = os.environ.get(CONFIG_ENV)
+        if not path:
+            raise ConfigError(f"no site config: pass --conf gcml_config PATH or set {CONFIG_ENV}")
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"site config {path}: file not found")
+    try:
+        raw: Any = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"site config {path}: not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"site config {path}: found {type(raw).__name__}; expected a mapping of keys")
+    try:
+        cfg = SiteConfig.model_validate(raw)
+    except ValidationError as e:
+        lines = "\n".join(f"  - {line}" for line in _format_errors(e))
+        raise ConfigError(f"gcml config error in {path}:\n{lines}") from None
+    if not cfg.state_dir.is_absolute():
+        cfg = cfg.model_copy(update={"state_dir": (path.parent / cfg.state_dir).resolve()})
+    return cfg

@@ -1,0 +1,54 @@
+"""MONAI Label's local datastore, with every label upload validated and remapped before it is stored."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Mapping
+
+import SimpleITK as sitk
+from monailabel.datastore.local import LocalDatastore
+
+from gcml_app.labels import LabelRejected, check_tag, conform_label
+
+__all__ = ["GCMLDatastore"]
+
+logger = logging.getLogger(__name__)
+
+
+class GCMLDatastore(LocalDatastore):
+    """A :class:`LocalDatastore` whose ``save_label`` refuses labels that do not fit the image or task.
+
+    Args:
+        datastore_path: the studies folder.
+        labels: the task's labels, name -> index.
+        kwargs: passed to :class:`LocalDatastore`.
+    """
+
+    def __init__(self, datastore_path: str, labels: Mapping[str, int], **kwargs: Any):
+        self.task_labels = dict(labels)
+        super().__init__(datastore_path, **kwargs)
+
+    def save_label(self, image_id: str, label_filename: str, label_tag: str, label_info: dict[str, Any]) -> str:
+        """Validate (geometry, values), remap Slicer segment values by name, then store as NIfTI.
+
+        Raises:
+            LabelRejected: the image is unknown, the tag is unsafe, or the label does not fit; the
+                datastore is left unchanged.
+        """
+        check_tag(label_tag)
+        image_uri = self.get_image_uri(image_id)
+        if not image_uri:
+            raise LabelRejected(f"image {image_id!r} is not in the datastore")
+        info = dict(label_info or {})
+        segments = info.get("label_info")
+        conformed = conform_label(image_uri, label_filename, self.task_labels, segments)
+        tmp = Path(tempfile.mkdtemp(prefix="gcml-label-"))
+        try:
+            out = tmp / "label.nii.gz"
+            sitk.WriteImage(conformed, str(out), useCompression=True)
+            return super().save_label(image_id, str(out), label_tag, info)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)

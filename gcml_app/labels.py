@@ -1,0 +1,147 @@
+"""Checks a label volume against its image and the task's labels before it can reach training.
+
+Slicer's MONAI Label module uploads segment values ``1..n`` in segment order with the names in
+``label_info`` (``[{"name": "lesion", "idx": 1}, ...]``); :func:`conform_label` remaps them to
+the task's indices by name. Without ``label_info`` the values must already be task indices.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import SimpleITK as sitk
+
+__all__ = ["LabelRejected", "conform_label", "check_tag"]
+
+_TAG = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+SPACING_RTOL = 1e-3
+ORIGIN_TOL_VOXELS = 1e-2
+DIRECTION_ATOL = 1e-4
+
+
+class LabelRejected(ValueError):
+    """A label upload that would corrupt training; the message names the mismatch."""
+
+
+def check_tag(tag: str) -> str:
+    if not _TAG.match(tag or ""):
+        raise LabelRejected(f"label tag {tag!r} rejected: expected 1-64 letters, digits, '_' or '-'")
+    return tag
+
+
+def _read_info(path: str | Path) -> sitk.ImageFileReader:
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    reader.ReadImageInformation()
+    return reader
+
+
+def _fmt(v: Sequence[float]) -> str:
+    return "(" + ", ".join(f"{x:.4g}" for x in v) + ")"
+
+
+def _check_geometry(image: sitk.ImageFileReader, label: sitk.Image) -> None:
+    # Multi-channel images may carry channels as a 4th axis; compare the spatial part only.
+    size = tuple(image.GetSize()[:3])
+    spacing = np.array(image.GetSpacing()[:3])
+    origin = np.array(image.GetOrigin()[:3])
+    direction = np.array(image.GetDirection()).reshape(image.GetDimension(), -1)[:3, :3]
+
+    if tuple(label.GetSize()) != size:
+        raise LabelRejected(f"label shape {tuple(label.GetSize())} does not match image shape {size}")
+    if not np.allclose(label.GetSpacing(), spacing, rtol=SPACING_RTOL, atol=0):
+        raise LabelRejected(
+            f"label spacing {_fmt(label.GetSpacing())} mm does not match image spacing {_fmt(spacing)} mm"
+        )
+    if not np.allclose(label.GetOrigin(), origin, rtol=0, atol=ORIGIN_TOL_VOXELS * spacing.min()):
+        raise LabelRejected(f"label origin {_fmt(label.GetOrigin())} does not match image origin {_fmt(origin)}")
+    if not np.allclose(np.array(label.GetDirection()).reshape(3, 3), direction, atol=DIRECTION_ATOL):
+        raise LabelRejected(
+            f"label direction {_fmt(label.GetDirection())} does not match image direction {_fmt(direction.ravel())}"
+        )
+
+
+def _value_map(label_info: Sequence[Mapping[str, Any]], task: Mapping[str, int]) -> dict[int, int]:
+    """Slicer segment value -> task index, by segment name (case-insensitive)."""
+    by_name = {k.lower(): v for k, v in task.items()}
+    by_name["background"] = 0
+    out: dict[int, int] = {0: 0}
+    for seg in label_info:
+        name, idx = str(seg.get("name", "")), seg.get("idx")
+        if not isinstance(idx, int):
+            raise LabelRejected(f"label_info entry {dict(seg)} rejected: expected an integer 'idx'")
+        if name.lower() not in by_name:
+            raise LabelRejected(
+                f"segment {name!r} (value {idx}) is not a label of this task; expected one of {list(task)}"
+            )
+        out[idx] = by_name[name.lower()]
+    return out
+
+
+def conform_label(
+    image_path: str | Path,
+    label_path: str | Path,
+    labels: Mapping[str, int],
+    label_info: Sequence[Mapping[str, Any]] | None = None,
+) -> sitk.Image:
+    """Validate a label against its image and the task, and return it in task indices.
+
+    Args:
+        image_path: the datastore image the label belongs to.
+        label_path: the uploaded label (any format SimpleITK reads: NIfTI, NRRD, ...).
+        labels: the task's labels, name -> index (background is 0).
+        label_info: Slicer's segments ``[{"name", "idx"}]``; ``None`` means values are task indices.
+
+    Returns:
+        a ``uint8`` label image with the image's geometry, values in ``{0} | labels.values()``.
+
+    Raises:
+        LabelRejected: not a 3D single-component volume; shape, spacing, origin or direction differ
+            from the image's; non-integer values; values with no segment or no task label.
+    """
+    try:
+        image = _read_info(image_path)
+        label = sitk.ReadImage(str(label_path))
+    except RuntimeError as e:
+        raise LabelRejected(f"label file unreadable: {str(e).strip().splitlines()[-1]}") from None
+    if label.GetDimension() != 3 or label.GetNumberOfComponentsPerPixel() != 1:
+        raise LabelRejected(
+            f"label must be a 3D labelmap with one value per voxel; found {label.GetDimension()}D with "
+            f"{label.GetNumberOfComponentsPerPixel()} components (in Slicer's MONAI Label settings, "
+            "save labels as .nii.gz, not overlapping .seg.nrrd)"
+        )
+    _check_geometry(image, label)
+
+    arr = sitk.GetArrayFromImage(label)
+    values = np.unique(arr)
+    if not np.all(np.equal(np.mod(values, 1), 0)):
+        raise LabelRejected(f"label has non-integer values {values[np.mod(values, 1) != 0][:5].tolist()}")
+    values = values.astype(np.int64)
+
+    allowed = {0, *labels.values()}
+    if label_info:
+        vmap = _value_map(label_info, labels)
+        missing = sorted(int(v) for v in values if int(v) not in vmap)
+        if missing:
+            raise LabelRejected(f"label values {missing} have no segment in label_info {list(label_info)}")
+        lut = np.zeros(int(values.max()) + 1, dtype=np.uint8)
+        for src, dst in vmap.items():
+            if 0 <= src < len(lut):
+                lut[src] = dst
+        out = lut[arr.astype(np.int64)]
+    else:
+        bad = sorted(int(v) for v in values if int(v) not in allowed)
+        if bad:
+            names = {0: "background", **{i: n for n, i in labels.items()}}
+            raise LabelRejected(f"label values {bad} are not task labels; expected values in {names}")
+        out = arr.astype(np.uint8)
+
+    result = sitk.GetImageFromArray(out)
+    result.SetSpacing(image.GetSpacing()[:3])
+    result.SetOrigin(image.GetOrigin()[:3])
+    result.SetDirection(tuple(np.array(image.GetDirection()).reshape(image.GetDimension(), -1)[:3, :3].ravel()))
+    return result

@@ -1,0 +1,95 @@
+"""Start and stop a site's MONAI Label server with this app (used by ``gcml serve``, the demo and tests)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import requests
+
+__all__ = ["SiteServer", "app_dir", "free_port", "server_command"]
+
+
+def app_dir() -> str:
+    """The MONAI Label app folder: this package (it holds ``main.py``)."""
+    return str(Path(__file__).resolve().parent)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def server_command(config: str | os.PathLike, studies: str | os.PathLike, host: str, port: int) -> list[str]:
+    """The ``monailabel start_server`` command line for one site."""
+    return [
+        sys.executable, "-m", "monailabel.main", "start_server",
+        "--app", app_dir(),
+        "--studies", str(Path(studies).resolve()),
+        "--conf", "gcml_config", str(Path(config).resolve()),
+        "--host", host,
+        "--port", str(port),
+        "--uvicorn_app", "gcml_app.server:app",
+    ]
+
+
+class SiteServer:
+    """A running MONAI Label server for one site, started in its own process group.
+
+    Args:
+        config: the site YAML.
+        studies: the studies folder.
+        host: bind address; loopback by default (the annotation network decides otherwise).
+        port: ``None`` picks a free port.
+        log: file receiving the server's stdout/stderr.
+
+    Example:
+        >>> with SiteServer("site.yaml", "studies") as srv:
+        ...     requests.get(srv.url + "/info/", timeout=10).json()["name"]
+    """
+
+    def __init__(self, config, studies, host: str = "127.0.0.1", port: int | None = None, log=None):
+        self.host, self.port = host, port or free_port(host)
+        self.url = f"http://{host}:{self.port}"
+        self.cmd = server_command(config, studies, host, self.port)
+        self.log_path = Path(log) if log else None
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 180.0) -> SiteServer:
+        env = {**os.environ, "MONAI_LABEL_TRACKING_ENABLED": "false", "MONAI_LABEL_AUTO_UPDATE_SCORING": "false"}
+        out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
+        self.proc = subprocess.Popen(self.cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with code {self.proc.returncode} during start-up; see {self.log_path}")
+            try:
+                if requests.get(self.url + "/info/", timeout=5).status_code == 200:
+                    return self
+            except requests.RequestException:
+                pass
+            time.sleep(0.5)
+        self.stop()
+        raise TimeoutError(f"server at {self.url} did not answer /info/ within {timeout:.0f} s; see {self.log_path}")
+
+    def stop(self, timeout: float = 20.0) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        os.killpg(self.proc.pid, signal.SIGINT)
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+    def __enter__(self) -> SiteServer:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

@@ -1,0 +1,238 @@
+"""Versioned model store: safetensors weights + a JSON manifest per version, a served pointer, rollback.
+
+Layout under ``<state_dir>/models``::
+
+    v000001.safetensors   weights (tensors only; never pickled)
+    v000001.json          manifest: version, parent, created, sha256, bytes, arch, val_dice, ...
+    served.json           {"version": 1}: the version the infer task serves
+    history.jsonl         one JSON line per decision (publish, keep, reject, rollback)
+
+Publishing writes weights, then manifest, then the pointer, each through a temporary file,
+``fsync`` and ``os.replace``. A crash (even ``kill -9``) at any point leaves ``served.json``
+naming the previous, complete version; leftovers of the interrupted publish are ignored and
+never reused as a version number.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+__all__ = ["Manifest", "ModelStore", "StoreError", "atomic_write", "sha256_bytes"]
+
+_VERSION_FILE = re.compile(r"^v(\d{6})\.(safetensors|json)$")
+
+
+class StoreError(RuntimeError):
+    """The store cannot do what was asked (unknown version, corrupt file, ...)."""
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """What a version is, where it came from, and how it validated."""
+
+    version: int
+    parent: int | None
+    created: str
+    sha256: str
+    bytes: int
+    arch: str
+    val_dice: dict[str, float]
+    n_train: int
+    n_val: int
+    produced_by: str
+    site: str = ""
+    lineage: list[dict[str, Any]] = field(default_factory=list)
+    validated: bool = True
+
+    @property
+    def mean_dice(self) -> float:
+        return sum(self.val_dice.values()) / len(self.val_dice) if self.val_dice else 0.0
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that readers see either the old file or the whole new one."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+class ModelStore:
+    """Versioned, crash-safe storage of one site's models.
+
+    Args:
+        root: the store folder (``<state_dir>/models``); created if missing.
+
+    Example:
+        >>> store = ModelStore(cfg.state_dir / "models")
+        >>> m = store.publish(net.state_dict(), arch=fp, val_dice={"lesion": 0.8}, n_train=8, n_val=2,
+        ...                   produced_by="local")
+        >>> store.served_version()
+        1
+    """
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._pointer = self.root / "served.json"
+        self._history = self.root / "history.jsonl"
+
+    # ---------------------------------------------------------------- reading
+    def _weights(self, version: int) -> Path:
+        return self.root / f"v{version:06d}.safetensors"
+
+    def _manifest_path(self, version: int) -> Path:
+        return self.root / f"v{version:06d}.json"
+
+    def served_version(self) -> int | None:
+        """The version the infer task serves, or ``None`` before the first publish."""
+        try:
+            return int(json.loads(self._pointer.read_text())["version"])
+        except FileNotFoundError:
+            return None
+
+    def manifest(self, version: int) -> Manifest:
+        path = self._manifest_path(version)
+        try:
+            return Manifest(**json.loads(path.read_text()))
+        except FileNotFoundError:
+            raise StoreError(f"version {version} does not exist; known versions: {self.versions()}") from None
+
+    def served(self) -> Manifest | None:
+        v = self.served_version()
+        return None if v is None else self.manifest(v)
+
+    def versions(self) -> list[int]:
+        """Complete versions (those with a manifest), oldest first."""
+        return sorted(
+            int(m.group(1)) for p in self.root.iterdir() if (m := _VERSION_FILE.match(p.name)) and m.group(2) == "json"
+        )
+
+    def read_bytes(self, version: int) -> bytes:
+        """The weights file of ``version``, checked against its manifest's sha256."""
+        man = self.manifest(version)
+        data = self._weights(version).read_bytes()
+        if sha256_bytes(data) != man.sha256:
+            raise StoreError(f"version {version}: weights do not match the manifest sha256 (file corrupted)")
+        return data
+
+    def load(self, version: int) -> dict[str, torch.Tensor]:
+        """The state dict of ``version`` (sha256-checked, tensors only)."""
+        try:
+            return st_load(self.read_bytes(version))
+        except SafetensorError as e:
+            raise StoreError(f"version {version}: unreadable safetensors file: {e}") from None
+
+    def history(self) -> list[dict[str, Any]]:
+        """Every recorded decision, oldest first."""
+        if not self._history.exists():
+            return []
+        return [json.loads(line) for line in self._history.read_text().splitlines() if line.strip()]
+
+    # ---------------------------------------------------------------- writing
+    def record(self, event: str, **fields: Any) -> dict[str, Any]:
+        """Append one decision to ``history.jsonl`` (fsynced)."""
+        rec = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "event": event, **fields}
+        with open(self._history, "a") as f:
+            f.write(json.dumps(rec, sort_keys=True) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        return rec
+
+    def _next_version(self) -> int:
+        # Count leftovers of interrupted publishes too, so a version number is never reused.
+        used = [int(m.group(1)) for p in self.root.iterdir() if (m := _VERSION_FILE.match(p.name))]
+        return max(used, default=0) + 1
+
+    def publish(
+        self,
+        state_dict: dict[str, torch.Tensor],
+        *,
+        arch: str,
+        val_dice: dict[str, float],
+        n_train: int,
+        n_val: int,
+        produced_by: str,
+        site: str = "",
+        lineage: list[dict[str, Any]] | None = None,
+        validated: bool = True,
+        decision: dict[str, Any] | None = None,
+    ) -> Manifest:
+        """Store ``state_dict`` as a new version and serve it.
+
+        Args:
+            state_dict: tensors to store (moved to CPU, made contiguous).
+            arch: architecture fingerprint (see :func:`gcml_app.network.arch_fingerprint`).
+            val_dice: validation Dice per label name.
+            n_train, n_val: cases the model was trained and validated on.
+            produced_by: how it was made, e.g. ``"local"``, ``"rollback"``, ``"gossip:site-b"``.
+            decision: extra fields for the history record (e.g. the gate's scores).
+
+        Returns:
+            the new version's manifest.
+        """
+        tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
+        data = st_save(tensors, metadata={"arch": arch})
+        version = self._next_version()
+        man = Manifest(
+            version=version,
+            parent=self.served_version(),
+            created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            sha256=sha256_bytes(data),
+            bytes=len(data),
+            arch=arch,
+            val_dice={k: float(v) for k, v in val_dice.items()},
+            n_train=n_train,
+            n_val=n_val,
+            produced_by=produced_by,
+            site=site,
+            lineage=list(lineage or []),
+            validated=validated,
+        )
+        atomic_write(self._weights(version), data)
+        atomic_write(self._manifest_path(version), json.dumps(asdict(man), indent=2).encode())
+        atomic_write(self._pointer, json.dumps({"version": version}).encode())
+        self.record("publish", version=version, parent=man.parent, produced_by=produced_by,
+                    val_dice=man.val_dice, **(decision or {}))
+        return man
+
+    def rollback(self, version: int, reason: str = "") -> Manifest:
+        """Serve an earlier version again (after checking its weights are intact)."""
+        man = self.manifest(version)
+        self.read_bytes(version)
+        previous = self.served_version()
+        atomic_write(self._pointer, json.dumps({"version": version}).encode())
+        self.record("rollback", version=version, previous=previous, reason=reason)
+        return man
