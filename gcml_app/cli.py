@@ -161,7 +161,7 @@ def _parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("demo", help="sample data + a serving site with a first trained model")
     s.add_argument("--out", default="gcml-demo")
-    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--port", type=int, default=8000, help="0 picks a free port")
     s.add_argument("--cases", type=int, default=12)
     s.add_argument("--labelled", type=int, default=8)
     s.add_argument("--epochs", type=int, default=30)

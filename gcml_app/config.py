@@ -108,6 +108,10 @@ class SegResNetConfig(_Strict):
 
     @model_validator(mode="after")
     def _levels(self) -> SegResNetConfig:
+        if self.init_filters % 8:
+            raise ValueError(
+                f"found init_filters={self.init_filters}; expected a multiple of 8 (SegResNet's group norm uses 8 groups)"
+            )
         if len(self.blocks_up) != len(self.blocks_down) - 1:
             raise ValueError(
                 f"found blocks_down={list(self.blocks_down)} with blocks_up={list(self.blocks_up)}; "

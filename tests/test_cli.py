@@ -1,0 +1,68 @@
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from helpers import write_config
+
+from gcml_app.cli import main
+from gcml_app.sim.phantoms import LABELS, STYLES, write_studies
+
+
+def test_sample_data_writes_a_studies_folder(tmp_path, capsys):
+    assert main(["sample-data", "--out", str(tmp_path / "s"), "--site-style", "b", "--cases", "3", "--labelled", "2"]) == 0
+    assert "wrote 3 style-b phantoms (2 with final labels)" in capsys.readouterr().out
+    assert sorted(p.name for p in (tmp_path / "s").glob("*.nii.gz")) == [f"case_00{i}.nii.gz" for i in range(3)]
+    assert len(list((tmp_path / "s" / "labels" / "final").glob("*.nii.gz"))) == 2
+
+
+def test_phantoms_are_deterministic_and_sites_differ(tmp_path):
+    a1 = write_studies(tmp_path / "a1", "a", cases=2, seed=3)
+    a2 = write_studies(tmp_path / "a2", "a", cases=2, seed=3)
+    arr = {k: sitk.GetArrayFromImage(sitk.ReadImage(str(p / "case_001.nii.gz"))) for k, p in {"a1": a1, "a2": a2}.items()}
+    assert np.array_equal(arr["a1"], arr["a2"])
+    stats = {}
+    for style in STYLES:
+        d = write_studies(tmp_path / style, style, cases=2, seed=0)
+        img = sitk.ReadImage(str(d / "case_000.nii.gz"))
+        lab = sitk.GetArrayFromImage(sitk.ReadImage(str(d / "labels" / "final" / "case_000.nii.gz")))
+        assert set(np.unique(lab)) == {0, *LABELS.values()}
+        stats[style] = (img.GetSpacing(), round(float(sitk.GetArrayFromImage(img)[lab == 1].mean()), 1))
+    assert len(set(stats.values())) == len(STYLES)  # spacing and intensity differ between sites
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["sample-data", "--out", "x", "--cases", "2", "--labelled", "3"], "labelled: found 3; expected between 0 and cases=2"),
+        (["sample-data", "--out", "x", "--cases", "0"], "cases: found 0; expected at least 1"),
+    ],
+)
+def test_sample_data_bad_arguments(tmp_path, argv, message):
+    with pytest.raises(ValueError, match=message):
+        main(argv)
+
+
+def test_bad_config_exits_2_with_the_key_path(tmp_path, capsys):
+    path = write_config(tmp_path, roi_size=[31, 32, 32])
+    assert main(["status", "--config", str(path)]) == 2
+    assert "roi_size: found [31, 32, 32]; expected positive sizes divisible by 4" in capsys.readouterr().err
+
+
+def test_status_before_any_model(tmp_path, capsys):
+    assert main(["status", "--config", str(write_config(tmp_path))]) == 0
+    assert "no published model yet" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_demo_brings_up_a_serving_site(tmp_path):
+    out = subprocess.run(
+        [sys.executable, "-m", "gcml_app.cli", "demo", "--out", str(tmp_path / "demo"), "--port", "0",
+         "--epochs", "3", "--no-wait"],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "serving version 1" in out.stdout
+    assert "auto-segmented case_008 with version 1" in out.stdout
+    assert "MONAI Label module -> Server: http://127.0.0.1:" in out.stdout

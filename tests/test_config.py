@@ -1,0 +1,92 @@
+from pathlib import Path
+
+import pytest
+
+from gcml_app.config import CONFIG_ENV, ConfigError, SegResNetConfig, load_config
+from helpers import TINY, write_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+BAD = [
+    # (overrides, expected message fragment)
+    ({"site": "a b"}, r"site: found 'a b'; expected 1-64 characters"),
+    ({"labels": {}}, r"labels: found no labels"),
+    ({"labels": {"organ": 0}}, r"labels: found \{'organ': 0\}; expected indices between 1 and 255"),
+    ({"labels": {"organ": 1, "lesion": 1}}, r"labels: .*expected each label to have its own index"),
+    ({"labels": {"background": 1}}, r"labels: found 'background'"),
+    ({"spacing": [1, 0, 1]}, r"spacing: found \[1.0, 0.0, 1.0\]; expected three positive spacings"),
+    ({"roi_size": [32, 32]}, r"roi_size: found \[32, 32\]; expected 3 values"),
+    ({"roi_size": [30, 32, 32]}, r"roi_size: found \[30, 32, 32\]; expected positive sizes divisible by 4"),
+    ({"input_channels": 0}, r"input_channels: found 0; expected greater than or equal to 1"),
+    ({"network": {"name": "ResNet"}}, r"network.name: found 'ResNet'; expected one of 'UNet', 'SegResNet'"),
+    ({"network": {"name": "UNet", "channels": [4, 8], "strides": [2, 2]}}, r"network: found channels=\[4, 8\] with strides"),
+    ({"network": {"name": "SegResNet", "blocks_down": [1, 2], "blocks_up": [1, 1]}}, r"network: found blocks_down"),
+    ({"network": {"name": "SegResNet", "init_filters": 4}}, r"network: found init_filters=4; expected a multiple of 8"),
+    ({"train": {"epochs": 0}}, r"train.epochs: found 0; expected greater than or equal to 1"),
+    ({"train": {"lr": "fast"}}, r"train.lr: found 'fast'; expected a valid number"),
+    ({"train": {"device": "tpu"}}, r"train.device: found 'tpu'; expected 'auto', 'cpu' or 'cuda'"),
+    ({"train": {"epoch": 3}}, r"train.epoch: found unknown key"),
+    ({"validation": {"fraction": 1.5}}, r"validation.fraction: found 1.5; expected less than 1"),
+    ({"intensity": {"mode": "range", "a_min": 5, "a_max": 1}}, r"intensity: found a_min=5.0, a_max=1.0"),
+    ({"unknown_key": 1}, r"unknown_key: found unknown key"),
+]
+
+
+@pytest.mark.parametrize("overrides, message", BAD)
+def test_bad_values_name_key_value_and_expectation(tmp_path, overrides, message):
+    path = write_config(tmp_path, **overrides)
+    with pytest.raises(ConfigError, match=message):
+        load_config(path)
+
+
+def test_every_error_is_reported_at_once(tmp_path):
+    path = write_config(tmp_path, site="a b", train={"epochs": -1})
+    with pytest.raises(ConfigError, match=r"(?s)site: found 'a b'.*train.epochs: found -1"):
+        load_config(path)
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("site: [unclosed", r"not valid YAML"),
+        ("- just\n- a list\n", r"found list; expected a mapping"),
+        ("", r"found NoneType; expected a mapping"),
+    ],
+)
+def test_malformed_yaml(tmp_path, text, message):
+    path = tmp_path / "site.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        load_config(path)
+
+
+def test_missing_file_and_missing_env(tmp_path, monkeypatch):
+    with pytest.raises(ConfigError, match="file not found"):
+        load_config(tmp_path / "nope.yaml")
+    monkeypatch.delenv(CONFIG_ENV, raising=False)
+    with pytest.raises(ConfigError, match="pass --conf gcml_config PATH or set GCML_CONFIG"):
+        load_config()
+
+
+def test_env_var_and_relative_state_dir(tmp_path, monkeypatch):
+    path = write_config(tmp_path / "site")
+    monkeypatch.setenv(CONFIG_ENV, str(path))
+    cfg = load_config()
+    assert cfg.state_dir == (tmp_path / "site" / "state").resolve()
+    assert cfg.out_channels == len(TINY["labels"]) + 1
+
+
+def test_labels_are_ordered_by_index(tmp_path):
+    cfg = load_config(write_config(tmp_path, labels={"lesion": 4, "organ": 1}))
+    assert list(cfg.labels.items()) == [("organ", 1), ("lesion", 4)]
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (REPO / "sample_configs").glob("*.yaml")))
+def test_sample_configs_load(name):
+    cfg = load_config(REPO / "sample_configs" / name)
+    assert cfg.site and cfg.labels
+
+
+def test_segresnet_config(tmp_path):
+    cfg = load_config(write_config(tmp_path, network={"name": "SegResNet", "init_filters": 16}))
+    assert isinstance(cfg.network, SegResNetConfig) and cfg.network.downsample == 8

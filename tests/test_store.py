@@ -1,0 +1,112 @@
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from gcml_app.store import ModelStore, StoreError
+
+
+def weights(seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {"conv.weight": torch.randn(4, 1, 3, 3, 3, generator=g), "conv.bias": torch.randn(4, generator=g)}
+
+
+def publish(store: ModelStore, seed: int, dice: float = 0.5):
+    return store.publish(weights(seed), arch="sha256:test", val_dice={"lesion": dice}, n_train=4, n_val=1,
+                         produced_by="local", site="s")
+
+
+def test_publish_serves_new_version_with_manifest(tmp_path):
+    store = ModelStore(tmp_path)
+    assert store.served_version() is None and store.served() is None
+    m1 = publish(store, 1, 0.4)
+    m2 = publish(store, 2, 0.6)
+    assert (m1.version, m2.version, m2.parent) == (1, 2, 1)
+    assert store.served_version() == 2 and store.versions() == [1, 2]
+    man = json.loads((tmp_path / "v000002.json").read_text())
+    for key in ("version", "parent", "created", "sha256", "bytes", "arch", "val_dice", "n_train", "n_val",
+                "produced_by"):
+        assert key in man
+    assert man["bytes"] == (tmp_path / "v000002.safetensors").stat().st_size
+    torch.testing.assert_close(store.load(2), weights(2))
+    assert [r["event"] for r in store.history()] == ["publish", "publish"]
+
+
+def test_weights_are_safetensors_not_pickle(tmp_path):
+    store = ModelStore(tmp_path)
+    publish(store, 1)
+    head = (tmp_path / "v000001.safetensors").read_bytes()[:16]
+    assert not head.startswith(b"\x80") and not head.startswith(b"PK")  # neither pickle nor torch zip
+
+
+def test_rollback_serves_earlier_version_and_is_recorded(tmp_path):
+    store = ModelStore(tmp_path)
+    publish(store, 1)
+    publish(store, 2)
+    store.rollback(1, reason="radiologist report")
+    assert store.served_version() == 1
+    torch.testing.assert_close(store.load(store.served_version()), weights(1))
+    assert store.history()[-1] | {"time": None} == {
+        "time": None, "event": "rollback", "version": 1, "previous": 2, "reason": "radiologist report"}
+    assert publish(store, 3).parent == 1
+
+
+def test_rollback_to_unknown_or_corrupt_version_fails_and_keeps_serving(tmp_path):
+    store = ModelStore(tmp_path)
+    publish(store, 1)
+    publish(store, 2)
+    with pytest.raises(StoreError, match=r"version 7 does not exist; known versions: \[1, 2\]"):
+        store.rollback(7)
+    (tmp_path / "v000001.safetensors").write_bytes(b"garbage")
+    with pytest.raises(StoreError, match="version 1: weights do not match the manifest sha256"):
+        store.rollback(1)
+    assert store.served_version() == 2
+
+
+CRASH = textwrap.dedent(
+    """
+    import os, signal, sys, torch
+    from gcml_app.store import ModelStore
+    root, target, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    store = ModelStore(root)
+    real, calls = getattr(os, target), [0]
+    def crash_on_nth(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == n:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(*args, **kwargs)
+    setattr(os, target, crash_on_nth)
+    store.publish({"w": torch.full((64, 64), 2.0)}, arch="sha256:test", val_dice={"lesion": 0.9},
+                  n_train=4, n_val=1, produced_by="local")
+    print("completed")
+    """
+)
+
+# kill -9 just before the n-th call of os.<target> inside publish: 3 replaces (weights, manifest, pointer),
+# 6 fsyncs (file + folder for each), and mid-write of the weights' temporary file. Only the last fsync
+# comes after the pointer moved: there the new version is complete and served.
+CRASH_POINTS = [("replace", n, 1) for n in (1, 2, 3)] + [("fsync", n, 1) for n in range(1, 6)] + [
+    ("fdopen", 1, 1), ("fsync", 6, 2)]
+
+
+@pytest.mark.parametrize("target, n, served", CRASH_POINTS)
+def test_kill_9_mid_publish_leaves_a_complete_version_served(tmp_path, target, n, served):
+    store = ModelStore(tmp_path)
+    publish(store, 1)
+    proc = subprocess.run([sys.executable, "-c", CRASH, str(tmp_path), target, str(n)], capture_output=True, text=True)
+    assert proc.returncode == -9, proc.stderr
+    assert "completed" not in proc.stdout
+
+    store = ModelStore(tmp_path)
+    assert store.served_version() == served
+    if served == 1:
+        torch.testing.assert_close(store.load(1), weights(1))
+    else:
+        torch.testing.assert_close(store.load(2), {"w": torch.full((64, 64), 2.0)})
+    # The next publish works and never reuses the number of the interrupted one.
+    used = max(int(p.name[1:7]) for p in tmp_path.glob("v0*"))
+    assert publish(store, 3).version == used + 1
+    assert store.served_version() == used + 1
