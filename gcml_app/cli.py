@@ -128,7 +128,9 @@ def _demo(args: argparse.Namespace) -> int:
         if args.no_wait:
             return 0
         print("  Serving until Ctrl-C ...")
-        signal.sigwait({signal.SIGINT, signal.SIGTERM})
+        stop = {signal.SIGINT, signal.SIGTERM}
+        signal.pthread_sigmask(signal.SIG_BLOCK, stop)
+        signal.sigwait(stop)
         return 0
     finally:
         print("stopping server")
