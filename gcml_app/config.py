@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 __all__ = [
     "CONFIG_ENV",
     "ConfigError",
+    "DCMLConfig",
     "IntensityConfig",
     "NetworkConfig",
     "SegResNetConfig",
@@ -154,6 +155,21 @@ class ValidationConfig(_Strict):
     overlap: float = Field(0.25, ge=0.0, lt=1.0)
 
 
+class DCMLConfig(_Strict):
+    """Deep contrastive mutual learning (DESIGN.md section 3); every weight is configurable.
+
+    ``loss_L = DiceCE(L) + lambda_kl * T^2 KL(I || L) + lambda_con * InfoNCE(L <- I)``, symmetric for I.
+    """
+
+    lambda_kl: float = Field(1.0, ge=0.0)
+    lambda_con: float = Field(0.1, ge=0.0)
+    temperature: float = Field(2.0, gt=0.0, description="T of the mutual KL")
+    tau: float = Field(0.1, gt=0.0, description="InfoNCE temperature")
+    samples_per_class: int = Field(256, ge=1, description="anchor voxels sampled per class per volume")
+    dilation: int = Field(2, ge=0, description="voxels the foreground region is dilated by for the KL balance")
+    embed_dim: int = Field(32, ge=2, description="projection head output size")
+
+
 class SiteConfig(_Strict):
     """Everything one site's GCML app needs; see ``sample_configs/site_a.yaml`` for a documented example."""
 
@@ -166,6 +182,7 @@ class SiteConfig(_Strict):
     network: NetworkConfig = UNetConfig()
     train: TrainConfig = TrainConfig()
     validation: ValidationConfig = ValidationConfig()
+    dcml: DCMLConfig = DCMLConfig()
     state_dir: Path = Path("gcml_state")
 
     @field_validator("site")

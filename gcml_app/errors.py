@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from gcml_app.labels import LabelRejected
 
-__all__ = ["GCMLError", "LabelRejected", "NoPublishedModel", "NotEnoughLabels"]
+__all__ = ["GCMLError", "IncomingModelRejected", "LabelRejected", "NoPublishedModel", "NotEnoughLabels"]
 
 
 class GCMLError(RuntimeError):
@@ -17,3 +17,7 @@ class NoPublishedModel(GCMLError):
 
 class NotEnoughLabels(GCMLError):
     """Training cannot run: too few labelled cases for a train and a validation split."""
+
+
+class IncomingModelRejected(GCMLError):
+    """An incoming model file for a DCML round that is unsafe or unusable; nothing was trained or changed."""

@@ -13,17 +13,77 @@ from monai.networks.nets import SegResNet, UNet
 
 from gcml_app.config import SegResNetConfig, SiteConfig, UNetConfig
 
-__all__ = ["arch_fingerprint", "build_network"]
+__all__ = ["GCMLNet", "arch_fingerprint", "build_network", "feature_channels"]
 
 
-def build_network(cfg: SiteConfig) -> torch.nn.Module:
-    """Build the MONAI network named in ``cfg.network``.
+class GCMLNet(torch.nn.Module):
+    """A MONAI segmentation network with a decoder feature tap and a projection head for DCML.
+
+    ``forward`` returns logits only, so sliding-window inference and MONAI Label use it unchanged;
+    ``forward_features`` also returns the tapped decoder features and their L2-normalised embeddings.
+    The projection head is part of the state dict: it travels with the model between sites.
+
+    Args:
+        backbone: a MONAI ``UNet`` or ``SegResNet``.
+        feature_channels: channels ``F`` of the tapped decoder features.
+        embed_dim: embedding size ``E`` of the projection head.
+    """
+
+    def __init__(self, backbone: torch.nn.Module, feature_channels: int, embed_dim: int):
+        super().__init__()
+        self.backbone = backbone
+        self.head = torch.nn.Sequential(
+            torch.nn.Conv3d(feature_channels, feature_channels, kernel_size=1),
+            torch.nn.ReLU(),
+            torch.nn.Conv3d(feature_channels, embed_dim, kernel_size=1),
+        )
+
+    def _tap(self) -> torch.nn.Module:
+        """The module whose *input* is the last decoder feature map."""
+        if isinstance(self.backbone, UNet):
+            return self.backbone.model[2]  # top-level up layer: input is [skip, upsampled] concatenated
+        return self.backbone.conv_final
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, C_in, D, H, W)`` -> logits ``(B, C_out, D, H, W)``."""
+        return self.backbone(x)
+
+    def forward_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Logits, decoder features and embeddings in one pass.
+
+        Args:
+            x: ``(B, C_in, D, H, W)``.
+
+        Returns:
+            ``logits (B, C_out, D, H, W)``, ``features (B, F, d, h, w)`` and unit-norm
+            ``embeddings (B, E, d, h, w)``; ``(d, h, w)`` is ``(D, H, W)`` for SegResNet and
+            ``(D, H, W) / strides[0]`` for UNet.
+        """
+        box: list[torch.Tensor] = []
+        handle = self._tap().register_forward_pre_hook(lambda _m, args: box.append(args[0]))
+        try:
+            logits = self.backbone(x)
+        finally:
+            handle.remove()
+        feats = box[0]
+        emb = torch.nn.functional.normalize(self.head(feats), dim=1)
+        return logits, feats, emb
+
+
+def feature_channels(cfg: SiteConfig) -> int:
+    """Channels ``F`` of the tapped decoder features for ``cfg.network``."""
+    net = cfg.network
+    return 2 * net.channels[0] if isinstance(net, UNetConfig) else net.init_filters
+
+
+def build_network(cfg: SiteConfig) -> GCMLNet:
+    """Build the MONAI network named in ``cfg.network`` with its DCML projection head.
 
     Args:
         cfg: site config; ``input_channels`` and ``out_channels`` (background + labels) set the I/O.
 
     Returns:
-        a module mapping ``(B, input_channels, D, H, W)`` to logits ``(B, out_channels, D, H, W)``.
+        a :class:`GCMLNet` mapping ``(B, input_channels, D, H, W)`` to logits ``(B, out_channels, D, H, W)``.
 
     Example:
         >>> net = build_network(cfg)
@@ -32,7 +92,7 @@ def build_network(cfg: SiteConfig) -> torch.nn.Module:
     """
     net = cfg.network
     if isinstance(net, UNetConfig):
-        return UNet(
+        backbone = UNet(
             spatial_dims=3,
             in_channels=cfg.input_channels,
             out_channels=cfg.out_channels,
@@ -41,8 +101,8 @@ def build_network(cfg: SiteConfig) -> torch.nn.Module:
             num_res_units=net.num_res_units,
             dropout=net.dropout,
         )
-    if isinstance(net, SegResNetConfig):
-        return SegResNet(
+    elif isinstance(net, SegResNetConfig):
+        backbone = SegResNet(
             spatial_dims=3,
             in_channels=cfg.input_channels,
             out_channels=cfg.out_channels,
@@ -51,7 +111,9 @@ def build_network(cfg: SiteConfig) -> torch.nn.Module:
             blocks_up=net.blocks_up,
             dropout_prob=net.dropout or None,
         )
-    raise ValueError(f"network.name: found {net.name!r}; expected 'UNet' or 'SegResNet'")
+    else:
+        raise ValueError(f"network.name: found {net.name!r}; expected 'UNet' or 'SegResNet'")
+    return GCMLNet(backbone, feature_channels(cfg), cfg.dcml.embed_dim)
 
 
 def arch_fingerprint(cfg: SiteConfig, state_dict: dict[str, torch.Tensor]) -> str:
@@ -65,6 +127,7 @@ def arch_fingerprint(cfg: SiteConfig, state_dict: dict[str, torch.Tensor]) -> st
     """
     desc = {
         "network": cfg.network.model_dump(mode="json"),
+        "embed_dim": cfg.dcml.embed_dim,
         "in": cfg.input_channels,
         "out": cfg.out_channels,
         "params": [[k, list(v.shape), str(v.dtype)] for k, v in sorted(state_dict.items())],

@@ -1,4 +1,4 @@
-"""The ``gcml`` train task: a local round (fine-tune, validate, gate, publish) on the site's final labels.
+"""The ``gcml`` train task: a round (local fine-tune or DCML with an incoming model, validate, gate, publish).
 
 Runs in MONAI Label's training subprocess. Progress goes to a small JSON file that ``stats()``
 reads in the server process (Slicer polls it through ``/info``), and to the task log.
@@ -19,18 +19,21 @@ from monai.losses import DiceCELoss
 from monai.utils import set_determinism
 from monailabel.interfaces.datastore import Datastore, DefaultLabelTag
 from monailabel.interfaces.tasks.train import TrainTask
+from safetensors import SafetensorError
+from safetensors.torch import load as st_load
 
 from gcml_app.config import SiteConfig
-from gcml_app.errors import NotEnoughLabels
+from gcml_app.dcml import average_state, dcml_train, supervised_step
+from gcml_app.errors import IncomingModelRejected, NotEnoughLabels
 from gcml_app.evaluate import dice_per_label, mean_dice
 from gcml_app.gate import SERVED, select
 from gcml_app.labels import LabelRejected, conform_label
 from gcml_app.network import arch_fingerprint, build_network
 from gcml_app.split import FixedSplit
-from gcml_app.store import ModelStore, atomic_write
+from gcml_app.store import ModelStore, atomic_write, sha256_bytes
 from gcml_app.transforms import train_transforms, val_transforms
 
-__all__ = ["GCMLTrain", "labelled_cases", "run_local_round"]
+__all__ = ["GCMLTrain", "labelled_cases", "load_incoming", "run_round"]
 
 logger = logging.getLogger(__name__)
 
@@ -62,29 +65,75 @@ def _device(cfg: SiteConfig) -> torch.device:
     return torch.device(cfg.train.device)
 
 
-def run_local_round(
+def load_incoming(path: str | Path, cfg: SiteConfig) -> tuple[dict[str, torch.Tensor], str]:
+    """Load an incoming model for a DCML round: tensors only, our architecture, every value finite.
+
+    Args:
+        path: a safetensors file inside ``cfg.state_dir`` (where the gossip client stores payloads).
+
+    Returns:
+        the state dict and the file's sha256.
+
+    Raises:
+        IncomingModelRejected: outside the state folder, unreadable, another architecture, or non-finite.
+    """
+    path = Path(path).resolve()
+    if not path.is_relative_to(Path(cfg.state_dir).resolve()):
+        raise IncomingModelRejected(f"incoming model {path} rejected: expected a file inside {cfg.state_dir}")
+    try:
+        data = path.read_bytes()
+        state = st_load(data)
+    except (OSError, SafetensorError) as e:
+        raise IncomingModelRejected(f"incoming model {path.name} rejected: not a readable safetensors file ({e})") from None
+    ours = arch_fingerprint(cfg, build_network(cfg).state_dict())
+    theirs = arch_fingerprint(cfg, state)
+    if theirs != ours:
+        raise IncomingModelRejected(
+            f"incoming model {path.name} rejected: architecture {theirs[:19]}... differs from ours {ours[:19]}..."
+        )
+    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise IncomingModelRejected(f"incoming model {path.name} rejected: non-finite values in {bad[:3]}")
+    return state, sha256_bytes(data)
+
+
+def run_round(
     cfg: SiteConfig,
     store: ModelStore,
     cases: list[dict[str, str]],
     epochs: int | None = None,
+    incoming: str | Path | None = None,
     progress: Progress | None = None,
 ) -> dict[str, Any]:
-    """Fine-tune the served model (or a fresh one) on the train split, validate, gate and publish.
+    """One round: train, score every candidate on the validation split, gate, publish the winner.
+
+    Without ``incoming`` this fine-tunes the served model (or a fresh one) alone; the candidates are
+    ``served`` and ``local``. With ``incoming`` it runs DCML with that model; the candidates are
+    ``served``, ``dcml_local``, ``dcml_incoming`` and ``average`` (their parameter mean).
 
     Args:
         cfg: site config.
         store: the site's model store.
         cases: ``[{"id", "image", "label"}]`` with validated final labels.
         epochs: overrides ``cfg.train.epochs``.
-        progress: called with ``{"epoch", "total_epochs", "loss"}`` after each epoch.
+        incoming: a peer model file (see :func:`load_incoming`).
+        progress: called with ``{"epoch", "total_epochs", "loss", ...}`` after each epoch.
 
     Returns:
-        the round record (split sizes, losses, every candidate's Dice, the gate's decision, version).
+        the round record (mode, split sizes, per-epoch losses, every candidate's Dice, decision, version).
 
     Raises:
         NotEnoughLabels: fewer than ``validation.min_cases`` validation cases or no training case.
+        IncomingModelRejected: the incoming model is unsafe or unusable.
     """
     epochs = epochs or cfg.train.epochs
+
+    def report(p: dict[str, Any]) -> None:
+        logger.info(f"gcml[{cfg.site}] epoch {p['epoch']}/{p['total_epochs']} loss {p['loss']:.4f}")
+        if progress:
+            progress(p)
+
+    peer = load_incoming(incoming, cfg) if incoming is not None else None
     train_ids, val_ids = FixedSplit(cfg.state_dir / "split.json", cfg.validation).assign(c["id"] for c in cases)
     need = cfg.validation.min_cases
     if len(val_ids) < need or not train_ids:
@@ -118,41 +167,47 @@ def run_local_round(
         return dice_per_label(m, val_data, names, cfg.roi_size, v.sw_batch_size, v.overlap, device)
 
     scores: dict[str, dict[str, float]] = {}
+    states: dict[str, dict[str, torch.Tensor]] = {}
     if served is not None:
         scores[SERVED] = evaluate(model)
 
-    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-    losses = []
-    for epoch in range(1, epochs + 1):
-        model.train()
-        total, n = 0.0, 0
-        for batch in loader:
-            x, y = batch["image"].to(device), batch["label"].to(device)
-            opt.zero_grad(set_to_none=True)
-            loss = loss_fn(model(x), y)
-            loss.backward()
-            opt.step()
-            total, n = total + loss.item(), n + 1
-        losses.append(total / max(n, 1))
-        logger.info(f"gcml[{cfg.site}] epoch {epoch}/{epochs} loss {losses[-1]:.4f}")
-        if progress:
-            progress({"epoch": epoch, "total_epochs": epochs, "loss": losses[-1]})
+    if peer is None:
+        mode = "local"
+        losses = _supervised(model, loader, cfg, epochs, device, report)
+        states["local"] = model.state_dict()
+    else:
+        mode = "dcml"
+        other = build_network(cfg)
+        other.load_state_dict(peer[0])
+        other.to(device)
+        model, other, losses = dcml_train(model, other, loader, cfg.dcml, epochs, cfg.train.lr,
+                                          cfg.train.weight_decay, device, report)
+        states["dcml_local"] = model.state_dict()
+        states["dcml_incoming"] = other.state_dict()
+        states["average"] = average_state(states["dcml_local"], states["dcml_incoming"])
+    probe = build_network(cfg).to(device)
+    for name, state in states.items():
+        probe.load_state_dict(state)
+        scores[name] = evaluate(probe)
 
-    scores["local"] = evaluate(model)
     decision = select(scores, served=SERVED if served is not None else None)
     record: dict[str, Any] = {
-        "mode": "local",
+        "mode": mode,
         "epochs": epochs,
         "n_train": len(train_ids),
         "n_val": len(val_ids),
-        "losses": [round(x, 6) for x in losses],
+        "losses": losses,
         **decision.as_record(),
     }
+    lineage = []
+    if peer is not None:
+        record["incoming"] = {"file": Path(incoming).name, "sha256": peer[1]}
+        lineage = [{"incoming": Path(incoming).name, "sha256": peer[1], "candidate": decision.winner}]
     if decision.publish:
         man = store.publish(
-            model.state_dict(), arch=arch, val_dice=scores["local"], n_train=len(train_ids), n_val=len(val_ids),
-            produced_by="local", site=cfg.site, decision=record,
+            states[decision.winner], arch=arch, val_dice=scores[decision.winner], n_train=len(train_ids),
+            n_val=len(val_ids), produced_by=f"{mode}:{decision.winner}" if peer else "local", site=cfg.site,
+            lineage=lineage, decision=record,
         )
         record["version"] = man.version
     else:
@@ -162,8 +217,25 @@ def run_local_round(
     return record
 
 
+def _supervised(model, loader, cfg: SiteConfig, epochs: int, device, progress: Progress | None) -> list[dict]:
+    """Plain DiceCE fine-tuning; returns ``[{"seg_l": mean loss}]`` per epoch."""
+    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    losses = []
+    for epoch in range(1, epochs + 1):
+        model.train()
+        steps = [supervised_step(model, opt, b["image"].to(device), b["label"].to(device), loss_fn) for b in loader]
+        losses.append({"seg_l": sum(steps) / max(len(steps), 1)})
+        if progress:
+            progress({"epoch": epoch, "total_epochs": epochs, "loss": losses[-1]["seg_l"]})
+    return losses
+
+
 class GCMLTrain(TrainTask):
-    """MONAI Label adapter for :func:`run_local_round`; request key ``epochs`` overrides the config.
+    """MONAI Label adapter for :func:`run_round`.
+
+    Request keys: ``epochs`` (overrides the config), ``mode`` (``"local"`` or ``"dcml"``) and, for
+    DCML, ``incoming``: a peer model file inside the state folder.
 
     Args:
         cfg: site config.
@@ -177,7 +249,7 @@ class GCMLTrain(TrainTask):
         self.stats_path = Path(cfg.state_dir) / "train_stats.json"
 
     def config(self) -> dict[str, Any]:
-        return {"epochs": self.cfg.train.epochs}
+        return {"epochs": self.cfg.train.epochs, "mode": "local"}
 
     def stats(self) -> dict[str, Any]:
         """Read by the server (``/info``); written only by the training subprocess."""
@@ -197,6 +269,13 @@ class GCMLTrain(TrainTask):
         epochs = request.get("epochs", self.cfg.train.epochs)
         if not isinstance(epochs, int) or isinstance(epochs, bool) or not 1 <= epochs <= 10_000:
             raise ValueError(f"train request 'epochs': found {epochs!r}; expected an integer from 1 to 10000")
+        mode = request.get("mode", "local")
+        incoming = request.get("incoming")
+        if mode not in ("local", "dcml") or (mode == "dcml") != bool(incoming):
+            raise ValueError(
+                f"train request: found mode={mode!r}, incoming={incoming!r}; expected mode 'local' without "
+                "'incoming', or mode 'dcml' with 'incoming' naming a model file in the state folder"
+            )
         start = time.time()
         served = self.store.served()
         base = {"start_ts": int(start), "best_metric": round(served.mean_dice, 4) if served else 0.0}
@@ -207,7 +286,7 @@ class GCMLTrain(TrainTask):
 
         cases = labelled_cases(datastore, self.cfg)
         try:
-            record = run_local_round(self.cfg, self.store, cases, epochs=epochs, progress=progress)
+            record = run_round(self.cfg, self.store, cases, epochs=epochs, incoming=incoming, progress=progress)
         except Exception as e:
             self._write_stats({**base, "epoch": 0, "total_epochs": epochs, "total_time": round(time.time() - start, 2),
                                "error": str(e)})
@@ -215,7 +294,7 @@ class GCMLTrain(TrainTask):
         after = self.store.served()
         self._write_stats({
             **base, "epoch": epochs, "total_epochs": epochs, "total_time": round(time.time() - start, 2),
-            "loss": record["losses"][-1], "best_metric": round(after.mean_dice, 4) if after else 0.0,
+            "loss": record["losses"][-1]["seg_l"], "best_metric": round(after.mean_dice, 4) if after else 0.0,
             "last_round": record,
         })
         return record

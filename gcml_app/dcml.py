@@ -1,0 +1,278 @@
+"""Deep contrastive mutual learning (DCML): losses, one step for two models, and the epoch loop.
+
+Our specification (DESIGN.md section 3): the local model L and a trainable copy of an incoming peer
+model I train together on the site's labelled cases, each with its own optimizer::
+
+    loss_L = DiceCE(z_L, y) + lambda_kl * KL_rb(z_L <- z_I) + lambda_con * InfoNCE(e_L <- e_I)
+    loss_I = DiceCE(z_I, y) + lambda_kl * KL_rb(z_I <- z_L) + lambda_con * InfoNCE(e_I <- e_L)
+
+The teacher side of every cross term is detached, so ``loss_L`` reaches only L's parameters and
+``loss_I`` only I's. Pure ML code: no HTTP, no MONAI Label imports.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from monai.losses import DiceCELoss
+
+from gcml_app.config import DCMLConfig
+from gcml_app.network import GCMLNet
+
+__all__ = [
+    "DCMLStep",
+    "average_state",
+    "dcml_step",
+    "dcml_train",
+    "labels_at",
+    "region_balanced_kl",
+    "supervised_step",
+    "voxel_infonce",
+]
+
+
+def _check_pair(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
+    if a.shape != b.shape:
+        raise ValueError(f"{what}: found shapes {tuple(a.shape)} and {tuple(b.shape)}; expected equal shapes "
+                         "(the same number of classes and the same spatial size)")
+
+
+def region_balanced_kl(
+    student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor, temperature: float = 2.0, dilation: int = 2
+) -> torch.Tensor:
+    """``T^2 * KL(softmax(teacher/T) || softmax(student/T))``, balanced between foreground and background.
+
+    The voxel-wise KL is averaged separately over the foreground region (labels > 0, dilated by
+    ``dilation`` voxels) and over the background, and the two means are averaged; a region that is
+    empty is left out. The teacher is detached.
+
+    Args:
+        student: logits ``(B, C, D, H, W)`` of the model being trained.
+        teacher: logits ``(B, C, D, H, W)`` of the other model.
+        labels: ``(B, 1, D, H, W)`` class indices.
+        temperature: softening temperature T > 0.
+        dilation: foreground dilation in voxels (>= 0).
+
+    Returns:
+        a scalar; exactly 0 when ``student`` equals ``teacher``.
+
+    Raises:
+        ValueError: mismatched shapes or class counts, ``temperature <= 0``, ``dilation < 0``.
+    """
+    _check_pair(student, teacher, "region_balanced_kl logits")
+    if temperature <= 0:
+        raise ValueError(f"region_balanced_kl: found temperature={temperature}; expected T > 0")
+    if dilation < 0:
+        raise ValueError(f"region_balanced_kl: found dilation={dilation}; expected >= 0")
+    if labels.shape[0] != student.shape[0] or labels.shape[2:] != student.shape[2:]:
+        raise ValueError(f"region_balanced_kl: found labels {tuple(labels.shape)} for logits {tuple(student.shape)}; "
+                         "expected (B, 1, D, H, W) matching the logits")
+    log_s = F.log_softmax(student / temperature, dim=1)
+    log_t = F.log_softmax(teacher.detach() / temperature, dim=1)
+    kl = (log_t.exp() * (log_t - log_s)).sum(1)  # (B, D, H, W)
+    fg = (labels > 0).float()
+    if dilation:
+        fg = F.max_pool3d(fg, kernel_size=2 * dilation + 1, stride=1, padding=dilation)
+    fg = fg[:, 0] > 0
+    parts = [kl[m].mean() for m in (fg, ~fg) if m.any()]
+    return temperature**2 * torch.stack(parts).mean()
+
+
+def labels_at(labels: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
+    """Nearest-neighbour resample of ``labels (B, 1, D, H, W)`` to the feature grid ``size = (d, h, w)``."""
+    if tuple(labels.shape[2:]) == tuple(size):
+        return labels
+    return F.interpolate(labels.float(), size=size, mode="nearest").long()
+
+
+def voxel_infonce(
+    anchors: torch.Tensor,
+    others: torch.Tensor,
+    labels: torch.Tensor,
+    tau: float = 0.1,
+    samples_per_class: int = 256,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Cross-model voxel InfoNCE with class-balanced sampling.
+
+    In each volume up to ``samples_per_class`` voxels of every present class are sampled. Each
+    sampled voxel's anchor embedding (this model) has as positive the other model's embedding at the
+    same voxel, and as negatives the other model's embeddings at the sampled voxels of *other*
+    classes. The other model is detached. Anchors with no negatives (a volume with one class) are
+    left out; with none at all the loss is 0 (still differentiable), never NaN.
+
+    Args:
+        anchors: unit embeddings ``(B, E, d, h, w)`` of the model being trained.
+        others: unit embeddings ``(B, E, d, h, w)`` of the other model.
+        labels: class indices ``(B, 1, d, h, w)`` on the embedding grid (see :func:`labels_at`).
+        tau: temperature > 0.
+        samples_per_class: voxels sampled per class per volume (>= 1).
+        generator: random source for the sampling (for reproducible tests).
+
+    Returns:
+        a scalar: the mean of ``-log(exp(a.p/tau) / (exp(a.p/tau) + sum_n exp(a.n/tau)))``.
+    """
+    _check_pair(anchors, others, "voxel_infonce embeddings")
+    if tau <= 0:
+        raise ValueError(f"voxel_infonce: found tau={tau}; expected tau > 0")
+    if samples_per_class < 1:
+        raise ValueError(f"voxel_infonce: found samples_per_class={samples_per_class}; expected >= 1")
+    if labels.shape[0] != anchors.shape[0] or labels.shape[2:] != anchors.shape[2:]:
+        raise ValueError(f"voxel_infonce: found labels {tuple(labels.shape)} for embeddings {tuple(anchors.shape)}; "
+                         "expected (B, 1, d, h, w) on the embedding grid")
+    others = others.detach()
+    losses = []
+    for a, o, y in zip(anchors.flatten(2), others.flatten(2), labels.flatten(1)):
+        picks = []
+        for c in torch.unique(y):
+            idx = torch.nonzero(y == c, as_tuple=True)[0]
+            if len(idx) > samples_per_class:
+                idx = idx[torch.randperm(len(idx), generator=generator, device="cpu")[:samples_per_class].to(idx.device)]
+            picks.append(idx)
+        if len(picks) < 2:
+            continue
+        idx = torch.cat(picks)
+        cls = y[idx]
+        sim = a[:, idx].T @ o[:, idx] / tau  # (M, M): anchor i vs the other model at sampled voxel j
+        keep = (cls[:, None] != cls[None, :]) | torch.eye(len(idx), dtype=torch.bool, device=sim.device)
+        sim = sim.masked_fill(~keep, float("-inf"))
+        losses.append(F.cross_entropy(sim, torch.arange(len(idx), device=sim.device)))
+    if not losses:
+        return anchors.sum() * 0.0
+    return torch.stack(losses).mean()
+
+
+@dataclass
+class DCMLStep:
+    """Loss components of one step (floats), for the local (``_l``) and incoming (``_i``) models."""
+
+    seg_l: float
+    kl_l: float
+    con_l: float
+    seg_i: float
+    kl_i: float
+    con_i: float
+
+
+def _check_cfg(cfg: DCMLConfig) -> None:
+    # DCMLConfig validates YAML input; this also guards objects built with model_construct().
+    for name in ("lambda_kl", "lambda_con"):
+        if getattr(cfg, name) < 0:
+            raise ValueError(f"dcml.{name}: found {getattr(cfg, name)}; expected >= 0")
+    for name in ("temperature", "tau"):
+        if getattr(cfg, name) <= 0:
+            raise ValueError(f"dcml.{name}: found {getattr(cfg, name)}; expected > 0")
+
+
+def supervised_step(model: GCMLNet, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
+                    seg_loss: Callable | None = None) -> float:
+    """One single-model DiceCE step (the baseline DCML is compared with)."""
+    seg_loss = seg_loss or DiceCELoss(to_onehot_y=True, softmax=True)
+    opt.zero_grad(set_to_none=True)
+    loss = seg_loss(model(x), y)
+    loss.backward()
+    opt.step()
+    return float(loss.detach())
+
+
+def dcml_step(
+    local: GCMLNet,
+    incoming: GCMLNet,
+    opt_l: torch.optim.Optimizer,
+    opt_i: torch.optim.Optimizer,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    cfg: DCMLConfig,
+    seg_loss: Callable | None = None,
+    generator: torch.Generator | None = None,
+) -> DCMLStep:
+    """One DCML step: both models forward on ``x``, each loss backpropagates into its own model only.
+
+    Args:
+        local, incoming: the two models (same number of output classes).
+        opt_l, opt_i: their optimizers; each holds only its own model's parameters.
+        x: images ``(B, C_in, D, H, W)``.
+        y: labels ``(B, 1, D, H, W)`` with channel indices ``0..C-1``.
+        cfg: the DCML weights and temperatures. A zero weight skips its term entirely, so
+            ``lambda_kl = lambda_con = 0`` is exactly two independent supervised steps.
+
+    Returns:
+        the step's loss components.
+    """
+    _check_cfg(cfg)
+    seg_loss = seg_loss or DiceCELoss(to_onehot_y=True, softmax=True)
+    opt_l.zero_grad(set_to_none=True)
+    opt_i.zero_grad(set_to_none=True)
+    z_l, _, e_l = local.forward_features(x)
+    z_i, _, e_i = incoming.forward_features(x)
+    _check_pair(z_l, z_i, "dcml_step logits")
+    zero = z_l.new_zeros(())
+    seg_l, seg_i = seg_loss(z_l, y), seg_loss(z_i, y)
+    kl_l = kl_i = con_l = con_i = zero
+    if cfg.lambda_kl:
+        kl_l = region_balanced_kl(z_l, z_i, y, cfg.temperature, cfg.dilation)
+        kl_i = region_balanced_kl(z_i, z_l, y, cfg.temperature, cfg.dilation)
+    if cfg.lambda_con:
+        y_e = labels_at(y, tuple(e_l.shape[2:]))
+        con_l = voxel_infonce(e_l, e_i, y_e, cfg.tau, cfg.samples_per_class, generator)
+        con_i = voxel_infonce(e_i, e_l, y_e, cfg.tau, cfg.samples_per_class, generator)
+    loss_l = seg_l + cfg.lambda_kl * kl_l + cfg.lambda_con * con_l
+    loss_i = seg_i + cfg.lambda_kl * kl_i + cfg.lambda_con * con_i
+    (loss_l + loss_i).backward()  # disjoint graphs: the teacher side of every cross term is detached
+    opt_l.step()
+    opt_i.step()
+    return DCMLStep(*(float(t.detach()) for t in (seg_l, kl_l, con_l, seg_i, kl_i, con_i)))
+
+
+def dcml_train(
+    local: GCMLNet,
+    incoming: GCMLNet,
+    batches: Iterable[Mapping[str, torch.Tensor]],
+    cfg: DCMLConfig,
+    epochs: int,
+    lr: float,
+    weight_decay: float = 0.0,
+    device: str | torch.device = "cpu",
+    progress: Callable[[dict], None] | None = None,
+) -> tuple[GCMLNet, GCMLNet, list[dict[str, float]]]:
+    """Train ``local`` and ``incoming`` together for ``epochs`` passes over ``batches``.
+
+    Args:
+        batches: re-iterable of ``{"image": (B, C_in, D, H, W), "label": (B, 1, D, H, W)}``.
+        progress: called after each epoch with ``{"epoch", "total_epochs", **mean loss components}``.
+
+    Returns:
+        both models (trained in place) and the per-epoch mean of every loss component.
+    """
+    if epochs < 1:
+        raise ValueError(f"dcml_train: found epochs={epochs}; expected >= 1")
+    opt_l = torch.optim.AdamW(local.parameters(), lr=lr, weight_decay=weight_decay)
+    opt_i = torch.optim.AdamW(incoming.parameters(), lr=lr, weight_decay=weight_decay)
+    seg_loss = DiceCELoss(to_onehot_y=True, softmax=True)
+    history = []
+    for epoch in range(1, epochs + 1):
+        local.train()
+        incoming.train()
+        steps = [
+            dcml_step(local, incoming, opt_l, opt_i, b["image"].to(device), b["label"].to(device), cfg, seg_loss)
+            for b in batches
+        ]
+        mean = {k: sum(getattr(s, k) for s in steps) / max(len(steps), 1) for k in DCMLStep.__dataclass_fields__}
+        history.append(mean)
+        if progress:
+            progress({"epoch": epoch, "total_epochs": epochs, "loss": mean["seg_l"], **mean})
+    return local, incoming, history
+
+
+def average_state(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Parameter average of two state dicts of one architecture; non-float buffers are taken from ``a``."""
+    if a.keys() != b.keys():
+        raise ValueError(f"average_state: key sets differ ({sorted(set(a) ^ set(b))[:3]}...); expected one architecture")
+    out = {}
+    for k, v in a.items():
+        _check_pair(v, b[k], f"average_state {k}")
+        out[k] = (v + b[k]) / 2 if v.is_floating_point() else v.clone()
+    return out
