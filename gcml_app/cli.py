@@ -4,6 +4,7 @@
     gcml serve --config site.yaml --studies DIR [--host 127.0.0.1 --port 8000]
     gcml status --config site.yaml
     gcml demo [--out gcml-demo --port 8000 --epochs 30 --no-wait]
+    gcml dcml-compare [--out dcml-compare --rounds 4 --epochs 5 --styles a,b]
 """
 
 from __future__ import annotations
@@ -137,6 +138,23 @@ def _demo(args: argparse.Namespace) -> int:
         server.stop()
 
 
+def _dcml_compare(args: argparse.Namespace) -> int:
+    from gcml_app.sim.pair import compare
+
+    styles = tuple(args.styles.split(","))
+    if len(styles) != 2:
+        raise SystemExit(f"--styles: found {args.styles!r}; expected two site styles such as a,b")
+    res = compare(args.out, rounds=args.rounds, epochs=args.epochs, styles=styles, cases=args.cases, seed=args.seed)
+    print(f"{'arm':<6} {'site':<5} {'round':>5} {'winner':<14} {'val':>6} {'test':>6}")
+    for r in res["rows"]:
+        print(f"{r['arm']:<6} {r['site']:<5} {r['round']:>5} {r['winner']:<14} {r['val_dice']:>6.3f} {r['test_dice']:>6.3f}")
+    for name, c in res["step_cost"].items():
+        print(f"step cost ({name}): DCML {c['dcml_s'] * 1000:.0f} ms vs supervised {c['supervised_s'] * 1000:.0f} ms "
+              f"= {c['ratio']:.2f}x")
+    print(f"wrote {args.out}/compare.json, compare.csv, compare.png")
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="gcml", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -160,6 +178,15 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--config", required=True)
     s.add_argument("--last", type=int, default=10)
     s.set_defaults(func=_status)
+
+    s = sub.add_parser("dcml-compare", help="two synthetic sites: DCML rounds vs local fine-tuning of equal steps")
+    s.add_argument("--out", default="dcml-compare")
+    s.add_argument("--rounds", type=int, default=4)
+    s.add_argument("--epochs", type=int, default=5)
+    s.add_argument("--styles", default="a,b")
+    s.add_argument("--cases", type=int, default=12)
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(func=_dcml_compare)
 
     s = sub.add_parser("demo", help="sample data + a serving site with a first trained model")
     s.add_argument("--out", default="gcml-demo")

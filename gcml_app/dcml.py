@@ -27,8 +27,13 @@ __all__ = [
     "average_state",
     "dcml_step",
     "dcml_train",
+    "foreground_region",
+    "infonce",
     "labels_at",
+    "mutual_infonce",
+    "mutual_kl",
     "region_balanced_kl",
+    "sample_voxels",
     "supervised_step",
     "voxel_infonce",
 ]
@@ -71,14 +76,51 @@ def region_balanced_kl(
         raise ValueError(f"region_balanced_kl: found labels {tuple(labels.shape)} for logits {tuple(student.shape)}; "
                          "expected (B, 1, D, H, W) matching the logits")
     log_s = F.log_softmax(student / temperature, dim=1)
-    log_t = F.log_softmax(teacher.detach() / temperature, dim=1)
+    log_t = F.log_softmax(teacher / temperature, dim=1)
+    return _balanced_kl(log_s, log_t, foreground_region(labels, dilation)[:, 0], temperature)
+
+
+def _balanced_kl(log_s: torch.Tensor, log_t: torch.Tensor, fg: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``T^2`` times the mean of the foreground-mean and background-mean of the voxel KL (teacher detached)."""
+    log_t = log_t.detach()
     kl = (log_t.exp() * (log_t - log_s)).sum(1)  # (B, D, H, W)
-    fg = (labels > 0).float()
-    if dilation:
-        fg = F.max_pool3d(fg, kernel_size=2 * dilation + 1, stride=1, padding=dilation)
-    fg = fg[:, 0] > 0
-    parts = [kl[m].mean() for m in (fg, ~fg) if m.any()]
+    n_fg = fg.sum()
+    n_bg = fg.numel() - n_fg
+    parts = []
+    if n_fg > 0:
+        parts.append((kl * fg).sum() / n_fg)
+    if n_bg > 0:
+        parts.append((kl * (1 - fg)).sum() / n_bg)
     return temperature**2 * torch.stack(parts).mean()
+
+
+def mutual_kl(
+    z_l: torch.Tensor, z_i: torch.Tensor, labels: torch.Tensor, temperature: float = 2.0, dilation: int = 2
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both directions of :func:`region_balanced_kl`, sharing the softmaxes and the region mask.
+
+    Returns:
+        ``(KL_rb(L <- I), KL_rb(I <- L))``: each student gets gradients, each teacher is detached.
+    """
+    _check_pair(z_l, z_i, "mutual_kl logits")
+    if temperature <= 0:
+        raise ValueError(f"mutual_kl: found temperature={temperature}; expected T > 0")
+    log_l = F.log_softmax(z_l / temperature, dim=1)
+    log_i = F.log_softmax(z_i / temperature, dim=1)
+    fg = foreground_region(labels, dilation)[:, 0]
+    return _balanced_kl(log_l, log_i, fg, temperature), _balanced_kl(log_i, log_l, fg, temperature)
+
+
+def foreground_region(labels: torch.Tensor, dilation: int) -> torch.Tensor:
+    """``(B, 1, D, H, W)`` float mask of ``labels > 0`` dilated by a ``(2 * dilation + 1)^3`` box.
+
+    The box max-pool is done as three 1D pools (same result, a fraction of the cost).
+    """
+    fg = (labels > 0).float()
+    k = 2 * dilation + 1
+    for kernel in ((k, 1, 1), (1, k, 1), (1, 1, k)) if dilation else ():
+        fg = F.max_pool3d(fg, kernel_size=kernel, stride=1, padding=tuple(x // 2 for x in kernel))
+    return fg
 
 
 def labels_at(labels: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
@@ -86,6 +128,52 @@ def labels_at(labels: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
     if tuple(labels.shape[2:]) == tuple(size):
         return labels
     return F.interpolate(labels.float(), size=size, mode="nearest").long()
+
+
+def sample_voxels(
+    labels: torch.Tensor, samples_per_class: int, generator: torch.Generator | None = None
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Class-balanced voxel sampling: up to ``samples_per_class`` voxels of each present class per volume.
+
+    Args:
+        labels: ``(B, 1, d, h, w)`` class indices.
+
+    Returns:
+        per volume, ``(idx (M,), cls (M,))``: flat voxel indices and their classes.
+    """
+    out = []
+    for y in labels.flatten(1):
+        picks = []
+        for c in torch.unique(y):
+            idx = torch.nonzero(y == c, as_tuple=True)[0]
+            if len(idx) > samples_per_class:
+                idx = idx[torch.randperm(len(idx), generator=generator, device="cpu")[:samples_per_class].to(idx.device)]
+            picks.append(idx)
+        idx = torch.cat(picks)
+        out.append((idx, y[idx]))
+    return out
+
+
+def infonce(anchors: torch.Tensor, others: torch.Tensor, classes: torch.Tensor, tau: float) -> torch.Tensor | None:
+    """InfoNCE over M sampled voxels: anchor i, positive ``others[i]``, negatives ``others[j]`` of other classes.
+
+    Args:
+        anchors: ``(M, E)`` unit embeddings of the model being trained.
+        others: ``(M, E)`` unit embeddings of the other model at the same voxels (used detached).
+        classes: ``(M,)`` class of each voxel.
+
+    Returns:
+        the mean loss over anchors that have at least one negative, or ``None`` if none has.
+    """
+    keep = classes[:, None] != classes[None, :]
+    has_neg = keep.any(1)
+    if not has_neg.any():
+        return None
+    sim = anchors @ others.detach().T / tau  # (M, M)
+    keep |= torch.eye(len(classes), dtype=torch.bool, device=sim.device)
+    sim = sim.masked_fill(~keep, float("-inf"))
+    target = torch.arange(len(classes), device=sim.device)
+    return F.cross_entropy(sim[has_neg], target[has_neg])
 
 
 def voxel_infonce(
@@ -116,33 +204,57 @@ def voxel_infonce(
         a scalar: the mean of ``-log(exp(a.p/tau) / (exp(a.p/tau) + sum_n exp(a.n/tau)))``.
     """
     _check_pair(anchors, others, "voxel_infonce embeddings")
+    _check_infonce(tau, samples_per_class)
+    if labels.shape[0] != anchors.shape[0] or labels.shape[2:] != anchors.shape[2:]:
+        raise ValueError(f"voxel_infonce: found labels {tuple(labels.shape)} for embeddings {tuple(anchors.shape)}; "
+                         "expected (B, 1, d, h, w) on the embedding grid")
+    losses = []
+    for a, o, (idx, cls) in zip(anchors.flatten(2), others.flatten(2), sample_voxels(labels, samples_per_class, generator)):
+        loss = infonce(a[:, idx].T, o[:, idx].T, cls, tau)
+        if loss is not None:
+            losses.append(loss)
+    return torch.stack(losses).mean() if losses else anchors.sum() * 0.0
+
+
+def _check_infonce(tau: float, samples_per_class: int) -> None:
     if tau <= 0:
         raise ValueError(f"voxel_infonce: found tau={tau}; expected tau > 0")
     if samples_per_class < 1:
         raise ValueError(f"voxel_infonce: found samples_per_class={samples_per_class}; expected >= 1")
-    if labels.shape[0] != anchors.shape[0] or labels.shape[2:] != anchors.shape[2:]:
-        raise ValueError(f"voxel_infonce: found labels {tuple(labels.shape)} for embeddings {tuple(anchors.shape)}; "
-                         "expected (B, 1, d, h, w) on the embedding grid")
-    others = others.detach()
-    losses = []
-    for a, o, y in zip(anchors.flatten(2), others.flatten(2), labels.flatten(1)):
-        picks = []
-        for c in torch.unique(y):
-            idx = torch.nonzero(y == c, as_tuple=True)[0]
-            if len(idx) > samples_per_class:
-                idx = idx[torch.randperm(len(idx), generator=generator, device="cpu")[:samples_per_class].to(idx.device)]
-            picks.append(idx)
-        if len(picks) < 2:
-            continue
-        idx = torch.cat(picks)
-        cls = y[idx]
-        sim = a[:, idx].T @ o[:, idx] / tau  # (M, M): anchor i vs the other model at sampled voxel j
-        keep = (cls[:, None] != cls[None, :]) | torch.eye(len(idx), dtype=torch.bool, device=sim.device)
-        sim = sim.masked_fill(~keep, float("-inf"))
-        losses.append(F.cross_entropy(sim, torch.arange(len(idx), device=sim.device)))
-    if not losses:
-        return anchors.sum() * 0.0
-    return torch.stack(losses).mean()
+
+
+def mutual_infonce(
+    local: GCMLNet,
+    incoming: GCMLNet,
+    feats_l: torch.Tensor,
+    feats_i: torch.Tensor,
+    labels: torch.Tensor,
+    cfg: DCMLConfig,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both directions of :func:`voxel_infonce`, embedding only the sampled voxels.
+
+    The projection head is point-wise, so gathering decoder features ``(B, F, d, h, w)`` at the M
+    sampled voxels first and embedding ``(1, F, M, 1, 1)`` gives the same embeddings as embedding the
+    whole grid, at a fraction of the cost. Both directions use the same sampled voxels.
+
+    Returns:
+        ``(InfoNCE(L <- I), InfoNCE(I <- L))``.
+    """
+    _check_infonce(cfg.tau, cfg.samples_per_class)
+    y = labels_at(labels, tuple(feats_l.shape[2:]))
+    out_l, out_i = [], []
+    for fl, fi, (idx, cls) in zip(feats_l.flatten(2), feats_i.flatten(2), sample_voxels(y, cfg.samples_per_class, generator)):
+        e_l = local.embed(fl[:, idx][None, :, :, None, None])[0, :, :, 0, 0].T  # (M, E)
+        e_i = incoming.embed(fi[:, idx][None, :, :, None, None])[0, :, :, 0, 0].T
+        loss_l, loss_i = infonce(e_l, e_i, cls, cfg.tau), infonce(e_i, e_l, cls, cfg.tau)
+        if loss_l is not None:
+            out_l.append(loss_l)
+            out_i.append(loss_i)
+    if not out_l:
+        zero = (feats_l.sum() + feats_i.sum()) * 0.0
+        return zero, zero
+    return torch.stack(out_l).mean(), torch.stack(out_i).mean()
 
 
 @dataclass
@@ -206,19 +318,19 @@ def dcml_step(
     seg_loss = seg_loss or DiceCELoss(to_onehot_y=True, softmax=True)
     opt_l.zero_grad(set_to_none=True)
     opt_i.zero_grad(set_to_none=True)
-    z_l, _, e_l = local.forward_features(x)
-    z_i, _, e_i = incoming.forward_features(x)
+    if cfg.lambda_con:
+        z_l, f_l = local.logits_and_features(x)
+        z_i, f_i = incoming.logits_and_features(x)
+    else:  # no contrastive term: no features needed
+        z_l, z_i = local(x), incoming(x)
     _check_pair(z_l, z_i, "dcml_step logits")
     zero = z_l.new_zeros(())
     seg_l, seg_i = seg_loss(z_l, y), seg_loss(z_i, y)
     kl_l = kl_i = con_l = con_i = zero
     if cfg.lambda_kl:
-        kl_l = region_balanced_kl(z_l, z_i, y, cfg.temperature, cfg.dilation)
-        kl_i = region_balanced_kl(z_i, z_l, y, cfg.temperature, cfg.dilation)
+        kl_l, kl_i = mutual_kl(z_l, z_i, y, cfg.temperature, cfg.dilation)
     if cfg.lambda_con:
-        y_e = labels_at(y, tuple(e_l.shape[2:]))
-        con_l = voxel_infonce(e_l, e_i, y_e, cfg.tau, cfg.samples_per_class, generator)
-        con_i = voxel_infonce(e_i, e_l, y_e, cfg.tau, cfg.samples_per_class, generator)
+        con_l, con_i = mutual_infonce(local, incoming, f_l, f_i, y, cfg, generator)
     loss_l = seg_l + cfg.lambda_kl * kl_l + cfg.lambda_con * con_l
     loss_i = seg_i + cfg.lambda_kl * kl_i + cfg.lambda_con * con_i
     (loss_l + loss_i).backward()  # disjoint graphs: the teacher side of every cross term is detached

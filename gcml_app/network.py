@@ -59,15 +59,26 @@ class GCMLNet(torch.nn.Module):
             ``embeddings (B, E, d, h, w)``; ``(d, h, w)`` is ``(D, H, W)`` for SegResNet and
             ``(D, H, W) / strides[0]`` for UNet.
         """
+        logits, feats = self.logits_and_features(x)
+        return logits, feats, self.embed(feats)
+
+    def embed(self, feats: torch.Tensor) -> torch.Tensor:
+        """Unit-norm embeddings ``(B, E, ...)`` of decoder features ``(B, F, ...)`` (any 3 spatial dims).
+
+        The head is point-wise (1x1x1 convolutions), so it may be applied to gathered voxels only,
+        e.g. features ``(1, F, M, 1, 1)`` of M sampled voxels.
+        """
+        return torch.nn.functional.normalize(self.head(feats), dim=1)
+
+    def logits_and_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits ``(B, C_out, D, H, W)`` and decoder features ``(B, F, d, h, w)``, without the head."""
         box: list[torch.Tensor] = []
         handle = self._tap().register_forward_pre_hook(lambda _m, args: box.append(args[0]))
         try:
             logits = self.backbone(x)
         finally:
             handle.remove()
-        feats = box[0]
-        emb = torch.nn.functional.normalize(self.head(feats), dim=1)
-        return logits, feats, emb
+        return logits, box[0]
 
 
 def feature_channels(cfg: SiteConfig) -> int:

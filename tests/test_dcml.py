@@ -219,3 +219,32 @@ def test_average_state():
     avg = average_state({"w": torch.ones(2), "n": torch.tensor(3)}, {"w": torch.zeros(2), "n": torch.tensor(5)})
     torch.testing.assert_close(avg["w"], torch.full((2,), 0.5))
     assert avg["n"].item() == 3
+
+
+@pytest.mark.parametrize("dilation", [0, 1, 2])
+def test_foreground_region_is_a_box_dilation(dilation):
+    from gcml_app.dcml import foreground_region
+
+    y = torch.zeros(1, 1, 9, 9, 9, dtype=torch.long)
+    y[..., 4, 4, 4] = 1
+    fg = foreground_region(y, dilation)
+    k = 2 * dilation + 1
+    ref = torch.nn.functional.max_pool3d((y > 0).float(), k, 1, dilation) if dilation else (y > 0).float()
+    assert torch.equal(fg, ref) and fg.sum().item() == k**3
+
+
+def test_fused_mutual_terms_equal_the_reference_losses():
+    from gcml_app.dcml import mutual_infonce, mutual_kl
+
+    cfg = site()
+    a, b = pair(cfg)
+    x, y = data()
+    z_a, f_a, e_a = a.forward_features(x)
+    z_b, f_b, e_b = b.forward_features(x)
+    kl_a, kl_b = mutual_kl(z_a, z_b, y, 2.0, 2)
+    torch.testing.assert_close(kl_a, region_balanced_kl(z_a, z_b, y, 2.0, 2))
+    torch.testing.assert_close(kl_b, region_balanced_kl(z_b, z_a, y, 2.0, 2))
+    con_a, _ = mutual_infonce(a, b, f_a, f_b, y, cfg.dcml, torch.Generator().manual_seed(5))
+    ref = voxel_infonce(e_a, e_b, labels_at(y, e_a.shape[2:]), cfg.dcml.tau, cfg.dcml.samples_per_class,
+                        torch.Generator().manual_seed(5))
+    torch.testing.assert_close(con_a, ref, rtol=1e-4, atol=1e-5)

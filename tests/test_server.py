@@ -33,8 +33,8 @@ def site(tmp_path_factory):
         }
 
 
-def train(client, epochs, timeout=600):
-    client.train_start("gcml", {"epochs": epochs})
+def train(client, epochs, timeout=600, **params):
+    client.train_start("gcml", {"epochs": epochs, **params})
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         status = client.train_status(check_if_running=False)
@@ -106,6 +106,20 @@ def test_slicer_loop_trains_serves_and_picks_up_new_versions(site, tmp_path):
     store.rollback(1, reason="test")
     _, params = client.infer("gcml_seg", sample["id"], {})
     assert params["gcml_model_version"] == 1
+
+    # A DCML round through the same train task, with an incoming model file in the state folder.
+    incoming = cfg.state_dir / "peers" / "partner.safetensors"
+    incoming.parent.mkdir(exist_ok=True)
+    incoming.write_bytes(store.read_bytes(2))
+    status = train(client, epochs=2, mode="dcml", incoming=str(incoming))
+    assert status["status"] == "DONE", status.get("details")
+    last = store.history()[-1]
+    assert last["mode"] == "dcml" and set(last["scores"]) == {"served", "dcml_local", "dcml_incoming", "average"}
+    assert client.info()["train_stats"]["gcml"]["last_round"]["mode"] == "dcml"
+
+    status = train(client, epochs=1, mode="dcml", incoming="/etc/passwd")
+    assert status["status"] == "ERROR"
+    assert any("incoming model /etc/passwd rejected: expected a file inside" in line for line in status["details"])
 
 
 def _snapshot(studies):
