@@ -166,6 +166,7 @@ def _plot(rows, styles, path: Path) -> None:
                     label=f"{arm} (validation)")
         ax.set_title(f"site-{st}: served model, mean Dice")
         ax.set_xlabel("round (1 = local warm-up)")
+        ax.set_xticks(sorted({r["round"] for r in rows}))
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("mean Dice (organ, lesion)")
     axes[0].legend()
