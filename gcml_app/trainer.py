@@ -25,7 +25,7 @@ from safetensors.torch import load as st_load
 from gcml_app.config import SiteConfig
 from gcml_app.dcml import average_state, dcml_train, supervised_step
 from gcml_app.errors import IncomingModelRejected, NotEnoughLabels
-from gcml_app.evaluate import dice_per_label, mean_dice
+from gcml_app.evaluate import dice_per_label
 from gcml_app.gate import SERVED, select
 from gcml_app.labels import LabelRejected, conform_label
 from gcml_app.network import arch_fingerprint, build_network
