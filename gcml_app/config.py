@@ -13,6 +13,7 @@ Example:
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from pathlib import Path
@@ -25,8 +26,13 @@ __all__ = [
     "CONFIG_ENV",
     "ConfigError",
     "DCMLConfig",
+    "FinetuneConfig",
+    "GossipConfig",
     "IntensityConfig",
     "NetworkConfig",
+    "PeerConfig",
+    "PeerTokenConfig",
+    "SecurityConfig",
     "SegResNetConfig",
     "SiteConfig",
     "TrainConfig",
@@ -170,6 +176,122 @@ class DCMLConfig(_Strict):
     embed_dim: int = Field(32, ge=2, description="projection head output size")
 
 
+class PeerConfig(_Strict):
+    """A partner site we pull models from.
+
+    The bearer token we present to it comes from ``token_env`` (an environment variable of the
+    server process; recommended) or ``token`` (plain text in this file; demos only).
+    """
+
+    name: str
+    url: str
+    token: str | None = Field(None, min_length=16)
+    token_env: str | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not _NAME.match(v):
+            raise ValueError(f"found {v!r}; expected 1-64 characters of letters, digits, '.', '_' or '-'")
+        return v
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        if not re.match(r"^https?://[^/\s]+(/[^\s]*)?$", v):
+            raise ValueError(f"found {v!r}; expected an http(s)://host:port URL of the partner's MONAI Label server")
+        return v.rstrip("/")
+
+    @model_validator(mode="after")
+    def _one_token(self) -> PeerConfig:
+        if (self.token is None) == (self.token_env is None):
+            raise ValueError(f"peer {self.name!r}: found {'both' if self.token else 'neither'} of token and "
+                             "token_env; expected exactly one")
+        return self
+
+    def bearer(self) -> str:
+        """The token to present; raises ``KeyError`` naming the variable when ``token_env`` is unset."""
+        if self.token is not None:
+            return self.token
+        value = os.environ.get(self.token_env or "")
+        if not value:
+            raise KeyError(f"environment variable {self.token_env} (the token for peer {self.name}) is not set")
+        return value
+
+
+class GossipConfig(_Strict):
+    """Peer-to-peer rounds: which partners, how often, how a peer is chosen, what a payload may be."""
+
+    peers: tuple[PeerConfig, ...] = ()
+    policy: Literal["uniform", "performance"] = "uniform"
+    epsilon: float = Field(0.1, ge=0.0, le=1.0, description="performance policy: chance of a uniform pick")
+    ema: float = Field(0.3, gt=0.0, le=1.0, description="performance policy: weight of the newest Dice gain")
+    interval_s: float = Field(3600.0, ge=0.0, description="scheduler period; 0 turns the scheduler off")
+    jitter: float = Field(0.1, ge=0.0, lt=1.0, description="each wait is interval_s * (1 +- jitter)")
+    epochs: int = Field(5, ge=1, description="DCML epochs per gossip round")
+    warmup_epochs: int = Field(20, ge=1, description="local epochs before a site's first gossip round")
+    adopt_when_unlabelled: bool = True
+    max_model_bytes: int = Field(256 * 2**20, ge=1024)
+    connect_timeout_s: float = Field(5.0, gt=0.0)
+    read_timeout_s: float = Field(60.0, gt=0.0)
+    retries: int = Field(2, ge=0, le=10)
+    backoff_factor: float = Field(0.5, ge=0.0)
+    peer_backoff_s: float = Field(60.0, ge=0.0, description="first wait after a peer fails; doubles per failure")
+    peer_backoff_max_s: float = Field(3600.0, ge=0.0)
+    ca_bundle: Path | None = Field(None, description="CA file to verify partners' TLS certificates")
+
+    @model_validator(mode="after")
+    def _unique(self) -> GossipConfig:
+        names = [p.name for p in self.peers]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"found peers named {dup} more than once; expected unique peer names")
+        return self
+
+
+class PeerTokenConfig(_Strict):
+    """A token a partner presents to us: its sha256 (hex) or an environment variable holding the token."""
+
+    id: str
+    sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$")
+    env: str | None = None
+
+    @model_validator(mode="after")
+    def _one(self) -> PeerTokenConfig:
+        if (self.sha256 is None) == (self.env is None):
+            raise ValueError(f"token {self.id!r}: found {'both' if self.sha256 else 'neither'} of sha256 and env; "
+                             "expected exactly one")
+        return self
+
+
+class SecurityConfig(_Strict):
+    """Who may reach what (DESIGN.md section 4).
+
+    Clients inside ``annotation_networks`` reach everything MONAI Label serves; everyone else reaches
+    only ``/gcml/peer/*``, and only with one of ``peer_tokens``.
+    """
+
+    annotation_networks: tuple[str, ...] = ("127.0.0.0/8", "::1/128")
+    peer_tokens: tuple[PeerTokenConfig, ...] = ()
+
+    @field_validator("annotation_networks")
+    @classmethod
+    def _cidrs(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        for net in v:
+            try:
+                ipaddress.ip_network(net, strict=False)
+            except ValueError:
+                raise ValueError(f"found {net!r}; expected a CIDR such as 10.1.0.0/16") from None
+        return v
+
+
+class FinetuneConfig(_Strict):
+    """Rounds triggered by new labels from Slicer."""
+
+    min_new_labels: int = Field(5, ge=0, description="new final labels that enqueue a round; 0 = never")
+    epochs: int | None = Field(None, ge=1, description="epochs of that round; default train.epochs")
+
+
 class SiteConfig(_Strict):
     """Everything one site's GCML app needs; see ``sample_configs/site_a.yaml`` for a documented example."""
 
@@ -183,6 +305,9 @@ class SiteConfig(_Strict):
     train: TrainConfig = TrainConfig()
     validation: ValidationConfig = ValidationConfig()
     dcml: DCMLConfig = DCMLConfig()
+    gossip: GossipConfig = GossipConfig()
+    security: SecurityConfig = SecurityConfig()
+    finetune: FinetuneConfig = FinetuneConfig()
     state_dir: Path = Path("gcml_state")
 
     @field_validator("site")
@@ -287,4 +412,7 @@ def load_config(path: str | os.PathLike | None = None) -> SiteConfig:
         raise ConfigError(f"gcml config error in {path}:\n{lines}") from None
     if not cfg.state_dir.is_absolute():
         cfg = cfg.model_copy(update={"state_dir": (path.parent / cfg.state_dir).resolve()})
+    ca = cfg.gossip.ca_bundle
+    if ca is not None and not ca.is_absolute():
+        cfg = cfg.model_copy(update={"gossip": cfg.gossip.model_copy(update={"ca_bundle": (path.parent / ca).resolve()})})
     return cfg

@@ -29,6 +29,7 @@ class GCMLDatastore(LocalDatastore):
 
     def __init__(self, datastore_path: str, labels: Mapping[str, int], **kwargs: Any):
         self.task_labels = dict(labels)
+        self.last_saved: tuple[str, str] | None = None  # (image id, tag) of the last accepted upload
         super().__init__(datastore_path, **kwargs)
 
     def save_label(self, image_id: str, label_filename: str, label_tag: str, label_info: dict[str, Any]) -> str:
@@ -49,6 +50,8 @@ class GCMLDatastore(LocalDatastore):
         try:
             out = tmp / "label.nii.gz"
             sitk.WriteImage(conformed, str(out), useCompression=True)
-            return super().save_label(image_id, str(out), label_tag, info)
+            label_id = super().save_label(image_id, str(out), label_tag, info)
+            self.last_saved = (image_id, label_tag)
+            return label_id
         finally:
             shutil.rmtree(tmp, ignore_errors=True)

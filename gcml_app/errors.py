@@ -4,7 +4,16 @@ from __future__ import annotations
 
 from gcml_app.labels import LabelRejected
 
-__all__ = ["GCMLError", "IncomingModelRejected", "LabelRejected", "NoPublishedModel", "NotEnoughLabels"]
+__all__ = [
+    "GCMLError",
+    "IncomingModelRejected",
+    "LabelRejected",
+    "NoPublishedModel",
+    "NotEnoughLabels",
+    "PayloadRejected",
+    "PeerError",
+    "PeerUnavailable",
+]
 
 
 class GCMLError(RuntimeError):
@@ -21,3 +30,25 @@ class NotEnoughLabels(GCMLError):
 
 class IncomingModelRejected(GCMLError):
     """An incoming model file for a DCML round that is unsafe or unusable; nothing was trained or changed."""
+
+
+class PeerError(GCMLError):
+    """A partner could not give us a usable model; ``peer`` and ``reason`` say which and why.
+
+    Args:
+        peer: the partner's configured name.
+        reason: what went wrong, in words a site admin can act on.
+    """
+
+    def __init__(self, peer: str, reason: str):
+        super().__init__(f"peer {peer}: {reason}")
+        self.peer = peer
+        self.reason = reason
+
+
+class PeerUnavailable(PeerError):
+    """The partner did not answer usefully: down, timed out, refused our token, or had no model to share."""
+
+
+class PayloadRejected(PeerError):
+    """The partner answered, but its manifest or weights failed a check; nothing was stored or trained."""

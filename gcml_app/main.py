@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import logging
 import os
+import time
+import uuid
 from typing import Any
 
 from monailabel.config import settings
@@ -23,6 +25,9 @@ from monailabel.tasks.activelearning.random import Random
 import gcml_app
 from gcml_app.config import CONFIG_ENV, load_config
 from gcml_app.datastore import GCMLDatastore
+from gcml_app.gossip.peers import PeerBook
+from gcml_app.gossip.scheduler import Scheduler
+from gcml_app.gossip.state import GossipState
 from gcml_app.infer import GCMLSegInfer
 from gcml_app.store import ModelStore
 from gcml_app.trainer import GCMLTrain
@@ -42,6 +47,8 @@ class GCMLApp(MONAILabelApp):
     def __init__(self, app_dir: str, studies: str, conf: dict[str, Any]):
         self.cfg = load_config(conf.get("gcml_config") or os.environ.get(CONFIG_ENV))
         self.store = ModelStore(self.cfg.state_dir / "models")
+        self.gossip_state = GossipState(self.cfg.state_dir)
+        self.scheduler: Scheduler | None = None
         super().__init__(
             app_dir=app_dir,
             studies=studies,
@@ -69,3 +76,74 @@ class GCMLApp(MONAILabelApp):
 
     def init_strategies(self) -> dict[str, Strategy]:
         return {"random": Random(), "first": First()}
+
+    # ---------------------------------------------------------------- gossip triggers (server process)
+    def start_round(self, mode: str, trigger: str, enqueue: bool = False, **params: Any) -> tuple[dict | None, str]:
+        """Start a round as a MONAI Label training task (its own subprocess).
+
+        Returns:
+            ``(task, "")`` with the task's ``id`` and our ``round_id``; ``(None, why)`` when a round
+            is already running and ``enqueue`` is false.
+        """
+        from monailabel.utils.async_tasks.task import AsyncTask
+
+        round_id = uuid.uuid4().hex[:12]
+        task, detail = AsyncTask.run("train", request={"model": "gcml"},
+                                     params={"mode": mode, "trigger": trigger, "round_id": round_id, **params},
+                                     enqueue=enqueue)
+        if task is None:
+            return None, detail or "a training task is running"
+        return {"task_id": task["id"], "round_id": round_id, "mode": mode, "trigger": trigger}, ""
+
+    def on_init_complete(self):
+        super().on_init_complete()
+        g = self.cfg.gossip
+        if g.interval_s > 0 and g.peers:
+
+            def tick() -> str:
+                task, why = self.start_round("gossip", trigger="scheduler")
+                return f"started round {task['round_id']}" if task else f"skipped: {why}"
+
+            self.scheduler = Scheduler(g.interval_s, g.jitter, self.gossip_state, tick)
+            self.scheduler.start()
+            state = "paused" if self.gossip_state.paused else "active"
+            logger.info(f"gossip scheduler {state}: every {g.interval_s:g} s +- {g.jitter:.0%}, "
+                        f"partners {[p.name for p in g.peers]}")
+
+    def on_save_label(self, image_id, label_id):
+        """Runs on the event loop: only notes the label and, at ``finetune.min_new_labels``, enqueues a round."""
+        saved = getattr(self.datastore(), "last_saved", None)
+        if saved != (image_id, "final"):
+            return super().on_save_label(image_id, label_id)
+        if self.gossip_state.add_pending(image_id, self.cfg.finetune.min_new_labels):
+            task, _ = self.start_round("labels", trigger="labels", enqueue=True)
+            logger.info(f"{self.cfg.finetune.min_new_labels} new final labels: queued round {task and task['round_id']}")
+        return super().on_save_label(image_id, label_id)
+
+    def gcml_status(self) -> dict[str, Any]:
+        """What ``GET /gcml/status`` returns (the Slicer GCML Federation module shows it)."""
+        from monailabel.utils.async_tasks.utils import processes
+
+        served = self.store.served()
+        history = self.store.history()
+        rounds = [r for r in history if r.get("round_id")]
+        g = self.cfg.gossip
+        sched = self.scheduler
+        return {
+            "site": self.cfg.site,
+            "served": None if served is None else {**served.__dict__, "mean_dice": served.mean_dice},
+            "versions": self.store.versions(),
+            "gossip": {
+                "paused": self.gossip_state.paused,
+                "policy": g.policy,
+                "interval_s": g.interval_s,
+                "scheduler": sched is not None and sched.is_alive(),
+                "next_round_in_s": round(sched.next_run - time.time(), 1) if sched and sched.next_run else None,
+                "last_scheduler_tick": sched.last_result if sched else None,
+            },
+            "partners": PeerBook.open(self.gossip_state.peers_path).summary([p.name for p in g.peers]),
+            "pending_labels": len(self.gossip_state.pending()),
+            "min_new_labels": self.cfg.finetune.min_new_labels,
+            "training": {"running": bool(processes("train")), **self._trainers["gcml"].stats()},
+            "last_round": rounds[-1] if rounds else None,
+        }

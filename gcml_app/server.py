@@ -1,7 +1,11 @@
 """ASGI app for ``monailabel start_server --uvicorn_app gcml_app.server:app``.
 
 It is MONAI Label's own ``monailabel.app:app`` (so its lifespan, routes and settings are unchanged),
-with the app's domain errors answered as clear HTTP errors instead of a bare 500.
+plus:
+
+- the ``/gcml`` routes (:mod:`gcml_app.gossip.routes`);
+- the guard in front of everything (:mod:`gcml_app.gossip.guard`);
+- the app's domain errors answered as clear HTTP errors instead of a bare 500.
 """
 
 from __future__ import annotations
@@ -11,8 +15,11 @@ import logging
 from fastapi import Request
 from fastapi.responses import JSONResponse
 from monailabel.app import app
+from monailabel.interfaces.utils.app import app_instance
 
 from gcml_app.errors import LabelRejected, NoPublishedModel, NotEnoughLabels
+from gcml_app.gossip.guard import Guard, GuardMiddleware
+from gcml_app.gossip.routes import router
 from gcml_app.store import StoreError
 
 __all__ = ["app"]
@@ -32,3 +39,18 @@ def _handler(status: int):
 
 for _exc, _status in _STATUS.items():
     app.add_exception_handler(_exc, _handler(_status))
+
+
+_guards: dict[int, Guard] = {}
+
+
+def _guard() -> Guard:
+    """The guard for the running app's config (built on first use, after MONAI Label's start-up)."""
+    cfg = app_instance().cfg
+    if id(cfg) not in _guards:
+        _guards[id(cfg)] = Guard(cfg.security)
+    return _guards[id(cfg)]
+
+
+app.include_router(router)
+app.add_middleware(GuardMiddleware, guard=_guard)

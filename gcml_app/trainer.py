@@ -19,14 +19,13 @@ from monai.losses import DiceCELoss
 from monai.utils import set_determinism
 from monailabel.interfaces.datastore import Datastore, DefaultLabelTag
 from monailabel.interfaces.tasks.train import TrainTask
-from safetensors import SafetensorError
-from safetensors.torch import load as st_load
 
 from gcml_app.config import SiteConfig
 from gcml_app.dcml import average_state, dcml_train, supervised_step
 from gcml_app.errors import IncomingModelRejected, NotEnoughLabels
 from gcml_app.evaluate import dice_per_label
 from gcml_app.gate import SERVED, select
+from gcml_app.gossip.payload import verify_weights
 from gcml_app.labels import LabelRejected, conform_label
 from gcml_app.network import arch_fingerprint, build_network
 from gcml_app.split import FixedSplit
@@ -65,11 +64,12 @@ def _device(cfg: SiteConfig) -> torch.device:
     return torch.device(cfg.train.device)
 
 
-def load_incoming(path: str | Path, cfg: SiteConfig) -> tuple[dict[str, torch.Tensor], str]:
+def load_incoming(path: str | Path, cfg: SiteConfig, ours: str | None = None) -> tuple[dict[str, torch.Tensor], str]:
     """Load an incoming model for a DCML round: tensors only, our architecture, every value finite.
 
     Args:
         path: a safetensors file inside ``cfg.state_dir`` (where the gossip client stores payloads).
+        ours: our architecture fingerprint, if already computed.
 
     Returns:
         the state dict and the file's sha256.
@@ -82,18 +82,12 @@ def load_incoming(path: str | Path, cfg: SiteConfig) -> tuple[dict[str, torch.Te
         raise IncomingModelRejected(f"incoming model {path} rejected: expected a file inside {cfg.state_dir}")
     try:
         data = path.read_bytes()
-        state = st_load(data)
-    except (OSError, SafetensorError) as e:
-        raise IncomingModelRejected(f"incoming model {path.name} rejected: not a readable safetensors file ({e})") from None
-    ours = arch_fingerprint(cfg, build_network(cfg).state_dict())
-    theirs = arch_fingerprint(cfg, state)
-    if theirs != ours:
-        raise IncomingModelRejected(
-            f"incoming model {path.name} rejected: architecture {theirs[:19]}... differs from ours {ours[:19]}..."
-        )
-    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
-    if bad:
-        raise IncomingModelRejected(f"incoming model {path.name} rejected: non-finite values in {bad[:3]}")
+    except OSError as e:
+        raise IncomingModelRejected(f"incoming model {path.name} rejected: unreadable ({e})") from None
+    try:
+        state = verify_weights(data, cfg, ours)
+    except ValueError as e:
+        raise IncomingModelRejected(f"incoming model {path.name} rejected: {e}") from None
     return state, sha256_bytes(data)
 
 
@@ -104,6 +98,8 @@ def run_round(
     epochs: int | None = None,
     incoming: str | Path | None = None,
     progress: Progress | None = None,
+    origin: dict[str, Any] | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """One round: train, score every candidate on the validation split, gate, publish the winner.
 
@@ -118,6 +114,9 @@ def run_round(
         epochs: overrides ``cfg.train.epochs``.
         incoming: a peer model file (see :func:`load_incoming`).
         progress: called with ``{"epoch", "total_epochs", "loss", ...}`` after each epoch.
+        origin: where ``incoming`` came from (``{"peer", "peer_site", "peer_version", ...}``); it goes
+            into the published model's lineage.
+        extra: more fields for the round record (trigger, gossip attempts, bytes pulled, ...).
 
     Returns:
         the round record (mode, split sizes, per-epoch losses, every candidate's Dice, decision, version).
@@ -133,7 +132,6 @@ def run_round(
         if progress:
             progress(p)
 
-    peer = load_incoming(incoming, cfg) if incoming is not None else None
     train_ids, val_ids = FixedSplit(cfg.state_dir / "split.json", cfg.validation).assign(c["id"] for c in cases)
     need = cfg.validation.min_cases
     if len(val_ids) < need or not train_ids:
@@ -149,10 +147,11 @@ def run_round(
 
     served = store.served()
     model = build_network(cfg)
+    arch = arch_fingerprint(cfg, model.state_dict())
+    peer = load_incoming(incoming, cfg, arch) if incoming is not None else None
     if served is not None:
         model.load_state_dict(store.load(served.version))
     model.to(device)
-    arch = arch_fingerprint(cfg, model.state_dict())
     names = list(cfg.labels)
 
     def files(ids):
@@ -198,16 +197,18 @@ def run_round(
         "n_val": len(val_ids),
         "losses": losses,
         **decision.as_record(),
+        **(extra or {}),
     }
-    lineage = []
+    step: dict[str, Any] = {"site": cfg.site, "mode": mode, "candidate": decision.winner}
     if peer is not None:
-        record["incoming"] = {"file": Path(incoming).name, "sha256": peer[1]}
-        lineage = [{"incoming": Path(incoming).name, "sha256": peer[1], "candidate": decision.winner}]
+        record["incoming"] = {"file": Path(incoming).name, "sha256": peer[1], **(origin or {})}
+        step.update({"incoming_sha256": peer[1], **(origin or {})})
     if decision.publish:
+        parent_lineage = served.lineage if served is not None else []
         man = store.publish(
             states[decision.winner], arch=arch, val_dice=scores[decision.winner], n_train=len(train_ids),
-            n_val=len(val_ids), produced_by=f"{mode}:{decision.winner}" if peer else "local", site=cfg.site,
-            lineage=lineage, decision=record,
+            n_val=len(val_ids), produced_by=_produced_by(mode, decision.winner, origin), site=cfg.site,
+            lineage=[step, *parent_lineage][:LINEAGE_DEPTH], decision=record,
         )
         record["version"] = man.version
     else:
@@ -215,6 +216,18 @@ def run_round(
         record["version"] = served.version if served else None
     logger.info(f"gcml[{cfg.site}] gate: {decision.reason}")
     return record
+
+
+LINEAGE_DEPTH = 32  # lineage steps kept in a manifest, newest first
+
+
+def _produced_by(mode: str, winner: str, origin: dict[str, Any] | None) -> str:
+    """``"local"``, ``"dcml:average"``, ``"gossip:site-b:dcml_local"``, ..."""
+    if mode == "local":
+        return "local"
+    if origin and origin.get("peer"):
+        return f"gossip:{origin['peer']}:{winner}"
+    return f"{mode}:{winner}"
 
 
 def _supervised(model, loader, cfg: SiteConfig, epochs: int, device, progress: Progress | None) -> list[dict]:
@@ -231,11 +244,20 @@ def _supervised(model, loader, cfg: SiteConfig, epochs: int, device, progress: P
     return losses
 
 
-class GCMLTrain(TrainTask):
-    """MONAI Label adapter for :func:`run_round`.
+MODES = ("local", "dcml", "gossip", "labels")
 
-    Request keys: ``epochs`` (overrides the config), ``mode`` (``"local"`` or ``"dcml"``) and, for
-    DCML, ``incoming``: a peer model file inside the state folder.
+
+class GCMLTrain(TrainTask):
+    """MONAI Label adapter for a round (runs in MONAI Label's training subprocess).
+
+    Request keys:
+
+    - ``mode``: ``local`` (fine-tune alone), ``dcml`` (with ``incoming``: a model file inside the
+      state folder), ``gossip`` (pull a partner's model, DCML, gate; see
+      :func:`gcml_app.gossip.round.gossip_round`) or ``labels`` (the round new labels trigger);
+    - ``epochs``: overrides the configured epochs of that mode;
+    - ``peers``: for ``gossip``, partners to ask in this order;
+    - ``trigger``, ``round_id``: kept in the round record.
 
     Args:
         cfg: site config.
@@ -265,36 +287,60 @@ class GCMLTrain(TrainTask):
     def _write_stats(self, stats: dict[str, Any]) -> None:
         atomic_write(self.stats_path, json.dumps(stats).encode())
 
-    def __call__(self, request: dict[str, Any], datastore: Datastore) -> dict[str, Any]:
-        epochs = request.get("epochs", self.cfg.train.epochs)
-        if not isinstance(epochs, int) or isinstance(epochs, bool) or not 1 <= epochs <= 10_000:
-            raise ValueError(f"train request 'epochs': found {epochs!r}; expected an integer from 1 to 10000")
+    def _parse(self, request: dict[str, Any]) -> tuple[str, int | None]:
         mode = request.get("mode", "local")
-        incoming = request.get("incoming")
-        if mode not in ("local", "dcml") or (mode == "dcml") != bool(incoming):
+        if mode not in MODES:
+            raise ValueError(f"train request 'mode': found {mode!r}; expected one of {list(MODES)}")
+        if (mode == "dcml") != bool(request.get("incoming")):
             raise ValueError(
-                f"train request: found mode={mode!r}, incoming={incoming!r}; expected mode 'local' without "
-                "'incoming', or mode 'dcml' with 'incoming' naming a model file in the state folder"
+                f"train request: found mode={mode!r}, incoming={request.get('incoming')!r}; expected 'incoming' "
+                "(a model file in the state folder) with mode 'dcml' and only then"
             )
+        epochs = request.get("epochs")
+        if epochs is not None and (not isinstance(epochs, int) or isinstance(epochs, bool) or not 1 <= epochs <= 10_000):
+            raise ValueError(f"train request 'epochs': found {epochs!r}; expected an integer from 1 to 10000")
+        peers = request.get("peers")
+        if peers is not None and (not isinstance(peers, list) or not all(isinstance(p, str) for p in peers)):
+            raise ValueError(f"train request 'peers': found {peers!r}; expected a list of partner names")
+        return mode, epochs
+
+    def _round(self, mode: str, epochs: int | None, request: dict[str, Any], cases, progress) -> dict[str, Any]:
+        from gcml_app.gossip.round import gossip_round, labels_round  # the gossip layer imports this module
+
+        round_id = request.get("round_id")
+        if mode == "gossip":
+            return gossip_round(self.cfg, self.store, cases, trigger=str(request.get("trigger", "train")),
+                                round_id=round_id, peers=request.get("peers"), epochs=epochs, progress=progress)
+        if mode == "labels":
+            return labels_round(self.cfg, self.store, cases, epochs=epochs, progress=progress, round_id=round_id)
+        extra = {"trigger": str(request.get("trigger", "train"))} | ({"round_id": round_id} if round_id else {})
+        return run_round(self.cfg, self.store, cases, epochs=epochs or self.cfg.train.epochs,
+                         incoming=request.get("incoming"), progress=progress, extra=extra)
+
+    def __call__(self, request: dict[str, Any], datastore: Datastore) -> dict[str, Any]:
+        mode, epochs = self._parse(request)
         start = time.time()
         served = self.store.served()
-        base = {"start_ts": int(start), "best_metric": round(served.mean_dice, 4) if served else 0.0}
-        self._write_stats({**base, "epoch": 0, "total_epochs": epochs})
+        base = {"start_ts": int(start), "mode": mode,
+                "best_metric": round(served.mean_dice, 4) if served else 0.0}
+        self._write_stats({**base, "epoch": 0, "total_epochs": epochs or 0})
 
         def progress(p: dict[str, Any]) -> None:
             self._write_stats({**base, **p})
 
         cases = labelled_cases(datastore, self.cfg)
         try:
-            record = run_round(self.cfg, self.store, cases, epochs=epochs, incoming=incoming, progress=progress)
+            record = self._round(mode, epochs, request, cases, progress)
         except Exception as e:
-            self._write_stats({**base, "epoch": 0, "total_epochs": epochs, "total_time": round(time.time() - start, 2),
-                               "error": str(e)})
+            self._write_stats({**base, "epoch": 0, "total_epochs": epochs or 0,
+                               "total_time": round(time.time() - start, 2), "error": str(e)})
             raise
         after = self.store.served()
+        losses = record.get("losses") or [{}]
+        done = record.get("epochs", 0)
         self._write_stats({
-            **base, "epoch": epochs, "total_epochs": epochs, "total_time": round(time.time() - start, 2),
-            "loss": record["losses"][-1]["seg_l"], "best_metric": round(after.mean_dice, 4) if after else 0.0,
+            **base, "epoch": done, "total_epochs": done, "total_time": round(time.time() - start, 2),
+            "loss": losses[-1].get("seg_l"), "best_metric": round(after.mean_dice, 4) if after else 0.0,
             "last_round": record,
         })
         return record

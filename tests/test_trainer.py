@@ -83,9 +83,9 @@ def _nan(state):
 
 INCOMING_BAD = [
     (lambda cfg, tmp: tmp / "outside.safetensors", r"expected a file inside"),
-    (lambda cfg, tmp: _peer_file(cfg, mutate=_nan), r"non-finite values in"),
+    (lambda cfg, tmp: _peer_file(cfg, mutate=_nan), r"non-finite values \(NaN/Inf\) in"),
     (lambda cfg, tmp: _peer_file(cfg, mutate=lambda s: {k: v for k, v in list(s.items())[1:]}), r"architecture .* differs"),
-    (lambda cfg, tmp: _junk(cfg.state_dir / "junk.safetensors"), r"not a readable safetensors file"),
+    (lambda cfg, tmp: _junk(cfg.state_dir / "junk.safetensors"), r"not a safetensors file"),
 ]
 
 

@@ -1,0 +1,150 @@
+"""Who may reach what on a site's MONAI Label server (DESIGN.md section 4).
+
+Stock MONAI Label without Keycloak serves every endpoint (images, labels, a zip of the labelled
+dataset, model upload) to anyone who can reach it. The guard sits in front of all of it:
+
+==========================================  ==========================================
+request                                     answer
+==========================================  ==========================================
+``PUT``/``DELETE /model/...`` (anyone)      403: models change only through the gate
+``/gcml/peer/*`` without a token            401
+``/gcml/peer/*`` with an unknown token      403
+``/gcml/peer/*`` with a partner's token     passed on (from any network)
+anything else with a partner's token        403: partner tokens reach only ``/gcml/peer/*``
+anything else from outside the annotation   403
+networks (``security.annotation_networks``)
+anything else from inside                   passed on (MONAI Label as usual)
+==========================================  ==========================================
+
+Tokens are compared as sha256 digests with :func:`hmac.compare_digest` against every configured
+token (no early exit), so timing does not reveal how much of a guess was right.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import ipaddress
+import json
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from gcml_app.config import SecurityConfig
+
+__all__ = ["PEER_PATHS", "Guard", "GuardMiddleware", "Verdict", "hash_token"]
+
+logger = logging.getLogger(__name__)
+
+PEER_PATHS = frozenset({"/gcml/peer/manifest", "/gcml/peer/model"})
+
+
+def hash_token(token: str) -> str:
+    """The hex sha256 that ``security.peer_tokens[].sha256`` holds for ``token``."""
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """``status`` 0 passes the request on; otherwise the refusal and its reason. ``peer`` is the token's id."""
+
+    status: int
+    reason: str = ""
+    peer: str | None = None
+
+
+class Guard:
+    """The access decision for one request.
+
+    Args:
+        security: annotation networks and partner tokens.
+        env: where ``peer_tokens[].env`` tokens are read (default ``os.environ``).
+    """
+
+    def __init__(self, security: SecurityConfig, env: dict[str, str] | None = None):
+        env = os.environ if env is None else env
+        self.networks = [ipaddress.ip_network(n, strict=False) for n in security.annotation_networks]
+        self.tokens: list[tuple[str, bytes]] = []
+        for t in security.peer_tokens:
+            if t.sha256:
+                self.tokens.append((t.id, bytes.fromhex(t.sha256)))
+            elif env.get(t.env or ""):
+                self.tokens.append((t.id, bytes.fromhex(hash_token(env[t.env]))))
+            else:
+                logger.warning(f"peer token {t.id!r}: environment variable {t.env} is not set; that partner cannot pull")
+
+    def peer_of(self, token: str | None) -> str | None:
+        """The id of the partner whose token this is, or ``None``."""
+        if not token:
+            return None
+        digest = hashlib.sha256(token.encode()).digest()
+        found = None
+        for peer, known in self.tokens:
+            if hmac.compare_digest(digest, known) and found is None:
+                found = peer
+        return found
+
+    def inside(self, host: str | None) -> bool:
+        try:
+            ip = ipaddress.ip_address(host or "")
+        except ValueError:
+            return False
+        if ip.version == 6 and ip.ipv4_mapped:
+            ip = ip.ipv4_mapped
+        return any(ip in net for net in self.networks)
+
+    def check(self, method: str, path: str, client: str | None, authorization: str | None) -> Verdict:
+        """Decide one request; see the module table."""
+        token = None
+        if authorization and authorization[:7].lower() == "bearer ":
+            token = authorization[7:].strip()
+        peer = self.peer_of(token)
+        if method in ("PUT", "DELETE") and (path == "/model" or path.startswith("/model/")):
+            return Verdict(403, "models change only through the validation gate; uploads to /model are refused")
+        if path in PEER_PATHS:
+            if token is None:
+                return Verdict(401, "a partner token is required (Authorization: Bearer <token>)")
+            if peer is None:
+                return Verdict(403, "unknown partner token")
+            return Verdict(0, peer=peer)
+        if peer is not None:
+            return Verdict(403, "partner tokens reach only /gcml/peer/*", peer=peer)
+        if not self.inside(client):
+            return Verdict(403, "only /gcml/peer/* is reachable from outside the annotation network")
+        return Verdict(0)
+
+
+class GuardMiddleware:
+    """ASGI middleware applying a :class:`Guard` to every HTTP request.
+
+    Args:
+        app: the wrapped ASGI app.
+        guard: a callable returning the current :class:`Guard` (built once the site config is loaded).
+    """
+
+    def __init__(self, app: Any, guard: Callable[[], Guard]):
+        self.app = app
+        self.guard = guard
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        client = (scope.get("client") or (None, None))[0]
+        try:
+            verdict = self.guard().check(scope["method"], scope["path"], client, headers.get("authorization"))
+        except Exception:  # a guard that cannot decide refuses
+            logger.exception("guard failed; refusing the request")
+            verdict = Verdict(503, "access control is not ready")
+        if verdict.status == 0:
+            scope.setdefault("state", {})["gcml_peer"] = verdict.peer
+            return await self.app(scope, receive, send)
+        logger.warning(f"guard: {verdict.status} {scope['method']} {scope['path']} from {client}: {verdict.reason}")
+        body = json.dumps({"detail": verdict.reason}).encode()
+        extra = [(b"www-authenticate", b'Bearer realm="gcml-peer"')] if verdict.status == 401 else []
+        await send({"type": "http.response.start", "status": verdict.status,
+                    "headers": [(b"content-type", b"application/json"),
+                                (b"content-length", str(len(body)).encode()), *extra]})
+        await send({"type": "http.response.body", "body": body})
