@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 import shutil
 from pathlib import Path
 
@@ -44,3 +45,43 @@ def make_studies(root: Path, cases: int, labelled: int, style: str = "a", seed: 
         if i < labelled:
             shutil.copy(full / "labels" / "final" / name, studies / "labels" / "final" / name)
     return studies, full / "labels" / "final"
+
+
+def write_federation(root: Path, styles: str = "abc", cases: int = 8, labelled: int = 6,
+                     extra_peers: dict[str, list[dict]] | None = None, **overrides) -> dict[str, dict]:
+    """Site folders for a loopback federation: every site lists every other as a partner, with tokens.
+
+    Args:
+        root: where ``site-<style>/`` folders go.
+        styles: one phantom style per site (site name ``site-<style>``).
+        extra_peers: more ``gossip.peers`` entries per site name (e.g. a dead or hostile partner).
+        overrides: top-level YAML keys for every site (``gossip`` is merged, not replaced).
+
+    Returns:
+        ``{site: {"config", "studies", "truth", "port", "url", "tokens": {partner: token we present}}}``.
+    """
+    from gcml_app.gossip.guard import hash_token
+    from gcml_app.launch import free_port
+
+    names = [f"site-{s}" for s in styles]
+    ports = {n: free_port() for n in names}
+    tokens = {(a, b): secrets.token_urlsafe(24) for a in names for b in names if a != b}
+    gossip_extra = overrides.pop("gossip", {})
+    sites = {}
+    for style, name in zip(styles, names):
+        folder = root / name
+        studies, truth = make_studies(folder, cases=cases, labelled=labelled, style=style)
+        peers = [{"name": b, "url": f"http://127.0.0.1:{ports[b]}", "token": tokens[(name, b)]}
+                 for b in names if b != name] + list((extra_peers or {}).get(name, []))
+        config = write_config(
+            folder, site=name, **overrides,
+            gossip={"peers": peers, "interval_s": 0, "epochs": 1, "warmup_epochs": 2,
+                    "connect_timeout_s": 2, "read_timeout_s": 5, "retries": 1, "backoff_factor": 0.1,
+                    "peer_backoff_s": 0, **gossip_extra},
+            security={"peer_tokens": [{"id": a, "sha256": hash_token(tokens[(a, name)])}
+                                      for a in names if a != name]},
+        )
+        sites[name] = {"config": config, "studies": studies, "truth": truth, "port": ports[name],
+                       "url": f"http://127.0.0.1:{ports[name]}",
+                       "tokens": {b: tokens[(name, b)] for b in names if b != name}}
+    return sites
