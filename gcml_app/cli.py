@@ -1,9 +1,10 @@
 """``gcml``: sample data, serving a site, site status, and the demo.
 
     gcml sample-data --out DIR --site-style a --cases 12 --labelled 8 --seed 0
-    gcml serve --config site.yaml --studies DIR [--host 127.0.0.1 --port 8000]
+    gcml serve --config site.yaml --studies DIR [--host H --port P]   (default: the YAML's serve:)
     gcml status --config site.yaml
-    gcml demo [--out gcml-demo --port 8000 --epochs 30 --no-wait]
+    gcml sync --config site.yaml [--peer NAME ...]   one gossip round on the running server (cron)
+    gcml demo [--out gcml-demo --port 8001 --epochs 30 --gossip-epochs 5 --rounds 3 --no-wait]
     gcml dcml-compare [--out dcml-compare --rounds 4 --epochs 5 --styles a,b]
 """
 
@@ -11,12 +12,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import sys
-import time
-from pathlib import Path
 
-import yaml
 
 from gcml_app.config import ConfigError, load_config
 
@@ -35,8 +32,8 @@ def _sample_data(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     from gcml_app.launch import server_command
 
-    load_config(args.config)  # fail here, with the key path, rather than inside the server
-    cmd = server_command(args.config, args.studies, args.host, args.port)
+    cfg = load_config(args.config)  # fail here, with the key path, rather than inside the server
+    cmd = server_command(args.config, args.studies, args.host or cfg.serve.host, args.port or cfg.serve.port)
     os.environ.setdefault("MONAI_LABEL_TRACKING_ENABLED", "false")
     os.execv(cmd[0], cmd)
 
@@ -59,82 +56,36 @@ def _status(args: argparse.Namespace) -> int:
     return 0
 
 
-def demo_config(site: str, state_dir: Path, epochs: int) -> dict:
-    """The demo site's YAML (the values of ``sample_configs/site_a.yaml``)."""
-    return {
-        "site": site,
-        "labels": {"organ": 1, "lesion": 2},
-        "spacing": [1.0, 1.0, 1.0],
-        "roi_size": [32, 32, 32],
-        "network": {"name": "UNet", "channels": [8, 16, 32], "strides": [2, 2], "num_res_units": 1},
-        "train": {"epochs": epochs, "batch_size": 2, "samples_per_case": 2, "lr": 0.003, "seed": 0},
-        "validation": {"fraction": 0.2, "min_cases": 1},
-        "state_dir": str(state_dir),
-    }
+def _sync(args: argparse.Namespace) -> int:
+    """Exit 0: the round ran (published, kept, or nothing new); 1: it failed; 3: no server answered."""
+    import requests
+
+    from gcml_app.gossip.round import summarize
+    from gcml_app.site_client import RoundFailed, SiteClient
+
+    cfg = load_config(args.config)
+    site = SiteClient(args.server or cfg.serve.url)
+    try:
+        task = site.sync(peers=args.peer)
+        record = site.wait(task, timeout=args.timeout)
+    except requests.HTTPError as e:
+        print(f"{cfg.site}: sync refused: {e}")
+        return 1
+    except (RoundFailed, TimeoutError) as e:
+        print(f"{cfg.site}: {e}")
+        return 1
+    except requests.RequestException as e:
+        print(f"{cfg.site}: no answer from the site's server at {site.url}: {e}")
+        return 3
+    print(f"{cfg.site}: round {task['round_id']}: {summarize(record)}")
+    return 0
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from monailabel.client import MONAILabelClient
+    from gcml_app.demo import run_demo
 
-    from gcml_app.launch import SiteServer
-    from gcml_app.sim.phantoms import write_studies
-
-    out = Path(args.out).resolve()
-    studies = out / "site-a" / "studies"
-    if not studies.exists():
-        write_studies(studies, "a", cases=args.cases, labelled=args.labelled, seed=0)
-        print(f"[1/4] sample data: {args.cases} phantoms, {args.labelled} labelled -> {studies}")
-    else:
-        print(f"[1/4] sample data: reusing {studies}")
-    config = out / "site-a" / "site.yaml"
-    config.write_text(yaml.safe_dump(demo_config("site-a", out / "site-a" / "state", args.epochs), sort_keys=False))
-
-    server = SiteServer(config, studies, host="127.0.0.1", port=args.port, log=out / "site-a" / "server.log")
-    print(f"[2/4] starting MONAI Label server for site-a on {server.url} (log: {server.log_path})")
-    server.start()
-    try:
-        client = MONAILabelClient(server.url)
-        info = client.info()
-        print(f"      app: {info['name']}; models: {list(info['models'])}; trainers: {list(info['trainers'])}")
-
-        print(f"[3/4] training the first model ({args.epochs} epochs, gated by validation Dice)")
-        client.train_start("gcml", {"epochs": args.epochs})
-        last = -1
-        while True:
-            status = client.train_status(check_if_running=False)
-            stats = client.info()["train_stats"]["gcml"]
-            if status.get("status") in ("DONE", "ERROR"):
-                break
-            if "loss" in stats and stats.get("epoch") != last:
-                last = stats["epoch"]
-                print(f"      epoch {last}/{stats['total_epochs']}  loss {stats['loss']:.4f}")
-            time.sleep(1)
-        stats = client.info()["train_stats"]["gcml"]
-        rnd = stats.get("last_round") or {}
-        if status.get("status") != "DONE" or not rnd:
-            print("      training failed:\n        " + "\n        ".join(status.get("details", [])[-8:]))
-            return 1
-        print(f"      gate: {rnd.get('reason')}; serving version {stats.get('served_version')}")
-
-        sample = client.next_sample("first", {})
-        target = sample.get("id") or "case_000"
-        t0 = time.perf_counter()
-        label, params = client.infer("gcml_seg", target, {})
-        dt = time.perf_counter() - t0
-        print(f"[4/4] auto-segmented {target} with version {params.get('gcml_model_version')} in {dt:.2f} s -> {label}")
-        print()
-        print(f"  In 3D Slicer: MONAI Label module -> Server: {server.url}")
-        print("  then Next Sample -> Auto Segmentation (gcml_seg) -> correct -> Submit Label -> Train (gcml).")
-        if args.no_wait:
-            return 0
-        print("  Serving until Ctrl-C ...")
-        stop = {signal.SIGINT, signal.SIGTERM}
-        signal.pthread_sigmask(signal.SIG_BLOCK, stop)
-        signal.sigwait(stop)
-        return 0
-    finally:
-        print("stopping server")
-        server.stop()
+    return run_demo(args.out, port=args.port, cases=args.cases, labelled=args.labelled, warmup_epochs=args.epochs,
+                    gossip_epochs=args.gossip_epochs, rounds=args.rounds, wait=not args.no_wait)
 
 
 def _dcml_compare(args: argparse.Namespace) -> int:
@@ -169,9 +120,16 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser("serve", help="start this site's MONAI Label server with the GCML app")
     s.add_argument("--config", required=True)
     s.add_argument("--studies", required=True)
-    s.add_argument("--host", default="127.0.0.1")
-    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--host", default=None, help="default: serve.host of the YAML")
+    s.add_argument("--port", type=int, default=None, help="default: serve.port of the YAML")
     s.set_defaults(func=_serve)
+
+    s = sub.add_parser("sync", help="run one gossip round on this site's running server and print the outcome")
+    s.add_argument("--config", required=True)
+    s.add_argument("--server", default=None, help="default: the YAML's serve: host and port")
+    s.add_argument("--peer", action="append", help="ask this partner (repeat for an order); default: the policy")
+    s.add_argument("--timeout", type=float, default=3600.0, help="seconds to wait for the round")
+    s.set_defaults(func=_sync)
 
     s = sub.add_parser("status", help="print the served model and recent decisions of a site")
     s.add_argument("--config", required=True)
@@ -187,12 +145,14 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=_dcml_compare)
 
-    s = sub.add_parser("demo", help="sample data + a serving site with a first trained model")
+    s = sub.add_parser("demo", help="three sites on loopback: sample data, warm-up, gossip rounds, then serve")
     s.add_argument("--out", default="gcml-demo")
-    s.add_argument("--port", type=int, default=8000, help="0 picks a free port")
+    s.add_argument("--port", type=int, default=8001, help="site A's port (B, C: the next two); 0 picks free ports")
     s.add_argument("--cases", type=int, default=12)
     s.add_argument("--labelled", type=int, default=8)
-    s.add_argument("--epochs", type=int, default=30)
+    s.add_argument("--epochs", type=int, default=30, help="warm-up epochs of each site")
+    s.add_argument("--gossip-epochs", type=int, default=5, help="DCML epochs per gossip round")
+    s.add_argument("--rounds", type=int, default=3, help="gossip rounds (each site pulls once per round)")
     s.add_argument("--no-wait", action="store_true", help="exit after the first inference instead of serving")
     s.set_defaults(func=_demo)
     return p

@@ -34,6 +34,7 @@ __all__ = [
     "PeerTokenConfig",
     "SecurityConfig",
     "SegResNetConfig",
+    "ServeConfig",
     "SiteConfig",
     "TrainConfig",
     "UNetConfig",
@@ -292,6 +293,18 @@ class FinetuneConfig(_Strict):
     epochs: int | None = Field(None, ge=1, description="epochs of that round; default train.epochs")
 
 
+class ServeConfig(_Strict):
+    """Where this site's MONAI Label server listens (``gcml serve`` and ``gcml sync`` use it)."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+
+    @property
+    def url(self) -> str:
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host
+        return f"http://{host}:{self.port}"
+
+
 class SiteConfig(_Strict):
     """Everything one site's GCML app needs; see ``sample_configs/site_a.yaml`` for a documented example."""
 
@@ -308,6 +321,7 @@ class SiteConfig(_Strict):
     gossip: GossipConfig = GossipConfig()
     security: SecurityConfig = SecurityConfig()
     finetune: FinetuneConfig = FinetuneConfig()
+    serve: ServeConfig = ServeConfig()
     state_dir: Path = Path("gcml_state")
 
     @field_validator("site")

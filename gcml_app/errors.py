@@ -10,6 +10,7 @@ __all__ = [
     "LabelRejected",
     "NoPublishedModel",
     "NotEnoughLabels",
+    "NothingToShare",
     "PayloadRejected",
     "PeerError",
     "PeerUnavailable",
@@ -48,6 +49,10 @@ class PeerError(GCMLError):
 
 class PeerUnavailable(PeerError):
     """The partner did not answer usefully: down, timed out, refused our token, or had no model to share."""
+
+
+class NothingToShare(PeerUnavailable):
+    """The partner answered but has no published model yet (not a fault: it is not backed off)."""
 
 
 class PayloadRejected(PeerError):

@@ -62,6 +62,11 @@ class SiteServer:
         self.proc: subprocess.Popen | None = None
 
     def start(self, timeout: float = 180.0) -> SiteServer:
+        """Spawn the server and wait until it answers ``/info/``."""
+        return self.spawn().wait_ready(timeout)
+
+    def spawn(self) -> SiteServer:
+        """Start the server process without waiting (start several, then :meth:`wait_ready` each)."""
         env = {**os.environ, "MONAI_LABEL_TRACKING_ENABLED": "false", "MONAI_LABEL_AUTO_UPDATE_SCORING": "false"}
         if self.log_path:
             with open(self.log_path, "ab") as out:  # the child keeps its own copy of the descriptor
@@ -70,6 +75,11 @@ class SiteServer:
         else:
             self.proc = subprocess.Popen(self.cmd, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, env=env,
                                          start_new_session=True)
+        return self
+
+    def wait_ready(self, timeout: float = 180.0) -> SiteServer:
+        """Wait until the spawned server answers ``/info/``; stop it and raise if it exits or times out."""
+        assert self.proc is not None, "spawn() first"
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

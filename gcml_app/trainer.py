@@ -29,7 +29,7 @@ from gcml_app.gossip.payload import verify_weights
 from gcml_app.labels import LabelRejected, conform_label
 from gcml_app.network import arch_fingerprint, build_network
 from gcml_app.split import FixedSplit
-from gcml_app.store import ModelStore, atomic_write, sha256_bytes
+from gcml_app.store import ModelStore, StoreError, atomic_write, sha256_bytes
 from gcml_app.transforms import train_transforms, val_transforms
 
 __all__ = ["GCMLTrain", "labelled_cases", "load_incoming", "run_round"]
@@ -150,6 +150,11 @@ def run_round(
     arch = arch_fingerprint(cfg, model.state_dict())
     peer = load_incoming(incoming, cfg, arch) if incoming is not None else None
     if served is not None:
+        if served.arch != arch:
+            raise StoreError(
+                f"served v{served.version} was trained for another network (architecture {served.arch[:19]}...; "
+                f"the config now gives {arch[:19]}...): restore the old network settings or use a new state_dir"
+            )
         model.load_state_dict(store.load(served.version))
     model.to(device)
     names = list(cfg.labels)

@@ -35,7 +35,7 @@ from urllib3.util.retry import Retry
 
 import gcml_app
 from gcml_app.config import GossipConfig, PeerConfig, SiteConfig
-from gcml_app.errors import PayloadRejected, PeerUnavailable
+from gcml_app.errors import NothingToShare, PayloadRejected, PeerUnavailable
 from gcml_app.gossip.payload import verify_weights
 
 __all__ = ["PeerClient", "PeerManifest", "Pulled"]
@@ -134,19 +134,23 @@ class PeerClient:
         except requests.RequestException as e:
             raise PeerUnavailable(name, f"request to {self.peer.url} failed ({_short(str(e))})") from None
         if r.status_code in (401, 403):
+            detail = _detail(r)
             r.close()
-            raise PeerUnavailable(name, f"refused our token: HTTP {r.status_code} {_detail(r)}")
+            raise PeerUnavailable(name, f"refused our token: HTTP {r.status_code} {detail}")
         return r
 
     def manifest(self) -> PeerManifest:
         """``GET /gcml/peer/manifest``, parsed and validated.
 
         Raises:
-            PeerUnavailable: down, timed out, token refused, or it has no model yet.
+            NothingToShare: it answered 404: no model published yet.
+            PeerUnavailable: down, timed out, or token refused.
             PayloadRejected: the answer is not a valid manifest.
         """
         r = self._get(MANIFEST_PATH)
         with r:
+            if r.status_code == 404:
+                raise NothingToShare(self.peer.name, f"no published model yet ({_detail(r) or 'HTTP 404'})")
             if r.status_code != 200:
                 raise PeerUnavailable(self.peer.name, f"manifest: HTTP {r.status_code} {_detail(r)}")
             body = _read_capped(r, _MANIFEST_MAX_BYTES, self.peer.name, "manifest", self.timeout[1])
@@ -189,7 +193,7 @@ class PeerClient:
             data = _read_capped(r, min(cap, manifest.bytes), name, "model", self.timeout[1])
         fetch_s = time.perf_counter() - t0
         if len(data) < manifest.bytes:
-            raise PayloadRejected(name, f"truncated body: {len(data)} of {manifest.bytes} bytes")
+            raise PayloadRejected(name, f"truncated model body: {len(data)} of {manifest.bytes} bytes")
         t0 = time.perf_counter()
         digest = hashlib.sha256(data).hexdigest()
         if digest != manifest.sha256:
@@ -217,9 +221,9 @@ def _read_capped(r: requests.Response, cap: int, peer: str, what: str, read_time
         text = str(e)
         if "timed out" in text.lower():
             raise PeerUnavailable(peer, f"read timeout after {read_timeout:g} s during the {what} body") from None
-        raise PayloadRejected(peer, f"truncated {what} body after {n} bytes ({_short(text)})") from None
+        raise PayloadRejected(peer, f"truncated {what} body: the connection broke ({_short(text)})") from None
     except requests.exceptions.ChunkedEncodingError as e:
-        raise PayloadRejected(peer, f"truncated {what} body after {n} bytes ({_short(str(e))})") from None
+        raise PayloadRejected(peer, f"truncated {what} body: the connection broke ({_short(str(e))})") from None
     return b"".join(chunks)
 
 
@@ -227,7 +231,7 @@ def _detail(r: requests.Response) -> str:
     """The ``detail`` of a small JSON error body (at most 4 KiB are read)."""
     try:
         return _short(str(json.loads(r.raw.read(4096, decode_content=True)).get("detail", "")))
-    except (ValueError, AttributeError, OSError, requests.RequestException):
+    except Exception:  # only decorates a message; a broken error body must not mask the status
         return ""
 
 

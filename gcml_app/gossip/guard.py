@@ -99,7 +99,7 @@ class Guard:
         """Decide one request; see the module table."""
         token = None
         if authorization and authorization[:7].lower() == "bearer ":
-            token = authorization[7:].strip()
+            token = authorization[7:].strip() or None
         peer = self.peer_of(token)
         if method in ("PUT", "DELETE") and (path == "/model" or path.startswith("/model/")):
             return Verdict(403, "models change only through the validation gate; uploads to /model are refused")

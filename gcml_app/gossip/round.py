@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from gcml_app.config import SiteConfig
-from gcml_app.errors import PayloadRejected, PeerUnavailable
+from gcml_app.errors import NothingToShare, PayloadRejected, PeerUnavailable
 from gcml_app.gossip.client import PeerClient, PeerManifest, Pulled
 from gcml_app.gossip.payload import our_arch
 from gcml_app.gossip.peers import PeerBook, order_peers
@@ -81,6 +81,9 @@ def _pull(
             logger.info(f"gossip[{cfg.site}] pulled {name} v{man.version}: {got.bytes_received} bytes "
                         f"in {got.fetch_s:.2f} s, verified in {got.verify_s:.2f} s")
             return (name, man, got, cached), attempts
+        except NothingToShare as e:
+            book.answered(name)
+            attempts.append({"peer": name, "outcome": "nothing_yet", "reason": e.reason})
         except PeerUnavailable as e:
             book.failed(name, e.reason, cfg.gossip)
             attempts.append({"peer": name, "outcome": "unavailable", "reason": e.reason,
@@ -221,3 +224,26 @@ def labels_round(
               "peer_sha256": rec.last_sha256, "cached": True}
     return run_round(cfg, store, cases, epochs=epochs, incoming=latest, progress=progress, origin=origin, extra=extra)
 
+
+
+def summarize(record: dict[str, Any]) -> str:
+    """One line for a round record, e.g. for ``gcml sync`` and the demo.
+
+    Example:
+        ``"published v5: gossip with site-b v3, dcml_local 0.712 > served 0.690; pulled 42.7 kB"``
+    """
+    g = record.get("gossip") or {}
+    pulled = f"; pulled {g.get('bytes_pulled', record.get('bytes_pulled', 0)) / 1000:.1f} kB"
+    event, means = record.get("event"), record.get("mean", {})
+    if event in ("gossip", "labels"):  # ended without training
+        return f"{record.get('outcome', event)}: {record.get('reason', '')}{pulled}"
+    if record.get("mode") == "adopt":
+        return f"adopted v{record.get('version')} unvalidated from {g.get('peer')}{pulled}"
+    how = f"gossip with {g['peer']} v{g.get('peer_version')}" if g else f"{record.get('mode')} round"
+    if event == "publish":
+        winner = record.get("winner")
+        score = f"{winner} {means.get(winner, 0):.3f}" + (f" > served {means['served']:.3f}" if "served" in means else "")
+        return f"published v{record.get('version')}: {how}, {score}" + (pulled if g else "")
+    best = max((k for k in means if k != "served"), key=lambda k: means[k], default=None)
+    score = f"best candidate {best} {means[best]:.3f} <= served {means.get('served', 0):.3f}" if best else ""
+    return f"kept v{record.get('version')}: {how}, {score}" + (pulled if g else "")

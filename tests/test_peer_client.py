@@ -1,0 +1,122 @@
+"""The peer client against a real HTTP server playing a hostile partner (no MONAI Label needed)."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from helpers import TINY
+from hostile import PAYLOAD_CASES, HostilePeer, pickle_payload
+
+from gcml_app.config import SiteConfig
+from gcml_app.errors import NothingToShare, PayloadRejected, PeerUnavailable
+from gcml_app.gossip.client import PeerClient
+from gcml_app.gossip.payload import our_arch
+from gcml_app.launch import free_port
+
+TOKEN = "t" * 32
+
+
+def _cfg(tmp_path, url: str, **gossip) -> SiteConfig:
+    g = {"peers": [{"name": "evil", "url": url, "token": TOKEN}], "max_model_bytes": 200_000,
+         "connect_timeout_s": 1, "read_timeout_s": 1, "retries": 1, "backoff_factor": 0.01, **gossip}
+    return SiteConfig.model_validate({**TINY, "gossip": g, "state_dir": str(tmp_path)})
+
+
+@pytest.fixture
+def evil(tmp_path):
+    with HostilePeer(SiteConfig.model_validate({**TINY, "state_dir": str(tmp_path)})) as peer:
+        yield peer
+
+
+def _pull(cfg: SiteConfig, etag=None):
+    client = PeerClient(cfg.gossip.peers[0], cfg.gossip)
+    try:
+        return client.fetch(client.manifest(), cfg, our_arch(cfg), etag=etag)
+    finally:
+        client.close()
+
+
+def test_honest_peer_payload_is_pulled_and_verified(evil, tmp_path):
+    cfg = _cfg(tmp_path, evil.url)
+    got = _pull(cfg)
+    assert got.bytes_received == len(evil.h.body) and got.manifest.site == "evil"
+    assert set(got.state) and all(v.is_floating_point() or True for v in got.state.values())
+    assert evil.h.requests[0][1]["Authorization"] == f"Bearer {TOKEN}"
+
+
+@pytest.mark.parametrize("case, misbehave, reason", PAYLOAD_CASES, ids=[c[0] for c in PAYLOAD_CASES])
+def test_hostile_payload_is_rejected_with_its_reason(evil, tmp_path, case, misbehave, reason):
+    cfg = _cfg(tmp_path, evil.url)
+    misbehave(evil.h, cfg)
+    with pytest.raises(PayloadRejected, match=reason) as e:
+        _pull(cfg)
+    assert e.value.peer == "evil"
+
+
+def test_pickle_payload_is_never_unpickled(evil, tmp_path):
+    marker = tmp_path / "unpickled"
+    evil.h.body = pickle_payload(marker)
+    with pytest.raises(PayloadRejected, match="pickled payloads are never loaded"):
+        _pull(_cfg(tmp_path, evil.url))
+    assert not marker.exists()
+
+
+def test_over_cap_body_is_not_read_past_the_cap(evil, tmp_path):
+    evil.h.body = b"\0" * 5_000_000
+    evil.h.manifest = {**evil.h.honest_manifest("x"), "bytes": 1000}
+    evil.h.mode = "chunked"
+    cfg = _cfg(tmp_path, evil.url)
+    client = PeerClient(cfg.gossip.peers[0], cfg.gossip)
+    man = client.manifest().model_copy(update={"arch": our_arch(cfg)})
+    with pytest.raises(PayloadRejected, match="passed the limit of 1000 bytes; download aborted"):
+        client.fetch(man, cfg, our_arch(cfg))
+
+
+UNAVAILABLE = [
+    # (hostile setup, gossip overrides, reason)
+    ({"mode": "hang", "hang_s": 5.0}, {}, r"read timeout after 1 s"),
+    ({"mode": "status", "status": 503}, {}, r"manifest: HTTP 503 hostile says no"),
+    ({"mode": "status", "status": 500}, {}, r"manifest: HTTP 500 hostile says no"),
+    ({"token": "another-token-entirely-000000"}, {}, r"refused our token: HTTP 403 unknown partner token"),
+]
+
+
+@pytest.mark.parametrize("setup, gossip, reason", UNAVAILABLE)
+def test_unavailable_peer_raises_with_reason(evil, tmp_path, setup, gossip, reason):
+    for k, v in setup.items():
+        setattr(evil.h, k, v)
+    with pytest.raises(PeerUnavailable, match=reason):
+        _pull(_cfg(tmp_path, evil.url, **gossip))
+
+
+def test_down_peer_is_unreachable_quickly(tmp_path):
+    cfg = _cfg(tmp_path, f"http://127.0.0.1:{free_port()}")
+    t0 = time.monotonic()
+    with pytest.raises(PeerUnavailable, match=r"peer evil: unreachable at http://127\.0\.0\.1:\d+"):
+        _pull(cfg)
+    assert time.monotonic() - t0 < 10  # retries with backoff, not a hang (generous bound)
+
+
+def test_retries_idempotent_gets_on_503(evil, tmp_path):
+    evil.h.mode, evil.h.status = "status", 503
+    with pytest.raises(PeerUnavailable):
+        _pull(_cfg(tmp_path, evil.url, retries=2))
+    assert len(evil.h.requests) == 3  # the first try and two retries
+
+
+def test_missing_token_env_is_a_clear_error(tmp_path, evil, monkeypatch):
+    monkeypatch.delenv("GCML_TEST_NO_SUCH_TOKEN", raising=False)
+    g = {"peers": [{"name": "evil", "url": evil.url, "token_env": "GCML_TEST_NO_SUCH_TOKEN"}]}
+    cfg = SiteConfig.model_validate({**TINY, "gossip": g, "state_dir": str(tmp_path)})
+    with pytest.raises(PeerUnavailable, match="no token: environment variable GCML_TEST_NO_SUCH_TOKEN"):
+        _pull(cfg)
+    monkeypatch.setenv("GCML_TEST_NO_SUCH_TOKEN", TOKEN)
+    assert _pull(cfg).bytes_received == len(evil.h.body)
+    assert evil.h.requests[-1][1]["Authorization"] == f"Bearer {TOKEN}"
+
+
+def test_404_means_nothing_to_share(evil, tmp_path):
+    evil.h.mode, evil.h.status = "status", 404
+    with pytest.raises(NothingToShare, match="no published model yet"):
+        _pull(_cfg(tmp_path, evil.url))
