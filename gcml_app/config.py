@@ -389,6 +389,7 @@ def _format_errors(err: ValidationError) -> list[str]:
             lines.append(f"{loc or '<root>'}: {msg}")
         else:
             msg = msg.removeprefix("Input should be ").removeprefix("input should be ")
+            msg = msg.removeprefix("String should have ").replace("String should match", "a string matching")
             lines.append(f"{loc or '<root>'}: found {found!r}; expected {msg}")
     return lines
 

@@ -29,6 +29,22 @@ BAD = [
     ({"validation": {"fraction": 1.5}}, r"validation.fraction: found 1.5; expected less than 1"),
     ({"intensity": {"mode": "range", "a_min": 5, "a_max": 1}}, r"intensity: found a_min=5.0, a_max=1.0"),
     ({"unknown_key": 1}, r"unknown_key: found unknown key"),
+    ({"gossip": {"peers": [{"name": "b", "url": "ftp://x", "token": "t" * 16}]}},
+     r"gossip.peers.0.url: found 'ftp://x'; expected an http\(s\)://host:port URL"),
+    ({"gossip": {"peers": [{"name": "b", "url": "http://h:1"}]}},
+     r"gossip.peers.0: peer 'b': found neither of token and token_env; expected exactly one"),
+    ({"gossip": {"peers": [{"name": "b", "url": "http://h:1", "token": "short"}]}},
+     r"gossip.peers.0.token: found 'short'; expected at least 16 characters"),
+    ({"gossip": {"peers": [{"name": "b", "url": "http://h:1", "token_env": "X"}] * 2}},
+     r"gossip: found peers named \['b'\] more than once"),
+    ({"gossip": {"policy": "best"}}, r"gossip.policy: found 'best'; expected 'uniform' or 'performance'"),
+    ({"gossip": {"epsilon": 2}}, r"gossip.epsilon: found 2; expected less than or equal to 1"),
+    ({"security": {"annotation_networks": ["10.0.0.0/33"]}},
+     r"security.annotation_networks: found '10.0.0.0/33'; expected a CIDR"),
+    ({"security": {"peer_tokens": [{"id": "b", "sha256": "abc"}]}}, r"security.peer_tokens.0.sha256: found 'abc'"),
+    ({"security": {"peer_tokens": [{"id": "b"}]}}, r"token 'b': found neither of sha256 and env"),
+    ({"finetune": {"min_new_labels": -1}}, r"finetune.min_new_labels: found -1"),
+    ({"serve": {"port": 70000}}, r"serve.port: found 70000; expected less than or equal to 65535"),
 ]
 
 
@@ -90,3 +106,17 @@ def test_sample_configs_load(name):
 def test_segresnet_config(tmp_path):
     cfg = load_config(write_config(tmp_path, network={"name": "SegResNet", "init_filters": 16}))
     assert isinstance(cfg.network, SegResNetConfig) and cfg.network.downsample == 8
+
+
+def test_sample_federation_tokens_match_each_other():
+    """Each token a sample site presents hashes to what its partner's YAML expects from it."""
+    from gcml_app.gossip.guard import Guard
+
+    sites = {c.site: c for c in (load_config(REPO / "sample_configs" / f"site_{s}.yaml") for s in "abc")}
+    ports = {c.site: c.serve.port for c in sites.values()}
+    assert len(set(ports.values())) == 3
+    for name, cfg in sites.items():
+        assert {p.name for p in cfg.gossip.peers} == set(sites) - {name}
+        for peer in cfg.gossip.peers:
+            assert peer.url == f"http://127.0.0.1:{ports[peer.name]}"
+            assert Guard(sites[peer.name].security).peer_of(peer.bearer()) == name

@@ -42,7 +42,7 @@ class Scheduler(threading.Thread):
         self.rng = random.Random(seed)
         self.next_run: float | None = None
         self.last_result = ""
-        self._stop = threading.Event()
+        self._halt = threading.Event()
 
     def _wait(self) -> float:
         return self.interval * (1 + self.rng.uniform(-self.jitter, self.jitter))
@@ -50,7 +50,7 @@ class Scheduler(threading.Thread):
     def run(self) -> None:
         while True:
             self.next_run = time.time() + self._wait()
-            if self._stop.wait(max(0.0, self.next_run - time.time())):
+            if self._halt.wait(max(0.0, self.next_run - time.time())):
                 return
             if self.state.paused:
                 self.last_result = "paused"
@@ -63,4 +63,4 @@ class Scheduler(threading.Thread):
             logger.info(f"gossip scheduler: {self.last_result}")
 
     def stop(self) -> None:
-        self._stop.set()
+        self._halt.set()
