@@ -14,7 +14,6 @@ import argparse
 import os
 import sys
 
-
 from gcml_app.config import ConfigError, load_config
 
 __all__ = ["main"]

@@ -80,6 +80,7 @@ def write_federation(root: Path, styles: str = "abc", cases: int = 8, labelled: 
                     "peer_backoff_s": 0, **gossip_extra},
             security={"peer_tokens": [{"id": a, "sha256": hash_token(tokens[(a, name)])}
                                       for a in names if a != name]},
+            serve={"host": "127.0.0.1", "port": ports[name]},
         )
         sites[name] = {"config": config, "studies": studies, "truth": truth, "port": ports[name],
                        "url": f"http://127.0.0.1:{ports[name]}",

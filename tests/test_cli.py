@@ -56,16 +56,25 @@ def test_status_before_any_model(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_demo_brings_up_a_serving_site(tmp_path):
+def test_demo_runs_a_three_site_federation(tmp_path):
+    import json
+
     out = subprocess.run(
         [sys.executable, "-m", "gcml_app.cli", "demo", "--out", str(tmp_path / "demo"), "--port", "0",
-         "--epochs", "3", "--no-wait"],
-        capture_output=True, text=True, timeout=600,
+         "--epochs", "3", "--gossip-epochs", "1", "--rounds", "1", "--cases", "6", "--labelled", "5", "--no-wait"],
+        capture_output=True, text=True, timeout=900,
     )
     assert out.returncode == 0, out.stdout + out.stderr
-    assert "serving version 1" in out.stdout
-    assert "auto-segmented case_008 with version 1" in out.stdout
+    for site in ("site-a", "site-b", "site-c"):
+        assert f"{site}: published v1: local round" in out.stdout
+        assert f"round 1 {site}: " in out.stdout and "gossip with site-" in out.stdout
+    report = json.loads((tmp_path / "demo" / "demo.json").read_text())
+    assert set(report["sites"]) == {"site-a", "site-b", "site-c"}
+    assert [r["site"] for r in report["rounds"]] == ["site-a", "site-b", "site-c"]
+    assert all(r["bytes_pulled"] > 0 for r in report["rounds"])
+    assert (tmp_path / "demo" / "demo.png").read_bytes()[:4] == b"\x89PNG"
     assert "MONAI Label module -> Server: http://127.0.0.1:" in out.stdout
+    assert "auto-segmented case_" in out.stdout
 
 
 @pytest.mark.slow

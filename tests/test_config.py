@@ -1,9 +1,9 @@
 from pathlib import Path
 
 import pytest
+from helpers import TINY, write_config
 
 from gcml_app.config import CONFIG_ENV, ConfigError, SegResNetConfig, load_config
-from helpers import TINY, write_config
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -1,9 +1,9 @@
 import pytest
 import torch
+from helpers import TINY
 
 from gcml_app.config import SiteConfig
 from gcml_app.network import arch_fingerprint, build_network
-from helpers import TINY
 
 NETS = [
     {"name": "UNet", "channels": [4, 8, 16], "strides": [2, 2], "num_res_units": 1},
