@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 __all__ = [
     "CONFIG_ENV",
@@ -44,6 +44,16 @@ __all__ = [
 
 CONFIG_ENV = "GCML_CONFIG"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+def _site_name(v: str) -> str:
+    if not _NAME.match(v):
+        raise ValueError(f"found {v!r}; expected 1-64 characters of letters, digits, '.', '_' or '-'")
+    return v
+
+
+SiteName = Annotated[str, AfterValidator(_site_name)]
+"""A site or partner name: it appears in URLs, file names and logs."""
 
 
 class ConfigError(ValueError):
@@ -184,17 +194,10 @@ class PeerConfig(_Strict):
     server process; recommended) or ``token`` (plain text in this file; demos only).
     """
 
-    name: str
+    name: SiteName
     url: str
     token: str | None = Field(None, min_length=16)
     token_env: str | None = None
-
-    @field_validator("name")
-    @classmethod
-    def _name(cls, v: str) -> str:
-        if not _NAME.match(v):
-            raise ValueError(f"found {v!r}; expected 1-64 characters of letters, digits, '.', '_' or '-'")
-        return v
 
     @field_validator("url")
     @classmethod
@@ -253,7 +256,7 @@ class GossipConfig(_Strict):
 class PeerTokenConfig(_Strict):
     """A token a partner presents to us: its sha256 (hex) or an environment variable holding the token."""
 
-    id: str
+    id: SiteName
     sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$")
     env: str | None = None
 
@@ -308,7 +311,7 @@ class ServeConfig(_Strict):
 class SiteConfig(_Strict):
     """Everything one site's GCML app needs; see ``sample_configs/site_a.yaml`` for a documented example."""
 
-    site: str
+    site: SiteName
     labels: dict[str, int]
     input_channels: int = Field(1, ge=1)
     spacing: Triple = (1.0, 1.0, 1.0)
@@ -323,13 +326,6 @@ class SiteConfig(_Strict):
     finetune: FinetuneConfig = FinetuneConfig()
     serve: ServeConfig = ServeConfig()
     state_dir: Path = Path("gcml_state")
-
-    @field_validator("site")
-    @classmethod
-    def _site(cls, v: str) -> str:
-        if not _NAME.match(v):
-            raise ValueError(f"found {v!r}; expected 1-64 characters of letters, digits, '.', '_' or '-'")
-        return v
 
     @field_validator("labels")
     @classmethod

@@ -67,7 +67,7 @@ def test_dcml_round_scores_every_candidate_and_records_losses(cfg, studies):
     assert last["event"] == ("publish" if rec["published"] else "keep") and last["mode"] == "dcml"
     if rec["published"]:
         assert store.served().produced_by == f"dcml:{rec['winner']}"
-        assert store.served().lineage[0]["sha256"] == rec["incoming"]["sha256"]
+        assert store.served().lineage[0]["incoming_sha256"] == rec["incoming"]["sha256"]
 
 
 def _junk(path):
