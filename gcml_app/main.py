@@ -12,6 +12,7 @@ import logging
 import os
 import time
 import uuid
+from dataclasses import asdict
 from typing import Any
 
 from monailabel.config import settings
@@ -36,7 +37,11 @@ logger = logging.getLogger(__name__)
 
 
 class GCMLApp(MONAILabelApp):
-    """One site's app: serves its personalized model, trains it on local labels through the gate.
+    """One site's app: serves its personalized model, trains it through the gate, gossips with partners.
+
+    In the server process it also starts the gossip scheduler, notes new final labels (and queues
+    a round at ``finetune.min_new_labels``), and answers ``/gcml/status``. Every round runs as the
+    ``gcml`` train task in MONAI Label's training subprocess.
 
     Args:
         app_dir: this package's folder (MONAI Label's ``--app``).
@@ -131,7 +136,7 @@ class GCMLApp(MONAILabelApp):
         sched = self.scheduler
         return {
             "site": self.cfg.site,
-            "served": None if served is None else {**served.__dict__, "mean_dice": served.mean_dice},
+            "served": None if served is None else {**asdict(served), "mean_dice": served.mean_dice},
             "versions": self.store.versions(),
             "gossip": {
                 "paused": self.gossip_state.paused,

@@ -37,6 +37,7 @@ __all__ = ["GCMLTrain", "labelled_cases", "load_incoming", "run_round"]
 logger = logging.getLogger(__name__)
 
 Progress = Callable[[dict[str, Any]], None]
+LINEAGE_DEPTH = 32  # lineage steps kept in a manifest, newest first
 
 
 def labelled_cases(datastore: Datastore, cfg: SiteConfig) -> list[dict[str, str]]:
@@ -221,9 +222,6 @@ def run_round(
         record["version"] = served.version if served else None
     logger.info(f"gcml[{cfg.site}] gate: {decision.reason}")
     return record
-
-
-LINEAGE_DEPTH = 32  # lineage steps kept in a manifest, newest first
 
 
 def _produced_by(mode: str, winner: str, origin: dict[str, Any] | None) -> str:
