@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -39,6 +40,8 @@ from gcml_app.errors import NothingToShare, PayloadRejected, PeerUnavailable
 from gcml_app.gossip.payload import verify_weights
 
 __all__ = ["PeerClient", "PeerManifest", "Pulled"]
+
+logger = logging.getLogger(__name__)
 
 MANIFEST_PATH = "/gcml/peer/manifest"
 MODEL_PATH = "/gcml/peer/model"
@@ -231,7 +234,8 @@ def _detail(r: requests.Response) -> str:
     """The ``detail`` of a small JSON error body (at most 4 KiB are read)."""
     try:
         return _short(str(json.loads(r.raw.read(4096, decode_content=True)).get("detail", "")))
-    except Exception:  # only decorates a message; a broken error body must not mask the status
+    except Exception as e:  # only decorates a message; a broken error body must not mask the status
+        logger.debug(f"could not read the error body of HTTP {r.status_code}: {e}")
         return ""
 
 

@@ -18,6 +18,7 @@ and read by the server for ``/gcml/status``.
 from __future__ import annotations
 
 import json
+import logging
 import random
 import time
 from dataclasses import asdict, dataclass, field, fields
@@ -28,6 +29,8 @@ from gcml_app.config import GossipConfig
 from gcml_app.store import atomic_write
 
 __all__ = ["REJECT_GAIN", "PeerBook", "PeerRecord", "order_peers"]
+
+logger = logging.getLogger(__name__)
 
 REJECT_GAIN = -0.1  # the "gain" a refused payload counts as in the performance score
 
@@ -74,7 +77,10 @@ class PeerBook:
         path = Path(path)
         try:
             raw = json.loads(path.read_text())
-        except (FileNotFoundError, json.JSONDecodeError):
+        except FileNotFoundError:
+            raw = {}
+        except json.JSONDecodeError as e:
+            logger.warning(f"{path} is not valid JSON ({e}); partner scores and backoff start afresh")
             raw = {}
         known = {f.name for f in fields(PeerRecord)}
         peers = {k: PeerRecord(**{a: b for a, b in v.items() if a in known}) for k, v in raw.items()}

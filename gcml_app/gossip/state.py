@@ -16,12 +16,15 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import logging
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 from gcml_app.store import atomic_write
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["GossipState"]
 
@@ -55,7 +58,10 @@ class GossipState:
     def _read(self, path: Path) -> dict[str, Any]:
         try:
             return json.loads(path.read_text())
-        except (FileNotFoundError, json.JSONDecodeError):
+        except FileNotFoundError:
+            return {}
+        except json.JSONDecodeError as e:
+            logger.warning(f"{path} is not valid JSON ({e}); using defaults (not paused, no pending labels)")
             return {}
 
     # ------------------------------------------------------------ pause / resume
