@@ -208,7 +208,7 @@ def run_round(
     step: dict[str, Any] = {"site": cfg.site, "mode": mode, "candidate": decision.winner}
     if peer is not None:
         record["incoming"] = {"file": Path(incoming).name, "sha256": peer[1], **(origin or {})}
-        step.update({"incoming_sha256": peer[1], **(origin or {})})
+        step.update(origin or {"incoming_sha256": peer[1]})
     if decision.publish:
         parent_lineage = served.lineage if served is not None else []
         man = store.publish(

@@ -1,0 +1,202 @@
+"""What the GCML Federation module shows, computed from ``/gcml/status`` and ``/gcml/history`` JSON.
+
+Pure functions of the JSON (and ``now``, in seconds since the epoch, for relative times), so what a
+user sees is pinned by tests on recorded answers.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+__all__ = [
+    "dice_series",
+    "labels_text",
+    "partner_rows",
+    "published_how",
+    "rollback_choices",
+    "round_rows",
+    "served_text",
+    "training_text",
+]
+
+_CANDIDATES = {"local": "local model", "dcml_local": "our model after DCML", "dcml_incoming": "partner model after DCML",
+               "average": "average of both"}
+
+
+def _dice(val_dice: dict[str, float]) -> str:
+    return ", ".join(f"{k} {v:.3f}" for k, v in val_dice.items())
+
+
+def _mean(val_dice: dict[str, float]) -> float | None:
+    return sum(val_dice.values()) / len(val_dice) if val_dice else None
+
+
+def _ago(t: float | None, now: float) -> str:
+    if not t:
+        return "never"
+    s = max(0.0, now - t)
+    if s < 60:
+        return f"{s:.0f} s ago"
+    if s < 3600:
+        return f"{s / 60:.0f} min ago"
+    if s < 86400:
+        return f"{s / 3600:.1f} h ago"
+    return f"{s / 86400:.1f} days ago"
+
+
+def published_how(produced_by: str, history: list[dict[str, Any]] | None = None, version: int | None = None) -> str:
+    """How a version came to be served, in words.
+
+    Examples:
+        ``"local"`` -> ``"local fine-tune"``; ``"gossip:site-b:dcml_local"`` -> ``"round with site-b
+        (our model after DCML)"``; ``"adopted:site-b"`` -> ``"adopted from site-b (unvalidated)"``;
+        served again by a rollback -> ``"rollback from v5: <reason>"``.
+    """
+    if history and version is not None:
+        for rec in reversed(history):
+            if rec.get("event") == "publish" and rec.get("version") == version:
+                break
+            if rec.get("event") == "rollback" and rec.get("version") == version:
+                reason = f": {rec['reason']}" if rec.get("reason") else ""
+                return f"rollback from v{rec.get('previous')}{reason}"
+    kind, _, rest = produced_by.partition(":")
+    if kind == "local":
+        return "local fine-tune"
+    if kind == "gossip":
+        peer, _, winner = rest.partition(":")
+        return f"round with {peer} ({_CANDIDATES.get(winner, winner)})"
+    if kind == "adopted":
+        return f"adopted from {rest} (unvalidated)"
+    if kind == "dcml":
+        return f"DCML round ({_CANDIDATES.get(rest, rest)})"
+    return produced_by or "unknown"
+
+
+def served_text(status: dict[str, Any], history: list[dict[str, Any]] | None = None) -> str:
+    """The serving model in two lines: version and how, then validation Dice per label."""
+    site, served = status.get("site", "?"), status.get("served")
+    if not served:
+        return f"{site}: no model published yet (auto-segmentation answers 'no trained model yet')"
+    how = published_how(served.get("produced_by", ""), history, served.get("version"))
+    head = f"{site} serves v{served['version']}, published {served.get('created', '?')} by {how}"
+    if not served.get("validated", True) or not served.get("val_dice"):
+        return head + "\nnot validated on this site's labels yet"
+    return head + f"\nvalidation Dice: {_dice(served['val_dice'])} (mean {_mean(served['val_dice']):.3f}, " \
+                  f"{served.get('n_val', '?')} held-out cases)"
+
+
+def dice_series(history: list[dict[str, Any]]) -> dict[str, list[tuple[int, float]]]:
+    """Validation Dice of every published version: ``{label: [(version, dice)], "mean": [...]}``.
+
+    Versions without scores (adopted, unvalidated) are left out.
+    """
+    series: dict[str, list[tuple[int, float]]] = {}
+    for rec in history:
+        if rec.get("event") != "publish" or not rec.get("val_dice"):
+            continue
+        for label, d in rec["val_dice"].items():
+            series.setdefault(label, []).append((rec["version"], float(d)))
+        series.setdefault("mean", []).append((rec["version"], _mean(rec["val_dice"])))
+    if "mean" in series:
+        series["mean"] = series.pop("mean")  # last, after the labels
+    return series
+
+
+def _result(rec: dict[str, Any]) -> str:
+    event, means = rec.get("event"), rec.get("mean") or {}
+    if event == "publish" and rec.get("mode") == "adopt":
+        return f"adopted v{rec.get('version')} (unvalidated)"
+    if event == "publish":
+        w = rec.get("winner")
+        served = f" > {means['served']:.3f}" if "served" in means else ""
+        return f"published v{rec.get('version')} ({_CANDIDATES.get(w, w)} {means.get(w, 0):.3f}{served})"
+    if event == "keep":
+        best = max((k for k in means if k != "served"), key=lambda k: means[k], default=None)
+        if best is None:
+            return f"kept v{rec.get('version')}"
+        return f"kept v{rec.get('version')} (best {means[best]:.3f} <= {means.get('served', 0):.3f})"
+    attempts = rec.get("attempts") or []
+    rejected = [a for a in attempts if a.get("outcome") == "rejected"]
+    if rejected:
+        return "rejected: " + "; ".join(f"{a['peer']}: {a.get('reason', '')}" for a in rejected)
+    if rec.get("outcome") == "no_model":
+        return "no new model: " + ", ".join(f"{a['peer']} {a['outcome'].replace('_', ' ')}" for a in attempts)
+    return f"{rec.get('outcome', event)}: {rec.get('reason', '')}".strip()
+
+
+def round_rows(history: list[dict[str, Any]], n: int = 10) -> list[dict[str, str]]:
+    """The last ``n`` rounds, newest first: ``{"time", "trigger", "peer", "result", "bytes"}``."""
+    rounds = [r for r in history if r.get("event") in ("publish", "keep", "gossip", "labels")]
+    rows = []
+    for rec in reversed(rounds[-n:]):
+        g = rec.get("gossip") or {}
+        peer = g.get("peer") or (rec.get("incoming") or {}).get("peer")
+        if not peer and rec.get("attempts"):
+            peer = ", ".join(a["peer"] for a in rec["attempts"])
+        nbytes = g.get("bytes_pulled", rec.get("bytes_pulled", 0)) or 0
+        rows.append({
+            "time": rec.get("time", ""),
+            "trigger": rec.get("trigger", "train"),
+            "peer": peer or "-",
+            "result": _result(rec),
+            "bytes": f"{nbytes / 1000:.1f} kB" if nbytes else "-",
+        })
+    return rows
+
+
+def partner_rows(status: dict[str, Any], now: float | None = None) -> list[dict[str, str]]:
+    """One row per partner: ``{"name", "reachable", "last_exchange", "score", "note"}``."""
+    now = time.time() if now is None else now
+    rows = []
+    for p in status.get("partners", []):
+        reach = {True: "yes", False: "no", None: "not tried"}[p.get("reachable")]
+        note = p.get("last_error") or ""
+        if p.get("backed_off_s"):
+            note = f"skipped for {p['backed_off_s']:.0f} s more" + (f" ({note})" if note else "")
+        elif p.get("last_version") is not None:
+            note = note or f"last pulled v{p['last_version']}"
+        rows.append({"name": p["name"], "reachable": reach, "last_exchange": _ago(p.get("last_exchange"), now),
+                     "score": f"{p.get('score', 0.0):+.3f}", "note": note})
+    return rows
+
+
+def labels_text(status: dict[str, Any]) -> str:
+    """How many submitted labels no round has learned from yet."""
+    n, threshold = status.get("pending_labels", 0), status.get("min_new_labels", 0)
+    head = f"{n} label{'s' if n != 1 else ''} submitted since the last training"
+    if threshold <= 0:
+        return head + " (automatic rounds on new labels are off)"
+    return head + f"; a round starts at {threshold}"
+
+
+def training_text(status: dict[str, Any]) -> tuple[str, int | None]:
+    """``(text, percent)``: the running round's progress, or the gossip schedule when idle."""
+    t, g = status.get("training") or {}, status.get("gossip") or {}
+    if t.get("running"):
+        epoch, total = t.get("epoch") or 0, t.get("total_epochs") or 0
+        pct = int(100 * epoch / total) if total else None
+        loss = f", loss {t['loss']:.3f}" if isinstance(t.get("loss"), (int, float)) else ""
+        return f"round running ({t.get('mode', 'round')}): epoch {epoch}/{total or '?'}{loss}", pct
+    if g.get("paused"):
+        sched = "gossip paused (Resume restarts scheduled rounds)"
+    elif g.get("scheduler") and g.get("next_round_in_s") is not None:
+        sched = f"next scheduled round in {max(0, g['next_round_in_s']) / 60:.0f} min"
+    else:
+        sched = "no scheduled rounds (Sync now starts one)"
+    return f"idle; {sched}", None
+
+
+def rollback_choices(status: dict[str, Any], history: list[dict[str, Any]]) -> list[tuple[int, str]]:
+    """Versions one can roll back to (all but the served one), newest first, with their Dice and origin."""
+    served = (status.get("served") or {}).get("version")
+    published = {r["version"]: r for r in history if r.get("event") == "publish"}
+    out = []
+    for v in sorted(status.get("versions", []), reverse=True):
+        if v == served:
+            continue
+        rec = published.get(v, {})
+        mean = _mean(rec.get("val_dice") or {})
+        dice = f"mean Dice {mean:.3f}" if mean is not None else "not validated"
+        out.append((v, f"v{v}: {dice}, {published_how(rec.get('produced_by', ''))}"))
+    return out
