@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 import uuid
 from dataclasses import asdict
@@ -54,6 +55,7 @@ class GCMLApp(MONAILabelApp):
         self.store = ModelStore(self.cfg.state_dir / "models")
         self.gossip_state = GossipState(self.cfg.state_dir)
         self.scheduler: Scheduler | None = None
+        self._start_lock = threading.Lock()
         super().__init__(
             app_dir=app_dir,
             studies=studies,
@@ -88,17 +90,31 @@ class GCMLApp(MONAILabelApp):
 
         Returns:
             ``(task, "")`` with the task's ``id`` and our ``round_id``; ``(None, why)`` when a round
-            is already running and ``enqueue`` is false.
+            is already submitted or running and ``enqueue`` is false.
         """
         from monailabel.utils.async_tasks.task import AsyncTask
 
-        round_id = uuid.uuid4().hex[:12]
-        task, detail = AsyncTask.run("train", request={"model": "gcml"},
-                                     params={"mode": mode, "trigger": trigger, "round_id": round_id, **params},
-                                     enqueue=enqueue)
+        with self._start_lock:  # the check and the submit are one step for concurrent requests
+            if not enqueue and self.training_busy():
+                return None, "a training task is submitted or running"
+            round_id = uuid.uuid4().hex[:12]
+            task, detail = AsyncTask.run("train", request={"model": "gcml"},
+                                         params={"mode": mode, "trigger": trigger, "round_id": round_id, **params},
+                                         enqueue=True)
         if task is None:
             return None, detail or "a training task is running"
         return {"task_id": task["id"], "round_id": round_id, "mode": mode, "trigger": trigger}, ""
+
+    @staticmethod
+    def training_busy() -> bool:
+        """Whether a training task is running or waiting in MONAI Label's queue.
+
+        MONAI Label's own check looks only at running subprocesses, so a task submitted a moment
+        ago (not started yet) would let a second one queue behind it.
+        """
+        from monailabel.utils.async_tasks.utils import processes, tasks
+
+        return bool(processes("train")) or any(t.get("status") in ("SUBMITTED", "RUNNING") for t in tasks("train"))
 
     def on_init_complete(self):
         super().on_init_complete()
@@ -127,8 +143,6 @@ class GCMLApp(MONAILabelApp):
 
     def gcml_status(self) -> dict[str, Any]:
         """What ``GET /gcml/status`` returns (the Slicer GCML Federation module shows it)."""
-        from monailabel.utils.async_tasks.utils import processes
-
         served = self.store.served()
         history = self.store.history()
         rounds = [r for r in history if r.get("round_id")]
@@ -149,6 +163,6 @@ class GCMLApp(MONAILabelApp):
             "partners": PeerBook.open(self.gossip_state.peers_path).summary([p.name for p in g.peers]),
             "pending_labels": len(self.gossip_state.pending()),
             "min_new_labels": self.cfg.finetune.min_new_labels,
-            "training": {"running": bool(processes("train")), **self._trainers["gcml"].stats()},
+            "training": {"running": self.training_busy(), **self._trainers["gcml"].stats()},
             "last_round": rounds[-1] if rounds else None,
         }
