@@ -235,6 +235,7 @@ class GossipConfig(_Strict):
     epochs: int = Field(5, ge=1, description="DCML epochs per gossip round")
     warmup_epochs: int = Field(20, ge=1, description="local epochs before a site's first gossip round")
     adopt_when_unlabelled: bool = True
+    transport: Literal["float32", "float16"] = Field("float32", description="dtype of the weights we serve to partners")
     max_model_bytes: int = Field(256 * 2**20, ge=1024)
     connect_timeout_s: float = Field(5.0, gt=0.0)
     read_timeout_s: float = Field(60.0, gt=0.0)

@@ -32,7 +32,7 @@ from gcml_app.split import FixedSplit
 from gcml_app.store import ModelStore, StoreError, atomic_write, sha256_bytes
 from gcml_app.transforms import train_transforms, val_transforms
 
-__all__ = ["GCMLTrain", "labelled_cases", "load_incoming", "run_round"]
+__all__ = ["GCMLTrain", "labelled_cases", "load_incoming", "run_round", "train_supervised"]
 
 logger = logging.getLogger(__name__)
 
@@ -178,7 +178,7 @@ def run_round(
 
     if peer is None:
         mode = "local"
-        losses = _supervised(model, loader, cfg, epochs, device, report)
+        losses = train_supervised(model, loader, cfg, epochs, device, report)
         states["local"] = model.state_dict()
     else:
         mode = "dcml"
@@ -233,7 +233,7 @@ def _produced_by(mode: str, winner: str, origin: dict[str, Any] | None) -> str:
     return f"{mode}:{winner}"
 
 
-def _supervised(model, loader, cfg: SiteConfig, epochs: int, device, progress: Progress | None) -> list[dict]:
+def train_supervised(model, loader, cfg: SiteConfig, epochs: int, device, progress: Progress | None) -> list[dict]:
     """Plain DiceCE fine-tuning; returns ``[{"seg_l": mean loss}]`` per epoch."""
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)

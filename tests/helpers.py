@@ -48,13 +48,15 @@ def make_studies(root: Path, cases: int, labelled: int, style: str = "a", seed: 
 
 
 def write_federation(root: Path, styles: str = "abc", cases: int = 8, labelled: int = 6,
-                     extra_peers: dict[str, list[dict]] | None = None, **overrides) -> dict[str, dict]:
+                     extra_peers: dict[str, list[dict]] | None = None,
+                     gossip_for: dict[str, dict] | None = None, **overrides) -> dict[str, dict]:
     """Site folders for a loopback federation: every site lists every other as a partner, with tokens.
 
     Args:
         root: where ``site-<style>/`` folders go.
         styles: one phantom style per site (site name ``site-<style>``).
         extra_peers: more ``gossip.peers`` entries per site name (e.g. a dead or hostile partner).
+        gossip_for: more ``gossip`` keys per site name (e.g. float16 transport at one site).
         overrides: top-level YAML keys for every site (``gossip`` is merged, not replaced).
 
     Returns:
@@ -77,7 +79,7 @@ def write_federation(root: Path, styles: str = "abc", cases: int = 8, labelled: 
             folder, site=name, **overrides,
             gossip={"peers": peers, "interval_s": 0, "epochs": 1, "warmup_epochs": 2,
                     "connect_timeout_s": 2, "read_timeout_s": 5, "retries": 1, "backoff_factor": 0.1,
-                    "peer_backoff_s": 0, **gossip_extra},
+                    "peer_backoff_s": 0, **gossip_extra, **(gossip_for or {}).get(name, {})},
             security={"peer_tokens": [{"id": a, "sha256": hash_token(tokens[(a, name)])}
                                       for a in names if a != name]},
             serve={"host": "127.0.0.1", "port": ports[name]},

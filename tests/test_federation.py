@@ -43,6 +43,7 @@ def fed(tmp_path_factory):
             {"name": "dead", "url": f"http://127.0.0.1:{free_port()}", "token": "token-for-dead-0000"},
         ]}
         sites = write_federation(root, extra_peers=extra, finetune={"min_new_labels": 2},
+                                 gossip_for={"site-c": {"transport": "float16"}},
                                  gossip={"max_model_bytes": 200_000, "read_timeout_s": 2, "interval_s": 2})
         for s in sites.values():  # the scheduler starts paused; the last test resumes it
             s["cfg"] = load_config(s["config"])
@@ -80,10 +81,12 @@ def test_warm_up_then_a_full_round_at_each_site(fed):
     for n in SITES:
         rec = sites[n]["site"].round()
         assert rec["stage"] == "warmup" and rec["event"] == "publish" and rec["version"] == 1, rec
+    pulled = {}
     for i, n in enumerate(SITES):
         s, partner = sites[n], SITES[(i + 1) % 3]
         before = s["store"].served_version()
         their = _peer_get(sites[partner]["url"], "/gcml/peer/manifest", s["tokens"][partner]).json()
+        assert their["transport"] == ("float16" if partner == "site-c" else "float32")
         rec = s["site"].round(peers=[partner])
         assert rec["mode"] == "dcml" and rec["trigger"] == "sync"
         assert set(rec["scores"]) == {"served", "dcml_local", "dcml_incoming", "average"}
@@ -101,10 +104,13 @@ def test_warm_up_then_a_full_round_at_each_site(fed):
         else:
             assert rec["event"] == "keep" and s["store"].served_version() == before
             assert max(rec["mean"].values()) == rec["mean"]["served"]
+        pulled[partner] = g["bytes_pulled"]
         status = s["site"].status()
         row = next(r for r in status["partners"] if r["name"] == partner)
         assert row["reachable"] is True and row["last_version"] == their["version"] and row["rounds"] == 1
         assert status["last_round"]["round_id"] == rec["round_id"]
+    # site-c serves float16: about half the bytes of a float32 model of the same network
+    assert 0.45 < pulled["site-c"] / pulled["site-a"] < 0.6
 
 
 def test_unchanged_peer_model_is_not_downloaded_again(fed):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 import pytest
+import torch
 from helpers import TINY
 from hostile import PAYLOAD_CASES, HostilePeer, pickle_payload
 
@@ -120,3 +121,19 @@ def test_404_means_nothing_to_share(evil, tmp_path):
     evil.h.mode, evil.h.status = "status", 404
     with pytest.raises(NothingToShare, match="no published model yet"):
         _pull(_cfg(tmp_path, evil.url))
+
+
+def test_float16_payload_is_pulled_and_widened(evil, tmp_path):
+    from safetensors.torch import load as st_load
+
+    from gcml_app.gossip.payload import encode_weights
+
+    cfg = _cfg(tmp_path, evil.url)
+    full = st_load(evil.h.body)
+    evil.h.body = encode_weights(full, "float16")
+    got = _pull(cfg)
+    assert got.bytes_received == len(evil.h.body) < 0.6 * len(encode_weights(full))
+    for k, v in full.items():
+        assert got.state[k].dtype == v.dtype
+        if v.is_floating_point():
+            assert torch.allclose(got.state[k], v, rtol=2**-11, atol=1e-7)

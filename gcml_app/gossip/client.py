@@ -58,6 +58,7 @@ class PeerManifest(BaseModel):
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     bytes: int = Field(ge=1)
     arch: str = Field(max_length=80)
+    transport: str = Field("float32", max_length=16)
     created: str = Field("", max_length=40)
     val_dice: dict[str, float] = {}
     n_train: int = 0

@@ -1,8 +1,12 @@
-"""Checks on model weights that came from outside: tensors only, our architecture, every value finite.
+"""Model weights on the wire: encoding (float32 or float16 transport) and the checks on what comes in.
 
 A payload is untrusted bytes. It is parsed only by ``safetensors`` (a JSON header and raw tensor
 buffers; no code runs, unlike a pickle), then compared with our architecture fingerprint, then
 scanned for NaN/Inf.
+
+Float16 transport halves the bytes: floating tensors are cast to float16 by the sender and back to
+float32 by the receiver, a relative error of at most 2^-11 per weight (float16's 10-bit mantissa,
+round to nearest). Only float16 is widened; any other dtype must match ours exactly.
 """
 
 from __future__ import annotations
@@ -10,11 +14,33 @@ from __future__ import annotations
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
 
 from gcml_app.config import SiteConfig
 from gcml_app.network import arch_fingerprint, build_network
 
-__all__ = ["our_arch", "verify_weights"]
+__all__ = ["TRANSPORTS", "encode_weights", "our_arch", "verify_weights"]
+
+TRANSPORTS = ("float32", "float16")
+
+
+def encode_weights(state: dict[str, torch.Tensor], transport: str = "float32", **metadata: str) -> bytes:
+    """Serialize a state dict for a partner (safetensors).
+
+    Args:
+        state: ``{name: tensor}``; float32 tensors are sent as ``transport``.
+        transport: ``"float32"`` or ``"float16"`` (half the bytes).
+        metadata: strings stored in the safetensors header (e.g. ``arch``).
+
+    Raises:
+        ValueError: an unknown ``transport``.
+    """
+    if transport not in TRANSPORTS:
+        raise ValueError(f"transport: found {transport!r}; expected one of {list(TRANSPORTS)}")
+    wire = torch.float16 if transport == "float16" else None
+    tensors = {k: (v.detach().to("cpu").to(wire) if wire is not None and v.dtype == torch.float32 else v.detach().to("cpu"))
+               .contiguous() for k, v in state.items()}
+    return st_save(tensors, metadata={"transport": transport, **metadata})
 
 
 def our_arch(cfg: SiteConfig) -> str:
@@ -46,6 +72,7 @@ def verify_weights(data: bytes, cfg: SiteConfig, ours: str | None = None) -> dic
         raise ValueError(f"not a safetensors file ({e})") from None
     if not state:
         raise ValueError("the safetensors file holds no tensors")
+    state = {k: v.float() if v.dtype == torch.float16 else v for k, v in state.items()}  # float16 transport
     ours = ours or our_arch(cfg)
     theirs = arch_fingerprint(cfg, state)
     if theirs != ours:

@@ -4,7 +4,8 @@ Peer surface (partner token required; see :mod:`.guard`):
 
 - ``GET /gcml/peer/manifest``: what we serve (site, version, sha256, bytes, arch, created,
   val_dice, n_train, n_val, validated, lineage);
-- ``GET /gcml/peer/model``: the weights (safetensors), ``ETag: "<sha256>"``, 304 on ``If-None-Match``.
+- ``GET /gcml/peer/model``: the weights (safetensors), ``ETag: "<sha256>"``, 304 on ``If-None-Match``;
+  float16 when ``gossip.transport`` says so (the manifest's sha256 and bytes are the payload's).
 
 Internal surface (annotation network only):
 
@@ -19,12 +20,15 @@ Handlers are plain ``def``: FastAPI runs them in its thread pool, off the event 
 
 from __future__ import annotations
 
+import functools
+import hashlib
 from typing import Any
 
 from fastapi import APIRouter, Body, HTTPException, Query, Request, Response
 from monailabel.interfaces.utils.app import app_instance
 
-from gcml_app.store import StoreError
+from gcml_app.gossip.payload import encode_weights
+from gcml_app.store import Manifest, ModelStore, StoreError
 
 __all__ = ["router"]
 
@@ -42,12 +46,30 @@ def _served_or_404():
     return served
 
 
+@functools.lru_cache(maxsize=2)
+def _encoded(root: str, version: int, sha256: str, transport: str) -> tuple[bytes, str]:
+    """Version ``version`` re-encoded for ``transport`` (cached: partners pull the same version repeatedly)."""
+    data = encode_weights(ModelStore(root).load(version), transport, arch=ModelStore(root).manifest(version).arch)
+    return data, hashlib.sha256(data).hexdigest()
+
+
+def _payload(m: Manifest) -> tuple[bytes | None, str, int]:
+    """What partners download for the served version: ``(bytes or None for float32, sha256, size)``."""
+    site = _site()
+    transport = site.cfg.gossip.transport
+    if transport == "float32":
+        return None, m.sha256, m.bytes
+    data, sha = _encoded(str(site.store.root), m.version, m.sha256, transport)
+    return data, sha, len(data)
+
+
 @router.get("/peer/manifest", summary="What this site serves to partners")
 def peer_manifest() -> dict[str, Any]:
     m = _served_or_404()
-    return {"site": _site().cfg.site, "version": m.version, "sha256": m.sha256, "bytes": m.bytes, "arch": m.arch,
-            "created": m.created, "val_dice": m.val_dice, "n_train": m.n_train, "n_val": m.n_val,
-            "validated": m.validated, "lineage": m.lineage}
+    _, sha, size = _payload(m)
+    return {"site": _site().cfg.site, "version": m.version, "sha256": sha, "bytes": size, "arch": m.arch,
+            "transport": _site().cfg.gossip.transport, "created": m.created, "val_dice": m.val_dice,
+            "n_train": m.n_train, "n_val": m.n_val, "validated": m.validated, "lineage": m.lineage}
 
 
 def _etags(header: str | None) -> set[str]:
@@ -59,11 +81,13 @@ def _etags(header: str | None) -> set[str]:
 @router.get("/peer/model", summary="This site's served weights (safetensors)", response_class=Response)
 def peer_model(request: Request) -> Response:
     m = _served_or_404()
-    headers = {"ETag": f'"{m.sha256}"', "X-GCML-Version": str(m.version), "Cache-Control": "no-cache"}
+    data, sha, _ = _payload(m)
+    headers = {"ETag": f'"{sha}"', "X-GCML-Version": str(m.version), "Cache-Control": "no-cache"}
     wanted = _etags(request.headers.get("if-none-match"))
-    if m.sha256 in wanted or "*" in wanted:
+    if sha in wanted or "*" in wanted:
         return Response(status_code=304, headers=headers)
-    data = _site().store.read_bytes(m.version)
+    if data is None:
+        data = _site().store.read_bytes(m.version)
     return Response(data, media_type="application/octet-stream", headers=headers)
 
 
