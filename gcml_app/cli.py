@@ -6,6 +6,8 @@
     gcml sync --config site.yaml [--peer NAME ...]   one gossip round on the running server (cron)
     gcml demo [--out gcml-demo --port 8001 --epochs 30 --gossip-epochs 5 --rounds 3 --no-wait]
     gcml dcml-compare [--out dcml-compare --rounds 4 --epochs 5 --styles a,b]
+    gcml simulate [--out gcml-simulate --sites 3 --rounds 5 --methods local,fedavg,gml,gcml,pooled --data DIR]
+    gcml bench [--out gcml-bench --quick]
 """
 
 from __future__ import annotations
@@ -13,8 +15,10 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 from gcml_app.config import ConfigError, load_config
+from gcml_app.sim.data import SiteDataError
 
 __all__ = ["main"]
 
@@ -87,6 +91,49 @@ def _demo(args: argparse.Namespace) -> int:
                     gossip_epochs=args.gossip_epochs, rounds=args.rounds, wait=not args.no_wait)
 
 
+def simulation_config(epochs: int) -> dict:
+    """The site config ``gcml simulate`` uses on synthetic data (the sample federation's network)."""
+    from gcml_app.sim.phantoms import LABELS
+
+    return {"site": "sim", "labels": LABELS, "roi_size": [32, 32, 32],
+            "network": {"name": "UNet", "channels": [8, 16, 32], "strides": [2, 2], "num_res_units": 1},
+            "train": {"epochs": epochs, "batch_size": 2, "samples_per_case": 2, "lr": 0.003, "seed": 0},
+            "dcml": {"samples_per_class": 128}, "state_dir": "unused"}
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    from gcml_app.config import SiteConfig
+    from gcml_app.sim.data import load_sites, synthetic_sites
+    from gcml_app.sim.federation import Federation, simulate
+
+    out = Path(args.out)
+    if args.config:
+        cfg = load_config(args.config)
+        cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"epochs": args.epochs})})
+    else:
+        cfg = SiteConfig.model_validate(simulation_config(args.epochs))
+    if args.data:
+        sites = load_sites(args.data)
+    else:
+        styles = args.site_styles.split(",")
+        if args.sites:
+            styles = [styles[i % len(styles)] for i in range(args.sites)]
+        if len(styles) < 2:
+            raise SystemExit(f"--sites/--site-styles: found {styles}; expected at least 2 sites")
+        sites = synthetic_sites(out / "data", styles, cases=args.cases, seed=args.seed)
+    fed = Federation(cfg, sites, transport=args.transport, seed=args.seed)
+    res = simulate(fed, args.rounds, args.methods.split(","), out, warmup_epochs=args.warmup_epochs)
+    names = res["config"]["sites"]
+    print(f"test Dice after round {args.rounds} ({len(names)} sites, {args.epochs} epochs per round, "
+          f"{args.transport} transport, model {res['model_bytes'][args.transport] / 1e3:.1f} kB):")
+    print(f"  {'method':<8} " + " ".join(f"{n:>8}" for n in names) + f" {'mean':>7} {'worst':>7} {'MB moved':>9}")
+    for m, row in res["summary"].items():
+        print(f"  {m:<8} " + " ".join(f"{row['per_site'][n]:>8.3f}" for n in names)
+              + f" {row['final_mean']:>7.3f} {row['final_worst']:>7.3f} {row['total_bytes'] / 1e6:>9.2f}")
+    print(f"wrote {out}/results.json, results.csv, dice_vs_round.png, dice_vs_bytes.png ({res['seconds']:.0f} s)")
+    return 0
+
+
 def _dcml_compare(args: argparse.Namespace) -> int:
     from gcml_app.sim.pair import compare
 
@@ -144,6 +191,21 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=_dcml_compare)
 
+    s = sub.add_parser("simulate", help="in-process federation: local, FedAvg, GML, GCML and pooled on equal budgets")
+    s.add_argument("--out", default="gcml-simulate")
+    s.add_argument("--sites", type=int, default=None, help="number of synthetic sites (styles cycle)")
+    s.add_argument("--site-styles", default="a,b,c", help="synthetic site styles, one per site")
+    s.add_argument("--data", default=None, help="real data: DIR/<site>/imagesTr|labelsTr[/imagesTs|labelsTs]")
+    s.add_argument("--config", default=None, help="site YAML for labels, network and transforms (real data)")
+    s.add_argument("--cases", type=int, default=16, help="synthetic cases per site (a quarter held out for test)")
+    s.add_argument("--rounds", type=int, default=5)
+    s.add_argument("--epochs", type=int, default=5, help="local epochs per round, every method")
+    s.add_argument("--warmup-epochs", type=int, default=None, help="round-0 local epochs (default --epochs)")
+    s.add_argument("--methods", default="local,fedavg,gml,gcml,pooled")
+    s.add_argument("--transport", default="float32", choices=["float32", "float16"])
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(func=_simulate)
+
     s = sub.add_parser("demo", help="three sites on loopback: sample data, warm-up, gossip rounds, then serve")
     s.add_argument("--out", default="gcml-demo")
     s.add_argument("--port", type=int, default=8001, help="site A's port (B, C: the next two); 0 picks free ports")
@@ -161,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         return args.func(args)
-    except ConfigError as e:
+    except (ConfigError, SiteDataError) as e:
         print(str(e), file=sys.stderr)
         return 2
 

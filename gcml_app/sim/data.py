@@ -1,0 +1,123 @@
+"""Per-site data for the simulator and the benchmark: synthetic phantoms or the per-site NIfTI layout.
+
+Real data uses the layout users already know::
+
+    DIR/<site>/imagesTr/<case>.nii.gz    DIR/<site>/labelsTr/<case>.nii.gz
+    DIR/<site>/imagesTs/<case>.nii.gz    DIR/<site>/labelsTs/<case>.nii.gz   (optional test set)
+
+Without a test set, the last ``test_fraction`` of a site's sorted cases are held out for testing.
+Of the rest, the last ``val_fraction`` (at least one) are the site's validation cases; the others train.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import SimpleITK as sitk
+
+from gcml_app.sim.phantoms import write_studies
+
+__all__ = ["SimSite", "SiteDataError", "load_sites", "site_names", "synthetic_sites"]
+
+Case = dict[str, str]
+
+
+class SiteDataError(ValueError):
+    """The per-site layout is unusable; the message names the file or folder."""
+
+
+@dataclass
+class SimSite:
+    """One site's cases, split once and never moved."""
+
+    name: str
+    train: list[Case] = field(default_factory=list)
+    val: list[Case] = field(default_factory=list)
+    test: list[Case] = field(default_factory=list)
+
+
+def _split(name: str, cases: list[Case], test: list[Case] | None, test_fraction: float, val_fraction: float) -> SimSite:
+    if test is None:
+        n_test = max(1, round(len(cases) * test_fraction))
+        cases, test = cases[:-n_test], cases[-n_test:]
+    n_val = max(1, round(len(cases) * val_fraction))
+    if len(cases) - n_val < 1:
+        raise SiteDataError(f"site {name}: found {len(cases) + len(test)} cases; expected enough for at least "
+                            "1 train, 1 validation and 1 test case")
+    return SimSite(name, train=cases[:-n_val], val=cases[-n_val:], test=test)
+
+
+def _pairs(folder: Path, images: str, labels: str) -> list[Case]:
+    img_dir, lab_dir = folder / images, folder / labels
+    if not img_dir.is_dir():
+        raise SiteDataError(f"{img_dir}: missing; expected a folder of NIfTI images (*.nii.gz)")
+    cases = []
+    for img in sorted(img_dir.glob("*.nii*")):
+        lab = lab_dir / img.name
+        if not lab.is_file():
+            raise SiteDataError(f"{lab}: missing; expected the label of {img}")
+        try:
+            si, sl = (sitk.ImageFileReader() for _ in range(2))
+            si.SetFileName(str(img))
+            sl.SetFileName(str(lab))
+            si.ReadImageInformation()
+            sl.ReadImageInformation()
+        except RuntimeError as e:
+            raise SiteDataError(f"{img} or {lab}: not a readable image ({str(e).splitlines()[0]})") from None
+        if si.GetSize() != sl.GetSize():
+            raise SiteDataError(f"{lab}: shape {sl.GetSize()} does not match its image {img} of shape {si.GetSize()}")
+        cases.append({"id": img.name.split(".")[0], "image": str(img), "label": str(lab)})
+    if not cases:
+        raise SiteDataError(f"{img_dir}: no *.nii.gz images")
+    return cases
+
+
+def load_sites(data: str | Path, test_fraction: float = 0.25, val_fraction: float = 0.2) -> list[SimSite]:
+    """Read ``DIR/<site>/imagesTr|labelsTr[/imagesTs|labelsTs]`` for every site folder in ``data``.
+
+    Raises:
+        SiteDataError: no site folders, a missing label, a label whose shape differs from its image,
+            an unreadable file, or too few cases; the message names the file.
+    """
+    data = Path(data)
+    folders = sorted(p for p in data.iterdir() if p.is_dir()) if data.is_dir() else []
+    if len(folders) < 2:
+        raise SiteDataError(f"{data}: found {len(folders)} site folders; expected at least 2 (DIR/<site>/imagesTr, ...)")
+    return [_load_site(f, test_fraction, val_fraction) for f in folders]
+
+
+def _load_site(folder: Path, test_fraction: float, val_fraction: float) -> SimSite:
+    test = _pairs(folder, "imagesTs", "labelsTs") if (folder / "imagesTs").is_dir() else None
+    return _split(folder.name, _pairs(folder, "imagesTr", "labelsTr"), test, test_fraction, val_fraction)
+
+
+def synthetic_sites(out: str | Path, styles: list[str], cases: int = 16, seed: int = 0,
+                    test_fraction: float = 0.25, val_fraction: float = 0.2) -> list[SimSite]:
+    """Write ``cases`` labelled phantoms per style into ``out/site-<style>/`` (per-site layout) and split them."""
+    out = Path(out)
+    names = site_names(styles)
+    for i, (style, name) in enumerate(zip(styles, names)):
+        folder = out / name
+        if (folder / "imagesTr").is_dir() and len(list((folder / "imagesTr").glob("*.nii.gz"))) == cases:
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+        tmp = write_studies(out / f".tmp-{name}", style, cases=cases, seed=seed + i)
+        (folder / "imagesTr").mkdir(parents=True)
+        (folder / "labelsTr").mkdir()
+        for img in sorted(tmp.glob("*.nii.gz")):
+            shutil.move(str(img), folder / "imagesTr" / img.name)
+            shutil.move(str(tmp / "labels" / "final" / img.name), folder / "labelsTr" / img.name)
+        shutil.rmtree(tmp)
+    return [_load_site(out / name, test_fraction, val_fraction) for name in names]
+
+
+def site_names(styles: list[str]) -> list[str]:
+    """``site-a``, ``site-b``, ...; a style used again gets a number (``site-a2``)."""
+    seen: dict[str, int] = {}
+    names = []
+    for s in styles:
+        seen[s] = seen.get(s, 0) + 1
+        names.append(f"site-{s}" if seen[s] == 1 else f"site-{s}{seen[s]}")
+    return names
