@@ -134,6 +134,22 @@ def _simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    from gcml_app.sim.bench import bench
+
+    r = bench(args.out, quick=args.quick)
+    g, inf, bg, st = r["gossip_round"], r["infer"], r["infer_under_training"], r["dcml_step"]
+    print(f"infer: gcml_seg vs stock BasicInferTask, median ratio {inf['ratio_median']:.3f} (target <= 1.05)")
+    print(f"DCML step vs supervised step: {st['ratio']:.2f}x (target <= 2.1)")
+    print(f"infer p95 while training vs idle: {bg['p95_ratio']:.2f}x (target <= 1.5)")
+    print(f"gossip round {g['wall_s']:.1f} s: fetch {g['fetch_s']:.3f}, verify {g['verify_s']:.3f}, "
+          f"train {g.get('train_s', 0):.1f}, validate {g.get('validate_s', 0):.1f}, publish {g.get('publish_s', 0):.3f} s; "
+          f"peak RSS {g['peak_rss_mb']:.0f} MB")
+    print(f"payload: float32 {r['payload']['float32'] / 1e3:.1f} kB, float16 {r['payload']['float16'] / 1e3:.1f} kB")
+    print(f"wrote {Path(args.out) / 'bench.json'}")
+    return 0
+
+
 def _dcml_compare(args: argparse.Namespace) -> int:
     from gcml_app.sim.pair import compare
 
@@ -205,6 +221,11 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--transport", default="float32", choices=["float32", "float16"])
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=_simulate)
+
+    s = sub.add_parser("bench", help="latency, step cost, round split, payload and memory -> bench.json")
+    s.add_argument("--out", default="gcml-bench")
+    s.add_argument("--quick", action="store_true", help="tiny budgets (seconds, for tests); ratios are noisier")
+    s.set_defaults(func=_bench)
 
     s = sub.add_parser("demo", help="three sites on loopback: sample data, warm-up, gossip rounds, then serve")
     s.add_argument("--out", default="gcml-demo")

@@ -127,6 +127,7 @@ def run_round(
         IncomingModelRejected: the incoming model is unsafe or unusable.
     """
     epochs = epochs or cfg.train.epochs
+    lap = _Laps()
 
     def report(p: dict[str, Any]) -> None:
         logger.info(f"gcml[{cfg.site}] epoch {p['epoch']}/{p['total_epochs']} loss {p['loss']:.4f}")
@@ -173,8 +174,10 @@ def run_round(
 
     scores: dict[str, dict[str, float]] = {}
     states: dict[str, dict[str, torch.Tensor]] = {}
+    lap("load_s")
     if served is not None:
         scores[SERVED] = evaluate(model)
+    lap("validate_s")
 
     if peer is None:
         mode = "local"
@@ -190,10 +193,12 @@ def run_round(
         states["dcml_local"] = model.state_dict()
         states["dcml_incoming"] = other.state_dict()
         states["average"] = average_state(states["dcml_local"], states["dcml_incoming"])
+    lap("train_s")
     probe = build_network(cfg).to(device)
     for name, state in states.items():
         probe.load_state_dict(state)
         scores[name] = evaluate(probe)
+    lap("validate_s")
 
     decision = select(scores, served=SERVED if served is not None else None)
     record: dict[str, Any] = {
@@ -220,8 +225,23 @@ def run_round(
     else:
         store.record("keep", version=served.version if served else None, **record)
         record["version"] = served.version if served else None
-    logger.info(f"gcml[{cfg.site}] gate: {decision.reason}")
+    lap("publish_s")
+    record["timings"] = lap.laps  # in the returned record (train stats), not in the history line
+    logger.info(f"gcml[{cfg.site}] gate: {decision.reason}; seconds {lap.laps}")
     return record
+
+
+class _Laps:
+    """Wall seconds per phase of a round: ``laps("train_s")`` adds the time since the previous call."""
+
+    def __init__(self):
+        self.t = time.perf_counter()
+        self.laps: dict[str, float] = {}
+
+    def __call__(self, name: str) -> None:
+        now = time.perf_counter()
+        self.laps[name] = round(self.laps.get(name, 0.0) + now - self.t, 3)
+        self.t = now
 
 
 def _produced_by(mode: str, winner: str, origin: dict[str, Any] | None) -> str:

@@ -1,0 +1,187 @@
+"""``gcml bench``: the costs a consortium asks about, measured side by side in one run -> ``bench.json``.
+
+- ``infer``: latency of ``gcml_seg`` vs a stock MONAI Label ``BasicInferTask`` with the same network,
+  weights, transforms and volume, in one process, interleaved (target overhead <= 5%);
+- ``dcml_step``: a DCML step vs a single-model supervised step on the same batch (target <= 2.1x);
+- ``gossip_round``: a real round between two servers on loopback, wall seconds split into fetch,
+  verify, load, train, validate and publish, plus the peak memory (RSS) of the training process;
+- ``payload``: bytes of the served model as float32 and float16 transport;
+- ``infer_under_training``: ``gcml_seg`` latency over HTTP while a training round runs in the
+  background vs idle (p50 and p95; target p95 ratio <= 1.5).
+
+Ratios are measured in the same run on the same machine; absolute times vary with the machine.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+import torch
+from monailabel.client import MONAILabelClient
+from monailabel.tasks.infer.basic_infer import BasicInferTask
+
+from gcml_app.config import load_config
+from gcml_app.demo import site_yamls
+from gcml_app.gossip.payload import encode_weights
+from gcml_app.infer import GCMLSegInfer
+from gcml_app.launch import SiteServer, free_port
+from gcml_app.network import build_network
+from gcml_app.sim.pair import step_cost
+from gcml_app.sim.phantoms import write_studies
+from gcml_app.site_client import SiteClient
+from gcml_app.store import ModelStore
+
+__all__ = ["StockSegInfer", "bench"]
+
+
+class StockSegInfer(GCMLSegInfer):
+    """The baseline: MONAI Label's own model loading (``BasicInferTask._get_network``: a ``.pt`` file,
+    reloaded when its mtime changes) with everything else as in ``gcml_seg``."""
+
+    def __init__(self, cfg, store, path: str):
+        super().__init__(cfg, store)
+        self.path = [path]
+
+    def _get_network(self, device, data):
+        return BasicInferTask._get_network(self, device, data)
+
+    def writer(self, data, extension=None, dtype=None):
+        return BasicInferTask.writer(self, data, extension=extension, dtype=dtype)
+
+
+def _pct(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, max(0, round(q * (len(xs) - 1))))]
+
+
+def _lat(xs: list[float]) -> dict[str, float]:
+    return {"n": len(xs), "p50_s": round(_pct(xs, 0.5), 4), "p95_s": round(_pct(xs, 0.95), 4),
+            "mean_s": round(statistics.fmean(xs), 4)}
+
+
+def _infer_overhead(cfg, store: ModelStore, image: str, work: Path, repeats: int) -> dict[str, Any]:
+    pt = work / "stock_model.pt"
+    torch.save(store.load(store.served_version()), pt)
+    ours, stock = GCMLSegInfer(cfg, store), StockSegInfer(cfg, store, str(pt))
+    t = {"gcml_seg": [], "stock": []}
+    for i in range(repeats + 1):  # the first call of each loads the model: not counted
+        for name, task in (("gcml_seg", ours), ("stock", stock)):
+            t0 = time.perf_counter()
+            task({"image": image, "device": "cpu"})
+            if i:
+                t[name].append(time.perf_counter() - t0)
+    med = {k: statistics.median(v) for k, v in t.items()}
+    return {"gcml_seg": _lat(t["gcml_seg"]), "stock": _lat(t["stock"]),
+            "ratio_median": round(med["gcml_seg"] / med["stock"], 4), "target_ratio": 1.05}
+
+
+class _PeakRSS(threading.Thread):
+    """Samples the RSS of a server's child processes (the training subprocess) every 50 ms."""
+
+    def __init__(self, pid: int):
+        super().__init__(daemon=True)
+        self.proc, self.peak, self.done = psutil.Process(pid), 0, threading.Event()
+
+    def run(self) -> None:
+        while not self.done.is_set():
+            for child in self.proc.children(recursive=True):
+                try:
+                    self.peak = max(self.peak, child.memory_info().rss)
+                except psutil.Error:
+                    pass
+            time.sleep(0.05)
+
+
+def _latency_under_training(url: str, case: str, n: int, epochs: int) -> dict[str, Any]:
+    client = MONAILabelClient(url)
+    client.infer("gcml_seg", case, {})
+    idle = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        client.infer("gcml_seg", case, {})
+        idle.append(time.perf_counter() - t0)
+    site = SiteClient(url)
+    client.train_start("gcml", {"epochs": epochs})
+    deadline = time.monotonic() + 600
+    while not (site.status()["training"].get("epoch") or 0) >= 1:  # the round is past its start-up
+        if time.monotonic() > deadline or not site.status()["training"]["running"]:
+            break
+        time.sleep(0.2)
+    busy = []
+    while site.status()["training"]["running"] and len(busy) < n:
+        t0 = time.perf_counter()
+        client.infer("gcml_seg", case, {})
+        busy.append(time.perf_counter() - t0)
+    while site.status()["training"]["running"]:
+        time.sleep(0.5)
+    if len(busy) < 3:
+        raise RuntimeError(f"only {len(busy)} requests overlapped the training round; raise its epochs")
+    return {"idle": _lat(idle), "training": _lat(busy), "background_epochs": epochs,
+            "p95_ratio": round(_pct(busy, 0.95) / _pct(idle, 0.95), 3),
+            "p50_ratio": round(_pct(busy, 0.5) / _pct(idle, 0.5), 3), "target_p95_ratio": 1.5}
+
+
+def bench(out: str | Path, quick: bool = False) -> dict[str, Any]:
+    """Run every measurement (``quick``: tiny budgets, for tests) and write ``out/bench.json``."""
+    out = Path(out).resolve()
+    work = out / "work"
+    warmup, gossip_epochs, n, bg_epochs, repeats = (2, 1, 6, 4, 3) if quick else (20, 5, 40, 40, 10)
+    ports = {s: free_port() for s in ("site-a", "site-b", "site-c")}
+    configs = site_yamls(work, ports, warmup, gossip_epochs)
+    servers = {}
+    for i, s in enumerate(("site-a", "site-b")):
+        studies = work / s / "studies"
+        if not studies.exists():
+            write_studies(studies, s[-1], cases=10, labelled=8, seed=i)
+        servers[s] = SiteServer(configs[s], studies, port=ports[s], log=work / s / "server.log")
+    result: dict[str, Any] = {"quick": quick, "torch_threads": torch.get_num_threads()}
+    try:
+        for srv in servers.values():
+            srv.spawn()
+        for srv in servers.values():
+            srv.wait_ready()
+        a, b = SiteClient(servers["site-a"].url), SiteClient(servers["site-b"].url)
+        a.round()
+        b.round()
+
+        sampler = _PeakRSS(servers["site-a"].proc.pid)
+        sampler.start()
+        t0 = time.perf_counter()
+        rec = a.round(peers=["site-b"])
+        wall = time.perf_counter() - t0
+        sampler.done.set()
+        sampler.join()
+        timings = a._json("GET", "/info/")["train_stats"]["gcml"]["last_round"]["timings"]
+        g = rec["gossip"]
+        result["gossip_round"] = {
+            "wall_s": round(wall, 3), "fetch_s": g["fetch_s"], "verify_s": g["verify_s"], **timings,
+            "subprocess_and_other_s": round(wall - g["fetch_s"] - g["verify_s"] - sum(timings.values()), 3),
+            "dcml_epochs": gossip_epochs, "outcome": rec["event"], "bytes_pulled": g["bytes_pulled"],
+            "peak_rss_mb": round(sampler.peak / 2**20, 1),
+        }
+
+        cfg = load_config(configs["site-a"])
+        store = ModelStore(cfg.state_dir / "models")
+        state = store.load(store.served_version())
+        result["payload"] = {t: len(encode_weights(state, t, arch=store.served().arch)) for t in ("float32", "float16")}
+        result["payload"]["float16_ratio"] = round(result["payload"]["float16"] / result["payload"]["float32"], 4)
+        result["infer_under_training"] = _latency_under_training(servers["site-a"].url, "case_009", n, bg_epochs)
+    finally:
+        for srv in servers.values():
+            srv.stop()
+    image = str(work / "site-a" / "studies" / "case_009.nii.gz")
+    result["infer"] = _infer_overhead(cfg, store, image, work, repeats)
+    cost = step_cost(cfg, repeats=repeats)
+    result["dcml_step"] = {"dcml_s": round(cost["dcml_s"], 4), "supervised_s": round(cost["supervised_s"], 4),
+                           "ratio": round(cost["ratio"], 3), "target_ratio": 2.1,
+                           "network": cfg.network.model_dump(mode="json"), "roi_size": list(cfg.roi_size),
+                           "params": sum(p.numel() for p in build_network(cfg).parameters())}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench.json").write_text(json.dumps(result, indent=1))
+    return result
