@@ -137,3 +137,26 @@ def test_float16_payload_is_pulled_and_widened(evil, tmp_path):
         assert got.state[k].dtype == v.dtype
         if v.is_floating_point():
             assert torch.allclose(got.state[k], v, rtol=2**-11, atol=1e-7)
+
+
+@pytest.mark.parametrize("first_bytes", [b"\x80", b"PK"])
+def test_safetensors_whose_length_bytes_look_like_pickle_or_zip_are_accepted(tmp_path, first_bytes):
+    """The header length is little-endian: its first byte may be 0x80 or spell "PK" by chance."""
+    import json as _json
+
+    from hostile import valid_weights
+    from safetensors.torch import load as st_load
+
+    from gcml_app.gossip.payload import verify_weights
+
+    cfg = _cfg(tmp_path, "http://127.0.0.1:1")
+    data = valid_weights(cfg)
+    n = int.from_bytes(data[:8], "little")
+    low = int.from_bytes(first_bytes.ljust(2, b"\0")[:2], "little") if first_bytes == b"PK" else 0x80
+    step = 0x10000 if first_bytes == b"PK" else 0x100
+    length = low + step * ((n - low) // step + 1)  # the next length >= n whose low bytes are those
+    header = _json.loads(data[8:8 + n])
+    blob = _json.dumps(header, separators=(",", ":")).encode()
+    forged = length.to_bytes(8, "little") + blob + b" " * (length - len(blob)) + data[8 + n:]
+    assert forged.startswith(first_bytes)
+    assert set(verify_weights(forged, cfg)) == set(st_load(data))

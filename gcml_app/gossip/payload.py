@@ -63,7 +63,8 @@ def verify_weights(data: bytes, cfg: SiteConfig, ours: str | None = None) -> dic
         ValueError: the reason, e.g. ``"not a safetensors file (...)"``, ``"architecture ... differs"``,
             ``"non-finite values in [...]"``.
     """
-    if data[:2] == b"\x80\x02" or data[:1] == b"\x80" or data[:2] == b"PK":
+    # A safetensors file is an 8-byte header length, then a JSON header. Name the usual impostors.
+    if data[8:9] != b"{" and (data[:1] == b"\x80" or data[:2] == b"PK"):
         kind = "a zip archive (torch.save checkpoint)" if data[:2] == b"PK" else "a pickle"
         raise ValueError(f"not a safetensors file: it looks like {kind}; pickled payloads are never loaded")
     try:

@@ -169,7 +169,8 @@ def bench(out: str | Path, quick: bool = False) -> dict[str, Any]:
         cfg = load_config(configs["site-a"])
         store = ModelStore(cfg.state_dir / "models")
         state = store.load(store.served_version())
-        result["payload"] = {t: len(encode_weights(state, t, arch=store.served().arch)) for t in ("float32", "float16")}
+        result["payload"] = {"float32": len(store.read_bytes(store.served_version())),  # what partners download
+                             "float16": len(encode_weights(state, "float16", arch=store.served().arch))}
         result["payload"]["float16_ratio"] = round(result["payload"]["float16"] / result["payload"]["float32"], 4)
         result["infer_under_training"] = _latency_under_training(servers["site-a"].url, "case_009", n, bg_epochs)
     finally:
