@@ -156,6 +156,7 @@ class TrainConfig(_Strict):
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     num_threads: int = Field(0, ge=0, description="torch CPU threads in the training process; 0 = torch default")
+    nice: int = Field(10, ge=0, le=19, description="CPU niceness of the training process, so inference stays fast")
 
 
 class ValidationConfig(_Strict):

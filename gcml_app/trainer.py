@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -342,6 +343,10 @@ class GCMLTrain(TrainTask):
 
     def __call__(self, request: dict[str, Any], datastore: Datastore) -> dict[str, Any]:
         mode, epochs = self._parse(request)
+        # This is MONAI Label's training subprocess: yield the CPU to the server's inference requests.
+        lower = self.cfg.train.nice - os.nice(0)
+        if lower > 0:
+            os.nice(lower)
         start = time.time()
         served = self.store.served()
         base = {"start_ts": int(start), "mode": mode,

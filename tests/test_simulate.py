@@ -180,5 +180,6 @@ def test_bench_quick_writes_every_key(tmp_path, capsys):
     assert r["payload"]["float16"] < 0.55 * r["payload"]["float32"]
     assert r["infer"]["gcml_seg"]["n"] == r["infer"]["stock"]["n"] == 3 and r["infer"]["ratio_median"] > 0
     assert r["infer_under_training"]["training"]["n"] >= 3 and r["infer_under_training"]["p95_ratio"] > 0
-    assert r["dcml_step"]["ratio"] > 1.0
+    assert set(r["dcml_step"]) == {"site", "unet_16_128_roi_64"}
+    assert all(v["ratio"] > 1.0 for v in r["dcml_step"].values())
     assert "DCML step vs supervised step" in capsys.readouterr().out

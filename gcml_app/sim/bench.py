@@ -2,7 +2,8 @@
 
 - ``infer``: latency of ``gcml_seg`` vs a stock MONAI Label ``BasicInferTask`` with the same network,
   weights, transforms and volume, in one process, interleaved (target overhead <= 5%);
-- ``dcml_step``: a DCML step vs a single-model supervised step on the same batch (target <= 2.1x);
+- ``dcml_step``: a DCML step vs a single-model supervised step on the same batch (target <= 2.1x), for
+  the site's network and for a larger UNet (16..128 channels) on 64^3 crops;
 - ``gossip_round``: a real round between two servers on loopback, wall seconds split into fetch,
   verify, load, train, validate and publish, plus the peak memory (RSS) of the training process;
 - ``payload``: bytes of the served model as float32 and float16 transport;
@@ -15,6 +16,7 @@ Ratios are measured in the same run on the same machine; absolute times vary wit
 from __future__ import annotations
 
 import json
+import shutil
 import statistics
 import threading
 import time
@@ -127,6 +129,13 @@ def _latency_under_training(url: str, case: str, n: int, epochs: int) -> dict[st
             "p50_ratio": round(_pct(busy, 0.5) / _pct(idle, 0.5), 3), "target_p95_ratio": 1.5}
 
 
+def _step(cfg, repeats: int) -> dict[str, Any]:
+    cost = step_cost(cfg, repeats=repeats)
+    return {"dcml_s": round(cost["dcml_s"], 4), "supervised_s": round(cost["supervised_s"], 4),
+            "ratio": round(cost["ratio"], 3), "target_ratio": 2.1, "network": cfg.network.model_dump(mode="json"),
+            "roi_size": list(cfg.roi_size), "params": sum(p.numel() for p in build_network(cfg).parameters())}
+
+
 def bench(out: str | Path, quick: bool = False) -> dict[str, Any]:
     """Run every measurement (``quick``: tiny budgets, for tests) and write ``out/bench.json``."""
     out = Path(out).resolve()
@@ -136,6 +145,7 @@ def bench(out: str | Path, quick: bool = False) -> dict[str, Any]:
     configs = site_yamls(work, ports, warmup, gossip_epochs)
     servers = {}
     for i, s in enumerate(("site-a", "site-b")):
+        shutil.rmtree(work / s / "state", ignore_errors=True)  # every run measures from untrained sites
         studies = work / s / "studies"
         if not studies.exists():
             write_studies(studies, s[-1], cases=10, labelled=8, seed=i)
@@ -178,11 +188,12 @@ def bench(out: str | Path, quick: bool = False) -> dict[str, Any]:
             srv.stop()
     image = str(work / "site-a" / "studies" / "case_009.nii.gz")
     result["infer"] = _infer_overhead(cfg, store, image, work, repeats)
-    cost = step_cost(cfg, repeats=repeats)
-    result["dcml_step"] = {"dcml_s": round(cost["dcml_s"], 4), "supervised_s": round(cost["supervised_s"], 4),
-                           "ratio": round(cost["ratio"], 3), "target_ratio": 2.1,
-                           "network": cfg.network.model_dump(mode="json"), "roi_size": list(cfg.roi_size),
-                           "params": sum(p.numel() for p in build_network(cfg).parameters())}
+    large = cfg.model_copy(update={
+        "roi_size": (64, 64, 64),
+        "network": cfg.network.model_copy(update={"channels": (16, 32, 64, 128), "strides": (2, 2, 2)}),
+    })
+    result["dcml_step"] = {name: _step(c, repeats if name == "site" else max(2, repeats // 3))
+                           for name, c in (("site", cfg), ("unet_16_128_roi_64", large))}
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench.json").write_text(json.dumps(result, indent=1))
     return result
