@@ -47,6 +47,10 @@ class SiteClient:
     def status(self) -> dict[str, Any]:
         return self._json("GET", "/gcml/status")
 
+    def train_stats(self) -> dict[str, Any]:
+        """The ``gcml`` train task's stats from ``/info`` (progress, and ``last_round`` with its timings)."""
+        return self._json("GET", "/info/").get("train_stats", {}).get("gcml", {})
+
     def history(self, round_id: str | None = None, limit: int = 1000) -> list[dict[str, Any]]:
         return self._json("GET", "/gcml/history", params={"limit": limit, **({"round": round_id} if round_id else {})})
 
@@ -75,7 +79,7 @@ class SiteClient:
             if mine.get("status") in ("DONE", "ERROR", "STOPPED"):
                 break
             if progress and mine.get("status") == "RUNNING":
-                stats = self._json("GET", "/info/").get("train_stats", {}).get("gcml", {})
+                stats = self.train_stats()
                 if stats.get("start_ts", 0) >= started:
                     progress(stats)
             time.sleep(0.5)

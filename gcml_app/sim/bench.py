@@ -167,7 +167,7 @@ def bench(out: str | Path, quick: bool = False) -> dict[str, Any]:
         wall = time.perf_counter() - t0
         sampler.done.set()
         sampler.join()
-        timings = a._json("GET", "/info/")["train_stats"]["gcml"]["last_round"]["timings"]
+        timings = a.train_stats()["last_round"]["timings"]
         g = rec["gossip"]
         result["gossip_round"] = {
             "wall_s": round(wall, 3), "fetch_s": g["fetch_s"], "verify_s": g["verify_s"], **timings,

@@ -114,7 +114,7 @@ class GCMLFederationWidget(ScriptedLoadableModuleWidget):
             self.timer.start()
 
     def onTimer(self):
-        with slicer.util.tryWithErrorDisplay("Could not show the server's state."):
+        with slicer.util.tryWithErrorDisplay("Could not show the server's state; press Connect to retry."):
             if self.poller is None:
                 return
             self.poller.tick()
@@ -122,11 +122,15 @@ class GCMLFederationWidget(ScriptedLoadableModuleWidget):
             if got is None:
                 return
             result, error = got
-            if error is not None:
+            if error is not None:  # network trouble: shown in place, polling goes on
                 self.ui.connectionLabel.text = f"Not connected: {error}"
                 self._setActionsEnabled(False)
                 return
-            self.showState(*result)
+            try:
+                self.showState(*result)
+            except Exception:
+                self.timer.stop()  # one error dialog, not one every tick
+                raise
 
     def onSync(self):
         with slicer.util.tryWithErrorDisplay("Sync failed.", waitCursor=True):
@@ -202,8 +206,13 @@ class GCMLFederationWidget(ScriptedLoadableModuleWidget):
     def _updatePlot(self, series):
         """Validation Dice per label across versions, as Slicer plot nodes (one table, one series per label)."""
         chart = self.logic.plotNodes(series)
-        if chart is not None:
-            self.plotWidget.mrmlPlotViewNode().SetPlotChartNodeID(chart.GetID())
+        if chart is None:
+            return
+        view = self.plotWidget.mrmlPlotViewNode()
+        if view is None or slicer.mrmlScene.GetNodeByID(view.GetID()) is None:
+            view = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLPlotViewNode", "GCML validation Dice view")
+            self.plotWidget.setMRMLPlotViewNode(view)
+        view.SetPlotChartNodeID(chart.GetID())
 
 
 class GCMLFederationLogic(ScriptedLoadableModuleLogic):
