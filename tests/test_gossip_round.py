@@ -114,3 +114,12 @@ def test_labels_round_skips_cleanly_without_enough_labels(tmp_path):
     GossipState(cfg.state_dir).add_pending("case_000", 1)
     rec = labels_round(cfg, store, [])
     assert rec["event"] == "labels" and rec["outcome"] == "skipped" and "not enough labels" in rec["reason"]
+
+
+def test_a_round_without_training_leaves_pending_labels_pending(tmp_path, partner):
+    cfg, store = _site(tmp_path, [_peer(partner.url)], adopt_when_unlabelled=False)
+    state = GossipState(cfg.state_dir)
+    state.add_pending("case_000", 5)
+    state.add_pending("case_001", 5)
+    rec = gossip_round(cfg, store, [{"id": "case_000", "image": "x", "label": "y"}])
+    assert rec["outcome"] == "skipped" and state.pending() == ["case_000", "case_001"]

@@ -138,12 +138,12 @@ def gossip_round(
         if unknown:
             raise ValueError(f"sync request: found peers {unknown}; expected configured partners {names}")
     state = GossipState(cfg.state_dir)
-    state.learned(c["id"] for c in cases)
     served = store.served()
     enough, n_train, n_val = _split_ok(cfg, cases)
 
     if enough and served is None:
         logger.info(f"gossip[{cfg.site}] no model yet: local warm-up round of {cfg.gossip.warmup_epochs} epochs")
+        state.learned(c["id"] for c in cases)
         return run_round(cfg, store, cases, epochs=cfg.gossip.warmup_epochs, progress=progress,
                          extra={**base, "stage": "warmup"})
     adopting = not enough
@@ -187,6 +187,7 @@ def gossip_round(
         logger.info(f"gossip[{cfg.site}] adopted {name} v{man.version} as v{man_.version} (unvalidated)")
         return store.history()[-1]
 
+    state.learned(c["id"] for c in cases)  # only a round that trains learns from the pending labels
     record = run_round(cfg, store, cases, epochs=epochs or cfg.gossip.epochs, incoming=path, progress=progress,
                        origin=origin, extra={**base, "gossip": gossip})
     means = record.get("mean", {})
@@ -207,15 +208,16 @@ def labels_round(
 ) -> dict[str, Any]:
     """The round new labels trigger: DCML with the last partner model we pulled, else supervised."""
     state = GossipState(cfg.state_dir)
-    state.learned(c["id"] for c in cases)
     extra = {"trigger": "labels", "round_id": round_id or uuid.uuid4().hex[:12]}
     enough, n_train, n_val = _split_ok(cfg, cases)
     if not enough:
+        state.learned([])  # re-arm the trigger: the next label tries again
         return store.record("labels", outcome="skipped", **extra,
                             reason=f"not enough labels to validate yet ({n_train} train, {n_val} validation)")
     names = [p.name for p in cfg.gossip.peers]
     cached = [state.cached_model(n) for n in names if state.cached_model(n).exists()]
     latest = max(cached, key=lambda p: p.stat().st_mtime) if cached else None
+    state.learned(c["id"] for c in cases)
     epochs = epochs or cfg.finetune.epochs or cfg.train.epochs
     if latest is None:
         return run_round(cfg, store, cases, epochs=epochs, progress=progress, extra=extra)
