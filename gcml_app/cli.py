@@ -8,6 +8,7 @@
     gcml dcml-compare [--out dcml-compare --rounds 4 --epochs 5 --styles a,b]
     gcml simulate [--out gcml-simulate --sites 3 --rounds 5 --methods local,fedavg,gml,gcml,pooled --data DIR]
     gcml bench [--out gcml-bench --quick]
+    gcml token new --peer site-b [--id site-b-2026q4]     a partner token, printed once, and its hash
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from pathlib import Path
 
 from gcml_app.config import ConfigError, load_config
@@ -134,6 +136,22 @@ def _simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _token_new(args: argparse.Namespace) -> int:
+    import secrets
+
+    from gcml_app.gossip.guard import hash_token
+
+    token = secrets.token_urlsafe(32)
+    token_id = args.id or f"{args.peer}-{time.strftime('%Y%m%d')}"
+    print(f"New token for partner {args.peer} (shown once; give it to {args.peer} over a secure channel):")
+    print(f"  {token}")
+    print(f"{args.peer} puts it in its YAML as gossip.peers[].token_env (an environment variable holding it).")
+    print("You add this line under security.peer_tokens in your site YAML (the server re-reads it, no restart):")
+    print(f"  - {{id: {token_id}, peer: {args.peer}, sha256: {hash_token(token)}}}")
+    print("To rotate: keep the old line until the partner uses the new token, then delete the old line.")
+    return 0
+
+
 def _bench(args: argparse.Namespace) -> int:
     from gcml_app.sim.bench import bench
 
@@ -166,6 +184,14 @@ def _dcml_compare(args: argparse.Namespace) -> int:
               f"= {c['ratio']:.2f}x")
     print(f"wrote {args.out}/compare.json, compare.csv, compare.png")
     return 0
+
+
+def _site_name(v: str) -> str:
+    from gcml_app.config import _NAME
+
+    if not _NAME.match(v):
+        raise argparse.ArgumentTypeError(f"found {v!r}; expected 1-64 characters of letters, digits, '.', '_' or '-'")
+    return v
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -222,6 +248,13 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--transport", default="float32", choices=["float32", "float16"])
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=_simulate)
+
+    s = sub.add_parser("token", help="partner tokens")
+    tok = s.add_subparsers(dest="token_cmd", required=True)
+    s = tok.add_parser("new", help="make a token for a partner: print it once, and the hash for your YAML")
+    s.add_argument("--peer", required=True, type=_site_name, help="the partner's site name")
+    s.add_argument("--id", default=None, type=_site_name, help="token id for the audit log (default: PEER-YYYYMMDD)")
+    s.set_defaults(func=_token_new)
 
     s = sub.add_parser("bench", help="latency, step cost, round split, payload and memory -> bench.json")
     s.add_argument("--out", default="gcml-bench")

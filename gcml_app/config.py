@@ -256,11 +256,22 @@ class GossipConfig(_Strict):
 
 
 class PeerTokenConfig(_Strict):
-    """A token a partner presents to us: its sha256 (hex) or an environment variable holding the token."""
+    """A token a partner presents to us: its sha256 (hex) or an environment variable holding the token.
+
+    ``id`` names the token (it appears in the audit log); ``peer`` is the partner it belongs to
+    (default: the id). Several tokens of one partner may be valid at once, for rotation: add the new
+    one, let the partner switch, remove the old one. The server re-reads ``security`` when the YAML
+    changes, so adding or revoking a token needs no restart (``gcml token new`` makes one).
+    """
 
     id: SiteName
+    peer: SiteName | None = None
     sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$")
     env: str | None = None
+
+    @property
+    def partner(self) -> str:
+        return self.peer or self.id
 
     @model_validator(mode="after")
     def _one(self) -> PeerTokenConfig:

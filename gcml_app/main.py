@@ -14,6 +14,7 @@ import threading
 import time
 import uuid
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 from monailabel.config import settings
@@ -27,6 +28,7 @@ from monailabel.tasks.activelearning.random import Random
 import gcml_app
 from gcml_app.config import CONFIG_ENV, load_config
 from gcml_app.datastore import GCMLDatastore
+from gcml_app.gossip.audit import AuditLog
 from gcml_app.gossip.peers import PeerBook
 from gcml_app.gossip.scheduler import Scheduler
 from gcml_app.gossip.state import GossipState
@@ -51,9 +53,12 @@ class GCMLApp(MONAILabelApp):
     """
 
     def __init__(self, app_dir: str, studies: str, conf: dict[str, Any]):
-        self.cfg = load_config(conf.get("gcml_config") or os.environ.get(CONFIG_ENV))
+        path = conf.get("gcml_config") or os.environ.get(CONFIG_ENV)
+        self.cfg = load_config(path)  # without a path: the error says how to give one
+        self.config_path = Path(path)  # re-read for security settings when it changes (gcml_app.server)
         self.store = ModelStore(self.cfg.state_dir / "models")
         self.gossip_state = GossipState(self.cfg.state_dir)
+        self.audit = AuditLog(self.cfg.state_dir / "audit.jsonl")
         self.scheduler: Scheduler | None = None
         self._start_lock = threading.Lock()
         super().__init__(

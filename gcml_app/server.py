@@ -11,12 +11,14 @@ plus:
 from __future__ import annotations
 
 import logging
+import threading
 
 from fastapi import Request
 from fastapi.responses import JSONResponse
 from monailabel.app import app
 from monailabel.interfaces.utils.app import app_instance
 
+from gcml_app.config import ConfigError, load_config
 from gcml_app.errors import LabelRejected, NoPublishedModel, NotEnoughLabels
 from gcml_app.gossip.guard import Guard, GuardMiddleware
 from gcml_app.gossip.routes import router
@@ -41,16 +43,42 @@ for _exc, _status in _STATUS.items():
     app.add_exception_handler(_exc, _handler(_status))
 
 
-_guards: dict[int, Guard] = {}
+class _Security:
+    """The guard of the running site, rebuilt when its YAML changes (token rotation and revocation
+    without a restart). Only ``security`` is re-read; a YAML that no longer validates keeps the
+    previous guard and logs why."""
+
+    def __init__(self):
+        self.guard: Guard | None = None
+        self.stamp: object = None
+        self.lock = threading.Lock()
+
+    def __call__(self) -> Guard:
+        site = app_instance()
+        try:
+            stat = site.config_path.stat()
+            stamp = (stat.st_mtime_ns, stat.st_size)
+        except OSError:
+            stamp = None
+        if self.guard is not None and stamp == self.stamp:
+            return self.guard
+        with self.lock:
+            if self.guard is None:
+                self.guard = Guard(site.cfg.security)
+            elif stamp != self.stamp:
+                try:
+                    self.guard = Guard(load_config(site.config_path).security)
+                    logger.info(f"security settings re-read from {site.config_path}: "
+                                f"{len(self.guard.tokens)} partner tokens")
+                except ConfigError as e:
+                    logger.error(f"security settings NOT re-read (keeping the previous ones): {e}")
+            self.stamp = stamp
+        return self.guard
 
 
-def _guard() -> Guard:
-    """The guard for the running app's config (built on first use, after MONAI Label's start-up)."""
-    cfg = app_instance().cfg
-    if id(cfg) not in _guards:
-        _guards[id(cfg)] = Guard(cfg.security)
-    return _guards[id(cfg)]
+def _audit(entry: dict) -> None:
+    app_instance().audit.write("request", **entry)
 
 
 app.include_router(router)
-app.add_middleware(GuardMiddleware, guard=_guard)
+app.add_middleware(GuardMiddleware, guard=_Security(), audit=_audit)

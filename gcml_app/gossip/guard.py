@@ -53,6 +53,7 @@ class Verdict:
     status: int
     reason: str = ""
     peer: str | None = None
+    token_id: str | None = None
 
 
 class Guard:
@@ -66,25 +67,30 @@ class Guard:
     def __init__(self, security: SecurityConfig, env: dict[str, str] | None = None):
         env = os.environ if env is None else env
         self.networks = [ipaddress.ip_network(n, strict=False) for n in security.annotation_networks]
-        self.tokens: list[tuple[str, bytes]] = []
+        self.tokens: list[tuple[str, str, bytes]] = []  # (partner, token id, sha256 digest)
         for t in security.peer_tokens:
             if t.sha256:
-                self.tokens.append((t.id, bytes.fromhex(t.sha256)))
+                self.tokens.append((t.partner, t.id, bytes.fromhex(t.sha256)))
             elif env.get(t.env or ""):
-                self.tokens.append((t.id, bytes.fromhex(hash_token(env[t.env]))))
+                self.tokens.append((t.partner, t.id, bytes.fromhex(hash_token(env[t.env]))))
             else:
                 logger.warning(f"peer token {t.id!r}: environment variable {t.env} is not set; that partner cannot pull")
 
-    def peer_of(self, token: str | None) -> str | None:
-        """The id of the partner whose token this is, or ``None``."""
+    def identify(self, token: str | None) -> tuple[str, str] | None:
+        """``(partner, token id)`` of a valid token, else ``None``; every known token is compared."""
         if not token:
             return None
         digest = hashlib.sha256(token.encode()).digest()
         found = None
-        for peer, known in self.tokens:
+        for peer, token_id, known in self.tokens:
             if hmac.compare_digest(digest, known) and found is None:
-                found = peer
+                found = (peer, token_id)
         return found
+
+    def peer_of(self, token: str | None) -> str | None:
+        """The partner whose token this is, or ``None``."""
+        who = self.identify(token)
+        return who[0] if who else None
 
     def inside(self, host: str | None) -> bool:
         try:
@@ -100,7 +106,8 @@ class Guard:
         token = None
         if authorization and authorization[:7].lower() == "bearer ":
             token = authorization[7:].strip() or None
-        peer = self.peer_of(token)
+        who = self.identify(token)
+        peer, token_id = who if who else (None, None)
         if method in ("PUT", "DELETE") and (path == "/model" or path.startswith("/model/")):
             return Verdict(403, "models change only through the validation gate; uploads to /model are refused")
         if path in PEER_PATHS:
@@ -108,25 +115,35 @@ class Guard:
                 return Verdict(401, "a partner token is required (Authorization: Bearer <token>)")
             if peer is None:
                 return Verdict(403, "unknown partner token")
-            return Verdict(0, peer=peer)
+            return Verdict(0, peer=peer, token_id=token_id)
         if peer is not None:
-            return Verdict(403, "partner tokens reach only /gcml/peer/*", peer=peer)
+            return Verdict(403, "partner tokens reach only /gcml/peer/*", peer=peer, token_id=token_id)
         if not self.inside(client):
             return Verdict(403, "only /gcml/peer/* is reachable from outside the annotation network")
         return Verdict(0)
 
 
 class GuardMiddleware:
-    """ASGI middleware applying a :class:`Guard` to every HTTP request.
+    """ASGI middleware applying a :class:`Guard` to every HTTP request, and auditing the partner link.
 
     Args:
         app: the wrapped ASGI app.
-        guard: a callable returning the current :class:`Guard` (built once the site config is loaded).
+        guard: a callable returning the current :class:`Guard` (re-built when the site YAML changes).
+        audit: called with one dict per request to ``/gcml/peer/*`` and per refused request.
     """
 
-    def __init__(self, app: Any, guard: Callable[[], Guard]):
+    def __init__(self, app: Any, guard: Callable[[], Guard], audit: Callable[[dict[str, Any]], None] | None = None):
         self.app = app
         self.guard = guard
+        self.audit = audit
+
+    def _audit(self, entry: dict[str, Any]) -> None:
+        if self.audit is None:
+            return
+        try:
+            self.audit(entry)
+        except Exception:  # the request was answered; only its audit line is lost, and we say so
+            logger.exception(f"audit: could not record {entry}")
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         if scope["type"] != "http":
@@ -138,9 +155,29 @@ class GuardMiddleware:
         except Exception:  # a guard that cannot decide refuses
             logger.exception("guard failed; refusing the request")
             verdict = Verdict(503, "access control is not ready")
+        entry = {"client": client, "peer": verdict.peer or "anonymous", "token_id": verdict.token_id,
+                 "method": scope["method"], "path": scope["path"]}
         if verdict.status == 0:
             scope.setdefault("state", {})["gcml_peer"] = verdict.peer
-            return await self.app(scope, receive, send)
+            if scope["path"] not in PEER_PATHS:
+                return await self.app(scope, receive, send)
+            seen = {"status": None, "bytes": 0, "sha256": None}
+
+            async def watch(msg: dict) -> None:
+                if msg["type"] == "http.response.start":
+                    seen["status"] = msg["status"]
+                    for k, v in msg.get("headers", []):
+                        if k.lower() == b"etag":
+                            seen["sha256"] = v.decode("latin-1").strip('"')
+                elif msg["type"] == "http.response.body":
+                    seen["bytes"] += len(msg.get("body", b""))
+                await send(msg)
+
+            try:
+                await self.app(scope, receive, watch)
+            finally:
+                self._audit({**entry, **seen})
+            return
         logger.warning(f"guard: {verdict.status} {scope['method']} {scope['path']} from {client}: {verdict.reason}")
         body = json.dumps({"detail": verdict.reason}).encode()
         extra = [(b"www-authenticate", b'Bearer realm="gcml-peer"')] if verdict.status == 401 else []
@@ -148,3 +185,4 @@ class GuardMiddleware:
                     "headers": [(b"content-type", b"application/json"),
                                 (b"content-length", str(len(body)).encode()), *extra]})
         await send({"type": "http.response.body", "body": body})
+        self._audit({**entry, "status": verdict.status, "bytes": len(body), "sha256": None, "reason": verdict.reason})

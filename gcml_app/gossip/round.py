@@ -27,6 +27,7 @@ from typing import Any
 
 from gcml_app.config import SiteConfig
 from gcml_app.errors import NothingToShare, PayloadRejected, PeerUnavailable
+from gcml_app.gossip.audit import AuditLog
 from gcml_app.gossip.client import PeerClient, PeerManifest, Pulled
 from gcml_app.gossip.payload import our_arch
 from gcml_app.gossip.peers import PeerBook, order_peers
@@ -48,12 +49,14 @@ def _split_ok(cfg: SiteConfig, cases: list[dict[str, str]]) -> tuple[bool, int, 
 def _pull(
     cfg: SiteConfig, order: list[str], book: PeerBook, state: GossipState, ours: str, validated_only: bool
 ) -> tuple[tuple[str, PeerManifest, Pulled, Path] | None, list[dict[str, Any]]]:
-    """Ask partners in ``order`` until one gives a new model that passes every check."""
+    """Ask partners in ``order`` until one gives a new model that passes every check (each try audited)."""
     peers = {p.name: p for p in cfg.gossip.peers}
     attempts: list[dict[str, Any]] = []
+    audit = AuditLog(cfg.state_dir / "audit.jsonl")
     for name in order:
         client = PeerClient(peers[name], cfg.gossip)
         t0 = time.perf_counter()
+        man = None
         try:
             man = client.manifest()
             held = book.get(name).last_sha256
@@ -96,6 +99,10 @@ def _pull(
         finally:
             client.close()
             book.save()
+            last = attempts[-1] if attempts and attempts[-1]["peer"] == name else {}
+            audit.write("pull", peer=name, url=peers[name].url, verdict=last.get("outcome", "error"),
+                        reason=last.get("reason", ""), version=man.version if man else None,
+                        sha256=man.sha256 if man else None, bytes=last.get("bytes", 0))
     return None, attempts
 
 

@@ -11,6 +11,7 @@ Internal surface (annotation network only):
 
 - ``GET /gcml/status``: served model, gossip state, partners, pending labels, running round;
 - ``GET /gcml/history?limit=N&round=ID``: decisions, newest last;
+- ``GET /gcml/audit?limit=N``: the audit trail (:mod:`.audit`);
 - ``POST /gcml/sync`` (body ``{"peers": [...], "epochs": N}``, both optional): start a gossip round;
 - ``POST /gcml/pause`` / ``POST /gcml/resume``: stop / restart scheduled rounds (survives restarts);
 - ``POST /gcml/rollback/{version}``: serve an earlier version again.
@@ -102,6 +103,11 @@ def history(limit: int = Query(50, ge=1, le=10_000), round: str | None = None) -
     if round is not None:
         records = [r for r in records if r.get("round_id") == round]
     return records[-limit:]
+
+
+@router.get("/audit", summary="The partner link's audit trail (requests to the peer surface, refusals, pulls)")
+def audit(limit: int = Query(100, ge=1, le=10_000)) -> list[dict[str, Any]]:
+    return _site().audit.tail(limit)
 
 
 @router.post("/sync", status_code=202, summary="Start a gossip round now")
