@@ -290,6 +290,9 @@ class SecurityConfig(_Strict):
 
     annotation_networks: tuple[str, ...] = ("127.0.0.0/8", "::1/128")
     peer_tokens: tuple[PeerTokenConfig, ...] = ()
+    max_failed_auth: int = Field(10, ge=1, description="failed partner-token attempts per client address ...")
+    failed_auth_window_s: float = Field(300.0, gt=0.0, description="... within this window, then 429")
+    allow_insecure: bool = Field(False, description="start even with the insecure settings listed in the docs")
 
     @field_validator("annotation_networks")
     @classmethod
@@ -300,6 +303,12 @@ class SecurityConfig(_Strict):
             except ValueError:
                 raise ValueError(f"found {net!r}; expected a CIDR such as 10.1.0.0/16") from None
         return v
+
+    def insecure(self) -> list[str]:
+        """Settings that would expose the site: an annotation network that covers every address."""
+        wide = [n for n in self.annotation_networks if ipaddress.ip_network(n, strict=False).prefixlen == 0]
+        return [f"security.annotation_networks: found {wide}; everyone could download images, labels and the "
+                "dataset zip; expected the annotation network's own CIDRs"] if wide else []
 
 
 class FinetuneConfig(_Strict):
@@ -370,6 +379,26 @@ class SiteConfig(_Strict):
                 f"the total downsampling of network {self.network.name}"
             )
         return self
+
+    @model_validator(mode="after")
+    def _secure(self) -> SiteConfig:
+        problems = self.insecure_settings()
+        if problems and not self.security.allow_insecure:
+            raise ValueError("; ".join(problems) + " (or set security.allow_insecure: true to start anyway)")
+        return self
+
+    def insecure_settings(self) -> list[str]:
+        """What would expose patient data or partner tokens; each refuses start-up unless allowed."""
+        problems = self.security.insecure()
+        for i, peer in enumerate(self.gossip.peers):
+            host = re.sub(r"^http://\[?([^/\]]*?)\]?(:\d+)?(/.*)?$", r"\1", peer.url)
+            if peer.url.startswith("http://") and host not in ("127.0.0.1", "localhost", "::1"):
+                problems.append(f"gossip.peers.{i}.url: found {peer.url!r}; tokens and weights would cross the "
+                                "network unencrypted; expected https://")
+        if self.serve.host in ("0.0.0.0", "::", "") and not self.security.peer_tokens:
+            problems.append(f"serve.host: found {self.serve.host!r} (every interface) with no partner tokens; "
+                            "expected the annotation network's address")
+        return problems
 
     @property
     def out_channels(self) -> int:

@@ -6,6 +6,7 @@ from gcml_app.labels import LabelRejected
 
 __all__ = [
     "GCMLError",
+    "ImageRejected",
     "IncomingModelRejected",
     "LabelRejected",
     "NoPublishedModel",
@@ -19,6 +20,10 @@ __all__ = [
 
 class GCMLError(RuntimeError):
     """Base of the app's own runtime errors."""
+
+
+class ImageRejected(GCMLError):
+    """An inference request named an image that is not in this site's datastore (e.g. a server path)."""
 
 
 class NoPublishedModel(GCMLError):

@@ -28,6 +28,7 @@ from monailabel.tasks.activelearning.random import Random
 import gcml_app
 from gcml_app.config import CONFIG_ENV, load_config
 from gcml_app.datastore import GCMLDatastore
+from gcml_app.errors import ImageRejected
 from gcml_app.gossip.audit import AuditLog
 from gcml_app.gossip.peers import PeerBook
 from gcml_app.gossip.scheduler import Scheduler
@@ -56,6 +57,8 @@ class GCMLApp(MONAILabelApp):
         path = conf.get("gcml_config") or os.environ.get(CONFIG_ENV)
         self.cfg = load_config(path)  # without a path: the error says how to give one
         self.config_path = Path(path)  # re-read for security settings when it changes (gcml_app.server)
+        for problem in self.cfg.insecure_settings():  # only reached with security.allow_insecure: true
+            logger.warning(f"INSECURE setting allowed by security.allow_insecure: {problem}")
         self.store = ModelStore(self.cfg.state_dir / "models")
         self.gossip_state = GossipState(self.cfg.state_dir)
         self.audit = AuditLog(self.cfg.state_dir / "audit.jsonl")
@@ -88,6 +91,22 @@ class GCMLApp(MONAILabelApp):
 
     def init_strategies(self) -> dict[str, Strategy]:
         return {"random": Random(), "first": First()}
+
+    def infer(self, request, datastore=None):
+        """Inference on datastore images (or a Slicer upload session) only.
+
+        Stock MONAI Label also accepts any path on the server's disk as ``image``; an annotation
+        client must not make the server read files outside the studies folder.
+
+        Raises:
+            ImageRejected: ``image`` is neither a datastore id nor a file of an upload session.
+        """
+        image = request.get("image")
+        if isinstance(image, str) and not (datastore or self.datastore()).get_image_uri(image):
+            sessions = getattr(self._sessions, "store_path", None)
+            if not (sessions and Path(image).resolve().is_relative_to(Path(sessions).resolve())):
+                raise ImageRejected(f"image {image!r} is not in this site's datastore; expected a datastore image id")
+        return super().infer(request, datastore)
 
     # ---------------------------------------------------------------- gossip triggers (server process)
     def start_round(self, mode: str, trigger: str, enqueue: bool = False, **params: Any) -> tuple[dict | None, str]:

@@ -19,8 +19,8 @@ from monailabel.app import app
 from monailabel.interfaces.utils.app import app_instance
 
 from gcml_app.config import ConfigError, load_config
-from gcml_app.errors import LabelRejected, NoPublishedModel, NotEnoughLabels
-from gcml_app.gossip.guard import Guard, GuardMiddleware
+from gcml_app.errors import ImageRejected, LabelRejected, NoPublishedModel, NotEnoughLabels
+from gcml_app.gossip.guard import FailureLimiter, Guard, GuardMiddleware
 from gcml_app.gossip.routes import router
 from gcml_app.store import StoreError
 
@@ -28,7 +28,7 @@ __all__ = ["app"]
 
 logger = logging.getLogger(__name__)
 
-_STATUS = {LabelRejected: 422, NoPublishedModel: 409, NotEnoughLabels: 409, StoreError: 500}
+_STATUS = {LabelRejected: 422, ImageRejected: 422, NoPublishedModel: 409, NotEnoughLabels: 409, StoreError: 500}
 
 
 def _handler(status: int):
@@ -52,6 +52,7 @@ class _Security:
         self.guard: Guard | None = None
         self.stamp: object = None
         self.lock = threading.Lock()
+        self.limiter = FailureLimiter()  # failed-token counts survive a re-read
 
     def __call__(self) -> Guard:
         site = app_instance()
@@ -64,10 +65,10 @@ class _Security:
             return self.guard
         with self.lock:
             if self.guard is None:
-                self.guard = Guard(site.cfg.security)
+                self.guard = Guard(site.cfg.security, limiter=self.limiter)
             elif stamp != self.stamp:
                 try:
-                    self.guard = Guard(load_config(site.config_path).security)
+                    self.guard = Guard(load_config(site.config_path).security, limiter=self.limiter)
                     logger.info(f"security settings re-read from {site.config_path}: "
                                 f"{len(self.guard.tokens)} partner tokens")
                 except ConfigError as e:

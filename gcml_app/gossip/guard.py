@@ -9,6 +9,8 @@ request                                     answer
 ``PUT``/``DELETE /model/...`` (anyone)      403: models change only through the gate
 ``/gcml/peer/*`` without a token            401
 ``/gcml/peer/*`` with an unknown token      403
+``/gcml/peer/*`` after too many of those    429 (``security.max_failed_auth`` per client address
+                                            within ``failed_auth_window_s``), ``Retry-After``
 ``/gcml/peer/*`` with a partner's token     passed on (from any network)
 anything else with a partner's token        403: partner tokens reach only ``/gcml/peer/*``
 anything else from outside the annotation   403
@@ -28,13 +30,15 @@ import ipaddress
 import json
 import logging
 import os
+import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from gcml_app.config import SecurityConfig
 
-__all__ = ["PEER_PATHS", "Guard", "GuardMiddleware", "Verdict", "hash_token"]
+__all__ = ["PEER_PATHS", "FailureLimiter", "Guard", "GuardMiddleware", "Verdict", "hash_token"]
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +58,33 @@ class Verdict:
     reason: str = ""
     peer: str | None = None
     token_id: str | None = None
+    retry_after: int | None = None
+
+
+class FailureLimiter:
+    """Failed partner-token attempts per client address in a sliding window (kept across guard rebuilds)."""
+
+    def __init__(self):
+        self._fails: dict[str, list[float]] = {}
+        self._lock = threading.Lock()
+
+    def _recent(self, client: str, now: float, window: float) -> list[float]:
+        kept = [t for t in self._fails.get(client, []) if now - t < window]
+        if kept:
+            self._fails[client] = kept
+        else:
+            self._fails.pop(client, None)
+        return kept
+
+    def retry_after(self, client: str, limit: int, window: float, now: float) -> int | None:
+        """Seconds until ``client`` may try again, or ``None`` if it is not blocked."""
+        with self._lock:
+            recent = self._recent(client, now, window)
+            return max(1, int(recent[-limit] + window - now) + 1) if len(recent) >= limit else None
+
+    def fail(self, client: str, now: float) -> None:
+        with self._lock:
+            self._fails.setdefault(client, []).append(now)
 
 
 class Guard:
@@ -64,8 +95,11 @@ class Guard:
         env: where ``peer_tokens[].env`` tokens are read (default ``os.environ``).
     """
 
-    def __init__(self, security: SecurityConfig, env: dict[str, str] | None = None):
+    def __init__(self, security: SecurityConfig, env: dict[str, str] | None = None,
+                 limiter: FailureLimiter | None = None):
         env = os.environ if env is None else env
+        self.security = security
+        self.limiter = limiter or FailureLimiter()
         self.networks = [ipaddress.ip_network(n, strict=False) for n in security.annotation_networks]
         self.tokens: list[tuple[str, str, bytes]] = []  # (partner, token id, sha256 digest)
         for t in security.peer_tokens:
@@ -101,8 +135,10 @@ class Guard:
             ip = ip.ipv4_mapped
         return any(ip in net for net in self.networks)
 
-    def check(self, method: str, path: str, client: str | None, authorization: str | None) -> Verdict:
+    def check(self, method: str, path: str, client: str | None, authorization: str | None,
+              now: float | None = None) -> Verdict:
         """Decide one request; see the module table."""
+        now = time.monotonic() if now is None else now
         token = None
         if authorization and authorization[:7].lower() == "bearer ":
             token = authorization[7:].strip() or None
@@ -111,9 +147,17 @@ class Guard:
         if method in ("PUT", "DELETE") and (path == "/model" or path.startswith("/model/")):
             return Verdict(403, "models change only through the validation gate; uploads to /model are refused")
         if path in PEER_PATHS:
+            source = client or "unknown"
+            sec = self.security
+            wait = self.limiter.retry_after(source, sec.max_failed_auth, sec.failed_auth_window_s, now)
+            if wait is not None:
+                return Verdict(429, f"too many failed partner-token attempts from {source}; retry in {wait} s",
+                               retry_after=wait)
             if token is None:
+                self.limiter.fail(source, now)
                 return Verdict(401, "a partner token is required (Authorization: Bearer <token>)")
             if peer is None:
+                self.limiter.fail(source, now)
                 return Verdict(403, "unknown partner token")
             return Verdict(0, peer=peer, token_id=token_id)
         if peer is not None:
@@ -181,6 +225,8 @@ class GuardMiddleware:
         logger.warning(f"guard: {verdict.status} {scope['method']} {scope['path']} from {client}: {verdict.reason}")
         body = json.dumps({"detail": verdict.reason}).encode()
         extra = [(b"www-authenticate", b'Bearer realm="gcml-peer"')] if verdict.status == 401 else []
+        if verdict.retry_after:
+            extra.append((b"retry-after", str(verdict.retry_after).encode()))
         await send({"type": "http.response.start", "status": verdict.status,
                     "headers": [(b"content-type", b"application/json"),
                                 (b"content-length", str(len(body)).encode()), *extra]})
