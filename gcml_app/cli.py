@@ -9,6 +9,7 @@
     gcml simulate [--out gcml-simulate --sites 3 --rounds 5 --methods local,fedavg,gml,gcml,pooled --data DIR]
     gcml bench [--out gcml-bench --quick]
     gcml token new --peer site-b [--id site-b-2026q4]     a partner token, printed once, and its hash
+    gcml certs --out pki --sites site-a,site-b,site-c     a trial CA and site certificates (mutual TLS)
 """
 
 from __future__ import annotations
@@ -69,7 +70,7 @@ def _sync(args: argparse.Namespace) -> int:
     from gcml_app.site_client import RoundFailed, SiteClient
 
     cfg = load_config(args.config)
-    site = SiteClient(args.server or cfg.serve.url)
+    site = SiteClient.for_site(cfg, args.server)
     try:
         task = site.sync(peers=args.peer)
         record = site.wait(task, timeout=args.timeout)
@@ -133,6 +134,17 @@ def _simulate(args: argparse.Namespace) -> int:
         print(f"  {m:<8} " + " ".join(f"{row['per_site'][n]:>8.3f}" for n in names)
               + f" {row['final_mean']:>7.3f} {row['final_worst']:>7.3f} {row['total_bytes'] / 1e6:>9.2f}")
     print(f"wrote {out}/results.json, results.csv, dice_vs_round.png, dice_vs_bytes.png ({res['seconds']:.0f} s)")
+    return 0
+
+
+def _certs(args: argparse.Namespace) -> int:
+    from gcml_app.certs import write_trial_pki
+
+    sites = args.sites.split(",")
+    paths = write_trial_pki(args.out, sites, args.hosts.split(","))
+    print(f"trial CA {paths['ca']} (keep ca.key offline); for each site <site>.pem and <site>.key in {args.out}:")
+    print("  serve: {tls: {certfile: <site>.pem, keyfile: <site>.key, ca_certs: ca.pem, client_certs: required}}")
+    print("  gossip: {ca_bundle: ca.pem, client_cert: <site>.pem, client_key: <site>.key}")
     return 0
 
 
@@ -248,6 +260,12 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--transport", default="float32", choices=["float32", "float16"])
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=_simulate)
+
+    s = sub.add_parser("certs", help="a trial CA and per-site certificates (HTTPS and mutual TLS between sites)")
+    s.add_argument("--out", required=True)
+    s.add_argument("--sites", required=True, help="comma-separated site names, e.g. site-a,site-b,site-c")
+    s.add_argument("--hosts", default="127.0.0.1,::1", help="addresses or names every certificate is valid for")
+    s.set_defaults(func=_certs)
 
     s = sub.add_parser("token", help="partner tokens")
     tok = s.add_subparsers(dest="token_cmd", required=True)

@@ -36,6 +36,7 @@ __all__ = [
     "SegResNetConfig",
     "ServeConfig",
     "SiteConfig",
+    "TLSConfig",
     "TrainConfig",
     "UNetConfig",
     "ValidationConfig",
@@ -245,6 +246,8 @@ class GossipConfig(_Strict):
     peer_backoff_s: float = Field(60.0, ge=0.0, description="first wait after a peer fails; doubles per failure")
     peer_backoff_max_s: float = Field(3600.0, ge=0.0)
     ca_bundle: Path | None = Field(None, description="CA file to verify partners' TLS certificates")
+    client_cert: Path | None = Field(None, description="our certificate for partners that require mutual TLS")
+    client_key: Path | None = None
 
     @model_validator(mode="after")
     def _unique(self) -> GossipConfig:
@@ -318,16 +321,30 @@ class FinetuneConfig(_Strict):
     epochs: int | None = Field(None, ge=1, description="epochs of that round; default train.epochs")
 
 
+class TLSConfig(_Strict):
+    """HTTPS for this site's server (``gcml certs`` makes a trial CA and site certificates).
+
+    ``client_certs: required`` is mutual TLS: every client (partners, and Slicer on the same port)
+    must present a certificate signed by ``ca_certs``; ``optional`` checks one when presented.
+    """
+
+    certfile: Path
+    keyfile: Path
+    ca_certs: Path
+    client_certs: Literal["none", "optional", "required"] = "required"
+
+
 class ServeConfig(_Strict):
     """Where this site's MONAI Label server listens (``gcml serve`` and ``gcml sync`` use it)."""
 
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
+    tls: TLSConfig | None = None
 
     @property
     def url(self) -> str:
         host = "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host
-        return f"http://{host}:{self.port}"
+        return f"{'https' if self.tls else 'http'}://{host}:{self.port}"
 
 
 class SiteConfig(_Strict):
@@ -465,7 +482,19 @@ def load_config(path: str | os.PathLike | None = None) -> SiteConfig:
         raise ConfigError(f"gcml config error in {path}:\n{lines}") from None
     if not cfg.state_dir.is_absolute():
         cfg = cfg.model_copy(update={"state_dir": (path.parent / cfg.state_dir).resolve()})
-    ca = cfg.gossip.ca_bundle
-    if ca is not None and not ca.is_absolute():
-        cfg = cfg.model_copy(update={"gossip": cfg.gossip.model_copy(update={"ca_bundle": (path.parent / ca).resolve()})})
-    return cfg
+    return _resolve_paths(cfg, path.parent)
+
+
+def _resolve_paths(cfg: SiteConfig, base: Path) -> SiteConfig:
+    """Certificate and key paths relative to the YAML's folder, made absolute."""
+
+    def fix(model, *keys):
+        upd = {k: (base / getattr(model, k)).resolve() for k in keys
+               if getattr(model, k) is not None and not getattr(model, k).is_absolute()}
+        return model.model_copy(update=upd)
+
+    gossip = fix(cfg.gossip, "ca_bundle", "client_cert", "client_key")
+    serve = cfg.serve
+    if serve.tls is not None:
+        serve = serve.model_copy(update={"tls": fix(serve.tls, "certfile", "keyfile", "ca_certs")})
+    return cfg.model_copy(update={"gossip": gossip, "serve": serve})

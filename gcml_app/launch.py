@@ -12,7 +12,9 @@ from pathlib import Path
 
 import requests
 
-__all__ = ["SiteServer", "app_dir", "free_port", "server_command"]
+from gcml_app.config import SiteConfig, load_config
+
+__all__ = ["SiteServer", "app_dir", "client_session", "free_port", "server_command"]
 
 
 def app_dir() -> str:
@@ -27,9 +29,13 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def server_command(config: str | os.PathLike, studies: str | os.PathLike, host: str, port: int) -> list[str]:
-    """The ``monailabel start_server`` command line for one site."""
-    return [
-        sys.executable, "-m", "monailabel.main", "start_server",
+    """The ``monailabel start_server`` command line for one site (HTTPS when the YAML has ``serve.tls``)."""
+    tls = load_config(config).serve.tls
+    entry = [sys.executable, "-m", "monailabel.main"]
+    if tls is not None:  # MONAI Label cannot require client certificates by itself: see gcml_app.serve_main
+        entry = [sys.executable, "-m", "gcml_app.serve_main", "--ssl-cert-reqs", tls.client_certs]
+    cmd = [
+        *entry, "start_server",
         "--app", app_dir(),
         "--studies", str(Path(studies).resolve()),
         "--conf", "gcml_config", str(Path(config).resolve()),
@@ -37,6 +43,20 @@ def server_command(config: str | os.PathLike, studies: str | os.PathLike, host: 
         "--port", str(port),
         "--uvicorn_app", "gcml_app.server:app",
     ]
+    if tls is not None:
+        cmd += ["--ssl_certfile", str(tls.certfile), "--ssl_keyfile", str(tls.keyfile), "--ssl_ca_certs", str(tls.ca_certs)]
+    return cmd
+
+
+def client_session(cfg: SiteConfig) -> requests.Session:
+    """A ``requests`` session for talking to this site's own server: its CA, and its certificate for mTLS."""
+    session = requests.Session()
+    tls = cfg.serve.tls
+    if tls is not None:
+        session.trust_env = False  # else REQUESTS_CA_BUNDLE would replace the site's CA
+        session.verify = str(tls.ca_certs)
+        session.cert = (str(tls.certfile), str(tls.keyfile))
+    return session
 
 
 class SiteServer:
@@ -55,8 +75,10 @@ class SiteServer:
     """
 
     def __init__(self, config, studies, host: str = "127.0.0.1", port: int | None = None, log=None):
+        cfg = load_config(config)
         self.host, self.port = host, port or free_port(host)
-        self.url = f"http://{host}:{self.port}"
+        self.url = f"{'https' if cfg.serve.tls else 'http'}://{host}:{self.port}"
+        self.session = client_session(cfg)
         self.cmd = server_command(config, studies, host, self.port)
         self.log_path = Path(log) if log else None
         self.proc: subprocess.Popen | None = None
@@ -85,7 +107,7 @@ class SiteServer:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited with code {self.proc.returncode} during start-up; see {self.log_path}")
             try:
-                if requests.get(self.url + "/info/", timeout=5).status_code == 200:
+                if self.session.get(self.url + "/info/", timeout=5).status_code == 200:
                     return self
             except requests.RequestException:
                 pass

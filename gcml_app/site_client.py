@@ -29,10 +29,17 @@ class SiteClient:
         timeout: seconds per HTTP request.
     """
 
-    def __init__(self, url: str, timeout: float = 30.0):
+    def __init__(self, url: str, timeout: float = 30.0, session: requests.Session | None = None):
         self.url = url.rstrip("/")
         self.timeout = timeout
-        self.session = requests.Session()
+        self.session = session or requests.Session()
+
+    @classmethod
+    def for_site(cls, cfg, url: str | None = None, timeout: float = 30.0) -> SiteClient:
+        """A client of the site ``cfg`` describes (its URL; its CA and certificate when it serves HTTPS)."""
+        from gcml_app.launch import client_session
+
+        return cls(url or cfg.serve.url, timeout, client_session(cfg))
 
     def _json(self, method: str, path: str, **kw: Any) -> Any:
         r = self.session.request(method, self.url + path, timeout=self.timeout, **kw)

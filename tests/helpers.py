@@ -49,7 +49,8 @@ def make_studies(root: Path, cases: int, labelled: int, style: str = "a", seed: 
 
 def write_federation(root: Path, styles: str = "abc", cases: int = 8, labelled: int = 6,
                      extra_peers: dict[str, list[dict]] | None = None,
-                     gossip_for: dict[str, dict] | None = None, **overrides) -> dict[str, dict]:
+                     gossip_for: dict[str, dict] | None = None, pki: Path | None = None,
+                     **overrides) -> dict[str, dict]:
     """Site folders for a loopback federation: every site lists every other as a partner, with tokens.
 
     Args:
@@ -57,6 +58,8 @@ def write_federation(root: Path, styles: str = "abc", cases: int = 8, labelled: 
         styles: one phantom style per site (site name ``site-<style>``).
         extra_peers: more ``gossip.peers`` entries per site name (e.g. a dead or hostile partner).
         gossip_for: more ``gossip`` keys per site name (e.g. float16 transport at one site).
+        pki: a folder from :func:`gcml_app.certs.write_trial_pki`: every site serves HTTPS with mutual
+            TLS and pulls over HTTPS with its own certificate.
         overrides: top-level YAML keys for every site (``gossip`` is merged, not replaced).
 
     Returns:
@@ -67,24 +70,33 @@ def write_federation(root: Path, styles: str = "abc", cases: int = 8, labelled: 
 
     names = [f"site-{s}" for s in styles]
     ports = {n: free_port() for n in names}
+    scheme = "https" if pki else "http"
     tokens = {(a, b): secrets.token_urlsafe(24) for a in names for b in names if a != b}
     gossip_extra = overrides.pop("gossip", {})
     sites = {}
     for style, name in zip(styles, names):
         folder = root / name
         studies, truth = make_studies(folder, cases=cases, labelled=labelled, style=style)
-        peers = [{"name": b, "url": f"http://127.0.0.1:{ports[b]}", "token": tokens[(name, b)]}
+        peers = [{"name": b, "url": f"{scheme}://127.0.0.1:{ports[b]}", "token": tokens[(name, b)]}
                  for b in names if b != name] + list((extra_peers or {}).get(name, []))
+        tls = {}
+        if pki:
+            tls = {"ca_bundle": str(pki / "ca.pem"), "client_cert": str(pki / f"{name}.pem"),
+                   "client_key": str(pki / f"{name}.key")}
+        serve = {"host": "127.0.0.1", "port": ports[name]}
+        if pki:
+            serve["tls"] = {"certfile": str(pki / f"{name}.pem"), "keyfile": str(pki / f"{name}.key"),
+                            "ca_certs": str(pki / "ca.pem"), "client_certs": "required"}
         config = write_config(
             folder, site=name, **overrides,
-            gossip={"peers": peers, "interval_s": 0, "epochs": 1, "warmup_epochs": 2,
+            gossip={"peers": peers, "interval_s": 0, "epochs": 1, "warmup_epochs": 2, **tls,
                     "connect_timeout_s": 2, "read_timeout_s": 5, "retries": 1, "backoff_factor": 0.1,
                     "peer_backoff_s": 0, **gossip_extra, **(gossip_for or {}).get(name, {})},
             security={"peer_tokens": [{"id": a, "sha256": hash_token(tokens[(a, name)])}
                                       for a in names if a != name]},
-            serve={"host": "127.0.0.1", "port": ports[name]},
+            serve=serve,
         )
         sites[name] = {"config": config, "studies": studies, "truth": truth, "port": ports[name],
-                       "url": f"http://127.0.0.1:{ports[name]}",
+                       "url": f"{scheme}://127.0.0.1:{ports[name]}",
                        "tokens": {b: tokens[(name, b)] for b in names if b != name}}
     return sites

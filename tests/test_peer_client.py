@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 import pytest
+import requests
 import torch
 from helpers import TINY
 from hostile import PAYLOAD_CASES, HostilePeer, pickle_payload
@@ -160,3 +161,21 @@ def test_safetensors_whose_length_bytes_look_like_pickle_or_zip_are_accepted(tmp
     forged = length.to_bytes(8, "little") + blob + b" " * (length - len(blob)) + data[8 + n:]
     assert forged.startswith(first_bytes)
     assert set(verify_weights(forged, cfg)) == set(st_load(data))
+
+
+def test_configured_ca_bundle_wins_over_requests_ca_bundle(tmp_path, monkeypatch):
+    """requests lets REQUESTS_CA_BUNDLE override a session's CA; the client passes its CA per request."""
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", "/nonexistent/system-bundle.pem")
+    cfg = _cfg(tmp_path, "https://127.0.0.1:1", ca_bundle=str(tmp_path / "our-ca.pem"))
+    client = PeerClient(cfg.gossip.peers[0], cfg.gossip)
+    assert client.verify == str(tmp_path / "our-ca.pem")
+    sent = {}
+
+    def fake_send(request, **kw):  # capture what requests would verify against, without a network
+        sent.update(kw)
+        raise requests.exceptions.ConnectionError("stop here")
+
+    monkeypatch.setattr(client.session, "send", fake_send)
+    with pytest.raises(PeerUnavailable):
+        client.manifest()
+    assert sent["verify"] == str(tmp_path / "our-ca.pem")

@@ -96,6 +96,8 @@ def _session(gossip: GossipConfig) -> requests.Session:
     session.mount("http://", adapter)
     session.mount("https://", adapter)
     session.verify = str(gossip.ca_bundle) if gossip.ca_bundle else True
+    if gossip.client_cert:  # mutual TLS: partners that require a client certificate get ours
+        session.cert = (str(gossip.client_cert), str(gossip.client_key)) if gossip.client_key else str(gossip.client_cert)
     session.headers["User-Agent"] = f"gcml-app/{gcml_app.__version__}"
     return session
 
@@ -113,6 +115,8 @@ class PeerClient:
         self.gossip = gossip
         self.session = _session(gossip)
         self.timeout = (gossip.connect_timeout_s, gossip.read_timeout_s)
+        # Passed with every request: requests lets REQUESTS_CA_BUNDLE override a session's CA.
+        self.verify = self.session.verify
 
     def close(self) -> None:
         self.session.close()
@@ -125,7 +129,7 @@ class PeerClient:
             raise PeerUnavailable(name, f"no token: {e.args[0]}") from None
         try:
             r = self.session.get(self.peer.url + path, timeout=self.timeout, stream=True, allow_redirects=False,
-                                 headers={"Authorization": f"Bearer {token}", **(headers or {})})
+                                 verify=self.verify, headers={"Authorization": f"Bearer {token}", **(headers or {})})
         except requests.exceptions.SSLError as e:
             raise PeerUnavailable(name, f"TLS verification failed for {self.peer.url}: {e}") from None
         except requests.exceptions.ConnectTimeout:
