@@ -6,6 +6,7 @@ and the real MONAI Label servers.
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import io
 import json
@@ -30,7 +31,7 @@ class Hostile:
         body: the model bytes served on ``/gcml/peer/model``.
         manifest: the manifest dict (``None``: derived honestly from ``body``).
         mode: ``normal``, ``truncate`` (announce the full length, send half, close), ``chunked``
-            (no Content-Length), ``hang`` (sleep ``hang_s`` before answering), ``status`` (answer
+            (no Content-Length), ``gzip`` (``Content-Encoding: gzip``), ``hang`` (sleep ``hang_s`` before answering), ``status`` (answer
             ``status`` with a JSON error).
         token: the bearer token it requires (``None``: any).
     """
@@ -91,6 +92,15 @@ class _Handler(BaseHTTPRequestHandler):
                 return
             if h.mode == "chunked":
                 return self._send(200, h.body, "application/octet-stream")
+            if h.mode == "gzip":  # a decompression bomb: small on the wire, huge once decoded
+                packed = gzip.compress(h.body)
+                self.send_response(200)
+                self.send_header("Content-Type", "application/octet-stream")
+                self.send_header("Content-Encoding", "gzip")
+                self.send_header("Content-Length", str(len(packed)))
+                self.end_headers()
+                self.wfile.write(packed)
+                return
             return self._send(200, h.body, "application/octet-stream", length=len(h.body))
         body = b'{"detail": "not found"}'
         self._send(404, body, length=len(body))

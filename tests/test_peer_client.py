@@ -179,3 +179,14 @@ def test_configured_ca_bundle_wins_over_requests_ca_bundle(tmp_path, monkeypatch
     with pytest.raises(PeerUnavailable):
         client.manifest()
     assert sent["verify"] == str(tmp_path / "our-ca.pem")
+
+
+def test_gzip_bomb_is_cut_at_the_cap_of_decoded_bytes(evil, tmp_path):
+    evil.h.body = b"\0" * 50_000_000  # 50 MB of zeros: about 50 kB gzipped
+    evil.h.manifest = {**evil.h.honest_manifest("x"), "bytes": 150_000}
+    evil.h.mode = "gzip"
+    cfg = _cfg(tmp_path, evil.url)
+    client = PeerClient(cfg.gossip.peers[0], cfg.gossip)
+    man = client.manifest().model_copy(update={"arch": our_arch(cfg)})
+    with pytest.raises(PayloadRejected, match="model body passed the limit of 150000 bytes; download aborted"):
+        client.fetch(man, cfg, our_arch(cfg))
