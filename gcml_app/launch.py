@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -82,6 +84,7 @@ class SiteServer:
         self.cmd = server_command(config, studies, host, self.port)
         self.log_path = Path(log) if log else None
         self.proc: subprocess.Popen | None = None
+        self.tmp: str | None = None
 
     def start(self, timeout: float = 180.0) -> SiteServer:
         """Spawn the server and wait until it answers ``/info/``."""
@@ -89,7 +92,11 @@ class SiteServer:
 
     def spawn(self) -> SiteServer:
         """Start the server process without waiting (start several, then :meth:`wait_ready` each)."""
-        env = {**os.environ, "MONAI_LABEL_TRACKING_ENABLED": "false", "MONAI_LABEL_AUTO_UPDATE_SCORING": "false"}
+        # A private temp folder: MONAI Label's client saves a result under the server's temp file name
+        # in its own temp folder, so a client on the same machine would race the server's clean-up.
+        self.tmp = tempfile.mkdtemp(prefix="gcml-server-")
+        env = {**os.environ, "MONAI_LABEL_TRACKING_ENABLED": "false", "MONAI_LABEL_AUTO_UPDATE_SCORING": "false",
+               "TMPDIR": self.tmp}
         if self.log_path:
             with open(self.log_path, "ab") as out:  # the child keeps its own copy of the descriptor
                 self.proc = subprocess.Popen(self.cmd, stdout=out, stderr=subprocess.STDOUT, env=env,
@@ -116,14 +123,16 @@ class SiteServer:
         raise TimeoutError(f"server at {self.url} did not answer /info/ within {timeout:.0f} s; see {self.log_path}")
 
     def stop(self, timeout: float = 20.0) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        os.killpg(self.proc.pid, signal.SIGINT)
-        try:
-            self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGINT)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        if self.tmp:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            self.tmp = None
 
     def __enter__(self) -> SiteServer:
         return self.start()
