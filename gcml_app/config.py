@@ -189,6 +189,13 @@ class DCMLConfig(_Strict):
     embed_dim: int = Field(32, ge=2, description="projection head output size")
 
 
+def _exactly_one(what: str, **options: str | None) -> None:
+    """Raise unless exactly one of two alternative keys (e.g. ``token`` / ``token_env``) is set."""
+    (a, va), (b, vb) = options.items()
+    if (va is None) == (vb is None):
+        raise ValueError(f"{what}: found {'both' if va else 'neither'} of {a} and {b}; expected exactly one")
+
+
 class PeerConfig(_Strict):
     """A partner site we pull models from.
 
@@ -210,9 +217,7 @@ class PeerConfig(_Strict):
 
     @model_validator(mode="after")
     def _one_token(self) -> PeerConfig:
-        if (self.token is None) == (self.token_env is None):
-            raise ValueError(f"peer {self.name!r}: found {'both' if self.token else 'neither'} of token and "
-                             "token_env; expected exactly one")
+        _exactly_one(f"peer {self.name!r}", token=self.token, token_env=self.token_env)
         return self
 
     def bearer(self) -> str:
@@ -278,9 +283,7 @@ class PeerTokenConfig(_Strict):
 
     @model_validator(mode="after")
     def _one(self) -> PeerTokenConfig:
-        if (self.sha256 is None) == (self.env is None):
-            raise ValueError(f"token {self.id!r}: found {'both' if self.sha256 else 'neither'} of sha256 and env; "
-                             "expected exactly one")
+        _exactly_one(f"token {self.id!r}", sha256=self.sha256, env=self.env)
         return self
 
 
