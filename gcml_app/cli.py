@@ -6,7 +6,7 @@
     gcml sync --config site.yaml [--peer NAME ...]   one gossip round on the running server (cron)
     gcml demo [--out gcml-demo --port 8001 --epochs 30 --gossip-epochs 5 --rounds 3 --no-wait]
     gcml dcml-compare [--out dcml-compare --rounds 4 --epochs 5 --styles a,b]
-    gcml simulate [--out gcml-simulate --sites 3 --rounds 5 --methods local,fedavg,gml,gcml,pooled --data DIR]
+    gcml simulate [--scenario few-labels --seeds 3 --rounds 8 --methods local,gcml,... --data DIR]
     gcml bench [--out gcml-bench --quick]
     gcml token new --peer site-b [--id site-b-2026q4]     a partner token, printed once, and its hash
     gcml certs --out pki --sites site-a,site-b,site-c     a trial CA and site certificates (mutual TLS)
@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from gcml_app.config import ConfigError, load_config
-from gcml_app.sim.data import SiteDataError
+from gcml_app.sim.data import SCENARIOS, SiteDataError
 
 __all__ = ["main"]
 
@@ -66,7 +66,7 @@ def _sync(args: argparse.Namespace) -> int:
     """Exit 0: the round ran (published, kept, or nothing new); 1: it failed; 3: no server answered."""
     import requests
 
-    from gcml_app.gossip.round import summarize
+    from gcml_app.rounds import summarize
     from gcml_app.site_client import RoundFailed, SiteClient
 
     cfg = load_config(args.config)
@@ -105,36 +105,50 @@ def simulation_config(epochs: int) -> dict:
 
 
 def _simulate(args: argparse.Namespace) -> int:
+    from functools import partial
+
     from gcml_app.config import SiteConfig
-    from gcml_app.sim.data import load_sites, synthetic_sites
-    from gcml_app.sim.federation import Federation, simulate
+    from gcml_app.sim.data import load_sites, scenario_sites
+    from gcml_app.sim.federation import simulate
 
     out = Path(args.out)
-    if args.config:
-        cfg = load_config(args.config)
-        cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"epochs": args.epochs})})
-    else:
-        cfg = SiteConfig.model_validate(simulation_config(args.epochs))
+    cfg = load_config(args.config) if args.config else SiteConfig.model_validate(simulation_config(args.epochs))
     if args.data:
-        sites = load_sites(args.data)
+        fixed = load_sites(args.data)
+        sites_of_seed = lambda seed: fixed  # noqa: E731  (real data: the same cases every seed)
+        scenario = f"data:{args.data}"
     else:
-        styles = args.site_styles.split(",")
-        if args.sites:
-            styles = [styles[i % len(styles)] for i in range(args.sites)]
-        if len(styles) < 2:
-            raise SystemExit(f"--sites/--site-styles: found {styles}; expected at least 2 sites")
-        sites = synthetic_sites(out / "data", styles, cases=args.cases, seed=args.seed)
-    fed = Federation(cfg, sites, transport=args.transport, seed=args.seed)
-    res = simulate(fed, args.rounds, args.methods.split(","), out, warmup_epochs=args.warmup_epochs)
-    names = res["config"]["sites"]
-    print(f"test Dice after round {args.rounds} ({len(names)} sites, {args.epochs} epochs per round, "
-          f"{args.transport} transport, model {res['model_bytes'][args.transport] / 1e3:.1f} kB):")
-    print(f"  {'method':<8} " + " ".join(f"{n:>8}" for n in names) + f" {'mean':>7} {'worst':>7} {'MB moved':>9}")
-    for m, row in res["summary"].items():
-        print(f"  {m:<8} " + " ".join(f"{row['per_site'][n]:>8.3f}" for n in names)
-              + f" {row['final_mean']:>7.3f} {row['final_worst']:>7.3f} {row['total_bytes'] / 1e6:>9.2f}")
+        sites_of_seed = partial(scenario_sites, out / "data", args.scenario)
+        scenario = args.scenario
+    methods = args.methods.split(",") if args.methods else None
+    res = simulate(cfg, sites_of_seed, out, methods=methods, rounds=args.rounds, epochs=args.epochs,
+                   warmup_epochs=args.warmup_epochs, seeds=args.seeds, transport=args.transport,
+                   gate=args.gate == "on", jobs=args.jobs, scenario=scenario)
+    print(format_summary(res))
     print(f"wrote {out}/results.json, results.csv, dice_vs_round.png, dice_vs_bytes.png ({res['seconds']:.0f} s)")
     return 0
+
+
+def format_summary(res: dict) -> str:
+    """The comparison as a table: test Dice per site (mean +- std over seeds), mean, MB received, and vs local."""
+    c = res["config"]
+    names = c["sites"]
+    lines = [f"{c['scenario']}: served test Dice after round {c['rounds']} ({len(names)} sites, {c['seeds']} seeds, "
+             f"{c['epochs']} epochs per round, warm-up {c['warmup_epochs']}, gate {'on' if c['gate'] else 'off'})",
+             f"  {'method':<14}" + "".join(f"{n:>15}" for n in names) + f"{'mean':>15}{'MB/seed':>9}"]
+    for m, row in res["summary"].items():
+        ps = row["per_site"]
+        lines.append(f"  {m:<14}" + "".join(f"{ps[n]['mean']:>8.3f} +-{ps[n]['std']:.3f}" for n in names)
+                     + f"{row['mean']:>8.3f} +-{row['std']:.3f}{row['bytes_received_per_seed'] / 1e6:>9.2f}")
+    if "local" in res["summary"]:
+        lines.append("  paired vs local (mean difference, seeds won):")
+        for m, row in res["summary"].items():
+            if m != "local":
+                ps = row["per_site"]
+                lines.append(f"  {m:<14}" + "".join(
+                    f"{ps[n]['vs_local']['mean']:>+9.3f} {ps[n]['vs_local']['wins']}/{ps[n]['vs_local']['n']:<3}"
+                    for n in names))
+    return "\n".join(lines)
 
 
 def _certs(args: argparse.Namespace) -> int:
@@ -246,19 +260,19 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=_dcml_compare)
 
-    s = sub.add_parser("simulate", help="in-process federation: local, FedAvg, GML, GCML and pooled on equal budgets")
+    s = sub.add_parser("simulate", help="controlled multi-seed comparison: GCML, local, FL baselines, ablations")
     s.add_argument("--out", default="gcml-simulate")
-    s.add_argument("--sites", type=int, default=None, help="number of synthetic sites (styles cycle)")
-    s.add_argument("--site-styles", default="a,b,c", help="synthetic site styles, one per site")
-    s.add_argument("--data", default=None, help="real data: DIR/<site>/imagesTr|labelsTr[/imagesTs|labelsTs]")
-    s.add_argument("--config", default=None, help="site YAML for labels, network and transforms (real data)")
-    s.add_argument("--cases", type=int, default=16, help="synthetic cases per site (a quarter held out for test)")
-    s.add_argument("--rounds", type=int, default=5)
-    s.add_argument("--epochs", type=int, default=5, help="local epochs per round, every method")
-    s.add_argument("--warmup-epochs", type=int, default=None, help="round-0 local epochs (default --epochs)")
-    s.add_argument("--methods", default="local,fedavg,gml,gcml,pooled")
+    s.add_argument("--scenario", default="few-labels", choices=sorted(SCENARIOS), help="synthetic federation")
+    s.add_argument("--data", default=None, help="real data: DIR/<site>/imagesTr|labelsTr[|imagesTs|labelsTs|site.yaml]")
+    s.add_argument("--config", default=None, help="site YAML for labels, network, transforms, DCML and gate")
+    s.add_argument("--seeds", type=int, default=3)
+    s.add_argument("--rounds", type=int, default=8)
+    s.add_argument("--epochs", type=int, default=5, help="passes over a site's training cases per round, every method")
+    s.add_argument("--warmup-epochs", type=int, default=20, help="round-0 local epochs (the shared warm-up)")
+    s.add_argument("--methods", default=None, help="comma-separated; default: all (see the README)")
+    s.add_argument("--gate", default="on", choices=["on", "off"], help="the gate policy of every method")
     s.add_argument("--transport", default="float32", choices=["float32", "float16"])
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--jobs", type=int, default=1, help="seeds run in parallel processes")
     s.set_defaults(func=_simulate)
 
     s = sub.add_parser("certs", help="a trial CA and per-site certificates (HTTPS and mutual TLS between sites)")

@@ -161,28 +161,61 @@ class TrainConfig(_Strict):
 
 
 class ValidationConfig(_Strict):
-    """The site's held-out labels that gate every publish.
+    """The site's held-out labels that gate every publish (docs/design.md, "The gate").
 
     A case is assigned to validation once, when it is first seen, and never moves.
     ``min_cases`` validation cases are filled first; after that a case joins validation
     when the split would otherwise fall below ``fraction``.
+
+    The gate compares each candidate with the served model case by case (paired Dice deltas): a
+    candidate publishes only if its mean paired gain exceeds ``margin`` (``decision: margin``), or
+    if in addition a one-sided sign test over the cases gives ``p <= alpha``
+    (``decision: sign_test``), and no label's mean Dice drops by more than ``max_label_drop``.
+    A sign test over n cases can reach ``p = 2^-n`` at best, so fewer than
+    ``ceil(log2(1 / alpha))`` validation cases cannot support a strict decision; ``/gcml/status``
+    says so and how many more labels would.
     """
 
     fraction: float = Field(0.2, gt=0.0, lt=1.0)
     min_cases: int = Field(1, ge=1)
     sw_batch_size: int = Field(1, ge=1)
     overlap: float = Field(0.25, ge=0.0, lt=1.0)
+    decision: Literal["margin", "sign_test"] = "margin"
+    margin: float = Field(0.005, ge=0.0, lt=1.0, description="mean paired Dice gain a candidate must exceed")
+    alpha: float = Field(0.05, gt=0.0, lt=1.0, description="sign test level (decision: sign_test)")
+    max_label_drop: float = Field(0.02, ge=0.0, le=1.0, description="largest mean Dice drop allowed on any label")
+    gate: bool = Field(True, description="false serves every round's new working model unchecked (ablations only)")
+
+    @property
+    def strict_cases(self) -> int:
+        """Validation cases a one-sided sign test needs to reach ``alpha``: ``ceil(log2(1/alpha))``."""
+        import math
+
+        return max(1, math.ceil(math.log2(1.0 / self.alpha) - 1e-9))
 
 
 class DCMLConfig(_Strict):
-    """Deep contrastive mutual learning (DESIGN.md section 3); every weight is configurable.
+    """Deep contrastive mutual learning (docs/design.md, "DCML"); every weight is configurable.
 
-    ``loss_L = DiceCE(L) + lambda_kl * T^2 KL(I || L) + lambda_con * InfoNCE(L <- I)``, symmetric for I.
+    ``loss_L = DiceCE(L) + w(t) lambda_kl T^2 KL_trust(I || L) + lambda_con InfoNCE(L <- I)``, symmetric for I.
+
+    - ``lambda_kl * T^2`` is the weight of the distillation term relative to the supervised loss;
+      the default 0.25 * 2^2 = 1 makes a voxel's KL weigh as much as its cross-entropy.
+    - ``w(t)`` ramps from 0 to 1 over the first ``kl_rampup`` of a round's steps (a sigmoid ramp,
+      ``exp(-5 (1 - t)^2)``), so a partner's model does not pull ours before both have adapted.
+    - ``kl_mask: agree`` distils only at voxels where the teacher's prediction equals the label
+      (``none``: every voxel); the mean is over all voxels, so a teacher that is wrong on our data
+      pulls proportionally less.
+    - Foreground voxels (labels > 0, dilated by ``dilation``) weigh ``min(n_bg / n_fg, fg_weight_max)``
+      times a background voxel: balanced, but bounded.
     """
 
-    lambda_kl: float = Field(1.0, ge=0.0)
+    lambda_kl: float = Field(0.25, ge=0.0)
     lambda_con: float = Field(0.1, ge=0.0)
     temperature: float = Field(2.0, gt=0.0, description="T of the mutual KL")
+    kl_rampup: float = Field(0.3, ge=0.0, le=1.0, description="fraction of a round's steps over which the KL ramps up")
+    kl_mask: Literal["agree", "none"] = Field("agree", description="distil where the teacher agrees with the label")
+    fg_weight_max: float = Field(3.0, ge=1.0, description="bound on the foreground up-weighting of the KL")
     tau: float = Field(0.1, gt=0.0, description="InfoNCE temperature")
     samples_per_class: int = Field(256, ge=1, description="anchor voxels sampled per class per volume")
     dilation: int = Field(2, ge=0, description="voxels the foreground region is dilated by for the KL balance")
@@ -288,7 +321,7 @@ class PeerTokenConfig(_Strict):
 
 
 class SecurityConfig(_Strict):
-    """Who may reach what (DESIGN.md section 4).
+    """Who may reach what (docs/design.md, "Security").
 
     Clients inside ``annotation_networks`` reach everything MONAI Label serves; everyone else reaches
     only ``/gcml/peer/*``, and only with one of ``peer_tokens``.

@@ -1,10 +1,14 @@
 """Deep contrastive mutual learning (DCML): losses, one step for two models, and the epoch loop.
 
-Our specification (DESIGN.md section 3): the local model L and a trainable copy of an incoming peer
-model I train together on the site's labelled cases, each with its own optimizer::
+Our specification (docs/design.md, "DCML"): the local model L and a trainable copy of an incoming
+peer model I train together on the site's labelled cases, each with its own optimizer::
 
-    loss_L = DiceCE(z_L, y) + lambda_kl * KL_rb(z_L <- z_I) + lambda_con * InfoNCE(e_L <- e_I)
-    loss_I = DiceCE(z_I, y) + lambda_kl * KL_rb(z_I <- z_L) + lambda_con * InfoNCE(e_I <- e_L)
+    loss_L = DiceCE(z_L, y) + w(t) lambda_kl KL_trust(z_L <- z_I) + lambda_con InfoNCE(e_L <- e_I)
+    loss_I = DiceCE(z_I, y) + w(t) lambda_kl KL_trust(z_I <- z_L) + lambda_con InfoNCE(e_I <- e_L)
+
+``w(t)`` ramps the distillation in over the start of a round (:func:`kl_ramp`); ``KL_trust``
+distils only where the teacher agrees with the label, with a bounded foreground up-weighting
+(:func:`distill_kl`).
 
 The teacher side of every cross term is detached, so ``loss_L`` reaches only L's parameters and
 ``loss_I`` only I's. Pure ML code: no HTTP, no MONAI Label imports.
@@ -14,6 +18,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -27,15 +33,18 @@ __all__ = [
     "average_state",
     "dcml_step",
     "dcml_train",
+    "distill_kl",
     "foreground_region",
     "infonce",
+    "kl_ramp",
     "labels_at",
     "mutual_infonce",
     "mutual_kl",
-    "region_balanced_kl",
     "sample_voxels",
     "supervised_step",
+    "supervised_train",
     "voxel_infonce",
+    "voxel_weights",
 ]
 
 
@@ -45,14 +54,22 @@ def _check_pair(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
                          "(the same number of classes and the same spatial size)")
 
 
-def region_balanced_kl(
-    student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor, temperature: float = 2.0, dilation: int = 2
+def distill_kl(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    labels: torch.Tensor,
+    temperature: float = 2.0,
+    dilation: int = 2,
+    mask: str = "agree",
+    fg_weight_max: float = 3.0,
 ) -> torch.Tensor:
-    """``T^2 * KL(softmax(teacher/T) || softmax(student/T))``, balanced between foreground and background.
+    """``T^2 * KL(softmax(teacher/T) || softmax(student/T))`` where the teacher can be trusted.
 
-    The voxel-wise KL is averaged separately over the foreground region (labels > 0, dilated by
-    ``dilation`` voxels) and over the background, and the two means are averaged; a region that is
-    empty is left out. The teacher is detached.
+    The voxel-wise KL is averaged over **all** voxels with weights: 1 for a background voxel,
+    ``min(n_bg / n_fg, fg_weight_max)`` for a foreground voxel (labels > 0, dilated by ``dilation``),
+    and 0 where ``mask="agree"`` and the teacher's argmax differs from the label. Because the
+    untrusted voxels stay in the denominator, a teacher that is wrong on our data pulls in
+    proportion to how often it is right. The teacher is detached.
 
     Args:
         student: logits ``(B, C, D, H, W)`` of the model being trained.
@@ -60,55 +77,107 @@ def region_balanced_kl(
         labels: ``(B, 1, D, H, W)`` class indices.
         temperature: softening temperature T > 0.
         dilation: foreground dilation in voxels (>= 0).
+        mask: ``"agree"`` (distil only where the teacher predicts the label) or ``"none"``.
+        fg_weight_max: bound (>= 1) on the foreground up-weighting.
 
     Returns:
         a scalar; exactly 0 when ``student`` equals ``teacher``.
 
     Raises:
-        ValueError: mismatched shapes or class counts, ``temperature <= 0``, ``dilation < 0``.
+        ValueError: mismatched shapes or class counts, ``temperature <= 0``, ``dilation < 0``, an
+            unknown ``mask`` or ``fg_weight_max < 1``.
+
+    Example:
+        >>> distill_kl(torch.zeros(1, 3, 4, 4, 4), torch.zeros(1, 3, 4, 4, 4), torch.zeros(1, 1, 4, 4, 4))
+        tensor(0.)
     """
-    _check_pair(student, teacher, "region_balanced_kl logits")
-    if temperature <= 0:
-        raise ValueError(f"region_balanced_kl: found temperature={temperature}; expected T > 0")
-    if dilation < 0:
-        raise ValueError(f"region_balanced_kl: found dilation={dilation}; expected >= 0")
+    _check_pair(student, teacher, "distill_kl logits")
+    _check_kl(temperature, dilation, mask, fg_weight_max, "distill_kl")
     if labels.shape[0] != student.shape[0] or labels.shape[2:] != student.shape[2:]:
-        raise ValueError(f"region_balanced_kl: found labels {tuple(labels.shape)} for logits {tuple(student.shape)}; "
+        raise ValueError(f"distill_kl: found labels {tuple(labels.shape)} for logits {tuple(student.shape)}; "
                          "expected (B, 1, D, H, W) matching the logits")
     log_s = F.log_softmax(student / temperature, dim=1)
     log_t = F.log_softmax(teacher / temperature, dim=1)
-    return _balanced_kl(log_s, log_t, foreground_region(labels, dilation)[:, 0], temperature)
+    weights = voxel_weights(labels, dilation, fg_weight_max)
+    return _weighted_kl(log_s, log_t, labels, weights, temperature, mask)
 
 
-def _balanced_kl(log_s: torch.Tensor, log_t: torch.Tensor, fg: torch.Tensor, temperature: float) -> torch.Tensor:
-    """``T^2`` times the mean of the foreground-mean and background-mean of the voxel KL (teacher detached)."""
-    log_t = log_t.detach()
-    kl = (log_t.exp() * (log_t - log_s)).sum(1)  # (B, D, H, W)
+def _check_kl(temperature: float, dilation: int, mask: str, fg_weight_max: float, what: str) -> None:
+    if temperature <= 0:
+        raise ValueError(f"{what}: found temperature={temperature}; expected T > 0")
+    if dilation < 0:
+        raise ValueError(f"{what}: found dilation={dilation}; expected >= 0")
+    if mask not in KL_MASKS:
+        raise ValueError(f"{what}: found mask={mask!r}; expected one of {list(KL_MASKS)}")
+    if fg_weight_max < 1:
+        raise ValueError(f"{what}: found fg_weight_max={fg_weight_max}; expected >= 1")
+
+
+KL_MASKS = ("agree", "none")
+
+
+def voxel_weights(labels: torch.Tensor, dilation: int, fg_weight_max: float) -> torch.Tensor:
+    """``(B, D, H, W)`` KL weights: 1 on background, ``min(n_bg / n_fg, fg_weight_max)`` on the dilated foreground.
+
+    The ratio is over the whole batch, so the foreground and the background weigh the same in total
+    unless that would give a foreground voxel more than ``fg_weight_max`` times a background voxel.
+    """
+    fg = foreground_region(labels, dilation)[:, 0]
     n_fg = fg.sum()
     n_bg = fg.numel() - n_fg
-    parts = []
-    if n_fg > 0:
-        parts.append((kl * fg).sum() / n_fg)
-    if n_bg > 0:
-        parts.append((kl * (1 - fg)).sum() / n_bg)
-    return temperature**2 * torch.stack(parts).mean()
+    ratio = (n_bg / n_fg.clamp(min=1.0)).clamp(min=1.0, max=fg_weight_max)
+    return 1.0 + (ratio - 1.0) * fg
+
+
+def _weighted_kl(log_s: torch.Tensor, log_t: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor,
+                 temperature: float, mask: str) -> torch.Tensor:
+    """``T^2 * sum(w * trust * KL) / sum(w)`` over voxels (teacher detached); see :func:`distill_kl`."""
+    log_t = log_t.detach()
+    kl = (log_t.exp() * (log_t - log_s)).sum(1)  # (B, D, H, W)
+    w = weights
+    if mask == "agree":
+        w = w * (log_t.argmax(1) == labels[:, 0]).to(w.dtype)
+    return temperature**2 * (kl * w).sum() / weights.sum()
 
 
 def mutual_kl(
-    z_l: torch.Tensor, z_i: torch.Tensor, labels: torch.Tensor, temperature: float = 2.0, dilation: int = 2
+    z_l: torch.Tensor,
+    z_i: torch.Tensor,
+    labels: torch.Tensor,
+    temperature: float = 2.0,
+    dilation: int = 2,
+    mask: str = "agree",
+    fg_weight_max: float = 3.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Both directions of :func:`region_balanced_kl`, sharing the softmaxes and the region mask.
+    """Both directions of :func:`distill_kl`, sharing the softmaxes and the voxel weights.
 
     Returns:
-        ``(KL_rb(L <- I), KL_rb(I <- L))``: each student gets gradients, each teacher is detached.
+        ``(KL(L <- I), KL(I <- L))``: each student gets gradients, each teacher is detached; with
+        ``mask="agree"`` each direction trusts only the voxels where its teacher is right.
     """
     _check_pair(z_l, z_i, "mutual_kl logits")
-    if temperature <= 0:
-        raise ValueError(f"mutual_kl: found temperature={temperature}; expected T > 0")
+    _check_kl(temperature, dilation, mask, fg_weight_max, "mutual_kl")
     log_l = F.log_softmax(z_l / temperature, dim=1)
     log_i = F.log_softmax(z_i / temperature, dim=1)
-    fg = foreground_region(labels, dilation)[:, 0]
-    return _balanced_kl(log_l, log_i, fg, temperature), _balanced_kl(log_i, log_l, fg, temperature)
+    w = voxel_weights(labels, dilation, fg_weight_max)
+    return (_weighted_kl(log_l, log_i, labels, w, temperature, mask),
+            _weighted_kl(log_i, log_l, labels, w, temperature, mask))
+
+
+def kl_ramp(step: int, total: int, rampup: float) -> float:
+    """The KL weight ``w(t)`` at ``step`` (0-based) of a round of ``total`` steps.
+
+    A sigmoid ramp ``exp(-5 (1 - t)^2)`` with ``t = step / (rampup * total)``, 1 after the ramp
+    (Laine & Aila's schedule for consistency terms); ``rampup = 0`` gives 1 from the first step.
+
+    Example:
+        >>> [round(kl_ramp(s, 10, 0.5), 3) for s in (0, 2, 5, 9)]
+        [0.007, 0.165, 1.0, 1.0]
+    """
+    if rampup <= 0 or total <= 0:
+        return 1.0
+    t = min(1.0, step / (rampup * total))
+    return math.exp(-5.0 * (1.0 - t) ** 2)
 
 
 def foreground_region(labels: torch.Tensor, dilation: int) -> torch.Tensor:
@@ -290,6 +359,38 @@ def supervised_step(model: GCMLNet, opt: torch.optim.Optimizer, x: torch.Tensor,
     return float(loss.detach())
 
 
+def supervised_train(
+    model: GCMLNet,
+    batches: Iterable[Mapping[str, torch.Tensor]],
+    epochs: int,
+    lr: float,
+    weight_decay: float = 0.0,
+    device: str | torch.device = "cpu",
+    progress: Callable[[dict], None] | None = None,
+) -> list[dict[str, float]]:
+    """Plain DiceCE training of one model for ``epochs`` passes over ``batches`` (a local round).
+
+    Args:
+        batches: re-iterable of ``{"image": (B, C_in, D, H, W), "label": (B, 1, D, H, W)}``.
+        progress: called after each epoch with ``{"epoch", "total_epochs", "loss"}``.
+
+    Returns:
+        ``[{"seg_l": mean loss}]`` per epoch.
+    """
+    if epochs < 1:
+        raise ValueError(f"supervised_train: found epochs={epochs}; expected >= 1")
+    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    history = []
+    for epoch in range(1, epochs + 1):
+        model.train()
+        steps = [supervised_step(model, opt, b["image"].to(device), b["label"].to(device), loss_fn) for b in batches]
+        history.append({"seg_l": sum(steps) / max(len(steps), 1)})
+        if progress:
+            progress({"epoch": epoch, "total_epochs": epochs, "loss": history[-1]["seg_l"]})
+    return history
+
+
 def dcml_step(
     local: GCMLNet,
     incoming: GCMLNet,
@@ -300,6 +401,7 @@ def dcml_step(
     cfg: DCMLConfig,
     seg_loss: Callable | None = None,
     generator: torch.Generator | None = None,
+    kl_weight: float = 1.0,
 ) -> DCMLStep:
     """One DCML step: both models forward on ``x``, each loss backpropagates into its own model only.
 
@@ -310,9 +412,11 @@ def dcml_step(
         y: labels ``(B, 1, D, H, W)`` with channel indices ``0..C-1``.
         cfg: the DCML weights and temperatures. A zero weight skips its term entirely, so
             ``lambda_kl = lambda_con = 0`` is exactly two independent supervised steps.
+        generator: random source of the contrastive voxel sampling.
+        kl_weight: the ramp ``w(t)`` in ``[0, 1]`` that multiplies ``lambda_kl`` (see :func:`kl_ramp`).
 
     Returns:
-        the step's loss components.
+        the step's loss components (the KL unweighted).
     """
     _check_cfg(cfg)
     seg_loss = seg_loss or DiceCELoss(to_onehot_y=True, softmax=True)
@@ -328,11 +432,12 @@ def dcml_step(
     seg_l, seg_i = seg_loss(z_l, y), seg_loss(z_i, y)
     kl_l = kl_i = con_l = con_i = zero
     if cfg.lambda_kl:
-        kl_l, kl_i = mutual_kl(z_l, z_i, y, cfg.temperature, cfg.dilation)
+        kl_l, kl_i = mutual_kl(z_l, z_i, y, cfg.temperature, cfg.dilation, cfg.kl_mask, cfg.fg_weight_max)
     if cfg.lambda_con:
         con_l, con_i = mutual_infonce(local, incoming, f_l, f_i, y, cfg, generator)
-    loss_l = seg_l + cfg.lambda_kl * kl_l + cfg.lambda_con * con_l
-    loss_i = seg_i + cfg.lambda_kl * kl_i + cfg.lambda_con * con_i
+    w_kl = cfg.lambda_kl * kl_weight
+    loss_l = seg_l + w_kl * kl_l + cfg.lambda_con * con_l
+    loss_i = seg_i + w_kl * kl_i + cfg.lambda_con * con_i
     (loss_l + loss_i).backward()  # disjoint graphs: the teacher side of every cross term is detached
     opt_l.step()
     opt_i.step()
@@ -349,12 +454,17 @@ def dcml_train(
     weight_decay: float = 0.0,
     device: str | torch.device = "cpu",
     progress: Callable[[dict], None] | None = None,
+    seed: int = 0,
 ) -> tuple[GCMLNet, GCMLNet, list[dict[str, float]]]:
     """Train ``local`` and ``incoming`` together for ``epochs`` passes over ``batches``.
 
+    The KL weight ramps up over the first ``cfg.kl_rampup`` of the round's steps (:func:`kl_ramp`);
+    the contrastive sampling draws from a generator seeded with ``seed``.
+
     Args:
-        batches: re-iterable of ``{"image": (B, C_in, D, H, W), "label": (B, 1, D, H, W)}``.
+        batches: re-iterable of ``{"image": (B, C_in, D, H, W), "label": (B, 1, D, H, W)}`` with a length.
         progress: called after each epoch with ``{"epoch", "total_epochs", **mean loss components}``.
+        seed: seed of the voxel-sampling generator.
 
     Returns:
         both models (trained in place) and the per-epoch mean of every loss component.
@@ -364,16 +474,21 @@ def dcml_train(
     opt_l = torch.optim.AdamW(local.parameters(), lr=lr, weight_decay=weight_decay)
     opt_i = torch.optim.AdamW(incoming.parameters(), lr=lr, weight_decay=weight_decay)
     seg_loss = DiceCELoss(to_onehot_y=True, softmax=True)
+    generator = torch.Generator().manual_seed(seed)
+    total = epochs * len(batches)
+    step = 0
     history = []
     for epoch in range(1, epochs + 1):
         local.train()
         incoming.train()
-        steps = [
-            dcml_step(local, incoming, opt_l, opt_i, b["image"].to(device), b["label"].to(device), cfg, seg_loss)
-            for b in batches
-        ]
+        steps = []
+        for b in batches:
+            w = kl_ramp(step, total, cfg.kl_rampup)
+            steps.append(dcml_step(local, incoming, opt_l, opt_i, b["image"].to(device), b["label"].to(device), cfg,
+                                   seg_loss, generator, w))
+            step += 1
         mean = {k: sum(getattr(s, k) for s in steps) / max(len(steps), 1) for k in DCMLStep.__dataclass_fields__}
-        history.append(mean)
+        history.append({**mean, "kl_weight": round(w * cfg.lambda_kl, 6)})
         if progress:
             progress({"epoch": epoch, "total_epochs": epochs, "loss": mean["seg_l"], **mean})
     return local, incoming, history

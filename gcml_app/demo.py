@@ -22,7 +22,7 @@ from typing import Any
 import yaml
 from tqdm import tqdm
 
-from gcml_app.gossip.round import summarize
+from gcml_app.rounds import summarize
 from gcml_app.launch import SiteServer, free_port
 from gcml_app.site_client import SiteClient
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from gcml_app.config import ValidationConfig
 from gcml_app.store import atomic_write
 
-__all__ = ["FixedSplit"]
+__all__ = ["FixedSplit", "labels_for_validation"]
 
 
 class FixedSplit:
@@ -51,3 +51,21 @@ class FixedSplit:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             atomic_write(self.path, json.dumps(split, indent=1, sort_keys=True).encode())
         return [c for c in ids if split[c] == "train"], [c for c in ids if split[c] == "val"]
+
+
+def labels_for_validation(cfg: ValidationConfig, n_train: int, n_val: int, target: int) -> int:
+    """How many more labelled cases bring the validation split to ``target`` cases under the split rule.
+
+    Example:
+        >>> labels_for_validation(ValidationConfig(fraction=0.2, min_cases=2), n_train=6, n_val=2, target=5)
+        13
+    """
+    added = 0
+    while n_val < target:
+        total = n_train + n_val + 1
+        if n_val < cfg.min_cases or n_val < cfg.fraction * total:
+            n_val += 1
+        else:
+            n_train += 1
+        added += 1
+    return added

@@ -7,6 +7,10 @@ Layout under ``<state_dir>/models``::
     served.json           {"version": 1}: the version the infer task serves
     history.jsonl         one JSON line per decision (publish, keep, reject, rollback)
 
+and beside it, ``<state_dir>/working.safetensors``: the *working* model that rounds keep training
+(docs/design.md, "Working model and served model"), one file with its description in the
+safetensors header, so it is replaced whole or not at all.
+
 Publishing writes weights, then manifest, then the pointer, each through a temporary file,
 ``fsync`` and ``os.replace``. A crash (even ``kill -9``) at any point leaves ``served.json``
 naming the previous, complete version; leftovers of the interrupted publish are ignored and
@@ -17,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 import tempfile
@@ -26,11 +31,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 __all__ = ["Manifest", "ModelStore", "StoreError", "atomic_write", "sha256_bytes"]
+
+logger = logging.getLogger(__name__)
 
 _VERSION_FILE = re.compile(r"^v(\d{6})\.(safetensors|json)$")
 
@@ -108,6 +115,7 @@ class ModelStore:
         self.root.mkdir(parents=True, exist_ok=True)
         self._pointer = self.root / "served.json"
         self._history = self.root / "history.jsonl"
+        self.working_path = self.root.parent / "working.safetensors"
 
     # ---------------------------------------------------------------- reading
     def _weights(self, version: int) -> Path:
@@ -229,10 +237,60 @@ class ModelStore:
         return man
 
     def rollback(self, version: int, reason: str = "") -> Manifest:
-        """Serve an earlier version again (after checking its weights are intact)."""
+        """Serve an earlier version again (after checking its weights are intact).
+
+        The working model restarts from that version too: an operator who rolls back does not want
+        rounds to go on from what they rolled away from.
+        """
         man = self.manifest(version)
-        self.read_bytes(version)
+        state = self.load(version)
         previous = self.served_version()
         atomic_write(self._pointer, json.dumps({"version": version}).encode())
+        self.save_working(state, arch=man.arch, base_version=version, rounds_unpublished=0,
+                          produced_by=f"rollback to v{version}")
         self.record("rollback", version=version, previous=previous, reason=reason)
         return man
+
+    # ---------------------------------------------------------------- the working model
+    def save_working(self, state_dict: dict[str, torch.Tensor], **info: Any) -> dict[str, Any]:
+        """Replace the working model (one atomic file: weights and ``info`` in its header).
+
+        Args:
+            state_dict: the weights.
+            info: JSON-serialisable description (``base_version``, ``rounds_unpublished``, ``val_dice``, ...).
+
+        Returns:
+            ``info`` with ``updated`` and ``sha256`` of the weights file added.
+        """
+        tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
+        info = {**info, "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        data = st_save(tensors, metadata={"gcml_working": json.dumps(info, sort_keys=True)})
+        atomic_write(self.working_path, data)
+        return {**info, "sha256": sha256_bytes(data)}
+
+    def working(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
+        """The working model and its description, or ``None`` when there is none (or it is unreadable).
+
+        An unreadable file is logged and treated as absent: rounds then restart from the served model,
+        which loses that training but never serves or trains on damaged weights.
+        """
+        if not self.working_path.exists():
+            return None
+        try:
+            data = self.working_path.read_bytes()
+            info = self.working_info() or {}
+            return st_load(data), {**info, "sha256": sha256_bytes(data)}
+        except (OSError, SafetensorError, ValueError, json.JSONDecodeError) as e:
+            logger.warning(f"working model {self.working_path} is unreadable ({e}); rounds restart from the served model")
+            return None
+
+    def working_info(self) -> dict[str, Any] | None:
+        """The working model's description from its header only (cheap: for ``/gcml/status``)."""
+        try:
+            with safe_open(str(self.working_path), framework="pt") as f:
+                return json.loads((f.metadata() or {}).get("gcml_working", "{}"))
+        except FileNotFoundError:
+            return None
+        except (OSError, SafetensorError, ValueError) as e:
+            logger.warning(f"working model {self.working_path}: unreadable header ({e})")
+            return None

@@ -39,7 +39,7 @@ from gcml_app.config import GossipConfig, PeerConfig, SiteConfig
 from gcml_app.errors import NothingToShare, PayloadRejected, PeerUnavailable
 from gcml_app.gossip.payload import verify_weights
 
-__all__ = ["PeerClient", "PeerManifest", "Pulled"]
+__all__ = ["PeerClient", "PeerManifest", "Pulled", "check_payload"]
 
 logger = logging.getLogger(__name__)
 
@@ -199,18 +199,31 @@ class PeerClient:
                 raise PeerUnavailable(name, f"model: HTTP {r.status_code} {_detail(r)}")
             # Never read more than the manifest announced (and never more than the cap).
             data = _read_capped(r, min(cap, manifest.bytes), name, "model", self.timeout[1])
-        fetch_s = time.perf_counter() - t0
-        if len(data) < manifest.bytes:
-            raise PayloadRejected(name, f"truncated model body: {len(data)} of {manifest.bytes} bytes")
-        t0 = time.perf_counter()
-        digest = hashlib.sha256(data).hexdigest()
-        if digest != manifest.sha256:
-            raise PayloadRejected(name, f"sha256 mismatch: body {digest[:12]}... vs manifest {manifest.sha256[:12]}...")
-        try:
-            state = verify_weights(data, cfg, ours)
-        except ValueError as e:
-            raise PayloadRejected(name, str(e)) from None
-        return Pulled(manifest, data, state, len(data), fetch_s, time.perf_counter() - t0)
+        return check_payload(name, manifest, data, cfg, ours, time.perf_counter() - t0)
+
+
+def check_payload(peer: str, manifest: PeerManifest, data: bytes, cfg: SiteConfig, ours: str,
+                  fetch_s: float = 0.0) -> Pulled:
+    """The checks on a received body, whatever carried it: full size, sha256, tensors only, our architecture, finite.
+
+    Raises:
+        PayloadRejected: the reason, naming ``peer``.
+    """
+    if manifest.arch != ours:
+        raise PayloadRejected(peer, f"manifest architecture {manifest.arch[:19]}... differs from ours {ours[:19]}...")
+    if len(data) > cfg.gossip.max_model_bytes:
+        raise PayloadRejected(peer, f"model of {len(data)} bytes is over the size cap of {cfg.gossip.max_model_bytes} bytes")
+    if len(data) < manifest.bytes:
+        raise PayloadRejected(peer, f"truncated model body: {len(data)} of {manifest.bytes} bytes")
+    t0 = time.perf_counter()
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != manifest.sha256:
+        raise PayloadRejected(peer, f"sha256 mismatch: body {digest[:12]}... vs manifest {manifest.sha256[:12]}...")
+    try:
+        state = verify_weights(data, cfg, ours)
+    except ValueError as e:
+        raise PayloadRejected(peer, str(e)) from None
+    return Pulled(manifest, data, state, len(data), fetch_s, time.perf_counter() - t0)
 
 
 def _read_capped(r: requests.Response, cap: int, peer: str, what: str, read_timeout: float) -> bytes:

@@ -11,6 +11,8 @@ round to nearest). Only float16 is widened; any other dtype must match ours exac
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as st_load
@@ -19,7 +21,7 @@ from safetensors.torch import save as st_save
 from gcml_app.config import SiteConfig
 from gcml_app.network import arch_fingerprint, build_network
 
-__all__ = ["TRANSPORTS", "encode_weights", "our_arch", "verify_weights"]
+__all__ = ["TRANSPORTS", "encode_weights", "manifest_body", "our_arch", "verify_weights"]
 
 TRANSPORTS = ("float32", "float16")
 
@@ -41,6 +43,16 @@ def encode_weights(state: dict[str, torch.Tensor], transport: str = "float32", *
     tensors = {k: (v.detach().to("cpu").to(wire) if wire is not None and v.dtype == torch.float32 else v.detach().to("cpu"))
                .contiguous() for k, v in state.items()}
     return st_save(tensors, metadata={"transport": transport, **metadata})
+
+
+def manifest_body(site: str, m: Any, sha256: str, size: int, transport: str) -> dict[str, Any]:
+    """What ``GET /gcml/peer/manifest`` answers for the served version ``m`` (a store manifest).
+
+    ``sha256`` and ``size`` are those of the payload partners download (after ``transport`` encoding).
+    """
+    return {"site": site, "version": m.version, "sha256": sha256, "bytes": size, "arch": m.arch,
+            "transport": transport, "created": m.created, "val_dice": m.val_dice, "n_train": m.n_train,
+            "n_val": m.n_val, "validated": m.validated, "lineage": m.lineage}
 
 
 def our_arch(cfg: SiteConfig) -> str:

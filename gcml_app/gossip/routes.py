@@ -28,7 +28,7 @@ from typing import Any
 from fastapi import APIRouter, Body, HTTPException, Query, Request, Response
 from monailabel.interfaces.utils.app import app_instance
 
-from gcml_app.gossip.payload import encode_weights
+from gcml_app.gossip.payload import encode_weights, manifest_body
 from gcml_app.store import Manifest, ModelStore, StoreError
 
 __all__ = ["router"]
@@ -68,9 +68,7 @@ def _payload(m: Manifest) -> tuple[bytes | None, str, int]:
 def peer_manifest() -> dict[str, Any]:
     m = _served_or_404()
     _, sha, size = _payload(m)
-    return {"site": _site().cfg.site, "version": m.version, "sha256": sha, "bytes": size, "arch": m.arch,
-            "transport": _site().cfg.gossip.transport, "created": m.created, "val_dice": m.val_dice,
-            "n_train": m.n_train, "n_val": m.n_val, "validated": m.validated, "lineage": m.lineage}
+    return manifest_body(_site().cfg.site, m, sha, size, _site().cfg.gossip.transport)
 
 
 def _etags(header: str | None) -> set[str]:

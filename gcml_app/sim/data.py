@@ -16,10 +16,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import SimpleITK as sitk
+import yaml
 
 from gcml_app.sim.phantoms import write_studies
 
-__all__ = ["SimSite", "SiteDataError", "load_sites", "site_names", "synthetic_sites"]
+__all__ = ["SCENARIOS", "SimSite", "SiteDataError", "load_sites", "scenario_sites", "site_names", "synthetic_sites"]
 
 Case = dict[str, str]
 
@@ -36,6 +37,7 @@ class SimSite:
     train: list[Case] = field(default_factory=list)
     val: list[Case] = field(default_factory=list)
     test: list[Case] = field(default_factory=list)
+    settings: dict = field(default_factory=dict)  # per-site config keys (intensity, spacing) from site.yaml
 
 
 def _split(name: str, cases: list[Case], test: list[Case] | None, test_fraction: float, val_fraction: float) -> SimSite:
@@ -88,9 +90,29 @@ def load_sites(data: str | Path, test_fraction: float = 0.25, val_fraction: floa
     return [_load_site(f, test_fraction, val_fraction) for f in folders]
 
 
+SITE_KEYS = ("intensity", "spacing")
+"""Keys a ``DIR/<site>/site.yaml`` may set for its site (the network is shared by the federation)."""
+
+
+def _site_settings(folder: Path) -> dict:
+    path = folder / "site.yaml"
+    if not path.is_file():
+        return {}
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise SiteDataError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(raw, dict) or set(raw) - set(SITE_KEYS):
+        found = sorted(raw) if isinstance(raw, dict) else type(raw).__name__
+        raise SiteDataError(f"{path}: found {found}; expected a mapping with only {list(SITE_KEYS)}")
+    return raw
+
+
 def _load_site(folder: Path, test_fraction: float, val_fraction: float) -> SimSite:
     test = _pairs(folder, "imagesTs", "labelsTs") if (folder / "imagesTs").is_dir() else None
-    return _split(folder.name, _pairs(folder, "imagesTr", "labelsTr"), test, test_fraction, val_fraction)
+    site = _split(folder.name, _pairs(folder, "imagesTr", "labelsTr"), test, test_fraction, val_fraction)
+    site.settings = _site_settings(folder)
+    return site
 
 
 def synthetic_sites(out: str | Path, styles: list[str], cases: int = 16, seed: int = 0,
@@ -121,3 +143,45 @@ def site_names(styles: list[str]) -> list[str]:
         seen[s] = seen.get(s, 0) + 1
         names.append(f"site-{s}" if seen[s] == 1 else f"site-{s}{seen[s]}")
     return names
+
+
+SCENARIOS: dict[str, list[tuple[str, int, int, int]]] = {
+    # (style, train, validation, test cases) per site
+    "few-labels": [("s1", 12, 4, 20), ("s2", 2, 4, 20), ("s3", 3, 4, 20), ("s4", 4, 4, 20), ("s5", 3, 4, 20)],
+    "semantic-shift": [("a", 9, 3, 4), ("b", 9, 3, 4), ("c", 9, 3, 4)],
+}
+"""Named synthetic federations (see the README):
+
+- ``few-labels``: five scanners, one anatomy and label meaning; one data-rich site and four with
+  2-4 labelled training cases; 4 validation and 20 test cases each.
+- ``semantic-shift``: the first sample federation; style b's lesion is darker than its organ.
+"""
+
+
+def scenario_sites(out: str | Path, scenario: str, seed: int = 0) -> list[SimSite]:
+    """Write (once per seed) and split the sites of a named scenario under ``out/<scenario>-seed<seed>/``.
+
+    Raises:
+        ValueError: an unknown scenario.
+    """
+    if scenario not in SCENARIOS:
+        raise ValueError(f"scenario: found {scenario!r}; expected one of {sorted(SCENARIOS)}")
+    plan = SCENARIOS[scenario]
+    root = Path(out) / f"{scenario}-seed{seed}"
+    sites = []
+    for i, ((style, n_train, n_val, n_test), name) in enumerate(zip(plan, site_names([p[0] for p in plan]))):
+        n = n_train + n_val + n_test
+        folder = root / name
+        if not (folder / "imagesTr").is_dir() or len(list((folder / "imagesTr").glob("*.nii.gz"))) != n:
+            shutil.rmtree(folder, ignore_errors=True)
+            tmp = write_studies(root / f".tmp-{name}", style, cases=n, seed=seed * 1000 + i)
+            (folder / "imagesTr").mkdir(parents=True)
+            (folder / "labelsTr").mkdir()
+            for img in sorted(tmp.glob("*.nii.gz")):
+                shutil.move(str(img), folder / "imagesTr" / img.name)
+                shutil.move(str(tmp / "labels" / "final" / img.name), folder / "labelsTr" / img.name)
+            shutil.rmtree(tmp)
+        cases = _pairs(folder, "imagesTr", "labelsTr")
+        sites.append(SimSite(name, train=cases[:n_train], val=cases[n_train:n_train + n_val],
+                             test=cases[n_train + n_val:]))
+    return sites

@@ -31,6 +31,9 @@ class SiteStyle:
     lesion_radius: tuple[float, float]  # voxels, uniform range
 
 
+# ``semantic-shift`` (the first sample federation): style b's lesion is *darker* than its organ while
+# a's and c's are brighter, and lesion sizes differ: a change of what the label looks like, not only
+# of the scanner.
 STYLES: dict[str, SiteStyle] = {
     "a": SiteStyle(scale=100.0, offset=0.0, lesion_contrast=1.8, noise=0.10, bias=0.05,
                    spacing=(1.0, 1.0, 1.0), lesion_radius=(3.0, 5.0)),
@@ -38,6 +41,18 @@ STYLES: dict[str, SiteStyle] = {
                    spacing=(1.25, 1.25, 1.5), lesion_radius=(2.5, 4.0)),
     "c": SiteStyle(scale=40.0, offset=20.0, lesion_contrast=1.4, noise=0.25, bias=0.12,
                    spacing=(0.8, 0.8, 1.0), lesion_radius=(4.0, 6.5)),
+    # ``few-labels``: one anatomy process and label meaning (a lesion brighter than its organ, the same
+    # size distribution); only the scanner differs: intensity range, contrast, noise, bias, resolution.
+    "s1": SiteStyle(scale=100.0, offset=0.0, lesion_contrast=1.6, noise=0.10, bias=0.05,
+                    spacing=(1.0, 1.0, 1.0), lesion_radius=(3.0, 5.0)),
+    "s2": SiteStyle(scale=400.0, offset=-300.0, lesion_contrast=1.4, noise=0.15, bias=0.10,
+                    spacing=(1.25, 1.25, 1.5), lesion_radius=(3.0, 5.0)),
+    "s3": SiteStyle(scale=40.0, offset=20.0, lesion_contrast=1.8, noise=0.22, bias=0.20,
+                    spacing=(0.8, 0.8, 1.0), lesion_radius=(3.0, 5.0)),
+    "s4": SiteStyle(scale=1500.0, offset=0.0, lesion_contrast=1.3, noise=0.18, bias=0.15,
+                    spacing=(1.0, 1.0, 1.25), lesion_radius=(3.0, 5.0)),
+    "s5": SiteStyle(scale=10.0, offset=5.0, lesion_contrast=1.5, noise=0.25, bias=0.25,
+                    spacing=(1.1, 1.1, 1.1), lesion_radius=(3.0, 5.0)),
 }
 
 
@@ -113,7 +128,7 @@ def write_studies(
     out = Path(out)
     (out / "labels" / "final").mkdir(parents=True, exist_ok=True)
     st = STYLES[style]
-    rng = np.random.default_rng([seed, ord(style)])
+    rng = np.random.default_rng([seed, *map(ord, style)])
     for i in range(cases):
         img, lab = make_case(st, rng, shape)
         name = f"case_{i:03d}.nii.gz"
