@@ -5,7 +5,6 @@
     gcml status --config site.yaml
     gcml sync --config site.yaml [--peer NAME ...]   one gossip round on the running server (cron)
     gcml demo [--out gcml-demo --port 8001 --epochs 30 --gossip-epochs 5 --rounds 3 --no-wait]
-    gcml dcml-compare [--out dcml-compare --rounds 4 --epochs 5 --styles a,b]
     gcml simulate [--scenario few-labels --seeds 3 --rounds 8 --methods local,gcml,... --data DIR]
     gcml bench [--out gcml-bench --quick]
     gcml token new --peer site-b [--id site-b-2026q4]     a partner token, printed once, and its hash
@@ -115,7 +114,7 @@ def _simulate(args: argparse.Namespace) -> int:
     cfg = load_config(args.config) if args.config else SiteConfig.model_validate(simulation_config(args.epochs))
     if args.data:
         fixed = load_sites(args.data)
-        sites_of_seed = lambda seed: fixed  # noqa: E731  (real data: the same cases every seed)
+        sites_of_seed = lambda seed: fixed
         scenario = f"data:{args.data}"
     else:
         sites_of_seed = partial(scenario_sites, out / "data", args.scenario)
@@ -195,23 +194,6 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def _dcml_compare(args: argparse.Namespace) -> int:
-    from gcml_app.sim.pair import compare
-
-    styles = tuple(args.styles.split(","))
-    if len(styles) != 2:
-        raise SystemExit(f"--styles: found {args.styles!r}; expected two site styles such as a,b")
-    res = compare(args.out, rounds=args.rounds, epochs=args.epochs, styles=styles, cases=args.cases, seed=args.seed)
-    print(f"{'arm':<6} {'site':<5} {'round':>5} {'winner':<14} {'val':>6} {'test':>6}")
-    for r in res["rows"]:
-        print(f"{r['arm']:<6} {r['site']:<5} {r['round']:>5} {r['winner']:<14} {r['val_dice']:>6.3f} {r['test_dice']:>6.3f}")
-    for name, c in res["step_cost"].items():
-        print(f"step cost ({name}): DCML {c['dcml_s'] * 1000:.0f} ms vs supervised {c['supervised_s'] * 1000:.0f} ms "
-              f"= {c['ratio']:.2f}x")
-    print(f"wrote {args.out}/compare.json, compare.csv, compare.png")
-    return 0
-
-
 def _site_name(v: str) -> str:
     from gcml_app.config import _NAME
 
@@ -251,14 +233,6 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--last", type=int, default=10)
     s.set_defaults(func=_status)
 
-    s = sub.add_parser("dcml-compare", help="two synthetic sites: DCML rounds vs local fine-tuning of equal steps")
-    s.add_argument("--out", default="dcml-compare")
-    s.add_argument("--rounds", type=int, default=4)
-    s.add_argument("--epochs", type=int, default=5)
-    s.add_argument("--styles", default="a,b")
-    s.add_argument("--cases", type=int, default=12)
-    s.add_argument("--seed", type=int, default=0)
-    s.set_defaults(func=_dcml_compare)
 
     s = sub.add_parser("simulate", help="controlled multi-seed comparison: GCML, local, FL baselines, ablations")
     s.add_argument("--out", default="gcml-simulate")

@@ -16,10 +16,9 @@ The teacher side of every cross term is detached, so ``loss_L`` reaches only L's
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-
-import math
 
 import torch
 import torch.nn.functional as F

@@ -22,8 +22,8 @@ from typing import Any
 import yaml
 from tqdm import tqdm
 
-from gcml_app.rounds import summarize
 from gcml_app.launch import SiteServer, free_port
+from gcml_app.rounds import summarize
 from gcml_app.site_client import SiteClient
 
 __all__ = ["SAMPLE_CONFIGS", "run_demo", "site_yamls"]

@@ -34,7 +34,7 @@ from monai.utils import set_determinism
 
 from gcml_app.config import SiteConfig
 from gcml_app.dcml import average_state, dcml_train, supervised_train
-from gcml_app.errors import IncomingModelRejected, NothingToShare, NotEnoughLabels, PayloadRejected, PeerUnavailable
+from gcml_app.errors import IncomingModelRejected, NotEnoughLabels, NothingToShare, PayloadRejected, PeerUnavailable
 from gcml_app.evaluate import dice_per_case
 from gcml_app.gate import SERVED, select
 from gcml_app.gossip.audit import AuditLog

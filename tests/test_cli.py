@@ -76,24 +76,3 @@ def test_demo_runs_a_three_site_federation(tmp_path):
     assert "MONAI Label module -> Server: http://127.0.0.1:" in out.stdout
     assert "auto-segmented case_" in out.stdout
 
-
-@pytest.mark.slow
-def test_dcml_compare_writes_json_csv_png(tmp_path, capsys):
-    import json
-
-    out = tmp_path / "cmp"
-    assert main(["dcml-compare", "--out", str(out), "--rounds", "2", "--epochs", "1", "--cases", "6"]) == 0
-    res = json.loads((out / "compare.json").read_text())
-    assert {(r["arm"], r["site"], r["round"]) for r in res["rows"]} == {
-        (arm, s, r) for arm in ("local", "dcml") for s in ("a", "b") for r in (1, 2)}
-    assert {r["winner"] for r in res["rows"] if r["arm"] == "dcml" and r["round"] == 2} <= {
-        "served", "dcml_local", "dcml_incoming", "average"}
-    assert all(c["ratio"] > 1.0 for c in res["step_cost"].values())
-    assert (out / "compare.csv").read_text().startswith("arm,site,round")
-    assert (out / "compare.png").read_bytes()[:4] == b"\x89PNG"
-    assert "step cost" in capsys.readouterr().out
-
-
-def test_dcml_compare_needs_two_styles():
-    with pytest.raises(SystemExit, match="expected two site styles"):
-        main(["dcml-compare", "--styles", "a"])

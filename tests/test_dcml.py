@@ -1,4 +1,5 @@
 import copy
+import math
 
 import pytest
 import torch
@@ -9,10 +10,12 @@ from gcml_app.dcml import (
     average_state,
     dcml_step,
     dcml_train,
+    distill_kl,
+    kl_ramp,
     labels_at,
-    region_balanced_kl,
     supervised_step,
     voxel_infonce,
+    voxel_weights,
 )
 from gcml_app.network import build_network
 
@@ -57,30 +60,96 @@ def test_feature_tap_shapes(net, scale, size):
 
 
 # ---------------------------------------------------------------- KL
-def test_kl_is_zero_for_identical_models_and_positive_otherwise():
+@pytest.mark.parametrize("mask", ["agree", "none"])
+def test_kl_is_zero_for_identical_models_and_positive_otherwise(mask):
     cfg = site()
     a, b = pair(cfg)
     x, y = data()
     za = a(x)
-    assert region_balanced_kl(za, za.clone(), y).item() == pytest.approx(0.0, abs=1e-7)
-    assert region_balanced_kl(za, copy.deepcopy(a)(x), y).item() == pytest.approx(0.0, abs=1e-7)
-    assert region_balanced_kl(za, b(x), y).item() > 1e-4
+    assert distill_kl(za, za.clone(), y, mask=mask).item() == pytest.approx(0.0, abs=1e-7)
+    assert distill_kl(za, copy.deepcopy(a)(x), y, mask=mask).item() == pytest.approx(0.0, abs=1e-7)
+    assert distill_kl(za, b(x), y, mask="none").item() > 1e-4
 
 
-def test_kl_balances_regions_and_detaches_teacher():
+def _one_voxel(teacher_class: int, label: int):
+    """Student: uniform; teacher: confident in ``teacher_class`` at voxel (0, 0, 0) only; label there ``label``."""
     s = torch.zeros(1, 2, 4, 4, 4, requires_grad=True)
     t = torch.zeros(1, 2, 4, 4, 4, requires_grad=True)
     with torch.no_grad():
-        t[:, 1, 0, 0, 0] = 5.0  # the teacher disagrees at one foreground voxel only
+        t[:, teacher_class, 0, 0, 0] = 5.0
     y = torch.zeros(1, 1, 4, 4, 4, dtype=torch.long)
-    y[..., 0, 0, 0] = 1
-    kl = region_balanced_kl(s, t, y, temperature=1.0, dilation=0)
-    # one differing voxel out of a 1-voxel foreground counts half the loss, not 1/64 of it
-    p = torch.softmax(torch.tensor([0.0, 5.0]), 0)
-    expected = 0.5 * float((p * (p / 0.5).log()).sum())
-    assert kl.item() == pytest.approx(expected, rel=1e-5)
+    y[..., 0, 0, 0] = label
+    return s, t, y
+
+
+_P = torch.softmax(torch.tensor([0.0, 5.0]), 0)
+_KL_V = float((_P * (_P / 0.5).log()).sum())  # KL of that voxel at T = 1
+
+KL_CASES = [
+    # (teacher class, label, mask, fg_weight_max, expected KL)
+    (1, 1, "agree", 3.0, 3 * _KL_V / (63 + 3)),  # teacher right on a foreground voxel: weight min(63, 3)
+    (1, 1, "agree", 100.0, 63 * _KL_V / (63 + 63)),  # unbounded: the foreground weighs as much as the background
+    (1, 0, "agree", 3.0, 0.0),  # teacher wrong there: not distilled (the voxel stays in the denominator)
+    (1, 0, "none", 3.0, _KL_V / 64),  # no mask: distilled like any background voxel
+    (0, 1, "agree", 3.0, 0.0),  # teacher says background on a lesion voxel: not distilled
+]
+
+
+@pytest.mark.parametrize("teacher_class, label, mask, bound, expected", KL_CASES)
+def test_kl_trusts_only_a_right_teacher_with_bounded_foreground_weight(teacher_class, label, mask, bound, expected):
+    s, t, y = _one_voxel(teacher_class, label)
+    kl = distill_kl(s, t, y, temperature=1.0, dilation=0, mask=mask, fg_weight_max=bound)
+    assert kl.item() == pytest.approx(expected, rel=1e-5, abs=1e-9)
     kl.backward()
-    assert t.grad is None and s.grad is not None
+    assert t.grad is None and s.grad is not None  # the teacher is detached
+    assert (s.grad.abs().sum().item() > 0) == (expected > 0)  # a wrong teacher does not pull the student
+
+
+def test_a_teacher_wrong_everywhere_gives_no_kl_gradient():
+    x, y = data()
+    student = torch.randn(2, 3, *y.shape[2:], requires_grad=True)
+    wrong = torch.nn.functional.one_hot((y[:, 0] + 1) % 3, 3).permute(0, 4, 1, 2, 3).float() * 10
+    distill_kl(student, wrong, y).backward()
+    assert student.grad.abs().max().item() == 0.0
+    assert distill_kl(student, wrong, y, mask="none").item() > 0
+
+
+@pytest.mark.parametrize("n_fg, bound, fg_weight", [(1, 3.0, 3.0), (32, 3.0, 1.0), (16, 3.0, 3.0), (16, 10.0, 48 / 16)])
+def test_voxel_weights_balance_foreground_up_to_the_bound(n_fg, bound, fg_weight):
+    y = torch.zeros(1, 1, 4, 4, 4, dtype=torch.long)
+    y.view(-1)[:n_fg] = 1
+    w = voxel_weights(y, 0, bound)
+    assert w.view(-1)[:n_fg].unique().tolist() == [pytest.approx(fg_weight)]
+    assert w.view(-1)[n_fg:].unique().tolist() == [1.0]
+    assert w.max().item() <= bound
+
+
+@pytest.mark.parametrize("rampup", [0.0, 0.1, 0.3, 1.0])
+def test_kl_ramp_rises_from_near_zero_to_one(rampup):
+    total = 50
+    w = [kl_ramp(s, total, rampup) for s in range(total)]
+    assert all(a <= b for a, b in zip(w, w[1:]))  # never decreases
+    assert all(0.0 < v <= 1.0 for v in w)
+    assert all(v == 1.0 for s, v in enumerate(w) if s >= rampup * total)  # full weight after the ramp
+    if rampup:
+        assert w[0] == pytest.approx(math.exp(-5))
+
+
+def test_the_ramp_scales_the_kl_in_a_dcml_step():
+    cfg = site(lambda_con=0.0, kl_mask="none")
+    x, y = data()
+    grads = {}
+    for w in (0.0, 1.0):
+        a, b = pair(cfg)
+        oa, ob = torch.optim.SGD(a.parameters(), lr=0.0), torch.optim.SGD(b.parameters(), lr=0.0)
+        step = dcml_step(a, b, oa, ob, x, y, cfg.dcml, kl_weight=w)
+        grads[w] = torch.cat([p.grad.flatten() for p in a.backbone.parameters()])
+        assert step.kl_l > 0  # the KL is reported unweighted
+    a, _ = pair(cfg)
+    oa = torch.optim.SGD(a.parameters(), lr=0.0)
+    supervised_step(a, oa, x, y)
+    torch.testing.assert_close(grads[0.0], torch.cat([p.grad.flatten() for p in a.backbone.parameters()]))  # w = 0: supervised
+    assert not torch.allclose(grads[0.0], grads[1.0])
 
 
 # ---------------------------------------------------------------- InfoNCE
@@ -127,7 +196,7 @@ def test_zero_weights_equal_two_independent_supervised_steps(net):
     a, b = pair(cfg)
     a2, b2 = copy.deepcopy(a), copy.deepcopy(b)
     x, y = data()
-    opt = lambda m: torch.optim.AdamW(m.parameters(), lr=1e-2)  # noqa: E731
+    opt = lambda m: torch.optim.AdamW(m.parameters(), lr=1e-2)
     oa, ob, oa2, ob2 = opt(a), opt(b), opt(a2), opt(b2)
     dcml_step(a, b, oa, ob, x, y, cfg.dcml)
     supervised_step(a2, oa2, x, y)
@@ -157,7 +226,7 @@ def test_one_optimizer_never_changes_the_other_model():
     before_a, before_b = copy.deepcopy(a.state_dict()), copy.deepcopy(b.state_dict())
     z_a, _, e_a = a.forward_features(x)
     z_b, _, e_b = b.forward_features(x)
-    loss_a = region_balanced_kl(z_a, z_b, y) + voxel_infonce(e_a, e_b, labels_at(y, e_a.shape[2:]))
+    loss_a = distill_kl(z_a, z_b, y, mask="none") + voxel_infonce(e_a, e_b, labels_at(y, e_a.shape[2:]))
     loss_a.backward()
     assert all(p.grad is None for p in b.parameters())  # the teacher side is detached
     oa.step()
@@ -172,19 +241,24 @@ def test_dcml_train_returns_loss_components_per_epoch():
     x, y = data()
     seen = []
     _, _, hist = dcml_train(a, b, [{"image": x, "label": y}] * 2, cfg.dcml, epochs=3, lr=1e-2, progress=seen.append)
-    assert len(hist) == 3 and set(hist[0]) == {"seg_l", "kl_l", "con_l", "seg_i", "kl_i", "con_i"}
+    assert len(hist) == 3 and set(hist[0]) == {"seg_l", "kl_l", "con_l", "seg_i", "kl_i", "con_i", "kl_weight"}
+    assert hist[0]["kl_weight"] < hist[-1]["kl_weight"] == cfg.dcml.lambda_kl  # ramped up within the round
     assert [s["epoch"] for s in seen] == [1, 2, 3]
     assert hist[-1]["seg_l"] < hist[0]["seg_l"] and hist[-1]["seg_i"] < hist[0]["seg_i"]
 
 
 # ---------------------------------------------------------------- bad arguments
 BAD = [
-    (lambda: region_balanced_kl(torch.zeros(1, 3, 4, 4, 4), torch.zeros(1, 2, 4, 4, 4), torch.zeros(1, 1, 4, 4, 4)),
-     r"region_balanced_kl logits: found shapes \(1, 3, 4, 4, 4\) and \(1, 2, 4, 4, 4\); expected equal shapes"),
-    (lambda: region_balanced_kl(torch.zeros(1, 2, 4, 4, 4), torch.zeros(1, 2, 4, 4, 4), torch.zeros(1, 1, 4, 4, 4), 0.0),
+    (lambda: distill_kl(torch.zeros(1, 3, 4, 4, 4), torch.zeros(1, 2, 4, 4, 4), torch.zeros(1, 1, 4, 4, 4)),
+     r"distill_kl logits: found shapes \(1, 3, 4, 4, 4\) and \(1, 2, 4, 4, 4\); expected equal shapes"),
+    (lambda: distill_kl(torch.zeros(1, 2, 4, 4, 4), torch.zeros(1, 2, 4, 4, 4), torch.zeros(1, 1, 4, 4, 4), 0.0),
      r"found temperature=0.0; expected T > 0"),
-    (lambda: region_balanced_kl(torch.zeros(1, 2, 4, 4, 4), torch.zeros(1, 2, 4, 4, 4), torch.zeros(1, 1, 2, 4, 4)),
+    (lambda: distill_kl(torch.zeros(1, 2, 4, 4, 4), torch.zeros(1, 2, 4, 4, 4), torch.zeros(1, 1, 2, 4, 4)),
      r"found labels \(1, 1, 2, 4, 4\) for logits"),
+    (lambda: distill_kl(torch.zeros(1, 2, 4, 4, 4), torch.zeros(1, 2, 4, 4, 4), torch.zeros(1, 1, 4, 4, 4), mask="some"),
+     r"found mask='some'; expected one of \['agree', 'none'\]"),
+    (lambda: distill_kl(torch.zeros(1, 2, 4, 4, 4), torch.zeros(1, 2, 4, 4, 4), torch.zeros(1, 1, 4, 4, 4),
+                        fg_weight_max=0.5), r"found fg_weight_max=0.5; expected >= 1"),
     (lambda: voxel_infonce(torch.zeros(1, 4, 2, 2, 2), torch.zeros(1, 4, 2, 2, 2), torch.zeros(1, 1, 2, 2, 2), tau=-1),
      r"found tau=-1; expected tau > 0"),
     (lambda: voxel_infonce(torch.zeros(1, 4, 2, 2, 2), torch.zeros(1, 8, 2, 2, 2), torch.zeros(1, 1, 2, 2, 2)),
@@ -241,9 +315,9 @@ def test_fused_mutual_terms_equal_the_reference_losses():
     x, y = data()
     z_a, f_a, e_a = a.forward_features(x)
     z_b, f_b, e_b = b.forward_features(x)
-    kl_a, kl_b = mutual_kl(z_a, z_b, y, 2.0, 2)
-    torch.testing.assert_close(kl_a, region_balanced_kl(z_a, z_b, y, 2.0, 2))
-    torch.testing.assert_close(kl_b, region_balanced_kl(z_b, z_a, y, 2.0, 2))
+    kl_a, kl_b = mutual_kl(z_a, z_b, y, 2.0, 2, "agree", 3.0)
+    torch.testing.assert_close(kl_a, distill_kl(z_a, z_b, y, 2.0, 2, "agree", 3.0))
+    torch.testing.assert_close(kl_b, distill_kl(z_b, z_a, y, 2.0, 2, "agree", 3.0))
     con_a, _ = mutual_infonce(a, b, f_a, f_b, y, cfg.dcml, torch.Generator().manual_seed(5))
     ref = voxel_infonce(e_a, e_b, labels_at(y, e_a.shape[2:]), cfg.dcml.tau, cfg.dcml.samples_per_class,
                         torch.Generator().manual_seed(5))

@@ -15,9 +15,9 @@ from test_trainer import cases_of
 from gcml_app.config import SiteConfig
 from gcml_app.gossip.payload import our_arch
 from gcml_app.gossip.peers import PeerBook
-from gcml_app.gossip.round import gossip_round, labels_round, summarize
 from gcml_app.gossip.state import GossipState
 from gcml_app.launch import free_port
+from gcml_app.rounds import gossip_round, labels_round, summarize
 from gcml_app.store import ModelStore
 
 

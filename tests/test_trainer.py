@@ -1,8 +1,9 @@
 import pytest
+import torch
 
 from gcml_app.errors import NotEnoughLabels
+from gcml_app.rounds import run_round
 from gcml_app.store import ModelStore
-from gcml_app.trainer import run_round
 
 
 def cases_of(studies, n=None):
@@ -99,3 +100,101 @@ def test_bad_incoming_model_is_rejected_before_anything_changes(cfg, studies, tm
     with pytest.raises(IncomingModelRejected, match=message):
         run_round(cfg, store, cases_of(studies[0]), epochs=1, incoming=path)
     assert store.served_version() is None and store.history() == []
+
+
+# ---------------------------------------------------------------- working model vs served model
+def _site(tmp_path, **validation):
+    from helpers import write_config
+
+    from gcml_app.config import load_config
+
+    return load_config(write_config(tmp_path / "site", validation={"fraction": 0.2, "min_cases": 1, **validation}))
+
+
+def _weights_sha(state):
+    import hashlib
+
+    return hashlib.sha256(b"".join(v.numpy().tobytes() for _, v in sorted(state.items()))).hexdigest()
+
+
+@pytest.mark.slow
+def test_a_keep_leaves_the_working_model_advanced_and_the_next_round_starts_there(tmp_path, studies):
+    cfg = _site(tmp_path, margin=0.99)  # no candidate can clear this margin: every later round keeps
+    store = ModelStore(cfg.state_dir / "models")
+    cases = cases_of(studies[0])
+    first = run_round(cfg, store, cases, epochs=1)
+    assert first["published"] and first["working"]["from"] == "fresh"
+    v1 = store.load(1)
+    second = run_round(cfg, store, cases, epochs=1)
+    assert not second["published"] and store.served_version() == 1
+    assert "is not above the margin 0.99" in second["reason"]
+    assert second["working"] == {"from": "working", "candidate": "local", "sha256": store.working()[1]["sha256"],
+                                 "rounds_unpublished": 1}
+    working, info = store.working()
+    assert _weights_sha(working) != _weights_sha(v1)  # the keep did not throw the round's training away
+    assert info["base_version"] == 1 and info["rounds_unpublished"] == 1
+
+    # the next round trains from the working model, not from the served one
+    marked = {k: v + 0.01 if v.is_floating_point() else v for k, v in working.items()}
+    store.save_working(marked, **{k: info[k] for k in ("arch", "base_version", "rounds_unpublished")})
+    slow = cfg.model_copy(update={"train": cfg.train.model_copy(update={"lr": 1e-12})})
+    third = run_round(slow, store, cases, epochs=1)
+    assert third["working"]["rounds_unpublished"] == 2
+    after, _ = store.working()
+    for k, v in marked.items():
+        torch.testing.assert_close(after[k], v, atol=1e-6, rtol=0)
+
+
+@pytest.mark.slow
+def test_a_crash_between_working_model_and_publish_loses_neither(tmp_path, studies, monkeypatch):
+    cfg = _site(tmp_path, margin=0.0, max_label_drop=1.0)
+    store = ModelStore(cfg.state_dir / "models")
+    cases = cases_of(studies[0])
+    run_round(cfg, store, cases, epochs=1)
+    served_bytes = store.read_bytes(1)
+
+    def crash(*a, **k):
+        raise OSError("disk gone")
+
+    monkeypatch.setattr(ModelStore, "publish", crash)  # dies after the working model is written
+    monkeypatch.setattr(ModelStore, "record", crash)
+    with pytest.raises(OSError, match="disk gone"):
+        run_round(cfg, store, cases, epochs=1)
+    monkeypatch.undo()
+    assert store.served_version() == 1 and store.read_bytes(1) == served_bytes  # served intact
+    advanced = store.working()
+    assert advanced is not None and advanced[1]["rounds_unpublished"] in (0, 1)
+    rec = run_round(cfg, store, cases, epochs=1)
+    assert rec["working"]["from"] == "working"  # the crashed round's training was kept
+
+    # a crash while writing the working model leaves the old one and the served model as they were
+    before = store.working()[1]["sha256"]
+    import gcml_app.store as store_mod
+
+    def torn(path, data):
+        raise OSError("no space left on device")
+
+    monkeypatch.setattr(store_mod, "atomic_write", torn)
+    with pytest.raises(OSError, match="no space left"):
+        run_round(cfg, store, cases, epochs=1)
+    monkeypatch.undo()
+    assert store.working()[1]["sha256"] == before and store.served_version() == rec["version"]
+
+
+def test_rollback_restarts_the_working_model_from_that_version(tmp_path):
+    store = ModelStore(tmp_path / "state" / "models")
+    a, b = {"w": torch.zeros(3)}, {"w": torch.ones(3)}
+    for s in (a, b):
+        store.publish(s, arch="sha256:x", val_dice={"organ": 0.5}, n_train=1, n_val=1, produced_by="local")
+    store.save_working({"w": torch.full((3,), 7.0)}, arch="sha256:x", base_version=2, rounds_unpublished=3)
+    store.rollback(1, reason="regression")
+    working, info = store.working()
+    assert torch.equal(working["w"], a["w"]) and info["base_version"] == 1 and info["rounds_unpublished"] == 0
+
+
+def test_an_unreadable_working_model_is_ignored_with_a_warning(tmp_path, caplog):
+    store = ModelStore(tmp_path / "state" / "models")
+    store.working_path.write_bytes(b"\x00\x01 torn")
+    with caplog.at_level("WARNING"):
+        assert store.working() is None
+    assert "working model" in caplog.text and "unreadable" in caplog.text

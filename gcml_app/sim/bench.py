@@ -15,6 +15,7 @@ Ratios are measured in the same run on the same machine; absolute times vary wit
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 import statistics
@@ -28,13 +29,13 @@ import torch
 from monailabel.client import MONAILabelClient
 from monailabel.tasks.infer.basic_infer import BasicInferTask
 
-from gcml_app.config import load_config
+from gcml_app.config import SiteConfig, load_config
+from gcml_app.dcml import dcml_step, supervised_step
 from gcml_app.demo import site_yamls
 from gcml_app.gossip.payload import encode_weights
 from gcml_app.infer import GCMLSegInfer
 from gcml_app.launch import SiteServer, free_port
 from gcml_app.network import build_network
-from gcml_app.sim.pair import step_cost
 from gcml_app.sim.phantoms import write_studies
 from gcml_app.site_client import SiteClient
 from gcml_app.store import ModelStore
@@ -55,6 +56,31 @@ class StockSegInfer(GCMLSegInfer):
 
     def writer(self, data, extension=None, dtype=None):
         return BasicInferTask.writer(self, data, extension=extension, dtype=dtype)
+
+
+
+def step_cost(cfg: SiteConfig, repeats: int = 10) -> dict[str, float]:
+    """Seconds per DCML step and per single-model supervised step on the same batch, and their ratio."""
+    torch.manual_seed(0)
+    x = torch.randn(cfg.train.batch_size, cfg.input_channels, *cfg.roi_size)
+    y = torch.randint(0, cfg.out_channels, (cfg.train.batch_size, 1, *cfg.roi_size))
+    a, b = build_network(cfg), build_network(cfg)
+    oa, ob = torch.optim.AdamW(a.parameters()), torch.optim.AdamW(b.parameters())
+    s = copy.deepcopy(a)
+    os_ = torch.optim.AdamW(s.parameters())
+    for _ in range(2):  # warm-up
+        dcml_step(a, b, oa, ob, x, y, cfg.dcml)
+        supervised_step(s, os_, x, y)
+    t = {"dcml": 0.0, "supervised": 0.0}
+    for _ in range(repeats):  # interleaved, so machine noise hits both alike
+        t0 = time.perf_counter()
+        dcml_step(a, b, oa, ob, x, y, cfg.dcml)
+        t["dcml"] += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        supervised_step(s, os_, x, y)
+        t["supervised"] += time.perf_counter() - t0
+    return {"dcml_s": t["dcml"] / repeats, "supervised_s": t["supervised"] / repeats,
+            "ratio": t["dcml"] / t["supervised"]}
 
 
 def _pct(xs: list[float], q: float) -> float:

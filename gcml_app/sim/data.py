@@ -20,7 +20,7 @@ import yaml
 
 from gcml_app.sim.phantoms import write_studies
 
-__all__ = ["SCENARIOS", "SimSite", "SiteDataError", "load_sites", "scenario_sites", "site_names", "synthetic_sites"]
+__all__ = ["SCENARIOS", "SimSite", "SiteDataError", "load_sites", "scenario_sites", "site_names"]
 
 Case = dict[str, str]
 
@@ -113,26 +113,6 @@ def _load_site(folder: Path, test_fraction: float, val_fraction: float) -> SimSi
     site = _split(folder.name, _pairs(folder, "imagesTr", "labelsTr"), test, test_fraction, val_fraction)
     site.settings = _site_settings(folder)
     return site
-
-
-def synthetic_sites(out: str | Path, styles: list[str], cases: int = 16, seed: int = 0,
-                    test_fraction: float = 0.25, val_fraction: float = 0.2) -> list[SimSite]:
-    """Write ``cases`` labelled phantoms per style into ``out/site-<style>/`` (per-site layout) and split them."""
-    out = Path(out)
-    names = site_names(styles)
-    for i, (style, name) in enumerate(zip(styles, names)):
-        folder = out / name
-        if (folder / "imagesTr").is_dir() and len(list((folder / "imagesTr").glob("*.nii.gz"))) == cases:
-            continue
-        shutil.rmtree(folder, ignore_errors=True)
-        tmp = write_studies(out / f".tmp-{name}", style, cases=cases, seed=seed + i)
-        (folder / "imagesTr").mkdir(parents=True)
-        (folder / "labelsTr").mkdir()
-        for img in sorted(tmp.glob("*.nii.gz")):
-            shutil.move(str(img), folder / "imagesTr" / img.name)
-            shutil.move(str(tmp / "labels" / "final" / img.name), folder / "labelsTr" / img.name)
-        shutil.rmtree(tmp)
-    return [_load_site(out / name, test_fraction, val_fraction) for name in names]
 
 
 def site_names(styles: list[str]) -> list[str]:
