@@ -401,7 +401,10 @@ def gossip_round(
 
     Special cases: no served model yet and enough labels: a local warm-up round
     (``gossip.warmup_epochs``); too few labels to validate and no validated model: adopt a
-    partner's validated model unchanged, recorded as unvalidated (``gossip.adopt_when_unlabelled``).
+    partner's validated model unchanged, recorded as unvalidated (``gossip.adopt_when_unlabelled``);
+    no partner has a new model but one answered that it still serves the model we pulled from it
+    before: DCML with that cached model (the first such partner in the policy's order), so the
+    site's own labels keep training every round (``gossip.cached: true`` in the record).
 
     Args:
         cfg: site config (its ``gossip`` section lists the partners).
@@ -456,13 +459,25 @@ def gossip_round(
     for name in backed_off:
         attempts.append({"peer": name, "outcome": "backed_off", "reason": book.get(name).last_error})
     pulled_bytes = sum(a.get("bytes", 0) for a in attempts)
-    if got is None:
+    # a partner that answered "unchanged" still serves the model we hold: train with it
+    reuse = None if (got is not None or adopting) else next(
+        (a["peer"] for a in attempts if a["outcome"] == "unchanged" and state.cached_model(a["peer"]).exists()), None)
+    if got is None and reuse is None:
         reason = "no partner had a new usable model: " + "; ".join(
             f"{a['peer']} {a['outcome']}" + (f" ({a['reason']})" if a.get("reason") else "") for a in attempts
         ) if attempts else "no partner to ask"
         logger.info(f"gossip[{cfg.site}] {reason}")
         return store.record("gossip", outcome="no_model", reason=reason, attempts=attempts,
                             bytes_pulled=pulled_bytes, **base)
+    if got is None:  # nothing new anywhere: our labels still train, with the partner model we hold (policy order)
+        rec = book.get(reuse)
+        origin = {"peer": reuse, "peer_site": rec.last_site, "peer_version": rec.last_version,
+                  "peer_sha256": rec.last_sha256, "cached": True}
+        gossip = {"peer": reuse, "peer_version": rec.last_version, "attempts": attempts, "bytes_pulled": pulled_bytes,
+                  "cached": True}
+        logger.info(f"gossip[{cfg.site}] no new partner model: DCML with the cached model of {reuse} v{rec.last_version}")
+        return _train_with(cfg, store, cases, book, state, reuse, state.cached_model(reuse), origin, gossip,
+                           base, epochs, progress, seed)
 
     name, man, pulled, path = got
     origin = {"peer": name, "peer_site": man.site, "peer_version": man.version, "peer_sha256": man.sha256}
@@ -479,6 +494,11 @@ def gossip_round(
         logger.info(f"gossip[{cfg.site}] adopted {name} v{man.version} as v{man_.version} (unvalidated)")
         return store.history()[-1]
 
+    return _train_with(cfg, store, cases, book, state, name, path, origin, gossip, base, epochs, progress, seed)
+
+
+def _train_with(cfg, store, cases, book, state, name, path, origin, gossip, base, epochs, progress, seed):
+    """DCML with partner ``name``'s model at ``path``, then credit the partner with what it brought."""
     state.learned(c["id"] for c in cases)  # only a round that trains learns from the pending labels
     record = run_round(cfg, store, cases, epochs=epochs or cfg.gossip.epochs, incoming=path, progress=progress,
                        origin=origin, extra={**base, "gossip": gossip}, seed=seed)

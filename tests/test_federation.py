@@ -117,8 +117,10 @@ def test_unchanged_peer_model_is_not_downloaded_again(fed):
     a, b = fed["sites"]["site-a"], fed["sites"]["site-b"]
     a["site"].round(peers=["site-b"])  # holds site-b's current model after this, pulled or not
     rec = a["site"].round(peers=["site-b"])
-    assert rec["event"] == "gossip" and rec["outcome"] == "no_model" and rec["bytes_pulled"] == 0
-    assert rec["attempts"] == [{**rec["attempts"][0], "peer": "site-b", "outcome": "unchanged"}]
+    # nothing downloaded; the round still trains, with the partner model it holds
+    g = rec["gossip"]
+    assert rec["mode"] == "dcml" and g["cached"] is True and g["bytes_pulled"] == 0 and rec["incoming"]["cached"]
+    assert g["attempts"] == [{**g["attempts"][0], "peer": "site-b", "outcome": "unchanged"}]
 
     token = a["tokens"]["site-b"]
     full = _peer_get(b["url"], "/gcml/peer/model", token)

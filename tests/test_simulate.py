@@ -17,54 +17,118 @@ from gcml_app.cli import main
 from gcml_app.config import SiteConfig
 from gcml_app.gossip.payload import encode_weights, verify_weights
 from gcml_app.network import build_network
-from gcml_app.sim.data import SiteDataError, load_sites, synthetic_sites
+from gcml_app.sim.data import SiteDataError, load_sites, scenario_sites
 from gcml_app.store import ModelStore
-from gcml_app.trainer import run_round
+from gcml_app.rounds import run_round
 
-METHODS = ["local", "fedavg", "gml", "gcml", "pooled"]
+def _tiny_yaml(tmp_path):
+    from helpers import write_config
+
+    return write_config(tmp_path / "cfg", validation={"fraction": 0.2, "min_cases": 1, "margin": 0.0})
 
 
 @pytest.mark.slow
-def test_simulate_tiny_federation_accounts_for_every_byte(tmp_path, capsys):
-    out = tmp_path / "sim"
-    assert main(["simulate", "--out", str(out), "--site-styles", "a,b,c", "--cases", "6", "--rounds", "2",
-                 "--epochs", "1"]) == 0
+def test_simulate_runs_every_method_through_the_servers_round_code(tmp_path, capsys, monkeypatch):
+    import gcml_app.rounds as rounds
+    import gcml_app.sim.federation as federation
+
+    assert federation.run_round is rounds.run_round and federation.gossip_round is rounds.gossip_round
+    calls = {"run_round": 0, "gossip_round": 0}
+
+    def spy(name, real):
+        def wrapped(*a, **k):
+            calls[name] += 1
+            return real(*a, **k)
+        return wrapped
+
+    real_run, real_gossip = rounds.run_round, rounds.gossip_round
+    monkeypatch.setattr(rounds, "run_round", spy("run_round", real_run))  # what gossip_round calls
+    monkeypatch.setattr(federation, "run_round", spy("run_round", real_run))
+    monkeypatch.setattr(federation, "gossip_round", spy("gossip_round", real_gossip))
+
+    data, out = _layout(tmp_path, sites=("x", "y"), cases=5), tmp_path / "sim"
+    methods = list(federation.ARMS)
+    assert main(["simulate", "--data", str(data), "--config", str(_tiny_yaml(tmp_path)), "--out", str(out),
+                 "--seeds", "2", "--rounds", "2", "--epochs", "1", "--warmup-epochs", "1"]) == 0
+    gossip = [m for m, a in federation.ARMS.items() if a.kind == "gossip"]
+    sites, seeds, rounds_ = ["x", "y"], 2, 2
+    # warm-up and local rounds via run_round; every gossip round via gossip_round (which trains via run_round)
+    assert calls["gossip_round"] == seeds * len(gossip) * rounds_ * len(sites)
+    assert calls["run_round"] == seeds * len(sites) * (1 + 2 * rounds_ + len(gossip) * rounds_)
+
     res = json.loads((out / "results.json").read_text())
-    sites, mb = res["config"]["sites"], res["model_bytes"]["float32"]
-    assert sites == ["site-a", "site-b", "site-c"] and set(res["summary"]) == set(METHODS)
-    assert res["config"]["cases"]["site-a"] == {"train": 3, "val": 1, "test": 2}
+    mb = res["model_bytes"]["float32"]
+    assert set(res["summary"]) == set(methods) and res["config"]["seeds"] == 2
+    assert {(r["seed"], r["method"], r["round"], r["site"]) for r in res["rows"]} == {
+        (s, m, r, n) for s in range(seeds) for m in methods for r in range(rounds_ + 1) for n in sites}
+    for m in methods:
+        for n in sites:
+            ps = res["summary"][m]["per_site"][n]
+            assert len(ps["values"]) == 2 and ps["mean"] == pytest.approx(sum(ps["values"]) / 2, abs=1e-4)
+            assert ps["vs_local"]["n"] == 2 and (m != "local" or ps["vs_local"]["mean"] == 0)
     rows = res["rows"]
-    assert {(r["method"], r["round"], r["site"]) for r in rows} == {
-        (m, r, s) for m in METHODS for r in range(3) for s in sites}
-    assert all(set(r) >= {"test_organ", "test_lesion", "test_mean", "bytes_sent", "bytes_received"} for r in rows)
-    per_round = {m: res["summary"][m]["bytes_per_round"] for m in METHODS}
-    assert per_round["fedavg"] == [2 * 3 * mb] * 2  # every site uploads and downloads the model
-    assert per_round["gml"] == per_round["gcml"] == [3 * mb] * 2  # one model per site per round
-    assert per_round["local"] == per_round["pooled"] == [0, 0]
-    for m in ("gml", "gcml"):
-        got = [r for r in rows if r["method"] == m and r["round"] > 0]
-        assert all(r["bytes_received"] == mb for r in got)
-        assert sum(r["bytes_sent"] for r in got) == sum(r["bytes_received"] for r in got)
-    fed = [r for r in rows if r["method"] == "fedavg" and r["round"] > 0]
-    assert all(r["bytes_sent"] == r["bytes_received"] == mb for r in fed)
-    warm = {r["site"]: r["test_mean"] for r in rows if r["round"] == 0 and r["method"] == "local"}
-    assert all({r["site"]: r["test_mean"] for r in rows if r["round"] == 0 and r["method"] == m} == warm
-               for m in ("fedavg", "gml", "gcml"))  # the same warm-up for every method but pooled
-    for m in METHODS:
-        s = res["summary"][m]
-        assert s["final_worst"] == min(s["per_site"].values()) and s["worst_site"] in sites
+    first = [r for r in rows if r["round"] == 1]
+    for r in first:  # the first round of every method moves what it should
+        want = {"round": 0, "gossip": mb, "fedavg": mb, "ditto": mb, "pooled": 0}[federation.ARMS[r["method"]].kind]
+        assert r["bytes_received"] == want, r
+    warm = {(r["seed"], r["site"]): r["test_mean"] for r in rows if r["round"] == 0 and r["method"] == "local"}
+    for m in ["local2x", *gossip]:  # one shared warm-up for the servers' methods
+        assert {(r["seed"], r["site"]): r["test_mean"] for r in rows if r["round"] == 0 and r["method"] == m} == warm
+
+    # the sites are real site state folders: history, partner book, audit trail, working model
+    site = out / "runs" / "seed1" / "gcml-perf" / "y"
+    history = [json.loads(line) for line in (site / "models" / "history.jsonl").read_text().splitlines()]
+    dcml = [h for h in history if h.get("mode") == "dcml"]
+    assert len(dcml) == rounds_ and all(h["trigger"] == "simulate" and h["gossip"]["peer"] == "x" for h in dcml)
+    assert all(len(h["per_case"]["served"]) == 1 and "evidence" in h for h in dcml)
+    book = json.loads((site / "gossip" / "peers.json").read_text())
+    assert sum(p["rounds"] for p in book.values()) == rounds_  # the performance policy's record persists
+    assert (site / "audit.jsonl").read_text().count('"kind": "pull"') >= rounds_
+    assert (site.parent.parent / "gcml" / "y" / "working.safetensors").is_file()
+
     with open(out / "results.csv") as f:
         assert len(list(csv.DictReader(f))) == len(rows)
     for png in ("dice_vs_round.png", "dice_vs_bytes.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
     printed = capsys.readouterr().out
-    assert "gcml" in printed and "MB moved" in printed and "worst" in printed
+    assert "paired vs local" in printed and "gcml-perf" in printed and "+-" in printed
 
-    assert main(["simulate", "--out", str(tmp_path / "half"), "--site-styles", "a,b", "--cases", "6", "--rounds", "1",
-                 "--epochs", "1", "--methods", "gcml", "--transport", "float16"]) == 0
-    half = json.loads((tmp_path / "half" / "results.json").read_text())
-    assert half["summary"]["gcml"]["bytes_per_round"] == [2 * half["model_bytes"]["float16"]]
-    assert half["model_bytes"]["float16"] < 0.55 * half["model_bytes"]["float32"]
+
+@pytest.mark.slow
+def test_float16_transport_halves_the_gossip_bytes(tmp_path):
+    data, out = _layout(tmp_path, sites=("x", "y"), cases=5), tmp_path / "half"
+    assert main(["simulate", "--data", str(data), "--config", str(_tiny_yaml(tmp_path)), "--out", str(out),
+                 "--seeds", "1", "--rounds", "1", "--epochs", "1", "--warmup-epochs", "1", "--methods", "gcml",
+                 "--transport", "float16"]) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["summary"]["gcml"]["bytes_received_per_seed"] == 2 * res["model_bytes"]["float16"]
+    assert res["model_bytes"]["float16"] < 0.55 * res["model_bytes"]["float32"]
+
+
+def test_scenarios_write_their_sites_once_per_seed(tmp_path):
+    sites = scenario_sites(tmp_path, "few-labels", seed=0)
+    assert [s.name for s in sites] == ["site-s1", "site-s2", "site-s3", "site-s4", "site-s5"]
+    assert [(len(s.train), len(s.val), len(s.test)) for s in sites] == [
+        (12, 4, 20), (2, 4, 20), (3, 4, 20), (4, 4, 20), (3, 4, 20)]
+    stamp = (tmp_path / "few-labels-seed0" / "site-s2" / "imagesTr" / "case_000.nii.gz").stat().st_mtime_ns
+    scenario_sites(tmp_path, "few-labels", seed=0)
+    assert (tmp_path / "few-labels-seed0" / "site-s2" / "imagesTr" / "case_000.nii.gz").stat().st_mtime_ns == stamp
+    other = scenario_sites(tmp_path, "few-labels", seed=1)[1].train[0]["image"]
+    assert sitk.GetArrayFromImage(sitk.ReadImage(other)).tolist() != sitk.GetArrayFromImage(
+        sitk.ReadImage(sites[1].train[0]["image"])).tolist()
+    with pytest.raises(ValueError, match=r"scenario: found 'none'; expected one of \['few-labels', 'semantic-shift'\]"):
+        scenario_sites(tmp_path, "none")
+
+
+def test_a_site_yaml_sets_that_sites_intensity_and_spacing(tmp_path):
+    data = _layout(tmp_path, cases=4)
+    (data / "x" / "site.yaml").write_text("intensity: {mode: range, a_min: -100, a_max: 200}\nspacing: [1.5, 1.5, 2]\n")
+    x, y = load_sites(data)
+    assert x.settings == {"intensity": {"mode": "range", "a_min": -100, "a_max": 200}, "spacing": [1.5, 1.5, 2]}
+    assert y.settings == {}
+    (data / "y" / "site.yaml").write_text("network: {name: UNet}\n")
+    with pytest.raises(SiteDataError, match=r"y/site.yaml: found \['network'\]; expected a mapping with only"):
+        load_sites(data)
 
 
 def _layout(root, sites=("x", "y"), cases=4):
@@ -134,14 +198,6 @@ def test_too_few_cases_for_a_split(tmp_path):
         load_sites(_layout(tmp_path, cases=2))
 
 
-def test_synthetic_sites_reuse_their_data_and_name_repeated_styles(tmp_path):
-    a = synthetic_sites(tmp_path, ["a", "b", "a"], cases=4)
-    assert [s.name for s in a] == ["site-a", "site-b", "site-a2"]
-    stamp = (tmp_path / "site-a" / "imagesTr" / "case_000.nii.gz").stat().st_mtime_ns
-    synthetic_sites(tmp_path, ["a", "b", "a"], cases=4)
-    assert (tmp_path / "site-a" / "imagesTr" / "case_000.nii.gz").stat().st_mtime_ns == stamp
-
-
 @pytest.mark.parametrize("transport, bound", [("float32", 0.0), ("float16", 2.0**-11)])
 def test_transport_round_trip_error_is_bounded(tmp_path, transport, bound):
     cfg = SiteConfig.model_validate({**TINY, "state_dir": str(tmp_path)})
@@ -153,6 +209,7 @@ def test_transport_round_trip_error_is_bounded(tmp_path, transport, bound):
         if v.is_floating_point():
             err = (back[k] - v).abs()
             assert (err <= bound * v.abs() + 1e-7).all(), k  # round to nearest: half a unit in the last place
+    assert encode_weights(state, transport, arch="sha256:x") == encode_weights(state, transport, arch="sha256:x")
     with pytest.raises(ValueError, match=r"transport: found 'int8'; expected one of \['float32', 'float16'\]"):
         encode_weights(state, "int8")
 

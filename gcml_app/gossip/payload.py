@@ -11,6 +11,7 @@ round to nearest). Only float16 is widened; any other dtype must match ours exac
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import torch
@@ -32,7 +33,8 @@ def encode_weights(state: dict[str, torch.Tensor], transport: str = "float32", *
     Args:
         state: ``{name: tensor}``; float32 tensors are sent as ``transport``.
         transport: ``"float32"`` or ``"float16"`` (half the bytes).
-        metadata: strings stored in the safetensors header (e.g. ``arch``).
+        metadata: strings stored in the safetensors header (e.g. ``arch``), as one JSON value, so
+            the same weights always encode to the same bytes.
 
     Raises:
         ValueError: an unknown ``transport``.
@@ -42,7 +44,9 @@ def encode_weights(state: dict[str, torch.Tensor], transport: str = "float32", *
     wire = torch.float16 if transport == "float16" else None
     tensors = {k: (v.detach().to("cpu").to(wire) if wire is not None and v.dtype == torch.float32 else v.detach().to("cpu"))
                .contiguous() for k, v in state.items()}
-    return st_save(tensors, metadata={"transport": transport, **metadata})
+    # One header key: safetensors writes several metadata keys in hash order, which would give the same
+    # weights a different sha256 (and ETag) on every encoding.
+    return st_save(tensors, metadata={"gcml": json.dumps({"transport": transport, **metadata}, sort_keys=True)})
 
 
 def manifest_body(site: str, m: Any, sha256: str, size: int, transport: str) -> dict[str, Any]:

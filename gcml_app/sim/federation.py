@@ -181,8 +181,7 @@ class _Run:
                 "test": CacheDataset(_files(s.test), val_transforms(c), progress=False),
             }
         self.arch = arch_fingerprint(cfg, build_network(cfg).state_dict())
-        self.model_bytes = {t: len(encode_weights(build_network(cfg).state_dict(), t, arch=self.arch))
-                            for t in ("float32", "float16")}
+        self.model_bytes: dict[str, int] = {}  # what a partner downloads; set from the first published model
 
     def site_cfg(self, site: SimSite, folder: Path, arm: Arm) -> SiteConfig:
         raw = self.base.model_dump(mode="json")
@@ -388,8 +387,8 @@ def _train_steps(net, loader, steps: int, lr: float, weight_decay: float, device
 # ---------------------------------------------------------------------------------------- one seed
 def run_seed(cfg: SiteConfig, sites: list[SimSite], out: Path, seed: int, methods: list[str], rounds: int,
              epochs: int, warmup_epochs: int, transport: str, gate: bool, threads: int = 0,
-             position: int = 0) -> list[dict[str, Any]]:
-    """Every method on one seed's sites; returns the result rows."""
+             position: int = 0) -> tuple[list[dict[str, Any]], dict[str, int]]:
+    """Every method on one seed's sites; returns the result rows and the model's payload bytes."""
     if threads:
         torch.set_num_threads(threads)
     run = _Run(cfg, sites, out / "runs" / f"seed{seed}", seed, epochs, warmup_epochs, transport, gate)
@@ -399,6 +398,9 @@ def run_seed(cfg: SiteConfig, sites: list[SimSite], out: Path, seed: int, method
         nd = _Node(s, run.cfgs[s.name])
         run_round(nd.cfg, nd.store, nd.cases, epochs=warmup_epochs, extra={"trigger": "simulate", "stage": "warmup"},
                   seed=run.seed_of(0, i))
+    served = nd.store.served()  # the payload sizes of the servers' peer surface (float32: the stored file)
+    run.model_bytes = {"float32": served.bytes,
+                       "float16": len(encode_weights(nd.store.load(served.version), "float16", arch=served.arch))}
     rows: list[dict[str, Any]] = []
     bar = tqdm(total=len(methods) * rounds, desc=f"seed {seed}", unit="round", position=position, leave=True)
     t = [time.perf_counter()]
@@ -418,7 +420,7 @@ def run_seed(cfg: SiteConfig, sites: list[SimSite], out: Path, seed: int, method
     for m in methods:
         _run_arm(run, m, rounds, warm, emit)
     bar.close()
-    return rows
+    return rows, run.model_bytes
 
 
 # ---------------------------------------------------------------------------------------- all seeds
@@ -455,10 +457,9 @@ def simulate(cfg: SiteConfig, sites_of_seed, out: str | Path, *, methods: list[s
             parts = list(ex.map(run_seed, *zip(*args), [threads] * seeds, range(seeds)))
     else:
         parts = [run_seed(*a) for a in args]
-    rows = [r for p in parts for r in p]
+    rows = [r for p, _ in parts for r in p]
+    model_bytes = parts[0][1]
     names = [s.name for s in site_lists[0]]
-    arch = arch_fingerprint(cfg, build_network(cfg).state_dict())
-    model_bytes = {t: len(encode_weights(build_network(cfg).state_dict(), t, arch=arch)) for t in ("float32", "float16")}
     result = {
         "config": {"scenario": scenario, "sites": names, "rounds": rounds, "methods": methods, "epochs": epochs,
                    "warmup_epochs": warmup_epochs, "seeds": seeds, "transport": transport, "gate": gate,
