@@ -100,7 +100,7 @@ def simulation_config(epochs: int) -> dict:
     return {"site": "sim", "labels": LABELS, "roi_size": [32, 32, 32],
             "network": {"name": "UNet", "channels": [8, 16, 32], "strides": [2, 2], "num_res_units": 1},
             "train": {"epochs": epochs, "batch_size": 2, "samples_per_case": 2, "lr": 0.003, "seed": 0},
-            "dcml": {"samples_per_class": 128}, "state_dir": "unused"}
+            "validation": {"sw_batch_size": 4}, "dcml": {"samples_per_class": 128}, "state_dir": "unused"}
 
 
 def _simulate(args: argparse.Namespace) -> int:

@@ -267,7 +267,8 @@ class GossipConfig(_Strict):
     """Peer-to-peer rounds: which partners, how often, how a peer is chosen, what a payload may be."""
 
     peers: tuple[PeerConfig, ...] = ()
-    policy: Literal["uniform", "performance"] = "uniform"
+    policy: Literal["uniform", "performance"] = Field(
+        "performance", description="partner choice: by the validation gain each partner brought, or uniform")
     epsilon: float = Field(0.1, ge=0.0, le=1.0, description="performance policy: chance of a uniform pick")
     ema: float = Field(0.3, gt=0.0, le=1.0, description="performance policy: weight of the newest Dice gain")
     interval_s: float = Field(3600.0, ge=0.0, description="scheduler period; 0 turns the scheduler off")

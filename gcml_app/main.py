@@ -34,6 +34,7 @@ from gcml_app.gossip.peers import PeerBook
 from gcml_app.gossip.scheduler import Scheduler
 from gcml_app.gossip.state import GossipState
 from gcml_app.infer import GCMLSegInfer
+from gcml_app.split import FixedSplit, labels_for_validation
 from gcml_app.store import ModelStore
 from gcml_app.trainer import GCMLTrain
 
@@ -165,6 +166,27 @@ class GCMLApp(MONAILabelApp):
             logger.info(f"{self.cfg.finetune.min_new_labels} new final labels: queued round {task and task['round_id']}")
         return super().on_save_label(image_id, label_id)
 
+    def _working_status(self, served) -> dict[str, Any] | None:
+        """The model rounds keep training; it equals the served one right after a publish."""
+        info = self.store.working_info()
+        if info is None:
+            return None
+        keys = ("updated", "candidate", "mode", "round_id", "base_version", "rounds_unpublished", "val_dice")
+        return {**{k: info.get(k) for k in keys},
+                "same_as_served": served is not None and info.get("rounds_unpublished") == 0
+                and info.get("base_version") in (served.version, served.parent)}
+
+    def _validation_status(self) -> dict[str, Any]:
+        """How many held-out cases gate each publish, and whether that is enough for a strict decision."""
+        v = self.cfg.validation
+        split = FixedSplit(self.cfg.state_dir / "split.json", v).assigned()
+        n_train, n_val = sum(x == "train" for x in split.values()), sum(x == "val" for x in split.values())
+        strict = n_val >= v.strict_cases
+        more = 0 if strict else labels_for_validation(v, n_train, n_val, v.strict_cases)
+        return {"n_train": n_train, "n_val": n_val, "decision": v.decision, "margin": v.margin,
+                "max_label_drop": v.max_label_drop, "strict": strict, "strict_cases": v.strict_cases,
+                "more_labels_for_strict": more}
+
     def gcml_status(self) -> dict[str, Any]:
         """What ``GET /gcml/status`` returns (the Slicer GCML Federation module shows it)."""
         served = self.store.served()
@@ -185,6 +207,8 @@ class GCMLApp(MONAILabelApp):
                 "last_scheduler_tick": sched.last_result if sched else None,
             },
             "partners": PeerBook.open(self.gossip_state.peers_path).summary([p.name for p in g.peers]),
+            "working": self._working_status(served),
+            "validation": self._validation_status(),
             "pending_labels": len(self.gossip_state.pending()),
             "min_new_labels": self.cfg.finetune.min_new_labels,
             "training": {"running": self.training_busy(), **self._trainers["gcml"].stats()},

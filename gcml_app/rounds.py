@@ -108,7 +108,7 @@ def load_incoming(path: str | Path, cfg: SiteConfig, ours: str | None = None) ->
     return state, sha256_bytes(data)
 
 
-def _start_state(cfg: SiteConfig, store: ModelStore, arch: str) -> tuple[dict | None, dict[str, Any]]:
+def _start_state(cfg: SiteConfig, store: ModelStore, arch: str) -> tuple[dict, dict[str, Any]]:
     """Where a round starts: the working model, else the served model, else fresh weights."""
     served = store.served()
     if served is not None and served.arch != arch:
@@ -125,7 +125,9 @@ def _start_state(cfg: SiteConfig, store: ModelStore, arch: str) -> tuple[dict | 
         logger.warning(f"gcml[{cfg.site}] working model is for another network; starting from the served model")
     if served is not None:
         return store.load(served.version), {"from": f"served v{served.version}", "rounds_unpublished": 0}
-    return None, {"from": "fresh", "rounds_unpublished": 0}
+    with torch.random.fork_rng():  # sites with the same train.seed share an initialisation (so averages are meaningful)
+        torch.manual_seed(cfg.train.seed)
+        return build_network(cfg).state_dict(), {"from": "fresh", "rounds_unpublished": 0}
 
 
 def run_round(
@@ -144,7 +146,9 @@ def run_round(
     Without ``incoming`` the working model trains alone; the candidates are ``served`` and
     ``local``. With ``incoming`` it runs DCML with that model; the candidates are ``served``,
     ``dcml_local``, ``dcml_incoming`` and ``average`` (their parameter mean). The new working model
-    is the published winner, or, when the gate keeps the served model, ``local`` / ``dcml_local``.
+    is the published winner, or, when the gate keeps the served model, the trained candidate with the
+    best paired validation gain (``local`` in a local round). A site's first model starts from the
+    initialisation ``train.seed`` gives, the same at every site that keeps the default.
 
     Args:
         cfg: site config.
@@ -194,8 +198,7 @@ def run_round(
     arch = arch_fingerprint(cfg, model.state_dict())
     peer = load_incoming(incoming, cfg, arch) if incoming is not None else None
     start, working = _start_state(cfg, store, arch)
-    if start is not None:
-        model.load_state_dict(start)
+    model.load_state_dict(start)
     model.to(device)
     names = list(cfg.labels)
 
@@ -262,7 +265,9 @@ def run_round(
         step.update(origin or {"incoming_sha256": peer[1]})
 
     # The working model first: a crash before the publish then loses nothing (the next round gates it again).
-    new_working = decision.winner if decision.publish else kept
+    # A keep goes on from the candidate with the best paired validation gain (DCML-L unless another did better).
+    new_working = decision.winner if decision.publish else max(
+        states, key=lambda k: (decision.evidence[k].gain, k == kept))
     unpublished = 0 if decision.publish else working["rounds_unpublished"] + 1
     base_version = served.version if served is not None else None
     info = store.save_working(states[new_working], arch=arch, candidate=new_working, mode=mode,

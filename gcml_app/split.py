@@ -36,6 +36,10 @@ class FixedSplit:
         except FileNotFoundError:
             return {}
 
+    def assigned(self) -> dict[str, str]:
+        """Every case assigned so far: ``{case_id: "train" | "val"}`` (read only)."""
+        return self._load()
+
     def assign(self, case_ids: Iterable[str]) -> tuple[list[str], list[str]]:
         """Assign unseen cases, persist, and return ``(train, val)`` among ``case_ids`` (sorted)."""
         ids = sorted(set(case_ids))

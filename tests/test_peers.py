@@ -34,11 +34,23 @@ def test_performance_order_prefers_the_best_peer_with_exploration(tmp_path, epsi
     g = _g(policy="performance", epsilon=epsilon)
     book.credit("site-c", 0.05, g)
     book.credit("site-b", 0.01, g)
+    book.credit("site-d", -0.02, g)
     rng = random.Random(1)
     firsts = [order_peers(NAMES, book, g, rng, now=0)[0][0] for _ in range(3000)]
     assert firsts.count("site-c") / 3000 == pytest.approx(expected_share, abs=0.04)
     if epsilon == 0.0:
         assert order_peers(NAMES, book, g, rng, now=0)[0] == ["site-c", "site-b", "site-d"]
+
+
+def test_performance_order_tries_every_partner_once_before_ranking(tmp_path):
+    book = PeerBook(tmp_path / "p.json")
+    g = _g(policy="performance", epsilon=0.0)
+    book.credit("site-c", 0.05, g)
+    book.rejected("site-d", "sha256 mismatch", g)  # refused once: tried, not untried
+    firsts = {order_peers(NAMES, book, g, random.Random(i), now=0)[0][0] for i in range(50)}
+    assert firsts == {"site-b"}  # the one partner never tried comes first
+    book.credit("site-b", -0.01, g)
+    assert order_peers(NAMES, book, g, random.Random(0), now=0)[0] == ["site-c", "site-b", "site-d"]
 
 
 def test_failures_back_off_exponentially_up_to_the_cap(tmp_path):

@@ -76,7 +76,7 @@ def test_simulate_runs_every_method_through_the_servers_round_code(tmp_path, cap
         assert {(r["seed"], r["site"]): r["test_mean"] for r in rows if r["round"] == 0 and r["method"] == m} == warm
 
     # the sites are real site state folders: history, partner book, audit trail, working model
-    site = out / "runs" / "seed1" / "gcml-perf" / "y"
+    site = out / "runs" / "seed1" / "gcml" / "y"
     history = [json.loads(line) for line in (site / "models" / "history.jsonl").read_text().splitlines()]
     dcml = [h for h in history if h.get("mode") == "dcml"]
     assert len(dcml) == rounds_ and all(h["trigger"] == "simulate" and h["gossip"]["peer"] == "x" for h in dcml)
@@ -91,7 +91,7 @@ def test_simulate_runs_every_method_through_the_servers_round_code(tmp_path, cap
     for png in ("dice_vs_round.png", "dice_vs_bytes.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
     printed = capsys.readouterr().out
-    assert "paired vs local" in printed and "gcml-perf" in printed and "+-" in printed
+    assert "paired vs local" in printed and "gcml-uniform" in printed and "+-" in printed
 
 
 @pytest.mark.slow

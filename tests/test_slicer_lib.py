@@ -38,6 +38,7 @@ from GCMLFederationLib import (  # noqa: E402
     served_text,
     server_url_from_settings,
     training_text,
+    working_text,
 )
 
 DATA = Path(__file__).parent / "data"
@@ -112,7 +113,12 @@ def test_partner_rows(status):
 
 
 def test_labels_and_training_texts(status):
-    assert labels_text(status) == "2 labels submitted since the last training; a round starts at 5"
+    assert labels_text(status) == (
+        "2 labels submitted since the last training; a round starts at 5\n"
+        "only 2 held-out validation cases: too few for a strict publish decision (needs 5); "
+        "about 13 more labels would make it one")
+    strict = {**status, "validation": {**status["validation"], "strict": True}}
+    assert labels_text(strict) == "2 labels submitted since the last training; a round starts at 5"
     assert labels_text({"pending_labels": 1, "min_new_labels": 0}) == (
         "1 label submitted since the last training (automatic rounds on new labels are off)")
     assert training_text(status) == ("round running (gossip): epoch 2/5, loss 0.413", 40)
@@ -120,6 +126,21 @@ def test_labels_and_training_texts(status):
     assert training_text(idle) == ("idle; gossip paused (Resume restarts scheduled rounds)", None)
     idle["gossip"] = {"paused": False, "scheduler": True, "next_round_in_s": 1830}
     assert training_text(idle) == ("idle; next scheduled round in 30 min", None)
+
+
+@pytest.mark.parametrize("working, text", [
+    (None, "working model: none yet (the first round starts it)"),
+    ({"rounds_unpublished": 0}, "working model: the served model (the last round published it)"),
+    ({"rounds_unpublished": 1, "val_dice": {}}, "working model: 1 round of training not yet published; it is served"),
+])
+def test_working_text(working, text):
+    assert working_text({"working": working}).startswith(text)
+
+
+def test_working_text_of_the_recorded_status(status):
+    assert working_text(status) == (
+        "working model: 2 rounds of training not yet published, validation mean Dice 0.811; "
+        "it is served once it beats the served model on the held-out cases")
 
 
 def test_rollback_choices_exclude_the_served_version(status, history):
@@ -232,7 +253,13 @@ def test_client_against_a_real_site(tmp_path):
             status = client.status()
             assert status["site"] == "test-site" and status["served"] is None
             assert [r["name"] for r in partner_rows(status)] == ["site-b"] and partner_rows(status)[0]["reachable"] == "not tried"
-            assert labels_text(status) == "0 labels submitted since the last training; a round starts at 3"
+            assert labels_text(status) == (
+                "0 labels submitted since the last training; a round starts at 3\nonly 0 held-out validation cases: "
+                "too few for a strict publish decision (needs 5); about 21 more labels would make it one")
+            assert status["validation"] == {"n_train": 0, "n_val": 0, "decision": "margin", "margin": 0.005,
+                                            "max_label_drop": 0.02, "strict": False, "strict_cases": 5,
+                                            "more_labels_for_strict": 21}
+            assert status["working"] is None
 
             task = client.sync()
             assert set(task) >= {"task_id", "round_id"}

@@ -2,8 +2,9 @@
 
 Policies:
 
-- ``uniform`` (default): a random order over the partners not backed off.
-- ``performance``: best score first, where a partner's score is an exponential moving average of the
+- ``uniform``: a random order over the partners not backed off.
+- ``performance`` (default): partners not tried yet first (each is tried once: an optimistic start),
+  then best score first, where a partner's score is an exponential moving average of the
   validation-Dice gain its models brought (``winner - served``, 0 when the gate kept ours, and
   ``REJECT_GAIN`` when its payload was refused); with probability ``epsilon`` the order is uniform,
   so every partner keeps being tried.
@@ -168,5 +169,7 @@ def order_peers(
     backed_off = [n for n in names if n not in ready]
     rng.shuffle(ready)
     if gossip.policy == "performance" and rng.random() >= gossip.epsilon:
-        ready.sort(key=lambda n: -book.get(n).score)  # stable: ties keep their random order
+        # untried partners first (optimistic start: each is tried once before scores rank them), then best score;
+        # the sort is stable, so ties keep their random order
+        ready.sort(key=lambda n: (book.get(n).rounds > 0 or book.get(n).rejections > 0, -book.get(n).score))
     return ready, backed_off

@@ -75,7 +75,7 @@ class Arm:
             ``fedavg``, ``ditto`` or ``pooled``.
         epochs: multiple of ``--epochs`` per round (``local2x``: 2).
         dcml: DCML settings changed for this arm (ablations).
-        policy: partner choice of gossip arms.
+        policy: partner choice of gossip arms (``None``: the config's, by default ``performance``).
         gate: ``False`` serves every round's model unchecked whatever ``--gate`` says.
         serve: FedAvg: ``global`` (the average) or ``local`` (the site's fine-tuned copy: FedAvg+FT).
         pooled: ``steps`` (the mean site's steps per round) or ``epochs`` (passes over all cases).
@@ -84,7 +84,7 @@ class Arm:
     kind: str
     epochs: int = 1
     dcml: dict = field(default_factory=dict)
-    policy: str = "uniform"
+    policy: str | None = None
     gate: bool | None = None
     serve: str = "global"
     pooled: str = "steps"
@@ -98,8 +98,8 @@ ARMS: dict[str, Arm] = {
     "ditto": Arm("ditto"),
     # GML as in the group's earlier papers: plain mutual KL, no contrastive term, no trust mask or ramp
     "gml": Arm("gossip", dcml={"lambda_con": 0.0, "kl_mask": "none", "kl_rampup": 0.0, "fg_weight_max": 1.0}),
-    "gcml": Arm("gossip"),
-    "gcml-perf": Arm("gossip", policy="performance"),
+    "gcml": Arm("gossip"),  # the product's defaults: performance partner choice, DCML, gate
+    "gcml-uniform": Arm("gossip", policy="uniform"),
     "gcml-nokl": Arm("gossip", dcml={"lambda_kl": 0.0}),
     "gcml-nocon": Arm("gossip", dcml={"lambda_con": 0.0}),
     "gcml-nogate": Arm("gossip", gate=False),
@@ -191,7 +191,8 @@ class _Run:
             "site": site.name, "state_dir": str(folder / site.name),
             "train": {"epochs": self.epochs * arm.epochs},
             "validation": {"gate": self.gate if arm.gate is None else arm.gate, "min_cases": 1},
-            "gossip": {"peers": peers, "policy": arm.policy, "transport": self.transport, "epochs": self.epochs},
+            "gossip": {"peers": peers, "policy": arm.policy or self.base.gossip.policy, "transport": self.transport,
+                       "epochs": self.epochs},
             "dcml": arm.dcml, **site.settings,
         })
         return SiteConfig.model_validate(raw)

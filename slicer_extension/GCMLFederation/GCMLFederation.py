@@ -23,6 +23,7 @@ from GCMLFederationLib import (
     served_text,
     server_url_from_settings,
     training_text,
+    working_text,
 )
 from GCMLFederationLib.client import OWN_URL_KEY
 from slicer.ScriptedLoadableModule import (
@@ -169,7 +170,7 @@ class GCMLFederationWidget(ScriptedLoadableModuleWidget):
         """Fill every section from one ``/gcml/status`` and ``/gcml/history`` answer."""
         self.status, self.history = status, history
         self.ui.connectionLabel.text = f"Connected to {self.logic.client.url} (site {status.get('site')})"
-        self.ui.servedLabel.text = served_text(status, history)
+        self.ui.servedLabel.text = served_text(status, history) + "\n" + working_text(status)
         self._fillTable(self.ui.roundsTable, round_rows(history), ["time", "trigger", "peer", "result", "bytes"])
         self._fillTable(self.ui.partnersTable, partner_rows(status),
                         ["name", "reachable", "last_exchange", "score", "note"])

@@ -15,6 +15,7 @@ from .model import (
     round_rows,
     served_text,
     training_text,
+    working_text,
 )
 from .poller import Poller
 
@@ -31,4 +32,5 @@ __all__ = [
     "served_text",
     "server_url_from_settings",
     "training_text",
+    "working_text",
 ]

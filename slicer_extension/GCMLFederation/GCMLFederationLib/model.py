@@ -17,6 +17,7 @@ __all__ = [
     "rollback_choices",
     "round_rows",
     "served_text",
+    "working_text",
     "training_text",
 ]
 
@@ -165,9 +166,26 @@ def labels_text(status: dict[str, Any]) -> str:
     """How many submitted labels no round has learned from yet."""
     n, threshold = status.get("pending_labels", 0), status.get("min_new_labels", 0)
     head = f"{n} label{'s' if n != 1 else ''} submitted since the last training"
-    if threshold <= 0:
-        return head + " (automatic rounds on new labels are off)"
-    return head + f"; a round starts at {threshold}"
+    head += " (automatic rounds on new labels are off)" if threshold <= 0 else f"; a round starts at {threshold}"
+    v = status.get("validation") or {}
+    if v and not v.get("strict", True):
+        head += (f"\nonly {v['n_val']} held-out validation cases: too few for a strict publish decision "
+                 f"(needs {v['strict_cases']}); about {v['more_labels_for_strict']} more labels would make it one")
+    return head
+
+
+def working_text(status: dict[str, Any]) -> str:
+    """What rounds keep training between publishes (the working model)."""
+    w = status.get("working")
+    if not w:
+        return "working model: none yet (the first round starts it)"
+    n = w.get("rounds_unpublished") or 0
+    if n == 0:
+        return "working model: the served model (the last round published it)"
+    mean = _mean(w.get("val_dice") or {})
+    score = f", validation mean Dice {mean:.3f}" if mean is not None else ""
+    return (f"working model: {n} round{'s' if n != 1 else ''} of training not yet published{score}; "
+            "it is served once it beats the served model on the held-out cases")
 
 
 def training_text(status: dict[str, Any]) -> tuple[str, int | None]:
