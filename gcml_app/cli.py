@@ -21,6 +21,7 @@ from pathlib import Path
 
 from gcml_app.config import ConfigError, load_config
 from gcml_app.sim.data import SCENARIOS, SiteDataError
+from gcml_app.sim.phantoms import STYLES
 
 __all__ = ["main"]
 
@@ -208,7 +209,8 @@ def _parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("sample-data", help="write a MONAI Label studies folder of synthetic phantoms")
     s.add_argument("--out", required=True)
-    s.add_argument("--site-style", default="a", choices=["a", "b", "c"])
+    s.add_argument("--site-style", default="a", choices=sorted(STYLES),
+                   help="a, b, c: the semantic-shift sample federation; s1-s5: the few-labels scanners")
     s.add_argument("--cases", type=int, default=12)
     s.add_argument("--labelled", type=int, default=None, help="how many cases get a final label (default: all)")
     s.add_argument("--seed", type=int, default=0)

@@ -1,4 +1,4 @@
-"""Who may reach what on a site's MONAI Label server (DESIGN.md section 4).
+"""Who may reach what on a site's MONAI Label server (docs/design.md, "Security").
 
 Stock MONAI Label without Keycloak serves every endpoint (images, labels, a zip of the labelled
 dataset, model upload) to anyone who can reach it. The guard sits in front of all of it:
