@@ -173,8 +173,7 @@ class GCMLApp(MONAILabelApp):
             return None
         keys = ("updated", "candidate", "mode", "round_id", "base_version", "rounds_unpublished", "val_dice")
         return {**{k: info.get(k) for k in keys},
-                "same_as_served": served is not None and info.get("rounds_unpublished") == 0
-                and info.get("base_version") in (served.version, served.parent)}
+                "same_as_served": served is not None and info.get("rounds_unpublished") == 0}
 
     def _validation_status(self) -> dict[str, Any]:
         """How many held-out cases gate each publish, and whether that is enough for a strict decision."""

@@ -100,12 +100,17 @@ def test_warm_up_then_a_full_round_at_each_site(fed):
             assert man.lineage[0] == {**man.lineage[0], "site": n, "mode": "dcml", "peer": partner,
                                       "peer_version": their["version"], "peer_sha256": their["sha256"]}
             assert man.produced_by == f"gossip:{partner}:{rec['winner']}"
-            assert rec["mean"][rec["winner"]] > rec["mean"]["served"]
+            assert rec["evidence"][rec["winner"]]["passed"] and rec["evidence"][rec["winner"]]["gain"] > 0
+            assert rec["working"]["candidate"] == rec["winner"] and rec["working"]["rounds_unpublished"] == 0
         else:
             assert rec["event"] == "keep" and s["store"].served_version() == before
-            assert max(rec["mean"].values()) == rec["mean"]["served"]
+            assert not any(e["passed"] for e in rec["evidence"].values())  # no candidate cleared the gate
+            assert rec["working"]["rounds_unpublished"] >= 1  # ... and the training went into the working model
+        assert all(len(v) == rec["n_val"] for v in rec["per_case"].values())
         pulled[partner] = g["bytes_pulled"]
         status = s["site"].status()
+        assert status["working"]["rounds_unpublished"] == rec["working"]["rounds_unpublished"]
+        assert status["validation"]["n_val"] == rec["n_val"] and status["validation"]["strict"] is False
         row = next(r for r in status["partners"] if r["name"] == partner)
         assert row["reachable"] is True and row["last_version"] == their["version"] and row["rounds"] == 1
         assert status["last_round"]["round_id"] == rec["round_id"]
