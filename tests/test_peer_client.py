@@ -7,6 +7,7 @@ import time
 import pytest
 import requests
 import torch
+from safetensors.torch import load as st_load
 from helpers import TINY
 from hostile import PAYLOAD_CASES, HostilePeer, pickle_payload
 
@@ -43,7 +44,8 @@ def test_honest_peer_payload_is_pulled_and_verified(evil, tmp_path):
     cfg = _cfg(tmp_path, evil.url)
     got = _pull(cfg)
     assert got.bytes_received == len(evil.h.body) and got.manifest.site == "evil"
-    assert set(got.state) and all(v.is_floating_point() or True for v in got.state.values())
+    served = st_load(evil.h.body)  # the tensors received are exactly the tensors served
+    assert got.state.keys() == served.keys() and all(torch.equal(got.state[k], v) for k, v in served.items())
     assert evil.h.requests[0][1]["Authorization"] == f"Bearer {TOKEN}"
 
 
