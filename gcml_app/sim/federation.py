@@ -524,10 +524,12 @@ def _plot(rows, methods, names, rounds, summary, out: Path) -> None:
     def curve(m, key="test_mean"):
         return [statistics.fmean(x[key] for x in rows if x["method"] == m and x["round"] == r) for r in range(rounds + 1)]
 
+    palette = plt.get_cmap("tab20").colors  # one colour per method, the same in every panel
+    color = {m: palette[i % len(palette)] for i, m in enumerate(methods)}
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
     for m in methods:
         style = "-" if m.startswith(("gcml", "gml")) else "--"
-        axes[0].plot(range(rounds + 1), curve(m), style, marker="o", ms=3, label=m)
+        axes[0].plot(range(rounds + 1), curve(m), style, marker="o", ms=3, label=m, color=color[m])
     axes[0].set_title("served model, test Dice (mean over sites and seeds)")
     axes[0].set_xlabel("round (0 = warm-up)")
     axes[0].grid(alpha=0.3)
@@ -536,7 +538,7 @@ def _plot(rows, methods, names, rounds, summary, out: Path) -> None:
     for j, m in enumerate(methods):
         ps = summary[m]["per_site"]
         axes[1].bar([i + j * width for i in range(len(names))], [ps[n]["mean"] for n in names], width,
-                    yerr=[ps[n]["std"] for n in names], label=m, capsize=1)
+                    yerr=[ps[n]["std"] for n in names], label=m, capsize=1, color=color[m])
     axes[1].set_xticks([i + 0.4 - width / 2 for i in range(len(names))], names)
     axes[1].set_title(f"final test Dice per site (mean +- std over seeds, round {rounds})")
     lo = min(summary[m]["per_site"][n]["mean"] for m in methods for n in names)
@@ -551,7 +553,7 @@ def _plot(rows, methods, names, rounds, summary, out: Path) -> None:
         per_round = [statistics.fmean(sum(x["bytes_received"] for x in rows if x["method"] == m and x["round"] == r
                                           and x["seed"] == s) for s in {x["seed"] for x in rows}) for r in range(rounds + 1)]
         xs = [sum(per_round[: r + 1]) / 1e6 for r in range(rounds + 1)]
-        ax.plot(xs, curve(m), "o-", ms=3, label=m)
+        ax.plot(xs, curve(m), "o-", ms=3, label=m, color=color[m])
     ax.set_xlabel("MB received by the sites (cumulative; pooled moves data, not models)")
     ax.set_ylabel("mean test Dice")
     ax.set_title("accuracy vs communication")
