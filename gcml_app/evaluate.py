@@ -9,7 +9,7 @@ from monai.inferers import sliding_window_inference
 from monai.metrics import DiceMetric
 from monai.networks.utils import one_hot
 
-__all__ = ["dice_per_case", "dice_per_label", "mean_dice", "mean_over_cases"]
+__all__ = ["dice_per_case", "mean_dice", "mean_over_cases"]
 
 CaseScores = list[dict[str, float]]
 """Dice per label for each case, in case order: ``[{label: dice}, ...]``."""
@@ -54,13 +54,6 @@ def mean_over_cases(per_case: Sequence[Mapping[str, float]]) -> dict[str, float]
     if not per_case:
         return {}
     return {k: sum(c[k] for c in per_case) / len(per_case) for k in per_case[0]}
-
-
-def dice_per_label(model: torch.nn.Module, cases: Iterable[Mapping[str, torch.Tensor]], label_names: list[str],
-                   roi_size: tuple[int, int, int], sw_batch_size: int = 1, overlap: float = 0.25,
-                   device: str | torch.device = "cpu") -> dict[str, float]:
-    """Mean Dice per label over whole volumes: :func:`mean_over_cases` of :func:`dice_per_case`."""
-    return mean_over_cases(dice_per_case(model, cases, label_names, roi_size, sw_batch_size, overlap, device))
 
 
 def mean_dice(scores: Mapping[str, float]) -> float:
