@@ -41,6 +41,7 @@ from typing import Any
 
 import torch
 from monai.data import CacheDataset, DataLoader
+from monai.losses import DiceCELoss
 from monai.utils import set_determinism
 from tqdm import tqdm
 
@@ -182,6 +183,7 @@ class _Run:
             }
         self.arch = arch_fingerprint(cfg, build_network(cfg).state_dict())
         self.model_bytes: dict[str, int] = {}  # what a partner downloads; set from the first published model
+        self._test_dice: dict[tuple[str, str], dict[str, float]] = {}  # (site, weights sha256) -> test Dice
 
     def site_cfg(self, site: SimSite, folder: Path, arm: Arm) -> SiteConfig:
         raw = self.base.model_dump(mode="json")
@@ -238,7 +240,16 @@ class _Run:
         return False
 
     def test_dice(self, node: _Node) -> dict[str, float]:
-        return mean_over_cases(self.scores(node.name, node.store.load(node.store.served_version()), "test"))
+        """Test Dice of the site's served model; evaluated once per distinct set of weights (by sha256).
+
+        A keep leaves the served model as it was, and the shared warm-up is served by several methods:
+        the evaluation is deterministic, so those are read back instead of run again.
+        """
+        served = node.store.served()
+        key = (node.name, served.sha256)
+        if key not in self._test_dice:
+            self._test_dice[key] = mean_over_cases(self.scores(node.name, node.store.load(served.version), "test"))
+        return self._test_dice[key]
 
     def init_state(self) -> State:
         torch.manual_seed(self.seed)
@@ -251,8 +262,6 @@ def _files(cases):
 
 def _ditto_train(net, loader, epochs: int, lr: float, anchor: State, device) -> None:
     """Ditto's personal update: DiceCE plus ``DITTO_LAMBDA / 2 * ||v - w_global||^2``."""
-    from monai.losses import DiceCELoss
-
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
     opt = torch.optim.AdamW(net.parameters(), lr=lr)
     ref = {k: v.to(device) for k, v in anchor.items()}
@@ -371,8 +380,6 @@ def _rounds_central(run: _Run, nodes, rounds, emit, method, arm: Arm):
 
 
 def _train_steps(net, loader, steps: int, lr: float, weight_decay: float, device) -> None:
-    from monai.losses import DiceCELoss
-
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=weight_decay)
     net.train()
