@@ -166,14 +166,13 @@ class GCMLApp(MONAILabelApp):
             logger.info(f"{self.cfg.finetune.min_new_labels} new final labels: queued round {task and task['round_id']}")
         return super().on_save_label(image_id, label_id)
 
-    def _working_status(self, served) -> dict[str, Any] | None:
-        """The model rounds keep training; it equals the served one right after a publish."""
+    def _working_status(self) -> dict[str, Any] | None:
+        """The model rounds keep training; ``rounds_unpublished == 0`` means it is the served one."""
         info = self.store.working_info()
         if info is None:
             return None
         keys = ("updated", "candidate", "mode", "round_id", "base_version", "rounds_unpublished", "val_dice")
-        return {**{k: info.get(k) for k in keys},
-                "same_as_served": served is not None and info.get("rounds_unpublished") == 0}
+        return {k: info.get(k) for k in keys}
 
     def _validation_status(self) -> dict[str, Any]:
         """How many held-out cases gate each publish, and whether that is enough for a strict decision."""
@@ -206,7 +205,7 @@ class GCMLApp(MONAILabelApp):
                 "last_scheduler_tick": sched.last_result if sched else None,
             },
             "partners": PeerBook.open(self.gossip_state.peers_path).summary([p.name for p in g.peers]),
-            "working": self._working_status(served),
+            "working": self._working_status(),
             "validation": self._validation_status(),
             "pending_labels": len(self.gossip_state.pending()),
             "min_new_labels": self.cfg.finetune.min_new_labels,
