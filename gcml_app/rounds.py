@@ -266,27 +266,41 @@ def run_round(
 
     # The working model first: a crash before the publish then loses nothing (the next round gates it again).
     # A keep goes on from the candidate with the best paired validation gain (DCML-L unless another did better).
+    # Both happen under the store's lock, and only if the served model is still the one this round was gated
+    # against: an operator's rollback (or another publish) during the round wins, and the round is recorded
+    # as superseded instead of undoing it.
     new_working = decision.winner if decision.publish else max(
         states, key=lambda k: (decision.evidence[k].gain, k == kept))
     unpublished = 0 if decision.publish else working["rounds_unpublished"] + 1
     base_version = served.version if served is not None else None
-    info = store.save_working(states[new_working], arch=arch, candidate=new_working, mode=mode,
-                              round_id=(extra or {}).get("round_id"), base_version=base_version,
-                              rounds_unpublished=unpublished, val_dice=decision.scores[new_working])
-    record["working"] = {"from": working["from"], "candidate": new_working, "sha256": info["sha256"],
-                         "rounds_unpublished": unpublished}
-    step["working_rounds"] = working["rounds_unpublished"]
-    if decision.publish:
-        parent_lineage = served.lineage if served is not None else []
-        man = store.publish(
-            states[decision.winner], arch=arch, val_dice=decision.scores[decision.winner], n_train=n_train,
-            n_val=n_val, produced_by=_produced_by(mode, decision.winner, origin), site=cfg.site,
-            lineage=[step, *parent_lineage][:LINEAGE_DEPTH], decision=record,
-        )
-        record["version"] = man.version
-    else:
-        store.record("keep", version=base_version, **record)
-        record["version"] = base_version
+    with store.locked():
+        now = store.served_version()
+        if now != base_version:
+            record.update(superseded_by=now, version=now, gate_reason=record.get("reason"), reason=(
+                f"served model changed during the round (v{base_version} -> v{now}); nothing published, "
+                "working model left as it is"))
+            store.record("superseded", base_version=base_version, **record)
+            logger.warning(f"gcml[{cfg.site}] round superseded: {record['reason']}")
+            lap("publish_s")
+            record["timings"] = lap.laps
+            return record
+        info = store.save_working(states[new_working], arch=arch, candidate=new_working, mode=mode,
+                                  round_id=(extra or {}).get("round_id"), base_version=base_version,
+                                  rounds_unpublished=unpublished, val_dice=decision.scores[new_working])
+        record["working"] = {"from": working["from"], "candidate": new_working, "sha256": info["sha256"],
+                             "rounds_unpublished": unpublished}
+        step["working_rounds"] = working["rounds_unpublished"]
+        if decision.publish:
+            parent_lineage = served.lineage if served is not None else []
+            man = store.publish(
+                states[decision.winner], arch=arch, val_dice=decision.scores[decision.winner], n_train=n_train,
+                n_val=n_val, produced_by=_produced_by(mode, decision.winner, origin), site=cfg.site,
+                lineage=[step, *parent_lineage][:LINEAGE_DEPTH], decision=record, expected_parent=base_version,
+            )
+            record["version"] = man.version
+        else:
+            store.record("keep", version=base_version, **record)
+            record["version"] = base_version
     lap("publish_s")
     record["timings"] = lap.laps  # in the returned record (train stats), not in the history line
     logger.info(f"gcml[{cfg.site}] gate: {decision.reason}; seconds {lap.laps}")
@@ -561,6 +575,8 @@ def summarize(record: dict[str, Any]) -> str:
     g = record.get("gossip") or {}
     pulled = f"; pulled {g.get('bytes_pulled', record.get('bytes_pulled', 0)) / 1000:.1f} kB"
     event, means = record.get("event"), record.get("mean", {})
+    if event == "superseded" or record.get("superseded_by") is not None:
+        return f"superseded: {record.get('reason', '')}"
     if event in ("gossip", "labels"):  # ended without training
         return f"{record.get('outcome', event)}: {record.get('reason', '')}{pulled}"
     if record.get("mode") == "adopt":

@@ -15,17 +15,27 @@ Publishing writes weights, then manifest, then the pointer, each through a tempo
 ``fsync`` and ``os.replace``. A crash (even ``kill -9``) at any point leaves ``served.json``
 naming the previous, complete version; leftovers of the interrupted publish are ignored and
 never reused as a version number.
+
+Publish, rollback and a round's commit (:meth:`ModelStore.locked`) hold one lock, a ``flock`` on
+``models/.lock``, so the server process (rollback) and the training process (publish) never
+interleave. Version numbers are claimed with ``O_EXCL``. ``publish(expected_parent=...)`` refuses
+with :class:`Superseded` when the served version is no longer the one a round started from: a
+round never undoes an operator's rollback.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import logging
 import os
 import re
 import tempfile
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,7 +45,9 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-__all__ = ["Manifest", "ModelStore", "StoreError", "atomic_write", "sha256_bytes"]
+from gcml_app import jsonl
+
+__all__ = ["Manifest", "ModelStore", "StoreError", "Superseded", "atomic_write", "sha256_bytes"]
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +56,12 @@ _VERSION_FILE = re.compile(r"^v(\d{6})\.(safetensors|json)$")
 
 class StoreError(RuntimeError):
     """The store cannot do what was asked (unknown version, corrupt file, ...)."""
+
+
+class Superseded(StoreError):
+    """The served version changed (a rollback, another publish) since the caller read it."""
+
+_ANY = object()  # publish(expected_parent=_ANY): no check
 
 
 @dataclass(frozen=True)
@@ -116,6 +134,33 @@ class ModelStore:
         self._pointer = self.root / "served.json"
         self._history = self.root / "history.jsonl"
         self.working_path = self.root.parent / "working.safetensors"
+        self._lock_path = self.root / ".lock"
+        self._thread_lock = threading.RLock()
+        self._depth = 0
+        self.skipped_history_lines = 0  # malformed lines the last history() skipped
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """Hold the store's lock (re-entrant in this process; exclusive across processes)."""
+        with self._thread_lock:
+            if self._depth:
+                self._depth += 1
+                try:
+                    yield
+                finally:
+                    self._depth -= 1
+                return
+            fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                self._depth = 1
+                try:
+                    yield
+                finally:
+                    self._depth = 0
+                    fcntl.flock(fd, fcntl.LOCK_UN)
+            finally:
+                os.close(fd)
 
     # ---------------------------------------------------------------- reading
     def _weights(self, version: int) -> Path:
@@ -164,25 +209,31 @@ class ModelStore:
             raise StoreError(f"version {version}: unreadable safetensors file: {e}") from None
 
     def history(self) -> list[dict[str, Any]]:
-        """Every recorded decision, oldest first."""
-        if not self._history.exists():
-            return []
-        return [json.loads(line) for line in self._history.read_text().splitlines() if line.strip()]
+        """Every recorded decision, oldest first; malformed lines are skipped (counted in
+        :attr:`skipped_history_lines`, shown in ``/gcml/status``)."""
+        records, self.skipped_history_lines = jsonl.read(self._history)
+        return records
 
     # ---------------------------------------------------------------- writing
     def record(self, event: str, **fields: Any) -> dict[str, Any]:
         """Append one decision to ``history.jsonl`` (fsynced)."""
-        rec = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "event": event, **fields}
-        with open(self._history, "a") as f:
-            f.write(json.dumps(rec, sort_keys=True) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        rec = jsonl.finite({"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "event": event, **fields})
+        jsonl.append(self._history, rec, fsync=True)
         return rec
 
-    def _next_version(self) -> int:
-        # Count leftovers of interrupted publishes too, so a version number is never reused.
+    def _claim_version(self) -> int:
+        """A new version number, claimed by creating its weights file with ``O_EXCL``.
+
+        Leftovers of interrupted publishes count as used, so a version number is never reused.
+        """
         used = [int(m.group(1)) for p in self.root.iterdir() if (m := _VERSION_FILE.match(p.name))]
-        return max(used, default=0) + 1
+        version = max(used, default=0) + 1
+        while True:
+            try:
+                os.close(os.open(self._weights(version), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+                return version
+            except FileExistsError:
+                version += 1
 
     def publish(
         self,
@@ -197,6 +248,7 @@ class ModelStore:
         lineage: list[dict[str, Any]] | None = None,
         validated: bool = True,
         decision: dict[str, Any] | None = None,
+        expected_parent: Any = _ANY,
     ) -> Manifest:
         """Store ``state_dict`` as a new version and serve it.
 
@@ -207,16 +259,29 @@ class ModelStore:
             n_train, n_val: cases the model was trained and validated on.
             produced_by: how it was made, e.g. ``"local"``, ``"rollback"``, ``"gossip:site-b"``.
             decision: extra fields for the history record (e.g. the gate's scores).
+            expected_parent: the served version (or ``None``) the caller's decision was made against.
 
         Returns:
             the new version's manifest.
+
+        Raises:
+            Superseded: ``expected_parent`` is given and is no longer the served version.
         """
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
         data = st_save(tensors, metadata={"arch": arch})
-        version = self._next_version()
+        with self.locked():
+            parent = self.served_version()
+            if expected_parent is not _ANY and parent != expected_parent:
+                raise Superseded(f"served version is now {parent}, not {expected_parent} as when the decision was made")
+            return self._publish(data, parent, arch, val_dice, n_train, n_val, produced_by, site, lineage, validated,
+                                 decision)
+
+    def _publish(self, data, parent, arch, val_dice, n_train, n_val, produced_by, site, lineage, validated,
+                 decision) -> Manifest:
+        version = self._claim_version()
         man = Manifest(
             version=version,
-            parent=self.served_version(),
+            parent=parent,
             created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             sha256=sha256_bytes(data),
             bytes=len(data),
@@ -242,13 +307,14 @@ class ModelStore:
         The working model restarts from that version too: an operator who rolls back does not want
         rounds to go on from what they rolled away from.
         """
-        man = self.manifest(version)
-        state = self.load(version)
-        previous = self.served_version()
-        atomic_write(self._pointer, json.dumps({"version": version}).encode())
-        self.save_working(state, arch=man.arch, base_version=version, rounds_unpublished=0,
-                          produced_by=f"rollback to v{version}")
-        self.record("rollback", version=version, previous=previous, reason=reason)
+        with self.locked():
+            man = self.manifest(version)
+            state = self.load(version)
+            previous = self.served_version()
+            atomic_write(self._pointer, json.dumps({"version": version}).encode())
+            self.save_working(state, arch=man.arch, base_version=version, rounds_unpublished=0,
+                              produced_by=f"rollback to v{version}")
+            self.record("rollback", version=version, previous=previous, reason=reason)
         return man
 
     # ---------------------------------------------------------------- the working model

@@ -6,7 +6,7 @@ import textwrap
 import pytest
 import torch
 
-from gcml_app.store import ModelStore, StoreError
+from gcml_app.store import ModelStore, StoreError, Superseded
 
 
 def weights(seed: int) -> dict[str, torch.Tensor]:
@@ -110,3 +110,59 @@ def test_kill_9_mid_publish_leaves_a_complete_version_served(tmp_path, target, n
     used = max(int(p.name[1:7]) for p in tmp_path.glob("v0*"))
     assert publish(store, 3).version == used + 1
     assert store.served_version() == used + 1
+
+
+# ---------------------------------------------------------------- races and torn lines (issue: store races)
+PUBLISHER = textwrap.dedent("""
+    import sys, torch
+    from gcml_app.store import ModelStore
+    store = ModelStore(sys.argv[1])
+    for i in range(int(sys.argv[2])):
+        w = {"conv.weight": torch.full((4, 1, 3, 3, 3), float(i)), "conv.bias": torch.zeros(4)}
+        store.publish(w, arch="sha256:test", val_dice={"lesion": 0.5}, n_train=1, n_val=1, produced_by=sys.argv[3])
+""")
+
+
+def test_concurrent_publishers_get_distinct_versions_and_the_served_one_verifies(tmp_path):
+    procs = [subprocess.Popen([sys.executable, "-c", PUBLISHER, str(tmp_path), "15", name]) for name in ("p1", "p2")]
+    assert [p.wait(timeout=120) for p in procs] == [0, 0]
+    store = ModelStore(tmp_path)
+    assert store.versions() == list(range(1, 31))
+    for v in store.versions():
+        store.load(v)  # every manifest matches its weights
+    assert store.load(store.served_version())["conv.bias"].shape == (4,)
+    published = [r for r in store.history() if r["event"] == "publish"]
+    assert sorted(r["version"] for r in published) == list(range(1, 31))
+    assert sorted(r["parent"] or 0 for r in published) == list(range(0, 30))  # a chain: no two share a parent
+
+
+def test_publish_with_a_stale_parent_is_refused_and_changes_nothing(tmp_path):
+    store = ModelStore(tmp_path)
+    publish(store, 1)
+    publish(store, 2)
+    store.rollback(1)
+    with pytest.raises(Superseded, match="served version is now 1, not 2"):
+        store.publish(weights(3), arch="sha256:test", val_dice={}, n_train=1, n_val=1, produced_by="local",
+                      expected_parent=2)
+    assert store.served_version() == 1 and store.versions() == [1, 2]
+    assert store.publish(weights(3), arch="sha256:test", val_dice={}, n_train=1, n_val=1, produced_by="local",
+                         expected_parent=1).parent == 1
+
+
+@pytest.mark.parametrize("junk", [b'{"event": "publish", "vers', b"\x00\xff\xfe", b"[1, 2]", b"{" * 5000 + b"\n"])
+def test_a_torn_history_line_is_skipped_and_counted(tmp_path, junk):
+    store = ModelStore(tmp_path)
+    publish(store, 1)
+    with open(tmp_path / "history.jsonl", "ab") as f:
+        f.write(junk + b"\n")
+    publish(store, 2)
+    assert [r["version"] for r in store.history()] == [1, 2]
+    assert store.skipped_history_lines == 1
+
+
+def test_history_never_holds_non_finite_numbers(tmp_path):
+    store = ModelStore(tmp_path)
+    store.record("keep", losses=[{"total": float("nan")}], mean={"served": float("inf")})
+    line = (tmp_path / "history.jsonl").read_text()
+    assert "NaN" not in line and "Infinity" not in line
+    assert store.history()[-1]["losses"] == [{"total": None}]

@@ -198,3 +198,25 @@ def test_an_unreadable_working_model_is_ignored_with_a_warning(tmp_path, caplog)
     with caplog.at_level("WARNING"):
         assert store.working() is None
     assert "working model" in caplog.text and "unreadable" in caplog.text
+
+
+@pytest.mark.slow
+def test_a_rollback_during_a_round_survives_the_round(cfg, studies):
+    store = ModelStore(cfg.state_dir / "models")
+    run_round(cfg, store, cases_of(studies[0]), epochs=1)
+    w1 = store.load(1)
+    store.publish(w1, arch=store.served().arch, val_dice={"organ": 0.1, "lesion": 0.1}, n_train=4, n_val=2,
+                  produced_by="test")  # v2 is served when the round starts
+    operator = ModelStore(cfg.state_dir / "models")  # the server process's own store object
+
+    def roll_back_once(p):
+        if operator.served_version() == 2:
+            operator.rollback(1, reason="operator")
+
+    rec = run_round(cfg, store, cases_of(studies[0]), epochs=2, progress=roll_back_once)
+    assert store.served_version() == 1 and store.versions() == [1, 2]
+    assert rec["superseded_by"] == 1 and "served model changed during the round (v2 -> v1)" in rec["reason"]
+    assert [r["event"] for r in store.history()][-2:] == ["rollback", "superseded"]
+    working, info = store.working()
+    assert info["base_version"] == 1 and info["produced_by"] == "rollback to v1"  # the rollback's reset stands
+    torch.testing.assert_close(working, w1)

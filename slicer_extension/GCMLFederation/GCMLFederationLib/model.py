@@ -112,6 +112,8 @@ def _result(rec: dict[str, Any]) -> str:
         w = rec.get("winner")
         served = f" > {means['served']:.3f}" if "served" in means else ""
         return f"published v{rec.get('version')} ({_CANDIDATES.get(w, w)} {means.get(w, 0):.3f}{served})"
+    if event == "superseded":
+        return f"superseded: the served model changed during the round (v{rec.get('base_version')} -> v{rec.get('version')})"
     if event == "keep":
         best = max((k for k in means if k != "served"), key=lambda k: means[k], default=None)
         if best is None:
@@ -128,7 +130,7 @@ def _result(rec: dict[str, Any]) -> str:
 
 def round_rows(history: list[dict[str, Any]], n: int = 10) -> list[dict[str, str]]:
     """The last ``n`` rounds, newest first: ``{"time", "trigger", "peer", "result", "bytes"}``."""
-    rounds = [r for r in history if r.get("event") in ("publish", "keep", "gossip", "labels")]
+    rounds = [r for r in history if r.get("event") in ("publish", "keep", "gossip", "labels", "superseded")]
     rows = []
     for rec in reversed(rounds[-n:]):
         g = rec.get("gossip") or {}

@@ -1,0 +1,69 @@
+"""Append-only JSON-lines files shared by processes: ``history.jsonl`` and ``audit.jsonl``.
+
+Each record is one ``write`` on an ``O_APPEND`` descriptor, so two processes appending at once
+never interleave inside a line. A line torn by a crash (or written by anything else) is skipped
+and counted by :func:`read`, never fatal: one bad line must not hide a site's whole history.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+__all__ = ["append", "finite", "read"]
+
+logger = logging.getLogger(__name__)
+
+
+def finite(obj: Any) -> Any:
+    """``obj`` with every NaN or infinity replaced by ``None``: strict JSON (``/info``, ``/gcml/status``)
+    refuses them, and one diverged loss must not make a site unreachable."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite(v) for v in obj]
+    return obj
+
+
+def append(path: str | Path, record: dict[str, Any], fsync: bool = False) -> None:
+    """Append ``record`` as one line (created with mode 0600; non-finite numbers written as ``null``)."""
+    line = (json.dumps(finite(record), sort_keys=True, allow_nan=False) + "\n").encode()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    try:
+        os.write(fd, line)
+        if fsync:
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def read(path: str | Path, limit: int | None = None) -> tuple[list[dict[str, Any]], int]:
+    """The records of ``path`` (the last ``limit`` lines if given), oldest first, and the number of
+    malformed lines skipped. A missing file is empty."""
+    try:
+        with open(path, "rb") as f:
+            lines = deque(f, maxlen=limit) if limit else list(f)
+    except FileNotFoundError:
+        return [], 0
+    out, bad = [], 0
+    for raw in lines:
+        if not raw.strip():
+            continue
+        try:
+            rec = json.loads(raw)
+        except (ValueError, RecursionError):
+            rec = None
+        if isinstance(rec, dict):
+            out.append(rec)
+        else:
+            bad += 1
+    if bad:
+        logger.warning(f"{path}: skipped {bad} malformed line(s)")
+    return out, bad
