@@ -276,10 +276,16 @@ class GossipConfig(_Strict):
     epochs: int = Field(5, ge=1, description="DCML epochs per gossip round")
     warmup_epochs: int = Field(20, ge=1, description="local epochs before a site's first gossip round")
     adopt_when_unlabelled: bool = True
+    adopt_from: tuple[SiteName, ...] = Field(
+        (), description="partners whose validated model a site with too few labels may serve unvalidated")
     transport: Literal["float32", "float16"] = Field("float32", description="dtype of the weights we serve to partners")
     max_model_bytes: int = Field(256 * 2**20, ge=1024)
     connect_timeout_s: float = Field(5.0, gt=0.0)
     read_timeout_s: float = Field(60.0, gt=0.0)
+    pull_deadline_s: float = Field(600.0, gt=0.0, description="wall-clock limit of one pull (manifest + model)")
+    min_rate_bytes_s: float = Field(
+        10_000.0, ge=0.0, description="a model transfer slower than this (after 5 s) is abandoned")
+    max_abs_weight: float = Field(1e4, gt=0.0, description="a partner weight of larger magnitude is refused")
     retries: int = Field(2, ge=0, le=10)
     backoff_factor: float = Field(0.5, ge=0.0)
     peer_backoff_s: float = Field(60.0, ge=0.0, description="first wait after a peer fails; doubles per failure")
@@ -294,6 +300,9 @@ class GossipConfig(_Strict):
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
             raise ValueError(f"found peers named {dup} more than once; expected unique peer names")
+        unknown = [n for n in self.adopt_from if n not in names]
+        if unknown:
+            raise ValueError(f"adopt_from: found {unknown}; expected names of configured peers {names}")
         return self
 
 
@@ -332,9 +341,20 @@ class SecurityConfig(_Strict):
     peer_tokens: tuple[PeerTokenConfig, ...] = ()
     max_failed_auth: int = Field(10, ge=1, description="failed partner-token attempts per client address ...")
     failed_auth_window_s: float = Field(300.0, gt=0.0, description="... within this window, then 429")
+    trusted_proxies: tuple[str, ...] = Field(
+        (), description="CIDRs of reverse proxies whose Forwarded / X-Forwarded-For / X-Real-IP are believed; "
+                        "from anyone else such headers are refused")
+    cors_origins: tuple[str, ...] = Field(
+        (), description="browser origins (scheme://host[:port]) allowed cross-origin; Slicer needs none")
+    allowed_hosts: tuple[str, ...] | None = Field(
+        None, description="Host names the server answers to (DNS rebinding); default the machine's names, "
+                          "localhost, serve.host and any IP address")
+    max_tracked_clients: int = Field(10_000, ge=16, description="bound of every per-client table of the guard")
+    audit_max_bytes: int = Field(16 * 2**20, ge=4096, description="audit.jsonl is rotated to audit.jsonl.1 here")
+    max_upload_bytes: int = Field(64 * 2**20, ge=1024, description="largest label upload accepted")
     allow_insecure: bool = Field(False, description="start even with the insecure settings listed in the docs")
 
-    @field_validator("annotation_networks")
+    @field_validator("annotation_networks", "trusted_proxies")
     @classmethod
     def _cidrs(cls, v: tuple[str, ...]) -> tuple[str, ...]:
         for net in v:

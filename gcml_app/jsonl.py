@@ -15,9 +15,16 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
-__all__ = ["append", "finite", "read"]
+__all__ = ["append", "clean", "finite", "read"]
 
 logger = logging.getLogger(__name__)
+
+
+def clean(text: Any, limit: int = 200) -> str:
+    """``text`` safe for one log or audit line: control characters escaped, at most ``limit`` characters."""
+    text = str(text)
+    out = "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text[: limit + 1])
+    return out if len(text) <= limit and len(out) <= limit else out[:limit] + f"...[{len(text)} chars]"
 
 
 def finite(obj: Any) -> Any:

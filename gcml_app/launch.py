@@ -33,9 +33,9 @@ def free_port(host: str = "127.0.0.1") -> int:
 def server_command(config: str | os.PathLike, studies: str | os.PathLike, host: str, port: int) -> list[str]:
     """The ``monailabel start_server`` command line for one site (HTTPS when the YAML has ``serve.tls``)."""
     tls = load_config(config).serve.tls
-    entry = [sys.executable, "-m", "monailabel.main"]
-    if tls is not None:  # MONAI Label cannot require client certificates by itself: see gcml_app.serve_main
-        entry = [sys.executable, "-m", "gcml_app.serve_main", "--ssl-cert-reqs", tls.client_certs]
+    # MONAI Label's CLI through gcml_app.serve_main: uvicorn without proxy headers, and with client
+    # certificates required when the YAML says so (MONAI Label cannot ask for that by itself).
+    entry = [sys.executable, "-m", "gcml_app.serve_main", "--ssl-cert-reqs", tls.client_certs if tls else "none"]
     cmd = [
         *entry, "start_server",
         "--app", app_dir(),

@@ -62,7 +62,7 @@ class GCMLApp(MONAILabelApp):
             logger.warning(f"INSECURE setting allowed by security.allow_insecure: {problem}")
         self.store = ModelStore(self.cfg.state_dir / "models")
         self.gossip_state = GossipState(self.cfg.state_dir)
-        self.audit = AuditLog(self.cfg.state_dir / "audit.jsonl")
+        self.audit = AuditLog(self.cfg.state_dir / "audit.jsonl", self.cfg.security.audit_max_bytes)
         self.scheduler: Scheduler | None = None
         self._start_lock = threading.Lock()
         super().__init__(
@@ -211,4 +211,6 @@ class GCMLApp(MONAILabelApp):
             "min_new_labels": self.cfg.finetune.min_new_labels,
             "training": {"running": self.training_busy(), **self._trainers["gcml"].stats()},
             "last_round": rounds[-1] if rounds else None,
+            # malformed lines (a torn append) that history readers skipped; 0 when the file is whole
+            "history_skipped_lines": self.store.skipped_history_lines,
         }

@@ -342,7 +342,7 @@ def _pull(
     """Ask partners in ``order`` until one gives a new model that passes every check (each try audited)."""
     urls = {p.name: p.url for p in cfg.gossip.peers}
     attempts: list[dict[str, Any]] = []
-    audit = AuditLog(cfg.state_dir / "audit.jsonl")
+    audit = AuditLog(cfg.state_dir / "audit.jsonl", cfg.security.audit_max_bytes)
     for name in order:
         client = connect(name)
         t0 = time.perf_counter()

@@ -1,8 +1,11 @@
 """``python -m gcml_app.serve_main [--ssl-cert-reqs none|optional|required] start_server ...``
 
 MONAI Label's ``start_server`` passes ``--ssl_keyfile/--ssl_certfile/--ssl_ca_certs`` to uvicorn but
-not whether clients must present a certificate, so mutual TLS cannot be switched on through it.
-This entry point sets uvicorn's ``ssl_cert_reqs`` default, then runs MONAI Label's own CLI unchanged.
+not whether clients must present a certificate, so mutual TLS cannot be switched on through it; and
+it leaves uvicorn's ``proxy_headers`` on, which rewrites the client address from ``X-Forwarded-For``
+sent by any loopback peer. This entry point sets ``ssl_cert_reqs`` and turns ``proxy_headers`` off
+(the guard honours forwarding headers only from ``security.trusted_proxies``), then runs MONAI
+Label's own CLI unchanged.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ def main(argv: list[str]) -> None:
 
     def init(self, *args, **kwargs):
         kwargs["ssl_cert_reqs"] = REQS[reqs]  # uvicorn.run passes its own default (CERT_NONE) explicitly
+        kwargs["proxy_headers"] = False
         original(self, *args, **kwargs)
 
     uvicorn.config.Config.__init__ = init

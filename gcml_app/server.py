@@ -4,8 +4,12 @@ It is MONAI Label's own ``monailabel.app:app`` (so its lifespan, routes and sett
 plus:
 
 - the ``/gcml`` routes (:mod:`gcml_app.gossip.routes`);
-- the guard in front of everything (:mod:`gcml_app.gossip.guard`);
-- the app's domain errors answered as clear HTTP errors instead of a bare 500.
+- the guard in front of everything (:mod:`gcml_app.gossip.guard`), deciding on the TCP peer:
+  uvicorn's own forwarding-header rewrite (on by default for loopback peers) is switched off here,
+  whatever command started the server, because the guard honours those headers only from
+  ``security.trusted_proxies``;
+- the app's domain errors answered as clear HTTP errors instead of a bare 500;
+- uvicorn's access log lines cut to a bounded length.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import logging
 import threading
 
+import uvicorn.config
 from fastapi import Request
 from fastapi.responses import JSONResponse
 from monailabel.app import app
@@ -21,6 +26,7 @@ from monailabel.interfaces.utils.app import app_instance
 from gcml_app.config import ConfigError, load_config
 from gcml_app.errors import ImageRejected, LabelRejected, NoPublishedModel, NotEnoughLabels
 from gcml_app.gossip.guard import FailureLimiter, Guard, GuardMiddleware
+from gcml_app.jsonl import clean
 from gcml_app.gossip.routes import router
 from gcml_app.store import StoreError
 
@@ -43,6 +49,36 @@ for _exc, _status in _STATUS.items():
     app.add_exception_handler(_exc, _handler(_status))
 
 
+class _TcpPeer:
+    """Stands in for uvicorn's ``ProxyHeadersMiddleware``: leaves ``scope["client"]`` the TCP peer.
+
+    uvicorn wraps the app in that middleware after importing this module (``Config.load``), looking
+    the class up by name in :mod:`uvicorn.config`; replacing the name here covers ``monailabel
+    start_server`` and ``uvicorn`` alike. ``gcml serve`` also starts uvicorn with proxy headers off.
+    """
+
+    def __init__(self, app, *args, **kwargs):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        return await self.app(scope, receive, send)
+
+
+uvicorn.config.ProxyHeadersMiddleware = _TcpPeer
+
+
+class _AccessLogLimit(logging.Filter):
+    """uvicorn's access log line with its path cut to 200 characters (it is already percent-quoted)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple) and len(record.args) == 5:
+            record.args = (*record.args[:2], clean(record.args[2]), *record.args[3:])
+        return True
+
+
+logging.getLogger("uvicorn.access").addFilter(_AccessLogLimit())
+
+
 class _Security:
     """The guard of the running site, rebuilt when its YAML changes (token rotation and revocation
     without a restart). Only ``security`` is re-read; a YAML that no longer validates keeps the
@@ -52,7 +88,7 @@ class _Security:
         self.guard: Guard | None = None
         self.stamp: object = None
         self.lock = threading.Lock()
-        self.limiter = FailureLimiter()  # failed-token counts survive a re-read
+        self.limiter: FailureLimiter | None = None  # failed-token counts survive a re-read
 
     def __call__(self) -> Guard:
         site = app_instance()
@@ -64,11 +100,14 @@ class _Security:
         if self.guard is not None and stamp == self.stamp:
             return self.guard
         with self.lock:
+            if self.limiter is None:
+                self.limiter = FailureLimiter(site.cfg.security.max_tracked_clients)
             if self.guard is None:
-                self.guard = Guard(site.cfg.security, limiter=self.limiter)
+                self.guard = Guard(site.cfg.security, limiter=self.limiter, served_hosts=(site.cfg.serve.host,))
             elif stamp != self.stamp:
                 try:
-                    self.guard = Guard(load_config(site.config_path).security, limiter=self.limiter)
+                    self.guard = Guard(load_config(site.config_path).security, limiter=self.limiter,
+                                       served_hosts=(site.cfg.serve.host,))
                     logger.info(f"security settings re-read from {site.config_path}: "
                                 f"{len(self.guard.tokens)} partner tokens")
                 except ConfigError as e:
@@ -82,4 +121,8 @@ def _audit(entry: dict) -> None:
 
 
 app.include_router(router)
-app.add_middleware(GuardMiddleware, guard=_Security(), audit=_audit)
+def _upload_caps() -> dict[str, int]:
+    return {"/datastore/label": app_instance().cfg.security.max_upload_bytes}
+
+
+app.add_middleware(GuardMiddleware, guard=_Security(), audit=_audit, upload_caps=_upload_caps)

@@ -181,3 +181,22 @@ def test_token_brute_force_gets_429_with_retry_after(site):
     assert codes == [403] * 5 + [429] * 2
     assert int(retry) > 500 and b"too many failed partner-token attempts from 127.0.0.1" in body
     assert _raw(site, "GET", "/gcml/status")[0] == 200  # the annotation side is not locked out
+
+
+def test_audit_lines_are_escaped_cut_and_the_file_rotated_at_its_cap(tmp_path):
+    from gcml_app.gossip.audit import AuditLog
+
+    log = AuditLog(tmp_path / "audit.jsonl", max_bytes=8192)
+    forged = "/x\n{\"kind\": \"pull\", \"verdict\": \"pulled\"}" + "a" * 15_000
+    for i in range(1000):
+        log.write("request", client="198.51.100.7", path=forged, status=403)
+    assert (tmp_path / "audit.jsonl").stat().st_size <= 8192
+    assert (tmp_path / "audit.jsonl.1").stat().st_size <= 8192
+    lines = (tmp_path / "audit.jsonl").read_text().splitlines()
+    assert all(json.loads(line)["kind"] == "request" for line in lines)
+    assert all(len(json.loads(line)["path"]) < 400 for line in lines)
+    with open(tmp_path / "audit.jsonl", "ab") as f:
+        f.write(b'{"kind": "requ')  # torn
+    log.write("request", client="198.51.100.8", path="/info/", status=403)
+    tail = log.tail(1000)
+    assert tail[-1]["client"] == "198.51.100.8" and log.skipped_lines == 1

@@ -2,49 +2,70 @@
 
 Two kinds of lines:
 
-- ``request``: every request to the peer surface and every refused request (time, client address,
-  partner or ``anonymous``, token id, method, path, status, bytes sent, sha256 served, reason);
+- ``request``: every request to the peer surface and refused requests (time, client address,
+  partner or ``anonymous``, token id, method, path, status, bytes sent, sha256 served, reason;
+  repeated refusals from one client are folded into one line a minute with a ``folded`` count);
 - ``pull``: every model we tried to fetch from a partner (partner, version, sha256, verdict,
   reason, bytes).
 
-Never in it: token text, image or label names, patient identifiers. Lines are written with one
-``write`` on an ``O_APPEND`` descriptor, so the server and the training process can both append.
+Never in it: token text, image or label names, patient identifiers. Every string is escaped and
+cut (no control characters, so no forged lines); each line is one ``write`` on an ``O_APPEND``
+descriptor (:mod:`gcml_app.jsonl`), so the server and the training process can both append. The
+file is rotated to ``audit.jsonl.1`` before it would pass ``security.audit_max_bytes``, so the
+trail takes at most twice that on disk.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import time
-from collections import deque
 from pathlib import Path
 from typing import Any
 
-__all__ = ["AuditLog"]
+from gcml_app import jsonl
+from gcml_app.jsonl import clean
 
+__all__ = ["AuditLog"]
 
 class AuditLog:
     """The audit file of one site.
 
     Args:
         path: the JSON-lines file (created on first write, mode 0600).
+        max_bytes: rotate to ``<path>.1`` before the file would pass this size.
     """
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, max_bytes: int = 16 * 2**20):
         self.path = Path(path)
+        self.max_bytes = max_bytes
+        self.skipped_lines = 0
 
     def write(self, kind: str, **fields: Any) -> None:
-        line = json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "kind": kind, **fields}, sort_keys=True)
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        record = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "kind": kind,
+                  **{k: clean(v, 300) if isinstance(v, str) else v for k, v in fields.items()}}
+        size = len(json.dumps(record)) + 1
         try:
-            os.write(fd, (line + "\n").encode())
+            if self.path.stat().st_size + size > self.max_bytes:
+                self._rotate(size)
+        except FileNotFoundError:
+            pass
+        jsonl.append(self.path, record)
+
+    def _rotate(self, incoming: int) -> None:
+        lock = os.open(self.path.with_name(self.path.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:  # another process may have rotated it meanwhile
+                if self.path.stat().st_size + incoming > self.max_bytes:
+                    os.replace(self.path, self.path.with_name(self.path.name + ".1"))
+            except FileNotFoundError:
+                pass
         finally:
-            os.close(fd)
+            os.close(lock)
 
     def tail(self, limit: int = 100) -> list[dict[str, Any]]:
-        """The last ``limit`` lines, oldest first."""
-        try:
-            with open(self.path) as f:
-                return [json.loads(line) for line in deque(f, maxlen=limit) if line.strip()]
-        except FileNotFoundError:
-            return []
+        """The last ``limit`` lines, oldest first (malformed lines skipped and counted in :attr:`skipped_lines`)."""
+        records, self.skipped_lines = jsonl.read(self.path, limit)
+        return records

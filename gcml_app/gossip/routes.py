@@ -104,8 +104,11 @@ def history(limit: int = Query(50, ge=1, le=10_000), round: str | None = None) -
 
 
 @router.get("/audit", summary="The partner link's audit trail (requests to the peer surface, refusals, pulls)")
-def audit(limit: int = Query(100, ge=1, le=10_000)) -> list[dict[str, Any]]:
-    return _site().audit.tail(limit)
+def audit(response: Response, limit: int = Query(100, ge=1, le=10_000)) -> list[dict[str, Any]]:
+    log = _site().audit
+    records = log.tail(limit)
+    response.headers["X-GCML-Skipped-Lines"] = str(log.skipped_lines)  # torn lines among those read
+    return records
 
 
 @router.post("/sync", status_code=202, summary="Start a gossip round now")
