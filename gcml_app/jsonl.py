@@ -42,8 +42,11 @@ def finite(obj: Any) -> Any:
 def append(path: str | Path, record: dict[str, Any], fsync: bool = False) -> None:
     """Append ``record`` as one line (created with mode 0600; non-finite numbers written as ``null``)."""
     line = (json.dumps(finite(record), sort_keys=True, allow_nan=False) + "\n").encode()
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
     try:
+        size = os.fstat(fd).st_size
+        if size and os.pread(fd, 1, size - 1) != b"\n":  # a torn last line: end it, so ours stays whole
+            line = b"\n" + line
         os.write(fd, line)
         if fsync:
             os.fsync(fd)
