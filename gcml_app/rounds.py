@@ -20,6 +20,7 @@ loses neither: the next round goes on from the new working model and gates it ag
 from __future__ import annotations
 
 import logging
+import os
 import random
 import time
 import uuid
@@ -37,6 +38,7 @@ from gcml_app.dcml import average_state, dcml_train, supervised_train
 from gcml_app.errors import IncomingModelRejected, NotEnoughLabels, NothingToShare, PayloadRejected, PeerUnavailable
 from gcml_app.evaluate import dice_per_case
 from gcml_app.gate import SERVED, select
+from gcml_app.jsonl import clean
 from gcml_app.gossip.audit import AuditLog
 from gcml_app.gossip.client import PeerClient, PeerManifest, Pulled
 from gcml_app.gossip.payload import our_arch, verify_weights
@@ -44,7 +46,7 @@ from gcml_app.gossip.peers import PeerBook, order_peers
 from gcml_app.gossip.state import GossipState
 from gcml_app.network import arch_fingerprint, build_network
 from gcml_app.split import FixedSplit, labels_for_validation
-from gcml_app.store import ModelStore, StoreError, atomic_write, sha256_bytes
+from gcml_app.store import ModelStore, StoreError, sha256_bytes
 from gcml_app.transforms import train_transforms, val_transforms
 
 __all__ = ["Partner", "Progress", "gossip_round", "labels_round", "load_incoming", "run_round", "summarize"]
@@ -71,7 +73,8 @@ Connect = Callable[[str], Partner]
 
 def _http(cfg: SiteConfig) -> Connect:
     peers = {p.name: p for p in cfg.gossip.peers}
-    return lambda name: PeerClient(peers[name], cfg.gossip)
+    spool = GossipState(cfg.state_dir).cache  # bodies arrive beside the cache they are moved into
+    return lambda name: PeerClient(peers[name], cfg.gossip, spool=spool)
 
 
 # ------------------------------------------------------------------------------------------ run_round
@@ -367,7 +370,7 @@ def _pull(
                 attempts.append({"peer": name, "outcome": "unchanged", "version": man.version,
                                  "reason": "HTTP 304: the model is the one we hold"})
                 continue
-            atomic_write(cached, got.data)
+            os.replace(got.path, cached)  # the verified file itself: no second copy
             book.pulled(name, man.sha256, man.version, man.site, got.bytes_received)
             attempts.append({"peer": name, "outcome": "pulled", "version": man.version, "bytes": got.bytes_received,
                              "fetch_s": round(got.fetch_s, 3), "verify_s": round(got.verify_s, 3)})
@@ -386,6 +389,11 @@ def _pull(
             book.rejected(name, e.reason, cfg.gossip)
             attempts.append({"peer": name, "outcome": "rejected", "reason": e.reason})
             logger.warning(f"gossip[{cfg.site}] rejected payload: {e}")
+        except Exception as e:  # whatever a partner sends must not end our round: refuse it, ask the next one
+            reason = f"unexpected {type(e).__name__} while checking its answer: {clean(e, 200)}"
+            book.rejected(name, reason, cfg.gossip)
+            attempts.append({"peer": name, "outcome": "rejected", "reason": reason})
+            logger.exception(f"gossip[{cfg.site}] {name}: {reason}")
         finally:
             client.close()
             book.save()

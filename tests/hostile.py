@@ -33,6 +33,8 @@ class Hostile:
         mode: ``normal``, ``truncate`` (announce the full length, send half, close), ``chunked``
             (no Content-Length), ``gzip`` (``Content-Encoding: gzip``), ``hang`` (sleep ``hang_s`` before answering), ``status`` (answer
             ``status`` with a JSON error).
+            ``drip`` (send the body ``drip_bytes`` at a time every ``drip_every_s``; the manifest too when
+            ``drip_manifest``), ``retry_after`` (503 with ``Retry-After: retry_after_s``).
         token: the bearer token it requires (``None``: any).
     """
 
@@ -43,6 +45,8 @@ class Hostile:
         self.mode = "normal"
         self.status = 503
         self.hang_s = 30.0
+        self.drip_bytes, self.drip_every_s, self.drip_manifest = 1, 1.0, False
+        self.retry_after_s = 3600
         self.token: str | None = None
         self.requests: list[tuple[str, dict]] = []
         self.marker: Path | None = None
@@ -80,10 +84,22 @@ class _Handler(BaseHTTPRequestHandler):
         if h.mode == "status":
             body = json.dumps({"detail": "hostile says no"}).encode()
             return self._send(h.status, body, length=len(body))
+        if h.mode == "retry_after":
+            body = b'{"detail": "busy"}'
+            self.send_response(503)
+            self.send_header("Retry-After", str(h.retry_after_s))
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+            return
         if self.path == "/gcml/peer/manifest":
             man = h.manifest if h.manifest is not None else h.honest_manifest(self.arch)
             body = man if isinstance(man, bytes) else json.dumps(man).encode()
+            if h.mode == "drip" and h.drip_manifest:
+                return self._drip(body)
             return self._send(200, body, length=len(body))
+        if self.path == "/gcml/peer/model" and h.mode == "drip":
+            return self._drip(h.body)
         if self.path == "/gcml/peer/model":
             if h.mode == "truncate":
                 self._send(200, h.body[: len(h.body) // 2], "application/octet-stream", length=len(h.body))
@@ -104,6 +120,20 @@ class _Handler(BaseHTTPRequestHandler):
             return self._send(200, h.body, "application/octet-stream", length=len(h.body))
         body = b'{"detail": "not found"}'
         self._send(404, body, length=len(body))
+
+
+    def _drip(self, body: bytes) -> None:
+        h = self.hostile
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        try:
+            for i in range(0, len(body), h.drip_bytes):
+                self.wfile.write(body[i:i + h.drip_bytes])
+                self.wfile.flush()
+                time.sleep(h.drip_every_s)
+        except OSError:  # the client gave up: that is the point
+            pass
 
 
 class HostilePeer:
@@ -226,4 +256,14 @@ PAYLOAD_CASES = [
     ("manifest-not-json", _set(manifest=b"<html>hello</html>"), r"manifest is not valid"),
     ("manifest-bad-site", _manifest(site="../../etc"), r"manifest is not valid"),
     ("manifest-wrong-arch", _manifest(arch="sha256:" + "ab" * 32), r"manifest architecture sha256:abab"),
+    ("manifest-deeply-nested", _set(manifest=b"[" * 100_000 + b"]" * 100_000), r"manifest is not valid"),
+    ("manifest-endless-lineage", _manifest(lineage=[{"a": [[[[[[[[[[1]]]]]]]]]]}] * 10_000), r"manifest is not valid"),
+    ("huge-finite-weights", _set(body=lambda cfg: _scaled(cfg, 3e38)),
+     r"weights of magnitude over 10000 \(gossip.max_abs_weight\)"),
 ]
+
+
+def _scaled(cfg: SiteConfig, value: float) -> bytes:
+    """Every floating weight set to ``value`` (finite, absurd)."""
+    return valid_weights(cfg, **{k: torch.full_like(v, value) for k, v in build_network(cfg).state_dict().items()
+                                 if v.is_floating_point()})

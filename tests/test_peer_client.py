@@ -68,7 +68,6 @@ def test_pickle_payload_is_never_unpickled(evil, tmp_path):
 
 @pytest.mark.parametrize("mode, size, announced", [
     ("chunked", 5_000_000, 1000),  # no Content-Length, far more than the manifest announced
-    ("gzip", 50_000_000, 150_000),  # a decompression bomb: about 50 kB on the wire, 50 MB decoded
 ])
 def test_body_is_not_read_past_what_the_manifest_announced(evil, tmp_path, mode, size, announced):
     evil.h.body = b"\0" * size
@@ -78,6 +77,17 @@ def test_body_is_not_read_past_what_the_manifest_announced(evil, tmp_path, mode,
     client = PeerClient(cfg.gossip.peers[0], cfg.gossip)
     man = client.manifest().model_copy(update={"arch": our_arch(cfg)})
     with pytest.raises(PayloadRejected, match=f"model body passed the limit of {announced} bytes; download aborted"):
+        client.fetch(man, cfg, our_arch(cfg))
+
+
+def test_a_compressed_body_is_refused_not_decoded(evil, tmp_path):
+    evil.h.body = b"\0" * 50_000_000  # a decompression bomb: about 50 kB on the wire, 50 MB decoded
+    evil.h.manifest = {**evil.h.honest_manifest("x"), "bytes": 150_000}
+    evil.h.mode = "gzip"
+    cfg = _cfg(tmp_path, evil.url)
+    client = PeerClient(cfg.gossip.peers[0], cfg.gossip)
+    man = client.manifest().model_copy(update={"arch": our_arch(cfg)})
+    with pytest.raises(PayloadRejected, match="model sent with Content-Encoding 'gzip'; we asked for identity"):
         client.fetch(man, cfg, our_arch(cfg))
 
 
@@ -186,3 +196,30 @@ def test_configured_ca_bundle_wins_over_requests_ca_bundle(tmp_path, monkeypatch
         client.manifest()
     assert sent["verify"] == str(tmp_path / "our-ca.pem")
 
+
+
+# ---------------------------------------------------------------- liveness: a partner cannot hold a round
+@pytest.mark.parametrize("setup, gossip, reason", [
+    ({"mode": "drip", "drip_bytes": 1, "drip_every_s": 1.0}, {"min_rate_bytes_s": 0},
+     r"pull deadline of 6 s passed during the model body"),
+    ({"mode": "drip", "drip_bytes": 1, "drip_every_s": 0.5, "drip_manifest": True}, {"min_rate_bytes_s": 0},
+     r"pull deadline of 6 s passed during the manifest body"),
+    ({"mode": "drip", "drip_bytes": 2, "drip_every_s": 0.5}, {"pull_deadline_s": 60},
+     r"model transfer too slow: \d+ bytes in 5\.\d s, under 10000 B/s"),
+    ({"mode": "retry_after", "retry_after_s": 3600}, {"retries": 2}, r"manifest: HTTP 503 busy"),
+    ({"mode": "hang", "hang_s": 20.0}, {"read_timeout_s": 60, "retries": 0}, r"read timeout after [56](\.\d+)? s"),
+])
+def test_a_stalling_partner_ends_within_the_deadline(evil, tmp_path, setup, gossip, reason):
+    for k, v in setup.items():
+        setattr(evil.h, k, v)
+    cfg = _cfg(tmp_path, evil.url, **{"pull_deadline_s": 6, "read_timeout_s": 3, **gossip})
+    t0 = time.monotonic()
+    with pytest.raises(PeerUnavailable, match=reason):
+        _pull(cfg)
+    assert time.monotonic() - t0 < cfg.gossip.pull_deadline_s + 5
+    assert not list(tmp_path.glob("**/.pull-*"))  # nothing half-received is left behind
+
+
+def test_the_client_asks_for_no_content_encoding(evil, tmp_path):
+    _pull(_cfg(tmp_path, evil.url))
+    assert all(h.get("Accept-Encoding") == "identity" for _, h in evil.h.requests)

@@ -12,11 +12,13 @@ round to nearest). Only float16 is widened; any other dtype must match ours exac
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as st_load
+from safetensors.torch import load_file as st_load_file
 from safetensors.torch import save as st_save
 
 from gcml_app.config import SiteConfig
@@ -64,11 +66,11 @@ def our_arch(cfg: SiteConfig) -> str:
     return arch_fingerprint(cfg, build_network(cfg).state_dict())
 
 
-def verify_weights(data: bytes, cfg: SiteConfig, ours: str | None = None) -> dict[str, torch.Tensor]:
+def verify_weights(data: bytes | Path, cfg: SiteConfig, ours: str | None = None) -> dict[str, torch.Tensor]:
     """Parse and check a weights payload.
 
     Args:
-        data: the payload bytes.
+        data: the payload bytes, or the file holding them (read without a second copy in memory).
         cfg: this site's config (defines the expected architecture).
         ours: our fingerprint, if already computed (see :func:`our_arch`).
 
@@ -77,15 +79,19 @@ def verify_weights(data: bytes, cfg: SiteConfig, ours: str | None = None) -> dic
 
     Raises:
         ValueError: the reason, e.g. ``"not a safetensors file (...)"``, ``"architecture ... differs"``,
-            ``"non-finite values in [...]"``.
+            ``"non-finite values in [...]"``, ``"weights of magnitude ... in [...]"``.
     """
+    path = data if isinstance(data, Path) else None
+    if path is not None:
+        with open(path, "rb") as f:
+            data = f.read(16)
     # A safetensors file is an 8-byte header length, then a JSON header. Name the usual impostors.
     if data[8:9] != b"{" and (data[:1] == b"\x80" or data[:2] == b"PK"):
         kind = "a zip archive (torch.save checkpoint)" if data[:2] == b"PK" else "a pickle"
         raise ValueError(f"not a safetensors file: it looks like {kind}; pickled payloads are never loaded")
     try:
-        state = st_load(data)
-    except (SafetensorError, ValueError, RuntimeError) as e:
+        state = st_load_file(str(path)) if path is not None else st_load(data)
+    except (SafetensorError, ValueError, RuntimeError, OSError) as e:
         raise ValueError(f"not a safetensors file ({e})") from None
     if not state:
         raise ValueError("the safetensors file holds no tensors")
@@ -97,4 +103,10 @@ def verify_weights(data: bytes, cfg: SiteConfig, ours: str | None = None) -> dic
     bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:
         raise ValueError(f"non-finite values (NaN/Inf) in {bad[:3]}")
+    # Finite but absurd weights (e.g. every one 3e38) overflow the first convolution into NaN losses.
+    # A trained network's weights are O(1); gossip.max_abs_weight is far above that and far below overflow.
+    limit = cfg.gossip.max_abs_weight
+    huge = [k for k, v in state.items() if v.is_floating_point() and v.numel() and v.abs().max() > limit]
+    if huge:
+        raise ValueError(f"weights of magnitude over {limit:g} (gossip.max_abs_weight) in {huge[:3]}")
     return state

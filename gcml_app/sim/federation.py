@@ -30,9 +30,11 @@ import csv
 import json
 import logging
 import math
+import os
 import random
 import shutil
 import statistics
+import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -136,8 +138,16 @@ class MemoryPartner:
         if etag is not None and etag == manifest.sha256:
             return None
         t0 = time.perf_counter()
-        data = self._payload(manifest.version)
-        return check_payload(self.name, manifest, data, cfg, ours, time.perf_counter() - t0)
+        spool = cfg.state_dir / "gossip"
+        spool.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".pull-{self.name}.", dir=spool)
+        with os.fdopen(fd, "wb") as f:
+            f.write(self._payload(manifest.version))
+        try:
+            return check_payload(self.name, manifest, Path(tmp), cfg, ours, time.perf_counter() - t0)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
 
     def close(self) -> None:
         pass
