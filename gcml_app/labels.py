@@ -18,6 +18,10 @@ __all__ = ["LabelRejected", "conform_label", "check_tag"]
 
 _TAG = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
+# Pixel types a labelmap may use: at most 4 bytes a voxel, so decoding is bounded by 4x the image's voxels.
+_LABEL_PIXELS = {sitk.sitkUInt8, sitk.sitkInt8, sitk.sitkUInt16, sitk.sitkInt16, sitk.sitkUInt32, sitk.sitkInt32,
+                 sitk.sitkFloat32}
+
 SPACING_RTOL = 1e-3
 ORIGIN_TOL_VOXELS = 1e-2
 DIRECTION_ATOL = 1e-4
@@ -44,7 +48,7 @@ def _fmt(v: Sequence[float]) -> str:
     return "(" + ", ".join(f"{x:.4g}" for x in v) + ")"
 
 
-def _check_geometry(image: sitk.ImageFileReader, label: sitk.Image) -> None:
+def _check_geometry(image: sitk.ImageFileReader, label: sitk.ImageFileReader) -> None:
     # Multi-channel images may carry channels as a 4th axis; compare the spatial part only.
     size = tuple(image.GetSize()[:3])
     spacing = np.array(image.GetSpacing()[:3])
@@ -105,16 +109,23 @@ def conform_label(
     """
     try:
         image = _read_info(image_path)
-        label = sitk.ReadImage(str(label_path))
+        header = _read_info(label_path)  # the header only: nothing is decoded until it fits the image
     except RuntimeError as e:
         raise LabelRejected(f"label file unreadable: {str(e).strip().splitlines()[-1]}") from None
-    if label.GetDimension() != 3 or label.GetNumberOfComponentsPerPixel() != 1:
+    if header.GetDimension() != 3 or header.GetNumberOfComponents() != 1:
         raise LabelRejected(
-            f"label must be a 3D labelmap with one value per voxel; found {label.GetDimension()}D with "
-            f"{label.GetNumberOfComponentsPerPixel()} components (in Slicer's MONAI Label settings, "
+            f"label must be a 3D labelmap with one value per voxel; found {header.GetDimension()}D with "
+            f"{header.GetNumberOfComponents()} components (in Slicer's MONAI Label settings, "
             "save labels as .nii.gz, not overlapping .seg.nrrd)"
         )
-    _check_geometry(image, label)
+    if header.GetPixelID() not in _LABEL_PIXELS:
+        raise LabelRejected(f"label pixel type {sitk.GetPixelIDValueAsString(header.GetPixelID())} refused; "
+                            "expected integers (or float32 holding integers)")
+    _check_geometry(image, header)
+    try:
+        label = header.Execute()
+    except RuntimeError as e:
+        raise LabelRejected(f"label file unreadable: {str(e).strip().splitlines()[-1]}") from None
 
     arr = sitk.GetArrayFromImage(label)
     values = np.unique(arr)

@@ -33,12 +33,16 @@ from gcml_app.gossip.audit import AuditLog
 from gcml_app.gossip.peers import PeerBook
 from gcml_app.gossip.scheduler import Scheduler
 from gcml_app.gossip.state import GossipState
+from gcml_app.jsonl import clean
 from gcml_app.infer import GCMLSegInfer
 from gcml_app.split import FixedSplit, labels_for_validation
 from gcml_app.store import ModelStore
 from gcml_app.trainer import GCMLTrain
 
 logger = logging.getLogger(__name__)
+
+# Infer request parameters that make MONAI Label write to the datastore.
+_STORAGE_PARAMS = ("save_label", "label_tag")
 
 
 class GCMLApp(MONAILabelApp):
@@ -94,19 +98,29 @@ class GCMLApp(MONAILabelApp):
         return {"random": Random(), "first": First()}
 
     def infer(self, request, datastore=None):
-        """Inference on datastore images (or a Slicer upload session) only.
+        """Inference on datastore images (or a Slicer upload session) only, and never a label write.
 
-        Stock MONAI Label also accepts any path on the server's disk as ``image``; an annotation
-        client must not make the server read files outside the studies folder.
+        Stock MONAI Label also accepts any path on the server's disk as ``image`` and stores the
+        prediction as a label when asked (``save_label``, ``label_tag``); an annotation client must
+        not make the server read files outside the studies folder, nor turn the model's own output
+        into a final label that could land in the validation split.
 
         Raises:
-            ImageRejected: ``image`` is neither a datastore id nor a file of an upload session.
+            ImageRejected: ``image`` is not a string naming a datastore image or a file of an upload
+                session, or the request asks to store anything.
         """
+        stored = sorted(k for k in _STORAGE_PARAMS if k in request and request[k] not in (None, False, ""))
+        if stored:
+            raise ImageRejected(f"infer parameters {stored} refused: inference never stores labels; submit a "
+                                "label through the label upload, where it is validated")
         image = request.get("image")
-        if isinstance(image, str) and not (datastore or self.datastore()).get_image_uri(image):
+        if not isinstance(image, str) or not image:
+            raise ImageRejected(f"infer 'image' must be a datastore image id; found a {type(image).__name__}")
+        if not (datastore or self.datastore()).get_image_uri(image):
             sessions = getattr(self._sessions, "store_path", None)
             if not (sessions and Path(image).resolve().is_relative_to(Path(sessions).resolve())):
-                raise ImageRejected(f"image {image!r} is not in this site's datastore; expected a datastore image id")
+                raise ImageRejected(f"image {clean(image, 120)!r} is not in this site's datastore; expected a "
+                                    "datastore image id")
         return super().infer(request, datastore)
 
     # ---------------------------------------------------------------- gossip triggers (server process)

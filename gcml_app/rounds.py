@@ -428,7 +428,8 @@ def gossip_round(
 
     Special cases: no served model yet and enough labels: a local warm-up round
     (``gossip.warmup_epochs``); too few labels to validate and no validated model: adopt a
-    partner's validated model unchanged, recorded as unvalidated (``gossip.adopt_when_unlabelled``);
+    validated model of a partner listed in ``gossip.adopt_from`` unchanged, served and recorded as
+    unvalidated until local labels validate it (``gossip.adopt_when_unlabelled``);
     no partner has a new model but one answered that it still serves the model we pulled from it
     before: DCML with that cached model (the first such partner in the policy's order), so the
     site's own labels keep training every round (``gossip.cached: true`` in the record).
@@ -476,11 +477,18 @@ def gossip_round(
     if not names:
         return store.record("gossip", outcome="no_peers", reason="no partners configured (gossip.peers)", **base)
 
+    if adopting and not set(names) & set(cfg.gossip.adopt_from):
+        reason = (f"not enough labels to validate ({n_train} train, {n_val} validation) and gossip.adopt_from names no "
+                  "partner whose model this site would serve unvalidated")
+        return store.record("gossip", outcome="skipped", reason=reason, **base)
+
     book = PeerBook.open(state.peers_path)
     if peers:
         order, backed_off = list(peers), []
     else:
         order, backed_off = order_peers(names, book, cfg.gossip, rng or random.Random())
+    if adopting:  # a model served without local validation comes only from partners the site chose to trust so
+        order = [n for n in order if n in cfg.gossip.adopt_from]
     ours = our_arch(cfg)
     got, attempts = _pull(cfg, order, book, state, ours, adopting, connect or _http(cfg))
     for name in backed_off:

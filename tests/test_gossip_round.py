@@ -23,7 +23,7 @@ from gcml_app.store import ModelStore
 
 def _site(tmp_path, peers, **kw) -> tuple[SiteConfig, ModelStore]:
     g = {"peers": peers, "epochs": 1, "warmup_epochs": 1, "connect_timeout_s": 1, "read_timeout_s": 1,
-         "retries": 0, "peer_backoff_s": 30, **kw}
+         "retries": 0, "peer_backoff_s": 30, "adopt_from": [p["name"] for p in peers], **kw}
     cfg = SiteConfig.model_validate({**TINY, "gossip": g, "state_dir": str(tmp_path / "state")})
     return cfg, ModelStore(cfg.state_dir / "models")
 
@@ -123,3 +123,15 @@ def test_a_round_without_training_leaves_pending_labels_pending(tmp_path, partne
     state.add_pending("case_001", 5)
     rec = gossip_round(cfg, store, [{"id": "case_000", "image": "x", "label": "y"}])
     assert rec["outcome"] == "skipped" and state.pending() == ["case_000", "case_001"]
+
+
+def test_adoption_only_from_partners_listed_in_adopt_from(tmp_path, partner):
+    with HostilePeer(SiteConfig.model_validate({**TINY, "state_dir": str(tmp_path / "probe-c")}), site="site-c") as c:
+        cfg, store = _site(tmp_path, [_peer(partner.url), _peer(c.url, "site-c")], adopt_from=["site-c"])
+        rec = gossip_round(cfg, store, [], peers=["site-b", "site-c"])
+        assert rec["mode"] == "adopt" and store.served().produced_by == "adopted:site-c"
+        assert [a["peer"] for a in rec["gossip"]["attempts"]] == ["site-c"] and not partner.h.requests
+    cfg, store = _site(tmp_path / "none", [_peer(partner.url)], adopt_from=[])
+    rec = gossip_round(cfg, store, [])
+    assert rec["outcome"] == "skipped" and "gossip.adopt_from names no partner" in rec["reason"]
+    assert store.served_version() is None and not partner.h.requests

@@ -70,7 +70,7 @@ def test_rotation_revocation_without_restart_and_the_audit_trail(tmp_path):
     probe = SiteConfig.model_validate({**TINY, "state_dir": str(tmp_path / "probe")})
     with HostilePeer(probe, site="site-b") as partner:
         config = write_config(tmp_path, gossip={"peers": [{"name": "site-b", "url": partner.url, "token": "x" * 20}],
-                                                "interval_s": 0, "retries": 0})
+                                                "interval_s": 0, "retries": 0, "adopt_from": ["site-b"]})
         _tokens(config, [{"id": "b-old", "peer": "site-b", "sha256": hash_token(OLD)}])
         cfg = load_config(config)
         with SiteServer(config, studies, log=tmp_path / "server.log") as server:
