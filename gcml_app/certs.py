@@ -1,14 +1,20 @@
 """A small test CA and per-site certificates for a trial federation (``gcml certs``).
 
 Each site certificate is valid for server and client authentication (so the same pair serves the
-site's HTTPS and identifies it to partners in mutual TLS), for the site's name, ``localhost`` and
-the given addresses. For production, use your hospital's PKI; this is for trials and tests.
+site's HTTPS and identifies it to partners in mutual TLS), for the site's name and that site's own
+host names and addresses only, so one site's certificate cannot stand in for another's URL. A site
+given no hosts gets the loopback names (a one-machine trial, where every site shares them).
+
+Every private key is created with mode 0600 (never readable by others, not even for a moment);
+the CA key goes to its own folder, apart from the files handed to sites. For production, use your
+hospital's PKI; this is for trials and tests.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import ipaddress
+import os
 from pathlib import Path
 
 from cryptography import x509
@@ -16,7 +22,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-__all__ = ["make_ca", "make_site_cert", "write_trial_pki"]
+__all__ = ["LOOPBACK", "make_ca", "make_site_cert", "write_trial_pki"]
+
+LOOPBACK = ("localhost", "127.0.0.1", "::1")
 
 
 def _name(cn: str) -> x509.Name:
@@ -25,9 +33,12 @@ def _name(cn: str) -> x509.Name:
 
 
 def _write(path: Path, key, cert) -> None:
-    path.with_suffix(".key").write_bytes(key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
-    path.with_suffix(".key").chmod(0o600)
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    key_path = path.with_suffix(".key")
+    key_path.unlink(missing_ok=True)  # O_EXCL below: a fresh file, 0600 from its first byte
+    fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(pem)
     path.with_suffix(".pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
 
 
@@ -47,11 +58,11 @@ def make_ca(name: str = "GCML trial CA", days: int = 365):
 
 
 def make_site_cert(ca_key, ca_cert, site: str, hosts: list[str], days: int = 365):
-    """A site's certificate for ``site``, ``localhost`` and ``hosts`` (names or IP addresses)."""
+    """A site's certificate for ``site`` and its own ``hosts`` (names or IP addresses)."""
     key = ec.generate_private_key(ec.SECP256R1())
     now = dt.datetime.now(dt.timezone.utc)
-    alt: list[x509.GeneralName] = [x509.DNSName(site), x509.DNSName("localhost")]
-    for h in hosts:
+    alt: list[x509.GeneralName] = [x509.DNSName(site)]
+    for h in dict.fromkeys(hosts):
         try:
             alt.append(x509.IPAddress(ipaddress.ip_address(h)))
         except ValueError:
@@ -67,15 +78,23 @@ def make_site_cert(ca_key, ca_cert, site: str, hosts: list[str], days: int = 365
     return key, cert
 
 
-def write_trial_pki(out: str | Path, sites: list[str], hosts: list[str] | None = None, ca_name: str = "GCML trial CA"
-                    ) -> dict[str, Path]:
-    """Write ``ca.pem`` (+ ``ca.key``) and ``<site>.pem`` / ``<site>.key`` for every site into ``out``."""
+def write_trial_pki(out: str | Path, sites: list[str], hosts: dict[str, list[str]] | None = None,
+                    ca_name: str = "GCML trial CA", ca_dir: str | Path | None = None) -> dict[str, Path]:
+    """Write ``ca.pem`` and ``<site>.pem`` / ``<site>.key`` for every site into ``out``, and ``ca.key``
+    into ``ca_dir`` (default ``<out>-ca``, mode 0700), apart from what is handed to sites.
+
+    Args:
+        hosts: each site's own host names and addresses; a site not listed gets :data:`LOOPBACK`.
+    """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    ca_dir = Path(ca_dir) if ca_dir else out.with_name(out.name + "-ca")
+    ca_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     ca_key, ca_cert = make_ca(ca_name)
-    _write(out / "ca", ca_key, ca_cert)
-    paths = {"ca": out / "ca.pem"}
+    _write(ca_dir / "ca", ca_key, ca_cert)
+    (out / "ca.pem").write_bytes((ca_dir / "ca.pem").read_bytes())
+    paths = {"ca": out / "ca.pem", "ca_key": ca_dir / "ca.key"}
     for site in sites:
-        _write(out / site, *make_site_cert(ca_key, ca_cert, site, hosts or ["127.0.0.1", "::1"]))
+        _write(out / site, *make_site_cert(ca_key, ca_cert, site, list((hosts or {}).get(site) or LOOPBACK)))
         paths[site] = out / f"{site}.pem"
     return paths

@@ -155,8 +155,19 @@ def _certs(args: argparse.Namespace) -> int:
     from gcml_app.certs import write_trial_pki
 
     sites = args.sites.split(",")
-    paths = write_trial_pki(args.out, sites, args.hosts.split(","))
-    print(f"trial CA {paths['ca']} (keep ca.key offline); for each site <site>.pem and <site>.key in {args.out}:")
+    hosts: dict[str, list[str]] = {}
+    for item in args.hosts or []:
+        site, sep, names = item.partition("=")
+        if not sep or site not in sites or not names:
+            raise SystemExit(f"gcml certs --hosts: found {item!r}; expected SITE=HOST[,HOST...] with SITE one of {sites}")
+        hosts.setdefault(site, []).extend(n.strip() for n in names.split(",") if n.strip())
+    paths = write_trial_pki(args.out, sites, hosts)
+    shared = [s for s in sites if s not in hosts]
+    if len(shared) > 1:
+        print(f"note: {shared} got only loopback names: fine on one machine, but each of their certificates is valid "
+              "for the others' loopback URLs; give each site its own names with --hosts SITE=HOST,...")
+    print(f"trial CA {paths['ca']}; its key is in {paths['ca_key']}: keep it offline, never hand it to a site.")
+    print(f"For each site, <site>.pem and <site>.key in {args.out}:")
     print("  serve: {tls: {certfile: <site>.pem, keyfile: <site>.key, ca_certs: ca.pem, client_certs: required}}")
     print("  gossip: {ca_bundle: ca.pem, client_cert: <site>.pem, client_key: <site>.key}")
     return 0
@@ -254,7 +265,8 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser("certs", help="a trial CA and per-site certificates (HTTPS and mutual TLS between sites)")
     s.add_argument("--out", required=True)
     s.add_argument("--sites", required=True, help="comma-separated site names, e.g. site-a,site-b,site-c")
-    s.add_argument("--hosts", default="127.0.0.1,::1", help="addresses or names every certificate is valid for")
+    s.add_argument("--hosts", action="append", metavar="SITE=HOST[,HOST...]",
+                   help="a site's own host names and addresses (repeat per site); default loopback only")
     s.set_defaults(func=_certs)
 
     s = sub.add_parser("token", help="partner tokens")
