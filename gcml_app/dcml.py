@@ -354,8 +354,9 @@ def supervised_step(model: GCMLNet, opt: torch.optim.Optimizer, x: torch.Tensor,
     seg_loss = seg_loss or DiceCELoss(to_onehot_y=True, softmax=True)
     opt.zero_grad(set_to_none=True)
     loss = seg_loss(model(x), y)
-    loss.backward()
-    opt.step()
+    if torch.isfinite(loss):  # a diverged step is skipped, never applied
+        loss.backward()
+        opt.step()
     return float(loss.detach())
 
 
@@ -438,9 +439,15 @@ def dcml_step(
     w_kl = cfg.lambda_kl * kl_weight
     loss_l = seg_l + w_kl * kl_l + cfg.lambda_con * con_l
     loss_i = seg_i + w_kl * kl_i + cfg.lambda_con * con_i
-    (loss_l + loss_i).backward()  # disjoint graphs: the teacher side of every cross term is detached
-    opt_l.step()
-    opt_i.step()
+    # Disjoint graphs: the teacher side of every cross term is detached. A model whose loss is not finite
+    # (e.g. a partner model that overflows) skips this step; the other still learns, and never from NaN.
+    ok_l, ok_i = bool(torch.isfinite(loss_l)), bool(torch.isfinite(loss_i))
+    if ok_l or ok_i:
+        ((loss_l if ok_l else zero) + (loss_i if ok_i else zero)).backward()
+    if ok_l:
+        opt_l.step()
+    if ok_i:
+        opt_i.step()
     return DCMLStep(*(float(t.detach()) for t in (seg_l, kl_l, con_l, seg_i, kl_i, con_i)))
 
 

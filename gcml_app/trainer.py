@@ -17,6 +17,7 @@ from monailabel.interfaces.datastore import Datastore, DefaultLabelTag
 from monailabel.interfaces.tasks.train import TrainTask
 
 from gcml_app.config import SiteConfig
+from gcml_app.jsonl import finite
 from gcml_app.labels import LabelRejected, conform_label
 from gcml_app.rounds import gossip_round, labels_round, run_round
 from gcml_app.store import ModelStore, atomic_write
@@ -82,10 +83,10 @@ class GCMLTrain(TrainTask):
         served = self.store.served()
         stats["served_version"] = served.version if served else None
         stats.setdefault("best_metric", round(served.mean_dice, 4) if served else 0.0)
-        return stats
+        return finite(stats)  # /info is strict JSON: one diverged loss must not lock Slicer out
 
     def _write_stats(self, stats: dict[str, Any]) -> None:
-        atomic_write(self.stats_path, json.dumps(stats).encode())
+        atomic_write(self.stats_path, json.dumps(finite(stats), allow_nan=False).encode())
 
     def _parse(self, request: dict[str, Any]) -> tuple[str, int | None]:
         mode = request.get("mode", "local")

@@ -322,3 +322,19 @@ def test_fused_mutual_terms_equal_the_reference_losses():
     ref = voxel_infonce(e_a, e_b, labels_at(y, e_a.shape[2:]), cfg.dcml.tau, cfg.dcml.samples_per_class,
                         torch.Generator().manual_seed(5))
     torch.testing.assert_close(con_a, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_an_absurd_partner_model_never_makes_the_local_model_non_finite():
+    cfg = site()
+    a, b = pair(cfg)
+    with torch.no_grad():
+        for p in b.parameters():
+            p.fill_(3e38)  # finite, absurd: overflows in the first convolution
+    x, y = data()
+    oa, ob = torch.optim.AdamW(a.parameters(), lr=1e-2), torch.optim.AdamW(b.parameters(), lr=1e-2)
+    before = copy.deepcopy(a.state_dict())
+    out = dcml_step(a, b, oa, ob, x, y, cfg.dcml)
+    assert not math.isfinite(out.seg_i)
+    assert all(torch.isfinite(p).all() for p in a.state_dict().values())
+    # the local model's loss went through the incoming model's logits (KL): that step is skipped, not applied
+    assert not math.isfinite(out.kl_l) or any(not torch.equal(p, before[k]) for k, p in a.state_dict().items())
