@@ -61,6 +61,18 @@ def client_session(cfg: SiteConfig) -> requests.Session:
     return session
 
 
+class SourceAddressAdapter(requests.adapters.HTTPAdapter):
+    """A ``requests`` adapter whose connections leave from ``address`` (one of this machine's own)."""
+
+    def __init__(self, address: str, **kwargs):
+        self.source_address = (address, 0)
+        super().__init__(**kwargs)
+
+    def init_poolmanager(self, *args, **kwargs):
+        kwargs["source_address"] = self.source_address
+        super().init_poolmanager(*args, **kwargs)
+
+
 class SiteServer:
     """A running MONAI Label server for one site, started in its own process group.
 
@@ -70,18 +82,26 @@ class SiteServer:
         host: bind address; loopback by default (the annotation network decides otherwise).
         port: ``None`` picks a free port.
         log: file receiving the server's stdout/stderr.
+        client_address: the local address our own requests (the readiness probe) come from, for a
+            server whose annotation network does not include ``127.0.0.1``.
+        extra_args: more ``monailabel start_server`` arguments (e.g. ``--root_path /site-a``).
 
     Example:
         >>> with SiteServer("site.yaml", "studies") as srv:
         ...     requests.get(srv.url + "/info/", timeout=10).json()["name"]
     """
 
-    def __init__(self, config, studies, host: str = "127.0.0.1", port: int | None = None, log=None):
+    def __init__(self, config, studies, host: str = "127.0.0.1", port: int | None = None, log=None,
+                 client_address: str | None = None, extra_args: tuple[str, ...] = ()):
         cfg = load_config(config)
         self.host, self.port = host, port or free_port(host)
         self.url = f"{'https' if cfg.serve.tls else 'http'}://{host}:{self.port}"
         self.session = client_session(cfg)
-        self.cmd = server_command(config, studies, host, self.port)
+        if client_address:
+            adapter = SourceAddressAdapter(client_address)
+            self.session.mount("http://", adapter)
+            self.session.mount("https://", adapter)
+        self.cmd = [*server_command(config, studies, host, self.port), *extra_args]
         self.log_path = Path(log) if log else None
         self.proc: subprocess.Popen | None = None
         self.tmp: str | None = None

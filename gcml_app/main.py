@@ -68,6 +68,7 @@ class GCMLApp(MONAILabelApp):
         self.gossip_state = GossipState(self.cfg.state_dir)
         self.audit = AuditLog(self.cfg.state_dir / "audit.jsonl", self.cfg.security.audit_max_bytes)
         self.scheduler: Scheduler | None = None
+        self.guard_limiter = None  # set by gcml_app.server when the guard is first built
         self._start_lock = threading.Lock()
         super().__init__(
             app_dir=app_dir,
@@ -227,4 +228,6 @@ class GCMLApp(MONAILabelApp):
             "last_round": rounds[-1] if rounds else None,
             # malformed lines (a torn append) that history readers skipped; 0 when the file is whole
             "history_skipped_lines": self.store.skipped_history_lines,
+            "guard": {"tracked_clients": len(self.guard_limiter) if self.guard_limiter is not None else 0,
+                      "max_tracked_clients": self.cfg.security.max_tracked_clients},
         }

@@ -102,6 +102,7 @@ class _Security:
         with self.lock:
             if self.limiter is None:
                 self.limiter = FailureLimiter(site.cfg.security.max_tracked_clients)
+                site.guard_limiter = self.limiter  # its size is in /gcml/status
             if self.guard is None:
                 self.guard = Guard(site.cfg.security, limiter=self.limiter, served_hosts=(site.cfg.serve.host,))
             elif stamp != self.stamp:

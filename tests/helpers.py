@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import secrets
 import shutil
 from pathlib import Path
@@ -100,3 +101,26 @@ def write_federation(root: Path, styles: str = "abc", cases: int = 8, labelled: 
                        "url": f"{scheme}://127.0.0.1:{ports[name]}",
                        "tokens": {b: tokens[(name, b)] for b in names if b != name}}
     return sites
+
+
+@contextlib.contextmanager
+def bound_to(address: str):
+    """Every connection this process opens leaves from ``address`` (a loopback address such as 127.0.0.2):
+    ``requests``/urllib3 and ``http.client`` (what ``monailabel.client`` uses) alike."""
+    import socket
+
+    import urllib3.util.connection as u3
+
+    original_socket, original_u3 = socket.create_connection, u3.create_connection
+
+    def via_socket(addr, timeout=socket._GLOBAL_DEFAULT_TIMEOUT, source_address=None, **kw):
+        return original_socket(addr, timeout, (address, 0), **kw)
+
+    def via_u3(addr, timeout=socket._GLOBAL_DEFAULT_TIMEOUT, source_address=None, socket_options=None):
+        return original_u3(addr, timeout, (address, 0), socket_options)
+
+    socket.create_connection, u3.create_connection = via_socket, via_u3
+    try:
+        yield
+    finally:
+        socket.create_connection, u3.create_connection = original_socket, original_u3
