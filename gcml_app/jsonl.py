@@ -15,7 +15,7 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
-__all__ = ["append", "clean", "finite", "read"]
+__all__ = ["append", "clean", "encode", "finite", "read"]
 
 logger = logging.getLogger(__name__)
 
@@ -39,9 +39,14 @@ def finite(obj: Any) -> Any:
     return obj
 
 
-def append(path: str | Path, record: dict[str, Any], fsync: bool = False) -> None:
-    """Append ``record`` as one line (created with mode 0600; non-finite numbers written as ``null``)."""
-    line = (json.dumps(finite(record), sort_keys=True, allow_nan=False) + "\n").encode()
+def encode(record: dict[str, Any]) -> bytes:
+    """``record`` as one strict-JSON line (non-finite numbers written as ``null``)."""
+    return (json.dumps(finite(record), sort_keys=True, allow_nan=False) + "\n").encode()
+
+
+def append(path: str | Path, record: dict[str, Any] | bytes, fsync: bool = False) -> None:
+    """Append ``record`` (or a line from :func:`encode`) as one write (the file is created with mode 0600)."""
+    line = record if isinstance(record, bytes) else encode(record)
     fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
     try:
         size = os.fstat(fd).st_size

@@ -18,7 +18,6 @@ trail takes at most twice that on disk.
 from __future__ import annotations
 
 import fcntl
-import json
 import os
 import time
 from pathlib import Path
@@ -45,13 +44,13 @@ class AuditLog:
     def write(self, kind: str, **fields: Any) -> None:
         record = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "kind": kind,
                   **{k: clean(v, 300) if isinstance(v, str) else v for k, v in fields.items()}}
-        size = len(json.dumps(record)) + 1
+        line = jsonl.encode(record)
         try:
-            if self.path.stat().st_size + size > self.max_bytes:
-                self._rotate(size)
+            if self.path.stat().st_size + len(line) > self.max_bytes:
+                self._rotate(len(line))
         except FileNotFoundError:
             pass
-        jsonl.append(self.path, record)
+        jsonl.append(self.path, line)
 
     def _rotate(self, incoming: int) -> None:
         lock = os.open(self.path.with_name(self.path.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o600)

@@ -37,6 +37,7 @@ audited once per client per minute with a count of the ones folded in (:class:`R
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import ipaddress
@@ -82,6 +83,12 @@ def client_key(address: str | None) -> str:
     if ip.version == 6:
         return str(ipaddress.ip_network(f"{ip}/64", strict=False))
     return str(ip)
+
+
+@functools.lru_cache(maxsize=1)
+def _machine_names() -> tuple[str, ...]:
+    """This machine's host name and FQDN (looked up once: the FQDN may need a DNS answer)."""
+    return socket.gethostname().lower(), socket.getfqdn().lower()
 
 
 def _ip(text: str | None) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
@@ -137,6 +144,7 @@ class FailureLimiter:
     def __init__(self, max_clients: int = 10_000):
         self._fails = _Bounded(max_clients)
         self._lock = threading.Lock()
+        self._swept = float("-inf")
 
     def __len__(self) -> int:
         return len(self._fails)
@@ -157,8 +165,9 @@ class FailureLimiter:
             key = client_key(client)
             times = self._fails.get(key)
             if times is None:
-                if len(self._fails) >= self._fails.size:
+                if len(self._fails) >= self._fails.size and now - self._swept >= 1.0:  # at most once a second
                     self._sweep(now, window)
+                    self._swept = now
                 times = deque(maxlen=limit)
             times.append(now)
             self._fails.put(key, times)
@@ -208,8 +217,7 @@ class Guard:
         if security.allowed_hosts is not None:
             self.hosts = {h.lower() for h in security.allowed_hosts}
         else:
-            self.hosts = {"localhost", socket.gethostname().lower(), socket.getfqdn().lower(),
-                          *(h.lower() for h in served_hosts)}
+            self.hosts = {"localhost", *_machine_names(), *(h.lower() for h in served_hosts)}
         self.tokens: list[tuple[str, str, bytes]] = []  # (partner, token id, sha256 digest)
         for t in security.peer_tokens:
             if t.sha256:
