@@ -4,8 +4,8 @@ Every partner is untrusted. A pull enforces, in order:
 
 1. one wall-clock deadline for the whole pull (``gossip.pull_deadline_s``), within which connect and
    read timeouts, retries with exponential backoff (idempotent GETs only) and ``Retry-After`` waits
-   (capped by ``gossip.peer_backoff_max_s`` and the deadline) all fit; a transfer slower than
-   ``gossip.min_rate_bytes_s`` is abandoned;
+   (only those shorter than ``gossip.peer_backoff_max_s`` and the time left) all fit; a transfer
+   slower than ``gossip.min_rate_bytes_s`` is abandoned;
 2. TLS verification (system CAs or ``gossip.ca_bundle``), and ``Accept-Encoding: identity`` (no
    decompression of what a partner sends);
 3. a manifest that parses, names a sha256 and size, and our architecture;
@@ -105,13 +105,14 @@ class _Deadline:
 
 def _retry_class(deadline: _Deadline, cap: float) -> type[Retry]:
     class _Retry(Retry):
-        """urllib3's Retry whose ``Retry-After`` waits stop at ``cap`` and before the pull's deadline."""
+        """urllib3's Retry that waits out a ``Retry-After`` only when it ends before ``cap`` and the pull's
+        deadline; a longer one is not waited for (the partner counts as unavailable this round)."""
 
         def sleep_for_retry(self, response=None) -> bool:
             wait = self.get_retry_after(response) if response is not None else None
-            if wait is None:
-                return False
-            time.sleep(max(0.0, min(wait, cap, deadline.left() - 1.0)))
+            if wait is None or wait > min(cap, deadline.left() - 1.0):
+                return False  # not worth waiting for: the short backoff, and the round moves on
+            time.sleep(max(0.0, wait))
             return True
 
     return _Retry
