@@ -33,8 +33,8 @@ from gcml_app.gossip.audit import AuditLog
 from gcml_app.gossip.peers import PeerBook
 from gcml_app.gossip.scheduler import Scheduler
 from gcml_app.gossip.state import GossipState
-from gcml_app.jsonl import clean
 from gcml_app.infer import GCMLSegInfer
+from gcml_app.jsonl import clean
 from gcml_app.split import FixedSplit, labels_for_validation
 from gcml_app.store import ModelStore
 from gcml_app.trainer import GCMLTrain

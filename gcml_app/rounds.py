@@ -38,12 +38,12 @@ from gcml_app.dcml import average_state, dcml_train, supervised_train
 from gcml_app.errors import IncomingModelRejected, NotEnoughLabels, NothingToShare, PayloadRejected, PeerUnavailable
 from gcml_app.evaluate import dice_per_case
 from gcml_app.gate import SERVED, select
-from gcml_app.jsonl import clean
 from gcml_app.gossip.audit import AuditLog
 from gcml_app.gossip.client import PeerClient, PeerManifest, Pulled
 from gcml_app.gossip.payload import our_arch, verify_weights
 from gcml_app.gossip.peers import PeerBook, order_peers
 from gcml_app.gossip.state import GossipState
+from gcml_app.jsonl import clean
 from gcml_app.network import arch_fingerprint, build_network
 from gcml_app.split import FixedSplit, labels_for_validation
 from gcml_app.store import ModelStore, StoreError, sha256_bytes

@@ -154,15 +154,12 @@ def _label_bomb(path, shape=(2048, 2048, 2048), members=160) -> None:
     zeros = gzip.compress(b"\0" * (64 << 20), compresslevel=9)
     with open(path, "wb") as f:
         f.write(gzip.compress(bytes(hdr) + b"\0" * 4))
-        for _ in range(members):
-            f.write(zeros)
+        f.writelines(zeros for _ in range(members))
 
 
 def _peak_rss_mb(pid: int) -> float:
-    for line in open(f"/proc/{pid}/status"):
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    raise AssertionError("no VmHWM")
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmHWM:"))
 
 
 def test_a_label_bomb_is_refused_before_it_is_decoded(site, tmp_path):
@@ -170,9 +167,9 @@ def test_a_label_bomb_is_refused_before_it_is_decoded(site, tmp_path):
     _label_bomb(bomb)
     assert 9e6 < bomb.stat().st_size < 12e6
     before, rss = _snapshot(site), _peak_rss_mb(site["server"].proc.pid)
-    with bound_to(INSIDE):
-        with pytest.raises(Exception, match=r"label shape \(2048, 2048, 2048\) does not match image shape \(32, 32, 32\)"):
-            MONAILabelClient(site["url"]).save_label("case_005", str(bomb), tag="final")
+    shape = r"label shape \(2048, 2048, 2048\) does not match image shape \(32, 32, 32\)"
+    with bound_to(INSIDE), pytest.raises(Exception, match=shape):
+        MONAILabelClient(site["url"]).save_label("case_005", str(bomb), tag="final")
     assert _peak_rss_mb(site["server"].proc.pid) - rss < 100
     assert _snapshot(site) == before
 
@@ -184,9 +181,8 @@ def test_a_label_bomb_is_refused_before_it_is_decoded(site, tmp_path):
 ])
 def test_infer_cannot_read_outside_the_datastore_or_store_labels(site, params, detail):
     before = _snapshot(site)
-    with bound_to(INSIDE):
-        with pytest.raises(Exception, match=detail):
-            MONAILabelClient(site["url"]).infer("gcml_seg", "case_005", params)
+    with bound_to(INSIDE), pytest.raises(Exception, match=detail):
+        MONAILabelClient(site["url"]).infer("gcml_seg", "case_005", params)
     assert _snapshot(site) == before
 
 

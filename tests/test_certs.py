@@ -19,7 +19,7 @@ from gcml_app.gossip.client import PeerClient
 
 
 class _Manifest(BaseHTTPRequestHandler):
-    def do_GET(self):  # noqa: N802
+    def do_GET(self):
         self.send_response(404)
         self.send_header("Content-Length", "2")
         self.end_headers()

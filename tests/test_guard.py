@@ -197,6 +197,7 @@ def test_refusals_are_folded_per_client_and_minute():
     assert digest.note("198.51.100.1", 0.0) == (True, 0)
     assert [digest.note("198.51.100.1", t)[0] for t in (1.0, 2.0, 3.0)] == [False, False, False]
     assert digest.note("198.51.100.2", 3.0) == (True, 0)
+    assert digest.note("198.51.100.1", 4.0, "401") == (True, 0)  # another kind of refusal is logged on its own
     assert digest.note("198.51.100.1", 61.0) == (True, 3)
     for i in range(1000):
         digest.note(f"198.51.{i // 256}.{i % 256}", 100.0)

@@ -4,7 +4,7 @@ Two kinds of lines:
 
 - ``request``: every request to the peer surface and refused requests (time, client address,
   partner or ``anonymous``, token id, method, path, status, bytes sent, sha256 served, reason;
-  repeated refusals from one client are folded into one line a minute with a ``folded`` count);
+  repeated refusals of one kind from one client are folded into one line a minute with a ``folded`` count);
 - ``pull``: every model we tried to fetch from a partner (partner, version, sha256, verdict,
   reason, bytes).
 

@@ -32,7 +32,8 @@ Paths are decided as routed (under ``root_path``). Tokens are compared as sha256
 :func:`hmac.compare_digest` against every configured token (no early exit), so timing does not
 reveal how much of a guess was right. Every table the guard keeps per client address is bounded
 (``security.max_tracked_clients``, least recently seen dropped first), and refusals are logged and
-audited once per client per minute with a count of the ones folded in (:class:`RefusalDigest`).
+audited once per client and kind of refusal per minute, with a count of the ones folded in
+(:class:`RefusalDigest`).
 """
 
 from __future__ import annotations
@@ -174,10 +175,10 @@ class FailureLimiter:
 
 
 class RefusalDigest:
-    """Folds repeated refusals from one client into one log line per ``period_s``.
+    """Folds repeated refusals of one kind (status and reason) from one client into one line per ``period_s``.
 
     :meth:`note` says whether this refusal is the one to log, and how many were folded in since the
-    last logged one from that client. Bounded like :class:`FailureLimiter`.
+    last logged one of that kind from that client. Bounded like :class:`FailureLimiter`.
     """
 
     def __init__(self, period_s: float = 60.0, max_clients: int = 10_000):
@@ -185,9 +186,9 @@ class RefusalDigest:
         self._seen = _Bounded(max_clients)
         self._lock = threading.Lock()
 
-    def note(self, client: str | None, now: float) -> tuple[bool, int]:
+    def note(self, client: str | None, now: float, kind: str = "") -> tuple[bool, int]:
         with self._lock:
-            key = client_key(client)
+            key = f"{client_key(client)} {kind}"
             last, folded = self._seen.get(key, (None, 0))
             if last is not None and now - last < self.period_s:
                 self._seen.put(key, (last, folded + 1))
@@ -358,7 +359,7 @@ class GuardMiddleware:
         self.app = app
         self.guard = guard
         self.audit = audit
-        self.upload_caps = upload_caps or (lambda: {})
+        self.upload_caps = upload_caps or (dict)
         self.digest = RefusalDigest()
 
     def _audit(self, entry: dict[str, Any]) -> None:
@@ -440,7 +441,8 @@ class GuardMiddleware:
         if verdict.retry_after:
             extra.append((b"retry-after", str(verdict.retry_after).encode()))
         n = await self._refuse(scope, receive, send, verdict.status, verdict.reason, extra)
-        log, folded = self.digest.note(entry["client"], time.monotonic())
+        # one kind of refusal: its status and the start of its reason (the rest may name variable things)
+        log, folded = self.digest.note(entry["client"], time.monotonic(), f"{verdict.status} {verdict.reason[:32]}")
         if log:
             more = f" (+{folded} more refusals of this client folded in)" if folded else ""
             logger.warning(f"guard: {verdict.status} {entry['method']} {entry['path']} from {entry['client']}: "
