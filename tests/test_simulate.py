@@ -237,6 +237,12 @@ def test_bench_quick_writes_every_key(tmp_path, capsys):
     assert r["payload"]["float16"] < 0.55 * r["payload"]["float32"]
     assert r["infer"]["gcml_seg"]["n"] == r["infer"]["stock"]["n"] == 3 and r["infer"]["ratio_median"] > 0
     assert r["infer_under_training"]["training"]["n"] >= 3 and r["infer_under_training"]["p95_ratio"] > 0
-    assert set(r["dcml_step"]) == {"site", "unet_16_128_roi_64"}
+    assert set(r["dcml_step"]) == {"site", "unet_16_64_roi_48", "unet_16_128_roi_64"}
+    params = [v["params"] for v in r["dcml_step"].values()]
+    assert params == sorted(params) and len(set(params)) == 3  # three network sizes, growing
+    # every figure with a target has it beside it
+    assert r["gossip_round"]["target_overhead_s"] == 2.0 and r["gossip_round"]["overhead_s"] > 0
+    assert all(v["target_ratio"] == 2.1 for v in r["dcml_step"].values())
+    assert (tmp_path / "b" / "bench.png").stat().st_size > 10_000
     assert all(v["ratio"] > 1.0 for v in r["dcml_step"].values())
     assert "DCML step vs supervised step" in capsys.readouterr().out

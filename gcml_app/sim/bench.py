@@ -3,14 +3,18 @@
 - ``infer``: latency of ``gcml_seg`` vs a stock MONAI Label ``BasicInferTask`` with the same network,
   weights, transforms and volume, in one process, interleaved (target overhead <= 5%);
 - ``dcml_step``: a DCML step vs a single-model supervised step on the same batch (target <= 2.1x), for
-  the site's network and for a larger UNet (16..128 channels) on 64^3 crops;
+  three network sizes: the site's network, a UNet 16..64 on 48^3 crops and a UNet 16..128 on 64^3;
 - ``gossip_round``: a real round between two servers on loopback, wall seconds split into fetch,
   verify, load, train, validate and publish, plus the peak memory (RSS) of the training process;
+  ``overhead_s`` is what the round pays outside those phases and before its first step (subprocess
+  start-up, imports, app rebuild, datastore scan, dataset caching; target <= 2 s);
 - ``payload``: bytes of the served model as float32 and float16 transport;
 - ``infer_under_training``: ``gcml_seg`` latency over HTTP while a training round runs in the
   background vs idle (p50 and p95; target p95 ratio <= 1.5).
 
-Ratios are measured in the same run on the same machine; absolute times vary with the machine.
+Every figure that has a target sits beside it as ``target_<name>`` in the same object. Ratios are
+measured in the same run on the same machine; absolute times vary with the machine. ``bench.png``
+shows each measure against its target and the round's phases.
 """
 
 from __future__ import annotations
@@ -40,7 +44,9 @@ from gcml_app.sim.phantoms import write_studies
 from gcml_app.site_client import SiteClient
 from gcml_app.store import ModelStore
 
-__all__ = ["StockSegInfer", "bench"]
+__all__ = ["TARGET_OVERHEAD_S", "StockSegInfer", "bench", "plot"]
+
+TARGET_OVERHEAD_S = 2.0  # seconds a round may pay before its first step
 
 
 class StockSegInfer(GCMLSegInfer):
@@ -195,9 +201,11 @@ def bench(out: str | Path, quick: bool = False) -> dict[str, Any]:
         sampler.join()
         timings = a.train_stats()["last_round"]["timings"]
         g = rec["gossip"]
+        other = wall - g["fetch_s"] - g["verify_s"] - sum(timings.values())
         result["gossip_round"] = {
             "wall_s": round(wall, 3), "fetch_s": g["fetch_s"], "verify_s": g["verify_s"], **timings,
-            "subprocess_and_other_s": round(wall - g["fetch_s"] - g["verify_s"] - sum(timings.values()), 3),
+            "subprocess_and_other_s": round(other, 3),
+            "overhead_s": round(other + timings.get("load_s", 0.0), 3), "target_overhead_s": TARGET_OVERHEAD_S,
             "dcml_epochs": gossip_epochs, "outcome": rec["event"], "bytes_pulled": g["bytes_pulled"],
             "peak_rss_mb": round(sampler.peak / 2**20, 1),
         }
@@ -214,12 +222,49 @@ def bench(out: str | Path, quick: bool = False) -> dict[str, Any]:
             srv.stop()
     image = str(work / "site-a" / "studies" / "case_009.nii.gz")
     result["infer"] = _infer_overhead(cfg, store, image, work, repeats)
-    large = cfg.model_copy(update={
-        "roi_size": (64, 64, 64),
-        "network": cfg.network.model_copy(update={"channels": (16, 32, 64, 128), "strides": (2, 2, 2)}),
-    })
+    sizes = {"site": cfg}
+    for name, roi, channels in (("unet_16_64_roi_48", 48, (16, 32, 64)), ("unet_16_128_roi_64", 64, (16, 32, 64, 128))):
+        sizes[name] = cfg.model_copy(update={"roi_size": (roi,) * 3, "network": cfg.network.model_copy(
+            update={"channels": channels, "strides": (2,) * (len(channels) - 1)})})
     result["dcml_step"] = {name: _step(c, repeats if name == "site" else max(2, repeats // 3))
-                           for name, c in (("site", cfg), ("unet_16_128_roi_64", large))}
+                           for name, c in sizes.items()}
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench.json").write_text(json.dumps(result, indent=1))
+    plot(result, out / "bench.png")
     return result
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    """``bench.png``: each measure as a fraction of its target (left), the round's phases (right)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    measures = {"infer overhead": (result["infer"]["ratio_median"], result["infer"]["target_ratio"]),
+                **{f"DCML step, {k}": (v["ratio"], v["target_ratio"]) for k, v in result["dcml_step"].items()},
+                "infer p95 while training": (result["infer_under_training"]["p95_ratio"],
+                                             result["infer_under_training"]["target_p95_ratio"]),
+                "round overhead (s)": (result["gossip_round"]["overhead_s"], result["gossip_round"]["target_overhead_s"])}
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5), gridspec_kw={"width_ratios": [3, 2]})
+    names = list(measures)
+    frac = [value / target for value, target in measures.values()]
+    left.barh(names, frac, color=["tab:green" if f <= 1 else "tab:red" for f in frac])
+    left.axvline(1.0, color="k", linestyle="--", linewidth=1)
+    for i, (value, target) in enumerate(measures.values()):
+        left.text(frac[i], i, f" {value:.2f} (target {target:g})", va="center", fontsize=8)
+    left.set_xlabel("measured / target (<= 1 meets it)")
+    left.invert_yaxis()
+    g = result["gossip_round"]
+    phases = {"overhead": g["overhead_s"], "fetch+verify": g["fetch_s"] + g["verify_s"], "train": g.get("train_s", 0),
+              "validate": g.get("validate_s", 0), "publish": g.get("publish_s", 0)}
+    start = 0.0
+    for name, secs in phases.items():
+        right.barh(["round"], [secs], left=start, label=f"{name} {secs:.2f} s")
+        start += secs
+    right.set_xlabel("seconds")
+    right.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2)
+    right.set_title(f"gossip round: {g['wall_s']:.1f} s wall")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
