@@ -217,7 +217,8 @@ class DCMLConfig(_Strict):
     kl_mask: Literal["agree", "none"] = Field("agree", description="distil where the teacher agrees with the label")
     fg_weight_max: float = Field(3.0, ge=1.0, description="bound on the foreground up-weighting of the KL")
     tau: float = Field(0.1, gt=0.0, description="InfoNCE temperature")
-    samples_per_class: int = Field(256, ge=1, description="anchor voxels sampled per class per volume")
+    samples_per_class: int = Field(
+        128, ge=1, description="anchor voxels sampled per class per volume (128: the setting gcml simulate validates)")
     dilation: int = Field(2, ge=0, description="voxels the foreground region is dilated by for the KL balance")
     embed_dim: int = Field(32, ge=2, description="projection head output size")
 
