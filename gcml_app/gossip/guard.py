@@ -92,9 +92,17 @@ def _machine_names() -> tuple[str, ...]:
     return socket.gethostname().lower(), socket.getfqdn().lower()
 
 
+def _host(text: str) -> str:
+    """The host of ``host``, ``host:port``, ``[v6]:port`` or a quoted ``"[v6]:port"`` (a bare IPv6 stays whole)."""
+    text = text.strip().strip('"').lower()
+    if text.startswith("["):
+        return text[1:].split("]")[0]
+    return text.rsplit(":", 1)[0] if text.count(":") == 1 else text
+
+
 def _ip(text: str | None) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     try:
-        ip = ipaddress.ip_address((text or "").strip().strip('"').removeprefix("[").split("]")[0])
+        ip = ipaddress.ip_address(_host(text or ""))
     except ValueError:
         return None
     return ip.ipv4_mapped if ip.version == 6 and ip.ipv4_mapped else ip
@@ -268,7 +276,7 @@ class Guard:
         else:
             hops = [headers["x-real-ip"]]
         for hop in reversed(hops):  # the right-most hops were added by our own proxies
-            ip = _ip(hop.split(":")[0] if hop.count(":") == 1 else hop)
+            ip = _ip(hop)
             if ip is None:
                 return None, f"forwarding header names an invalid address {clean(hop, 64)!r}"
             if not self._trusted_proxy(ip):
@@ -279,8 +287,7 @@ class Guard:
         """Whether the ``Host`` header names this server: an IP literal, or one of :attr:`hosts`."""
         if host is None:
             return True  # not a browser (every browser sends Host)
-        name = host.strip().lower()
-        name = name[1:].split("]")[0] if name.startswith("[") else name.rsplit(":", 1)[0] if name.count(":") == 1 else name
+        name = _host(host)
         return "*" in self.hosts or name in self.hosts or _ip(name) is not None
 
     def check(self, method: str, path: str, client: str | None, authorization: str | None,
