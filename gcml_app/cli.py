@@ -1,10 +1,12 @@
 """``gcml``: sample data, serving a site, site status, and the demo.
 
     gcml sample-data --out DIR --site-style a --cases 12 --labelled 8 --seed 0
-    gcml serve --config site.yaml --studies DIR [--host H --port P]   (default: the YAML's serve:)
+    gcml sample-data --dicom DIR [--modality CT|MR]   the same phantoms as DICOM series and DICOM SEG
+    gcml pacs-load DIR --url http://pacs:8042/dicom-web   STOW them (credentials: MONAI Label's env settings)
+    gcml serve --config site.yaml --studies DIR|URL [--host H --port P]   (default: the YAML's serve:)
     gcml status --config site.yaml
     gcml sync --config site.yaml [--peer NAME ...]   one gossip round on the running server (cron)
-    gcml demo [--out gcml-demo --port 8001 --epochs 30 --gossip-epochs 5 --rounds 3 --no-wait]
+    gcml demo [--out gcml-demo --port 8001 --epochs 30 --gossip-epochs 5 --rounds 3 --no-wait --pacs]
     gcml simulate [--scenario few-labels --seeds 3 --rounds 8 --methods local,gcml,... --data DIR]
     gcml bench [--out gcml-bench --quick]
     gcml token new --peer site-b [--id site-b-2026q4]     a partner token, printed once, and its hash
@@ -27,11 +29,31 @@ __all__ = ["main"]
 
 
 def _sample_data(args: argparse.Namespace) -> int:
-    from gcml_app.sim.phantoms import write_studies
+    from gcml_app.sim.phantoms import write_dicom_studies, write_studies
 
-    out = write_studies(args.out, args.site_style, args.cases, args.labelled, args.seed)
     n_lab = args.cases if args.labelled is None else args.labelled
+    if args.dicom:
+        out = write_dicom_studies(args.dicom, args.site_style, args.cases, args.labelled, args.seed, args.modality)
+        print(f"wrote {args.cases} style-{args.site_style} phantoms as {args.modality} DICOM series ({n_lab} with a "
+              f"DICOM SEG) to {out}; load them into a PACS with: gcml pacs-load {out} --url URL")
+        return 0
+    out = write_studies(args.out, args.site_style, args.cases, args.labelled, args.seed)
     print(f"wrote {args.cases} style-{args.site_style} phantoms ({n_lab} with final labels) to {out}")
+    return 0
+
+
+def _pacs_load(args: argparse.Namespace) -> int:
+    import requests
+
+    from gcml_app.pacs import pacs_client, stow_folder
+
+    try:
+        client = pacs_client(args.url)
+        n = stow_folder(args.folder, client)
+    except (ValueError, requests.RequestException) as e:
+        print(f"gcml pacs-load: storing into the PACS failed: {e}", file=sys.stderr)
+        return 2
+    print(f"stored {n} DICOM instances from {args.folder} in {args.url}")
     return 0
 
 
@@ -91,7 +113,8 @@ def _demo(args: argparse.Namespace) -> int:
     from gcml_app.demo import run_demo
 
     return run_demo(args.out, port=args.port, cases=args.cases, labelled=args.labelled, warmup_epochs=args.epochs,
-                    gossip_epochs=args.gossip_epochs, rounds=args.rounds, wait=not args.no_wait)
+                    gossip_epochs=args.gossip_epochs, rounds=args.rounds, wait=not args.no_wait,
+                    pacs=args.pacs)
 
 
 def simulation_config(epochs: int) -> dict:
@@ -219,8 +242,11 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="gcml", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
 
-    s = sub.add_parser("sample-data", help="write a MONAI Label studies folder of synthetic phantoms")
-    s.add_argument("--out", required=True)
+    s = sub.add_parser("sample-data", help="write a MONAI Label studies folder (or DICOM for a PACS) of phantoms")
+    where = s.add_mutually_exclusive_group(required=True)
+    where.add_argument("--out", help="a studies folder: NIfTI images and labels/final/")
+    where.add_argument("--dicom", help="a folder of DICOM series (one folder per case) and DICOM SEG labels")
+    s.add_argument("--modality", default="CT", choices=["CT", "MR"], help="with --dicom: the images' SOP class")
     s.add_argument("--site-style", default="a", choices=sorted(STYLES),
                    help="a, b, c: the semantic-shift sample federation; s1-s5: the few-labels scanners")
     s.add_argument("--cases", type=int, default=12)
@@ -228,9 +254,14 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=_sample_data)
 
+    s = sub.add_parser("pacs-load", help="store a folder of DICOM files in a PACS over DICOMweb (STOW-RS)")
+    s.add_argument("folder", help="e.g. the output of gcml sample-data --dicom")
+    s.add_argument("--url", required=True, help="the PACS's DICOMweb root, e.g. http://127.0.0.1:8042/dicom-web")
+    s.set_defaults(func=_pacs_load)
+
     s = sub.add_parser("serve", help="start this site's MONAI Label server with the GCML app")
     s.add_argument("--config", required=True)
-    s.add_argument("--studies", required=True)
+    s.add_argument("--studies", required=True, help="the studies folder, or a PACS's DICOMweb URL")
     s.add_argument("--host", default=None, help="default: serve.host of the YAML")
     s.add_argument("--port", type=int, default=None, help="default: serve.port of the YAML")
     s.set_defaults(func=_serve)
@@ -291,6 +322,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--gossip-epochs", type=int, default=5, help="DCML epochs per gossip round")
     s.add_argument("--rounds", type=int, default=3, help="gossip rounds (each site pulls once per round)")
     s.add_argument("--no-wait", action="store_true", help="exit after the first inference instead of serving")
+    s.add_argument("--pacs", action="store_true", help="site A's images in a private Orthanc (DICOMweb), not a folder")
     s.set_defaults(func=_demo)
     return p
 

@@ -8,6 +8,10 @@
 5. gossip: ``--rounds`` rounds in which every site pulls a partner's model and runs DCML + the gate;
 6. a per-site table (val Dice after warm-up vs after gossip, versions, bytes pulled), ``demo.json``
    and ``demo.png`` in the output folder; the servers keep serving for Slicer until Ctrl-C.
+
+With ``--pacs``, site A's images and labels live in a private Orthanc instead of a folder: its sample
+data is written as DICOM series and DICOM SEG, stored in Orthanc over STOW, and site A's server reads
+them through DICOMweb (:mod:`gcml_app.pacs`).
 """
 
 from __future__ import annotations
@@ -90,11 +94,17 @@ def _plot(path: Path, curves: dict[str, list[float]], rounds: int) -> None:
 
 
 def run_demo(out: str | Path, port: int = 8001, cases: int = 12, labelled: int = 8, warmup_epochs: int = 30,
-             gossip_epochs: int = 5, rounds: int = 3, wait: bool = True) -> int:
+             gossip_epochs: int = 5, rounds: int = 3, wait: bool = True, pacs: bool = False) -> int:
     """Run the demo; see the module docstring. ``port`` is site A's (B and C take the next two); 0 = free ports."""
     from monailabel.client import MONAILabelClient
 
-    from gcml_app.sim.phantoms import write_studies
+    from gcml_app.orthanc import INSTALL_HINT, Orthanc, find_orthanc
+    from gcml_app.pacs import pacs_client, stow_folder
+    from gcml_app.sim.phantoms import write_dicom_studies, write_studies
+
+    if pacs and find_orthanc() is None:
+        print(f"gcml demo --pacs needs Orthanc and its DICOMweb plugin; install them with:\n  {INSTALL_HINT}")
+        return 2
 
     out = Path(out).resolve()
     sites = [f"site-{s}" for s in STYLES]
@@ -103,13 +113,27 @@ def run_demo(out: str | Path, port: int = 8001, cases: int = 12, labelled: int =
     for site in sites:  # every run starts from untrained sites (the sample data is kept)
         shutil.rmtree(out / site / "state", ignore_errors=True)
     print(f"[1/5] sample data and site configs in {out} (fresh model state)")
+    orthanc = None
+    studies = {s: out / s / "studies" for s in sites}
     for i, (style, site) in enumerate(zip(STYLES, sites)):
-        studies = out / site / "studies"
-        if not studies.exists():
-            write_studies(studies, style, cases=cases, labelled=labelled, seed=i)
+        if pacs and site == "site-a":
+            dicom = out / site / "dicom"
+            if not dicom.exists():
+                write_dicom_studies(dicom, style, cases=cases, labelled=labelled, seed=i)
+            shutil.rmtree(out / site / "pacs", ignore_errors=True)  # a fresh PACS each run
+            orthanc = Orthanc(out / site / "pacs").start()
+            t0 = time.perf_counter()
+            n = stow_folder(dicom, pacs_client(orthanc.url, auth=orthanc.auth))
+            studies[site] = orthanc.url
+            print(f"      {site}: {cases} style-{style} phantoms as DICOM ({labelled} with DICOM SEG), {n} instances "
+                  f"stored in Orthanc {orthanc.url} in {time.perf_counter() - t0:.1f} s, config {configs[site]}")
+            continue
+        if not studies[site].exists():
+            write_studies(studies[site], style, cases=cases, labelled=labelled, seed=i)
         print(f"      {site}: {cases} style-{style} phantoms ({labelled} labelled), config {configs[site]}")
 
-    servers = {s: SiteServer(configs[s], out / s / "studies", port=ports[s], log=out / s / "server.log") for s in sites}
+    servers = {s: SiteServer(configs[s], studies[s], port=ports[s], log=out / s / "server.log",
+                             env=orthanc.env if orthanc and s == "site-a" else None) for s in sites}
     print("[2/5] starting three MONAI Label servers: " + ", ".join(f"{s} {v.url}" for s, v in servers.items()))
     try:
         for srv in servers.values():
@@ -182,3 +206,6 @@ def run_demo(out: str | Path, port: int = 8001, cases: int = 12, labelled: int =
         print("stopping servers")
         for srv in servers.values():
             srv.stop()
+        if orthanc is not None:
+            orthanc.stop()
+

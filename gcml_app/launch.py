@@ -31,7 +31,10 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def server_command(config: str | os.PathLike, studies: str | os.PathLike, host: str, port: int) -> list[str]:
-    """The ``monailabel start_server`` command line for one site (HTTPS when the YAML has ``serve.tls``)."""
+    """The ``monailabel start_server`` command line for one site (HTTPS when the YAML has ``serve.tls``).
+
+    ``studies`` is a folder or a PACS's DICOMweb URL (:mod:`gcml_app.pacs`).
+    """
     tls = load_config(config).serve.tls
     # MONAI Label's CLI through gcml_app.serve_main: uvicorn without proxy headers, and with client
     # certificates required when the YAML says so (MONAI Label cannot ask for that by itself).
@@ -39,7 +42,7 @@ def server_command(config: str | os.PathLike, studies: str | os.PathLike, host: 
     cmd = [
         *entry, "start_server",
         "--app", app_dir(),
-        "--studies", str(Path(studies).resolve()),
+        "--studies", str(studies) if str(studies).startswith(("http://", "https://")) else str(Path(studies).resolve()),
         "--conf", "gcml_config", str(Path(config).resolve()),
         "--host", host,
         "--port", str(port),
@@ -78,13 +81,14 @@ class SiteServer:
 
     Args:
         config: the site YAML.
-        studies: the studies folder.
+        studies: the studies folder, or a PACS's DICOMweb URL.
         host: bind address; loopback by default (the annotation network decides otherwise).
         port: ``None`` picks a free port.
         log: file receiving the server's stdout/stderr.
         client_address: the local address our own requests (the readiness probe) come from, for a
             server whose annotation network does not include ``127.0.0.1``.
         extra_args: more ``monailabel start_server`` arguments (e.g. ``--root_path /site-a``).
+        env: more environment for the server (e.g. :attr:`gcml_app.orthanc.Orthanc.env`).
 
     Example:
         >>> with SiteServer("site.yaml", "studies") as srv:
@@ -92,7 +96,8 @@ class SiteServer:
     """
 
     def __init__(self, config, studies, host: str = "127.0.0.1", port: int | None = None, log=None,
-                 client_address: str | None = None, extra_args: tuple[str, ...] = ()):
+                 client_address: str | None = None, extra_args: tuple[str, ...] = (),
+                 env: dict[str, str] | None = None):
         cfg = load_config(config)
         self.host, self.port = host, port or free_port(host)
         self.url = f"{'https' if cfg.serve.tls else 'http'}://{host}:{self.port}"
@@ -105,6 +110,7 @@ class SiteServer:
         self.log_path = Path(log) if log else None
         self.proc: subprocess.Popen | None = None
         self.tmp: str | None = None
+        self.env = dict(env or {})  # e.g. a PACS's credentials (MONAI Label's settings)
 
     def start(self, timeout: float = 180.0) -> SiteServer:
         """Spawn the server and wait until it answers ``/info/``."""
@@ -116,7 +122,7 @@ class SiteServer:
         # in its own temp folder, so a client on the same machine would race the server's clean-up.
         self.tmp = tempfile.mkdtemp(prefix="gcml-server-")
         env = {**os.environ, "MONAI_LABEL_TRACKING_ENABLED": "false", "MONAI_LABEL_AUTO_UPDATE_SCORING": "false",
-               "TMPDIR": self.tmp}
+               "TMPDIR": self.tmp, **self.env}
         if self.log_path:
             with open(self.log_path, "ab") as out:  # the child keeps its own copy of the descriptor
                 self.proc = subprocess.Popen(self.cmd, stdout=out, stderr=subprocess.STDOUT, env=env,

@@ -35,6 +35,7 @@ from gcml_app.gossip.scheduler import Scheduler
 from gcml_app.gossip.state import GossipState
 from gcml_app.infer import GCMLSegInfer
 from gcml_app.jsonl import clean
+from gcml_app.pacs import PacsDatastore, is_pacs_url, pacs_client
 from gcml_app.split import FixedSplit, labels_for_validation
 from gcml_app.store import ModelStore
 from gcml_app.trainer import GCMLTrain
@@ -80,7 +81,19 @@ class GCMLApp(MONAILabelApp):
             labels=self.cfg.labels,
         )
 
-    def init_datastore(self) -> GCMLDatastore:
+    def init_datastore(self) -> GCMLDatastore | PacsDatastore:
+        """A studies folder (MONAI Label's local datastore) or, for an ``http(s)://.../dicom-web`` studies
+        argument, the PACS through MONAI Label's DICOMweb datastore (:mod:`gcml_app.pacs`); labels are
+        validated either way.
+
+        The PACS cache is ``MONAI_LABEL_DATASTORE_CACHE_PATH`` (or the older ``..._DICOMWEB_CACHE_PATH``),
+        default ``<state_dir>/pacs-cache``, a folder per PACS URL under it.
+        """
+        if is_pacs_url(self.studies):
+            self.studies = self.studies.strip().rstrip("/")
+            cache = (settings.MONAI_LABEL_DATASTORE_CACHE_PATH or settings.MONAI_LABEL_DICOMWEB_CACHE_PATH).strip()
+            return PacsDatastore(pacs_client(self.studies), self.cfg.labels,
+                                 cache_path=cache or self.cfg.state_dir / "pacs-cache")
         return GCMLDatastore(
             self.studies,
             labels=self.cfg.labels,
@@ -228,6 +241,8 @@ class GCMLApp(MONAILabelApp):
             "last_round": rounds[-1] if rounds else None,
             # malformed lines (a torn append) that history readers skipped; 0 when the file is whole
             "history_skipped_lines": self.store.skipped_history_lines,
+            # a PACS site: URL, cache folder, reachable, the last error, series cached and skipped (with reasons)
+            "pacs": ds.pacs_status() if isinstance(ds := self.datastore(), PacsDatastore) else None,
             "guard": {"tracked_clients": len(self.guard_limiter) if self.guard_limiter is not None else 0,
                       "max_tracked_clients": self.cfg.security.max_tracked_clients},
         }

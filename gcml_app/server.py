@@ -28,13 +28,15 @@ from gcml_app.errors import ImageRejected, LabelRejected, NoPublishedModel, NotE
 from gcml_app.gossip.guard import FailureLimiter, Guard, GuardMiddleware
 from gcml_app.gossip.routes import router
 from gcml_app.jsonl import clean
+from gcml_app.pacs import PacsUnavailable
 from gcml_app.store import StoreError
 
 __all__ = ["app"]
 
 logger = logging.getLogger(__name__)
 
-_STATUS = {LabelRejected: 422, ImageRejected: 422, NoPublishedModel: 409, NotEnoughLabels: 409, StoreError: 500}
+_STATUS = {LabelRejected: 422, ImageRejected: 422, NoPublishedModel: 409, NotEnoughLabels: 409, StoreError: 500,
+           PacsUnavailable: 503}
 
 
 def _handler(status: int):

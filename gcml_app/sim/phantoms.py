@@ -7,13 +7,14 @@ Labels: ``organ`` = 1, ``lesion`` = 2 (the lesion lies inside the organ).
 
 from __future__ import annotations
 
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
 
-__all__ = ["LABELS", "STYLES", "SiteStyle", "make_case", "write_studies"]
+__all__ = ["LABELS", "STYLES", "SiteStyle", "make_case", "write_dicom_studies", "write_studies"]
 
 LABELS = {"organ": 1, "lesion": 2}
 
@@ -136,4 +137,37 @@ def write_studies(
         _write(img, st.spacing[::-1], out / name)
         if i < labelled:
             _write(lab, st.spacing[::-1], out / "labels" / "final" / name)
+    return out
+
+
+def write_dicom_studies(
+    out: str | Path,
+    style: str = "a",
+    cases: int = 10,
+    labelled: int | None = None,
+    seed: int = 0,
+    modality: str = "CT",
+) -> Path:
+    """The same phantoms as :func:`write_studies`, as a PACS holds them.
+
+    Writes ``case_XXX/`` (one DICOM file per slice, one study per case, patient ``GCML-XXX``) and,
+    for the first ``labelled`` cases, ``case_XXX_seg.dcm`` (DICOM SEG referencing that series, one
+    segment per label, named as in :data:`LABELS`). Load them with ``gcml pacs-load``.
+
+    Returns:
+        the folder.
+    """
+    from gcml_app.dicom import check_series, write_seg, write_series
+
+    with tempfile.TemporaryDirectory(prefix="gcml-phantoms-") as tmp:
+        nifti = write_studies(Path(tmp) / "studies", style, cases, labelled, seed)
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        for image in sorted(nifti.glob("case_*.nii.gz")):
+            name = image.name.removesuffix(".nii.gz")
+            write_series(sitk.ReadImage(str(image)), out / name, modality=modality, patient_id=f"GCML-{name[5:]}",
+                         description=f"GCML phantom {style} {name}")
+            label = nifti / "labels" / "final" / image.name
+            if label.exists():
+                write_seg(sitk.ReadImage(str(label)), check_series(out / name), LABELS, out / f"{name}_seg.dcm")
     return out
