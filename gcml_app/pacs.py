@@ -103,9 +103,11 @@ def pacs_client(url: str, auth: tuple[str, str] | None = None) -> DICOMwebClient
                   allowed_methods=frozenset({"GET"}))
     for prefix in ("http://", "https://"):
         session.mount(prefix, requests.adapters.HTTPAdapter(max_retries=retry))
-    return DICOMwebClientX(url=url.rstrip("/"), session=session, qido_url_prefix=settings.MONAI_LABEL_QIDO_PREFIX,
-                           wado_url_prefix=settings.MONAI_LABEL_WADO_PREFIX,
-                           stow_url_prefix=settings.MONAI_LABEL_STOW_PREFIX)
+    client = DICOMwebClientX(url=url.rstrip("/"), session=session, qido_url_prefix=settings.MONAI_LABEL_QIDO_PREFIX,
+                             wado_url_prefix=settings.MONAI_LABEL_WADO_PREFIX,
+                             stow_url_prefix=settings.MONAI_LABEL_STOW_PREFIX)
+    client.set_http_retry_params(retry=False)  # urllib3's Retry above is the one retry policy (seconds, not minutes)
+    return client
 
 
 def stow_folder(folder: str | Path, client, batch: int = 32) -> int:
@@ -206,19 +208,26 @@ class PacsDatastore(ValidatedLabels, DICOMWebDatastore):
             atomic_write(self._skipped_path, json.dumps(skipped, indent=1, sort_keys=True).encode())
 
     # ---------------------------------------------------------------- images
-    def list_images(self) -> list[str]:
-        """The site's series in the PACS (QIDO, reused for ``LIST_TTL_S``), less the skipped ones;
-        while the PACS is unreachable, the cached series."""
+    def _pacs_series(self) -> list[str]:
+        """The site's series in the PACS (QIDO, reused for ``LIST_TTL_S``), less the skipped ones.
+
+        Raises:
+            PacsUnavailable: the PACS did not answer.
+        """
         now = time.time()
         if self._listing is None or now - self._listing[0] > LIST_TTL_S:
-            try:
-                found = self._call("QIDO series", self._client.search_for_series, search_filters=self._search_filter)
-            except PacsUnavailable:
-                return LocalDatastore.list_images(self)
+            found = self._call("QIDO series", self._client.search_for_series, search_filters=self._search_filter)
             uids = [str(d.get("0020000E", {}).get("Value", [""])[0]) for d in found]
             self._listing = (now, [u for u in uids if _UID.fullmatch(u)])
         skipped = self.skipped()
         return [u for u in self._listing[1] if u not in skipped]
+
+    def list_images(self) -> list[str]:
+        """The site's series in the PACS, less the skipped ones; while it is unreachable, the cached series."""
+        try:
+            return self._pacs_series()
+        except PacsUnavailable:
+            return LocalDatastore.list_images(self)
 
     def get_image_uri(self, image_id: str) -> str:
         """The cached NIfTI volume of a series, fetched and checked on first use.
@@ -242,7 +251,7 @@ class PacsDatastore(ValidatedLabels, DICOMWebDatastore):
             return self._fetch(image_id)
 
     def _fetch(self, image_id: str) -> str:
-        if image_id not in self.list_images():
+        if image_id not in self._pacs_series():
             return ""
         folder = self.cache / image_id
         shutil.rmtree(folder, ignore_errors=True)
