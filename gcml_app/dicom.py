@@ -121,7 +121,7 @@ def check_series(folder: str | Path) -> list[Path]:
     sops = {str(h.get("SOPClassUID", "")) for h in heads}
     bad = sops - IMAGE_SOP_CLASSES.keys()
     if bad:
-        raise SeriesRejected(f"SOP class {sorted(bad)[0]} is not a single-frame image class; expected one of "
+        raise SeriesRejected(f"SOP class {min(bad)} is not a single-frame image class; expected one of "
                              f"{', '.join(IMAGE_SOP_CLASSES.values())}")
     if len({str(h.SeriesInstanceUID) for h in heads}) != 1:
         raise SeriesRejected("instances of more than one series")

@@ -209,13 +209,13 @@ class PacsDatastore(ValidatedLabels, DICOMWebDatastore):
 
     # ---------------------------------------------------------------- images
     def _pacs_series(self) -> list[str]:
-        """The site's series in the PACS (QIDO, reused for ``LIST_TTL_S``), less the skipped ones.
+        """The site's series in the PACS (QIDO, reused for ``LIST_TTL_S`` while it answers), less the skipped ones.
 
         Raises:
             PacsUnavailable: the PACS did not answer.
         """
         now = time.time()
-        if self._listing is None or now - self._listing[0] > LIST_TTL_S:
+        if self._listing is None or self._down_since is not None or now - self._listing[0] > LIST_TTL_S:
             found = self._call("QIDO series", self._client.search_for_series, search_filters=self._search_filter)
             uids = [str(d.get("0020000E", {}).get("Value", [""])[0]) for d in found]
             self._listing = (now, [u for u in uids if _UID.fullmatch(u)])
@@ -288,6 +288,16 @@ class PacsDatastore(ValidatedLabels, DICOMWebDatastore):
         """Cached series with a label of ``label_tag``, after taking in new DICOM SEGs from the PACS."""
         self.sync_labels()
         return LocalDatastore.get_labeled_images(self, label_tag, labels)
+
+    def status(self) -> dict[str, Any]:
+        """``/info``'s datastore summary: series in the PACS and labels in the cache, fetching nothing
+        (the first round fills the cache, with its progress in the train stats, not a Slicer poll)."""
+        tags: dict[str, int] = {}
+        for obj in self._datastore.objects.values():
+            for tag in obj.labels:
+                tags[tag] = tags.get(tag, 0) + 1
+        return {"total": len(self.list_images()), "completed": len(LocalDatastore.get_labeled_images(self)),
+                "label_tags": tags}
 
     def datalist(self, full_path: bool = True) -> list[dict[str, Any]]:
         self.sync_labels()

@@ -75,7 +75,7 @@ def test_pacs_series_are_cases_and_its_segs_are_final_labels(pacs, dicom, tmp_pa
         assert label.GetSize() == image.GetSize() and np.allclose(label.GetOrigin(), image.GetOrigin())
         assert set(np.unique(sitk.GetArrayFromImage(label)).tolist()) == {0, 1, 2}
     assert sorted(ds.get_unlabeled_images()) == sorted(dicom["uids"][LABELLED:])
-    assert ds.status()["total"] == CASES and ds.status()["completed"] == LABELLED
+    assert ds.status() == {"total": CASES, "completed": LABELLED, "label_tags": {"final": LABELLED}}
     status = ds.pacs_status()
     assert status["reachable"] and status["cached_series"] == LABELLED and status["skipped"] == {}
     # ids are DICOM UIDs: nothing else reaches a path or the PACS
@@ -227,6 +227,7 @@ def test_site_on_orthanc_serves_labels_trains_gossips_and_survives_the_pacs_goin
         client = MONAILabelClient(srv_a.url)
         info = client.info()
         assert info["labels"] == LABELS and info["datastore"]["total"] == CASES
+        assert info["datastore"]["completed"] == 0  # /info fetches nothing; the first round fills the cache
 
         # A training round on PACS data: the first fills the cache from Orthanc (series and SEGs).
         t0 = time.perf_counter()
@@ -285,13 +286,15 @@ def test_site_on_orthanc_serves_labels_trains_gossips_and_survives_the_pacs_goin
         # Orthanc stops mid-session: /info and inference on cached series still answer; an uncached
         # series gets a clear 503 naming the PACS.
         pacs.stop()
-        assert client.info()["datastore"]["total"] == LABELLED + 2  # the cached series: labelled, sample, other
-        _, params = client.infer("gcml_seg", sample["id"], {})
-        assert params["gcml_model_version"] == store_a.served_version()
         uncached = next(u for u in dicom["uids"][LABELLED:] if u not in (sample["id"], other))
         with pytest.raises(MONAILabelClientException) as e:
             client.infer("gcml_seg", uncached, {})
         assert "Status: 503" in e.value.msg and f"PACS {pacs.url} is unreachable" in e.value.msg
+        # once the PACS is known down, listings are the cache's: labelled, sample and other
+        assert client.info()["datastore"]["total"] == LABELLED + 2
+        assert client.next_sample("random", {})["id"] == other  # the only cached series without a label
+        _, params = client.infer("gcml_seg", sample["id"], {})
+        assert params["gcml_model_version"] == store_a.served_version()
         status = srv_a.session.get(srv_a.url + "/gcml/status", timeout=10).json()["pacs"]
         assert status["reachable"] is False and status["url"] == pacs.url
         log = (tmp_path / "a.log").read_text()
