@@ -226,6 +226,13 @@ def _bench(args: argparse.Namespace) -> int:
           f"peak RSS {g['peak_rss_mb']:.0f} MB")
     print(f"round overhead (start-up, app init, load): {g['overhead_s']:.1f} s (target <= {g['target_overhead_s']:g})")
     print(f"payload: float32 {r['payload']['float32'] / 1e3:.1f} kB, float16 {r['payload']['float16'] / 1e3:.1f} kB")
+    pacs = r["pacs"]
+    if "skipped" in pacs:
+        print(f"PACS cache: not measured: {pacs['skipped']}")
+    else:
+        print(f"PACS cache (Orthanc): first fill {pacs['first_fill_s']:.2f} s for {pacs['first_fill_cases']} labelled "
+              f"series with their DICOM SEG ({pacs['first_fill_s_per_case']:.3f} s each); one uncached series "
+              f"{pacs['uncached_series_s']:.2f} s, cached {pacs['cached_series_ms']:.1f} ms")
     print(f"wrote {Path(args.out) / 'bench.json'} and bench.png")
     return 0
 

@@ -230,7 +230,9 @@ def test_dcml_round_runs_with_a_float16_payload(cfg, studies):
 def test_bench_quick_writes_every_key(tmp_path, capsys):
     assert main(["bench", "--out", str(tmp_path / "b"), "--quick"]) == 0
     r = json.loads((tmp_path / "b" / "bench.json").read_text())
-    assert set(r) == {"quick", "torch_threads", "gossip_round", "payload", "infer_under_training", "infer", "dcml_step"}
+    assert set(r) == {"quick", "torch_threads", "gossip_round", "payload", "infer_under_training", "infer", "dcml_step",
+                      "pacs"}
+    assert r["pacs"]["first_fill_cases"] == 2 and r["pacs"]["instances"] == 4 * 32 + 2  # Orthanc: make system-deps
     assert set(r["gossip_round"]) >= {"wall_s", "fetch_s", "verify_s", "load_s", "train_s", "validate_s", "publish_s",
                                       "peak_rss_mb", "bytes_pulled"}
     assert r["gossip_round"]["peak_rss_mb"] > 50 and r["gossip_round"]["bytes_pulled"] == r["payload"]["float32"]

@@ -10,7 +10,9 @@
   start-up, imports, app rebuild, datastore scan, dataset caching; target <= 2 s);
 - ``payload``: bytes of the served model as float32 and float16 transport;
 - ``infer_under_training``: ``gcml_seg`` latency over HTTP while a training round runs in the
-  background vs idle (p50 and p95; target p95 ratio <= 1.5).
+  background vs idle (p50 and p95; target p95 ratio <= 1.5);
+- ``pacs``: a PACS site's cache on a private Orthanc (when installed): STOW of the sample data, the
+  first fill (every labelled series and its DICOM SEG), one uncached series, a cached one, a re-sync.
 
 Every figure that has a target sits beside it as ``target_<name>`` in the same object. Ratios are
 measured in the same run on the same machine; absolute times vary with the machine. ``bench.png``
@@ -168,6 +170,41 @@ def _step(cfg, repeats: int) -> dict[str, Any]:
             "roi_size": list(cfg.roi_size), "params": sum(p.numel() for p in build_network(cfg).parameters())}
 
 
+def _pacs(work: Path, cases: int, labelled: int) -> dict[str, Any]:
+    """The PACS cache on a private Orthanc: seconds for STOW, the first fill and single series."""
+    from gcml_app.orthanc import INSTALL_HINT, Orthanc, find_orthanc
+    from gcml_app.pacs import PacsDatastore, pacs_client, stow_folder
+    from gcml_app.sim.phantoms import LABELS, write_dicom_studies
+
+    if find_orthanc() is None:
+        return {"skipped": f"Orthanc is not installed ({INSTALL_HINT})"}
+    shutil.rmtree(work / "pacs", ignore_errors=True)
+    dicom = write_dicom_studies(work / "pacs" / "dicom", "a", cases=cases, labelled=labelled)
+    with Orthanc(work / "pacs" / "orthanc") as orthanc:
+        client = pacs_client(orthanc.url, auth=orthanc.auth)
+        t0 = time.perf_counter()
+        instances = stow_folder(dicom, client)
+        stow = time.perf_counter() - t0
+        ds = PacsDatastore(client, LABELS, work / "pacs" / "cache")
+        t0 = time.perf_counter()
+        filled = len(ds.get_labeled_images("final"))
+        fill = time.perf_counter() - t0
+        uncached = sorted(ds.get_unlabeled_images())[0]
+        t0 = time.perf_counter()
+        ds.get_image_uri(uncached)
+        one = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        ds.get_image_uri(uncached)
+        cached = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        ds.sync_labels(force=True)
+        resync = time.perf_counter() - t0
+    return {"cases": cases, "instances": instances, "stow_s": round(stow, 3), "first_fill_cases": filled,
+            "first_fill_s": round(fill, 3), "first_fill_s_per_case": round(fill / max(filled, 1), 3),
+            "uncached_series_s": round(one, 3), "cached_series_ms": round(cached * 1000, 2),
+            "resync_nothing_new_s": round(resync, 3)}
+
+
 def bench(out: str | Path, quick: bool = False) -> dict[str, Any]:
     """Run every measurement (``quick``: tiny budgets, for tests) and write ``out/bench.json``."""
     out = Path(out).resolve()
@@ -228,6 +265,7 @@ def bench(out: str | Path, quick: bool = False) -> dict[str, Any]:
             update={"channels": channels, "strides": (2,) * (len(channels) - 1)})})
     result["dcml_step"] = {name: _step(c, repeats if name == "site" else max(2, repeats // 3))
                            for name, c in sizes.items()}
+    result["pacs"] = _pacs(work, *((4, 2) if quick else (12, 8)))
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench.json").write_text(json.dumps(result, indent=1))
     plot(result, out / "bench.png")
