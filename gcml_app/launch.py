@@ -16,7 +16,7 @@ import requests
 
 from gcml_app.config import SiteConfig, load_config
 
-__all__ = ["SiteServer", "app_dir", "client_session", "free_port", "server_command"]
+__all__ = ["SiteServer", "app_dir", "client_session", "free_port", "server_command", "stop_group"]
 
 
 def app_dir() -> str:
@@ -62,6 +62,17 @@ def client_session(cfg: SiteConfig) -> requests.Session:
         session.verify = str(tls.ca_certs)
         session.cert = (str(tls.certfile), str(tls.keyfile))
     return session
+
+
+def stop_group(proc: subprocess.Popen | None, sig: int, timeout: float) -> None:
+    """Send ``sig`` to a process started with ``start_new_session``, and its children; SIGKILL after ``timeout``."""
+    if proc is not None and proc.poll() is None:
+        os.killpg(proc.pid, sig)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
 
 
 class SourceAddressAdapter(requests.adapters.HTTPAdapter):
@@ -149,13 +160,7 @@ class SiteServer:
         raise TimeoutError(f"server at {self.url} did not answer /info/ within {timeout:.0f} s; see {self.log_path}")
 
     def stop(self, timeout: float = 20.0) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGINT)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+        stop_group(self.proc, signal.SIGINT, timeout)
         if self.tmp:
             shutil.rmtree(self.tmp, ignore_errors=True)
             self.tmp = None

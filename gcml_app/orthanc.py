@@ -18,7 +18,7 @@ from pathlib import Path
 
 import requests
 
-from gcml_app.launch import free_port
+from gcml_app.launch import free_port, stop_group
 
 __all__ = ["INSTALL_HINT", "Orthanc", "find_orthanc"]
 
@@ -101,13 +101,7 @@ class Orthanc:
         raise TimeoutError(f"Orthanc on port {self.port} did not answer within {timeout:.0f} s; see {self.log}")
 
     def stop(self, timeout: float = 15.0) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+        stop_group(self.proc, signal.SIGTERM, timeout)
         self.proc = None
 
     def __enter__(self) -> Orthanc:

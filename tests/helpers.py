@@ -103,6 +103,21 @@ def write_federation(root: Path, styles: str = "abc", cases: int = 8, labelled: 
     return sites
 
 
+def train(client, timeout: float = 600, **params) -> dict:
+    """Start the ``gcml`` train task through ``monailabel.client`` (Slicer's Train button) and wait:
+    its final train status (``DONE`` or ``ERROR``)."""
+    import time
+
+    client.train_start("gcml", params)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = client.train_status(check_if_running=False)
+        if status.get("status") in ("DONE", "ERROR"):
+            return status
+        time.sleep(1)
+    raise TimeoutError(f"training did not finish in {timeout} s")
+
+
 @contextlib.contextmanager
 def bound_to(address: str):
     """Every connection this process opens leaves from ``address`` (a loopback address such as 127.0.0.2):

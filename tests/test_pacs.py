@@ -13,7 +13,7 @@ import numpy as np
 import pydicom
 import pytest
 import SimpleITK as sitk
-from helpers import write_federation
+from helpers import train, write_federation
 from monailabel.client import MONAILabelClient
 from monailabel.client.client import MONAILabelClientException
 
@@ -205,17 +205,6 @@ def test_wrong_geometry_is_refused_before_the_pacs_sees_it(pacs, dicom, tmp_path
 
 # --------------------------------------------------------------------------- a real server on Orthanc
 
-def _train(client, timeout=600, **params):
-    client.train_start("gcml", params)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        status = client.train_status(check_if_running=False)
-        if status.get("status") in ("DONE", "ERROR"):
-            return status
-        time.sleep(1)
-    raise TimeoutError(f"training did not finish in {timeout} s")
-
-
 @pytest.mark.slow
 def test_site_on_orthanc_serves_labels_trains_gossips_and_survives_the_pacs_going_down(
         pacs, dicom, tmp_path, capsys):
@@ -231,7 +220,7 @@ def test_site_on_orthanc_serves_labels_trains_gossips_and_survives_the_pacs_goin
 
         # A training round on PACS data: the first fills the cache from Orthanc (series and SEGs).
         t0 = time.perf_counter()
-        status = _train(client, epochs=2)
+        status = train(client, epochs=2)
         first_round_s = time.perf_counter() - t0
         assert status["status"] == "DONE", status.get("details")
         assert store_a.served_version() == 1
@@ -266,7 +255,7 @@ def test_site_on_orthanc_serves_labels_trains_gossips_and_survives_the_pacs_goin
 
         # A second round (second pass over the cache) uses the new label; then inference with its version
         t0 = time.perf_counter()
-        status = _train(client, epochs=2)
+        status = train(client, epochs=2)
         second_round_s = time.perf_counter() - t0
         assert status["status"] == "DONE", status.get("details")
         rec = store_a.history()[-1]

@@ -1,12 +1,11 @@
 """A real MONAI Label server with this app on a free loopback port, driven like 3D Slicer drives it."""
 
 import json
-import time
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from helpers import make_studies, write_config
+from helpers import make_studies, train, write_config
 from monailabel.client import MONAILabelClient
 from monailabel.client.client import MONAILabelClientException
 
@@ -31,17 +30,6 @@ def site(tmp_path_factory):
             "truth": truth,
             "log": root / "server.log",
         }
-
-
-def train(client, epochs, timeout=600, **params):
-    client.train_start("gcml", {"epochs": epochs, **params})
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        status = client.train_status(check_if_running=False)
-        if status.get("status") in ("DONE", "ERROR"):
-            return status
-        time.sleep(1)
-    raise TimeoutError(f"training did not finish in {timeout} s")
 
 
 def read(path):
