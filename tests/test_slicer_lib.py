@@ -112,6 +112,24 @@ def test_partner_rows(status):
                        "note": "skipped for 95 s more (read timeout after 60 s from http://127.0.0.1:8003)"}
 
 
+_HEAD = "2 labels submitted since the last training; a round starts at 5"
+_PACS = {"url": "http://pacs/dicom-web", "reachable": True, "last_error": None, "cached_series": 7, "skipped": {}}
+
+
+@pytest.mark.parametrize("pacs,text", [
+    (None, _HEAD),
+    (_PACS, _HEAD),
+    ({**_PACS, "reachable": False, "last_error": "QIDO series: connection failed"},
+     _HEAD + "\nPACS unreachable (QIDO series: connection failed): the 7 cached series still work; new series and "
+     "label submissions wait until it answers"),
+    ({**_PACS, "skipped": {"1.2.3": "mixed orientation", "1.2.4": "SOP class ..."}},
+     _HEAD + "\n2 PACS series skipped as unusable (reasons in /gcml/status)"),
+], ids=["folder-site", "pacs-up", "pacs-down", "pacs-skipped"])
+def test_labels_text_says_when_the_pacs_does_not_answer(status, pacs, text):
+    strict = {**status, "validation": {**status["validation"], "strict": True}, "pacs": pacs}
+    assert labels_text(strict) == text
+
+
 def test_labels_and_training_texts(status):
     assert labels_text(status) == (
         "2 labels submitted since the last training; a round starts at 5\n"

@@ -165,7 +165,7 @@ def partner_rows(status: dict[str, Any], now: float | None = None) -> list[dict[
 
 
 def labels_text(status: dict[str, Any]) -> str:
-    """How many submitted labels no round has learned from yet."""
+    """How many submitted labels no round has learned from yet; on a PACS site, whether the PACS answers."""
     n, threshold = status.get("pending_labels", 0), status.get("min_new_labels", 0)
     head = f"{n} label{'s' if n != 1 else ''} submitted since the last training"
     head += " (automatic rounds on new labels are off)" if threshold <= 0 else f"; a round starts at {threshold}"
@@ -173,6 +173,13 @@ def labels_text(status: dict[str, Any]) -> str:
     if v and not v.get("strict", True):
         head += (f"\nonly {v['n_val']} held-out validation cases: too few for a strict publish decision "
                  f"(needs {v['strict_cases']}); about {v['more_labels_for_strict']} more labels would make it one")
+    pacs = status.get("pacs")
+    if pacs and not pacs.get("reachable", True):
+        head += (f"\nPACS unreachable ({pacs.get('last_error')}): the {pacs.get('cached_series', 0)} cached series "
+                 "still work; new series and label submissions wait until it answers")
+    if pacs and pacs.get("skipped"):
+        n = len(pacs["skipped"])
+        head += f"\n{n} PACS series skipped as unusable (reasons in /gcml/status)"
     return head
 
 
