@@ -50,7 +50,7 @@ from gcml_app.datastore import ValidatedLabels
 from gcml_app.dicom import SeriesRejected, check_series, read_seg, write_seg
 from gcml_app.errors import GCMLError
 from gcml_app.jsonl import clean
-from gcml_app.labels import LabelRejected, conform_label
+from gcml_app.labels import conform_label
 from gcml_app.store import atomic_write
 
 __all__ = ["PacsDatastore", "PacsUnavailable", "is_pacs_url", "pacs_client", "stow_folder"]
@@ -261,21 +261,23 @@ class PacsDatastore(ValidatedLabels, DICOMWebDatastore):
         except PacsUnavailable:
             shutil.rmtree(folder, ignore_errors=True)
             raise
-        try:
-            files = check_series(folder)
-        except SeriesRejected as e:
+        except IndexError:  # dicomweb helper: the series left the PACS since it was listed
             shutil.rmtree(folder, ignore_errors=True)
-            self._skip(image_id, str(e))
             return ""
-        reader = sitk.ImageSeriesReader()
-        reader.SetFileNames([str(f) for f in files])
-        head = pydicom.dcmread(files[0], stop_before_pixels=True)
-        info = {k: str(head.get(k, "")) for k in ("StudyInstanceUID", "Modality", "SeriesDescription")}
-        info["SeriesInstanceUID"] = image_id
         with tempfile.TemporaryDirectory(prefix="gcml-series-") as tmp:
-            nii = Path(tmp) / "image.nii.gz"
-            sitk.WriteImage(reader.Execute(), str(nii), useCompression=True)
-            LocalDatastore.add_image(self, image_id, str(nii), info)
+            try:
+                files = check_series(folder)
+                reader = sitk.ImageSeriesReader()
+                reader.SetFileNames([str(f) for f in files])
+                nii = Path(tmp) / "image.nii.gz"
+                sitk.WriteImage(reader.Execute(), str(nii), useCompression=True)
+            except (SeriesRejected, RuntimeError) as e:  # RuntimeError: pixel data SimpleITK cannot decode
+                shutil.rmtree(folder, ignore_errors=True)
+                self._skip(image_id, str(e) if isinstance(e, SeriesRejected) else f"unreadable pixel data: {_reason(e)}")
+                return ""
+            head = pydicom.dcmread(files[0], stop_before_pixels=True)
+            info = {k: str(head.get(k, "")) for k in ("StudyInstanceUID", "Modality", "SeriesDescription")}
+            LocalDatastore.add_image(self, image_id, str(nii), {**info, "SeriesInstanceUID": image_id})
         logger.info(f"PACS series {image_id}: {len(files)} slices cached in {time.time() - start:.2f} s")
         return LocalDatastore.get_image_uri(self, image_id)
 
@@ -340,9 +342,9 @@ class PacsDatastore(ValidatedLabels, DICOMWebDatastore):
                     added += seen[seg_uid].startswith("label of ")
                 except PacsUnavailable:
                     break  # try again next sync
-                except (SeriesRejected, LabelRejected, ValueError, RuntimeError) as e:
-                    seen[seg_uid] = f"skipped: {e}"
-                    self._skip(seg_uid, f"DICOM SEG unusable: {e}")
+                except Exception as e:  # noqa: BLE001 - a PACS's SEG is outside data: one bad SEG never stops a round
+                    seen[seg_uid] = f"skipped: {_reason(e)}"
+                    self._skip(seg_uid, f"DICOM SEG unusable: {_reason(e)}")
             atomic_write(self._segs_path, json.dumps(seen, indent=1, sort_keys=True).encode())
         if added:
             logger.info(f"PACS: {added} new final label(s) from DICOM SEG")

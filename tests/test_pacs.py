@@ -125,6 +125,31 @@ def test_unusable_series_in_the_pacs_is_skipped_with_its_reason(pacs, dicom, tmp
     assert sorted(ds.get_labeled_images("final")) == sorted(dicom["labelled"])  # the rest still trains
 
 
+def _foreign_segment(seg):
+    seg.SegmentSequence[0].SegmentLabel = "liver"
+
+
+def _no_pixels(seg):
+    del seg.PixelData
+
+
+@pytest.mark.parametrize("corrupt,reason", [
+    (_foreign_segment, "segment 'liver' is not a task label"),
+    (_no_pixels, "DICOM SEG unusable: "),
+], ids=["foreign-segment", "no-pixel-data"])
+def test_unusable_seg_in_the_pacs_is_skipped_and_the_rest_still_trains(pacs, dicom, tmp_path, corrupt, reason):
+    seg = pydicom.dcmread(dicom["dir"] / "case_000_seg.dcm")
+    seg.SeriesInstanceUID, seg.SOPInstanceUID = pydicom.uid.generate_uid(), pydicom.uid.generate_uid()
+    seg.file_meta.MediaStorageSOPInstanceUID = seg.SOPInstanceUID
+    ref = seg.ReferencedSeriesSequence[0]
+    ref.SeriesInstanceUID = dicom["uids"][-1]  # an unlabelled case
+    corrupt(seg)
+    pacs_client(pacs.url, auth=pacs.auth).store_instances([seg])
+    ds = _datastore(pacs, tmp_path)
+    assert sorted(ds.get_labeled_images("final")) == sorted(dicom["labelled"])
+    assert reason in ds.skipped()[seg.SeriesInstanceUID]
+
+
 def test_pacs_down_the_cache_keeps_serving_and_errors_name_the_url(pacs, dicom, tmp_path, caplog):
     ds = _datastore(pacs, tmp_path)
     assert len(ds.get_labeled_images("final")) == LABELLED
