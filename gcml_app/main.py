@@ -8,6 +8,9 @@ Start it with::
 
 from __future__ import annotations
 
+import gcml_app.priority  # first: a training subprocess lowers its CPU priority before the heavy imports
+
+# isort: split
 import logging
 import os
 import threading

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ from monailabel.interfaces.tasks.train import TrainTask
 from gcml_app.config import SiteConfig
 from gcml_app.jsonl import finite
 from gcml_app.labels import LabelRejected, conform_label
+from gcml_app.priority import lower_priority
 from gcml_app.rounds import gossip_round, labels_round, run_round
 from gcml_app.store import ModelStore, atomic_write
 
@@ -118,10 +118,9 @@ class GCMLTrain(TrainTask):
 
     def __call__(self, request: dict[str, Any], datastore: Datastore) -> dict[str, Any]:
         mode, epochs = self._parse(request)
-        # This is MONAI Label's training subprocess: yield the CPU to the server's inference requests.
-        lower = self.cfg.train.nice - os.nice(0)
-        if lower > 0:
-            os.nice(lower)
+        # MONAI Label's training subprocess (already lowered when main.py was imported; this covers
+        # any other way of calling the task): yield the CPU to the server's inference requests.
+        lower_priority(self.cfg.train.nice)
         start = time.time()
         served = self.store.served()
         base = {"start_ts": int(start), "mode": mode,

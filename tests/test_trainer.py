@@ -1,5 +1,9 @@
+import json
+import os
+
 import pytest
 import torch
+from helpers import TINY, write_config
 
 from gcml_app.errors import NotEnoughLabels
 from gcml_app.rounds import run_round
@@ -220,3 +224,34 @@ def test_a_rollback_during_a_round_survives_the_round(cfg, studies):
     working, info = store.working()
     assert info["base_version"] == 1 and info["produced_by"] == "rollback to v1"  # the rollback's reset stands
     torch.testing.assert_close(working, w1)
+
+
+@pytest.mark.parametrize("argv,expected", [
+    (["/x/site-packages/monailabel/interfaces/utils/app.py", "-m", "train", "-r", "{}"], True),
+    (["/x/site-packages/monailabel/interfaces/utils/app.py", "-m", "infer", "-r", "{}"], False),
+    (["/x/site-packages/monailabel/main.py", "start_server", "-m", "train"], False),
+    (["/x/bin/gcml", "serve"], False),
+    ([], False),
+], ids=["train-task", "other-task", "server", "cli", "no-argv"])
+def test_only_monailabels_train_subprocess_counts_as_the_training_process(argv, expected):
+    from gcml_app.priority import is_training_process
+
+    assert is_training_process(argv) is expected
+
+
+def test_training_process_lowers_its_priority_when_main_py_is_imported(tmp_path):
+    """Before torch, MONAI and MONAI Label are imported, at the YAML's train.nice."""
+    import subprocess
+    import sys
+
+    config = write_config(tmp_path, train={**TINY["train"], "nice": 7})
+    script = ("import os, sys; sys.argv = ['/x/monailabel/interfaces/utils/app.py', '-m', 'train']; "
+              "import gcml_app.priority; print(os.nice(0), 'torch' in sys.modules, 'monai' in sys.modules)")
+
+    def run(env):
+        out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
+                             env={**os.environ, **env})
+        return out.stdout.split()
+
+    assert run({"GCML_CONFIG": str(config)}) == ["7", "False", "False"]
+    assert run({"MONAI_LABEL_APP_CONF": json.dumps({"gcml_config": str(config)})}) == ["7", "False", "False"]
