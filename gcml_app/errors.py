@@ -12,6 +12,7 @@ __all__ = [
     "NoPublishedModel",
     "NotEnoughLabels",
     "NothingToShare",
+    "PacsUnavailable",
     "PayloadRejected",
     "PeerError",
     "PeerUnavailable",
@@ -28,6 +29,10 @@ class ImageRejected(GCMLError):
 
 class NoPublishedModel(GCMLError):
     """Inference was asked for before any model passed the validation gate."""
+
+
+class PacsUnavailable(GCMLError):
+    """The site's PACS did not answer and what was asked for is not in the local cache (HTTP 503)."""
 
 
 class NotEnoughLabels(GCMLError):

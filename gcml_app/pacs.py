@@ -48,7 +48,7 @@ from urllib3.util.retry import Retry
 
 from gcml_app.datastore import ValidatedLabels
 from gcml_app.dicom import SeriesRejected, check_series, read_seg, write_seg
-from gcml_app.errors import GCMLError
+from gcml_app.errors import PacsUnavailable
 from gcml_app.jsonl import clean
 from gcml_app.labels import conform_label
 from gcml_app.store import atomic_write
@@ -61,10 +61,6 @@ RETRY_DOWN_S = 30.0  # after a failure, how long the cache answers alone before 
 LIST_TTL_S = 30.0  # how long a QIDO listing (series, SEGs) is reused
 TIMEOUT_S = (5.0, 60.0)  # connect, read (per socket read, not per series)
 _UID = re.compile(r"[0-9]+(\.[0-9]+)*")
-
-
-class PacsUnavailable(GCMLError):
-    """The PACS did not answer and what was asked for is not in the local cache."""
 
 
 def is_pacs_url(studies: str) -> bool:

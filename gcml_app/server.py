@@ -24,11 +24,10 @@ from monailabel.app import app
 from monailabel.interfaces.utils.app import app_instance
 
 from gcml_app.config import ConfigError, load_config
-from gcml_app.errors import ImageRejected, LabelRejected, NoPublishedModel, NotEnoughLabels
+from gcml_app.errors import ImageRejected, LabelRejected, NoPublishedModel, NotEnoughLabels, PacsUnavailable
 from gcml_app.gossip.guard import FailureLimiter, Guard, GuardMiddleware
 from gcml_app.gossip.routes import router
 from gcml_app.jsonl import clean
-from gcml_app.pacs import PacsUnavailable
 from gcml_app.store import StoreError
 
 __all__ = ["app"]
