@@ -226,6 +226,8 @@ def _bench(args: argparse.Namespace) -> int:
     print(f"gossip round {g['wall_s']:.1f} s: fetch {g['fetch_s']:.3f}, verify {g['verify_s']:.3f}, "
           f"train {g.get('train_s', 0):.1f}, validate {g.get('validate_s', 0):.1f}, publish {g.get('publish_s', 0):.3f} s; "
           f"peak RSS {g['peak_rss_mb']:.0f} MB")
+    phases = g.get("peak_rss_by_phase_mb") or {}
+    print("training process peak RSS by phase (MB): " + ", ".join(f"{k} {v:.0f}" for k, v in phases.items()))
     print(f"round overhead (start-up, app init, load): {g['overhead_s']:.1f} s (target <= {g['target_overhead_s']:g})")
     print(f"payload: float32 {r['payload']['float32'] / 1e3:.1f} kB, float16 {r['payload']['float16'] / 1e3:.1f} kB")
     pacs = r["pacs"]

@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import resource
 import time
 import uuid
 from collections.abc import Callable
@@ -285,7 +286,7 @@ def run_round(
             store.record("superseded", base_version=base_version, **record)
             logger.warning(f"gcml[{cfg.site}] round superseded: {record['reason']}")
             lap("publish_s")
-            record["timings"] = lap.laps
+            record["timings"], record["peak_rss_mb"] = lap.laps, lap.peak_mb
             return record
         info = store.save_working(states[new_working], arch=arch, candidate=new_working, mode=mode,
                                   round_id=(extra or {}).get("round_id"), base_version=base_version,
@@ -305,21 +306,33 @@ def run_round(
             store.record("keep", version=base_version, **record)
             record["version"] = base_version
     lap("publish_s")
-    record["timings"] = lap.laps  # in the returned record (train stats), not in the history line
+    # in the returned record (train stats), not in the history line
+    record["timings"], record["peak_rss_mb"] = lap.laps, lap.peak_mb
     logger.info(f"gcml[{cfg.site}] gate: {decision.reason}; seconds {lap.laps}")
     return record
 
 
+def _peak_rss_mb() -> float:
+    """This process's peak resident memory so far (MB; Linux reports ``ru_maxrss`` in kB)."""
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
 class _Laps:
-    """Wall seconds per phase of a round: ``laps("train_s")`` adds the time since the previous call."""
+    """Wall seconds per phase of a round: ``laps("train_s")`` adds the time since the previous call.
+
+    ``peak_mb`` is the process's peak memory at the round's start (imports, app, datastore) and after
+    each phase, so what a phase added is the step from the one before.
+    """
 
     def __init__(self):
         self.t = time.perf_counter()
         self.laps: dict[str, float] = {}
+        self.peak_mb: dict[str, float] = {"before_round": _peak_rss_mb()}
 
     def __call__(self, name: str) -> None:
         now = time.perf_counter()
         self.laps[name] = round(self.laps.get(name, 0.0) + now - self.t, 3)
+        self.peak_mb[name.removesuffix("_s")] = _peak_rss_mb()
         self.t = now
 
 

@@ -236,6 +236,9 @@ def test_bench_quick_writes_every_key(tmp_path, capsys):
     assert set(r["gossip_round"]) >= {"wall_s", "fetch_s", "verify_s", "load_s", "train_s", "validate_s", "publish_s",
                                       "peak_rss_mb", "bytes_pulled"}
     assert r["gossip_round"]["peak_rss_mb"] > 50 and r["gossip_round"]["bytes_pulled"] == r["payload"]["float32"]
+    phases = r["gossip_round"]["peak_rss_by_phase_mb"]  # a peak only grows, phase by phase
+    assert list(phases)[:2] == ["before_round", "load"] and list(phases.values()) == sorted(phases.values())
+    assert phases["before_round"] > 50 and {"train", "publish"} <= set(phases)
     assert r["payload"]["float16"] < 0.55 * r["payload"]["float32"]
     assert r["infer"]["gcml_seg"]["n"] == r["infer"]["stock"]["n"] == 3 and r["infer"]["ratio_median"] > 0
     assert r["infer_under_training"]["training"]["n"] >= 3 and r["infer_under_training"]["p95_ratio"] > 0

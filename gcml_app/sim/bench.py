@@ -5,7 +5,8 @@
 - ``dcml_step``: a DCML step vs a single-model supervised step on the same batch (target <= 2.1x), for
   three network sizes: the site's network, a UNet 16..64 on 48^3 crops and a UNet 16..128 on 64^3;
 - ``gossip_round``: a real round between two servers on loopback, wall seconds split into fetch,
-  verify, load, train, validate and publish, plus the peak memory (RSS) of the training process;
+  verify, load, train, validate and publish, plus the peak memory (RSS) of the training process,
+  also at the round's start and after each phase (``peak_rss_by_phase_mb``);
   ``overhead_s`` is what the round pays outside those phases and before its first step (subprocess
   start-up, imports, app rebuild, datastore scan, dataset caching; target <= 2 s);
 - ``payload``: bytes of the served model as float32 and float16 transport;
@@ -243,7 +244,8 @@ def bench(out: str | Path, quick: bool = False) -> dict[str, Any]:
         wall = time.perf_counter() - t0
         sampler.done.set()
         sampler.join()
-        timings = a.train_stats()["last_round"]["timings"]
+        last = a.train_stats()["last_round"]
+        timings = last["timings"]
         g = rec["gossip"]
         other = wall - g["fetch_s"] - g["verify_s"] - sum(timings.values())
         result["gossip_round"] = {
@@ -252,6 +254,8 @@ def bench(out: str | Path, quick: bool = False) -> dict[str, Any]:
             "overhead_s": round(other + timings.get("load_s", 0.0), 3), "target_overhead_s": TARGET_OVERHEAD_S,
             "dcml_epochs": gossip_epochs, "outcome": rec["event"], "bytes_pulled": g["bytes_pulled"],
             "peak_rss_mb": round(sampler.peak / 2**20, 1),
+            # the training process's own peak at the round's start (imports, app, datastore) and after each phase
+            "peak_rss_by_phase_mb": last.get("peak_rss_mb", {}),
         }
 
         cfg = load_config(configs["site-a"])
