@@ -118,6 +118,20 @@ def stow_folder(folder: str | Path, client, batch: int = 32) -> int:
     return len(files)
 
 
+def _read_map(path: Path) -> dict[str, str]:
+    """A small JSON map of the cache (``skipped.json``, ``segs.json``); missing or torn reads as empty."""
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return {}
+
+
+def _write_map(path: Path, entries: dict[str, str]) -> None:
+    """Merge ``entries`` into a JSON map of the cache, under a file lock shared with other processes."""
+    with FileLock(str(path) + ".lock"):
+        atomic_write(path, json.dumps({**_read_map(path), **entries}, indent=1, sort_keys=True).encode())
+
+
 def _reason(e: BaseException) -> str:
     """An exception in one short line (requests' messages repeat the URL and the retry state)."""
     if isinstance(e, requests.HTTPError) and e.response is not None:
@@ -191,17 +205,11 @@ class PacsDatastore(ValidatedLabels, DICOMWebDatastore):
     # ---------------------------------------------------------------- skip list
     def skipped(self) -> dict[str, str]:
         """Series (and SEGs) that cannot be used, with the reason: ``{uid: reason}``."""
-        try:
-            return json.loads(self._skipped_path.read_text())
-        except (FileNotFoundError, json.JSONDecodeError):
-            return {}
+        return _read_map(self._skipped_path)
 
     def _skip(self, uid: str, reason: str) -> None:
         logger.warning(f"PACS series {uid} skipped: {reason}")
-        with FileLock(str(self._skipped_path) + ".lock"):
-            skipped = self.skipped()
-            skipped[uid] = clean(reason, 300)
-            atomic_write(self._skipped_path, json.dumps(skipped, indent=1, sort_keys=True).encode())
+        _write_map(self._skipped_path, {uid: clean(reason, 300)})
 
     # ---------------------------------------------------------------- images
     def _pacs_series(self) -> list[str]:
@@ -269,7 +277,8 @@ class PacsDatastore(ValidatedLabels, DICOMWebDatastore):
                 sitk.WriteImage(reader.Execute(), str(nii), useCompression=True)
             except (SeriesRejected, RuntimeError) as e:  # RuntimeError: pixel data SimpleITK cannot decode
                 shutil.rmtree(folder, ignore_errors=True)
-                self._skip(image_id, str(e) if isinstance(e, SeriesRejected) else f"unreadable pixel data: {_reason(e)}")
+                why = str(e) if isinstance(e, SeriesRejected) else f"unreadable pixel data: {_reason(e)}"
+                self._skip(image_id, why)
                 return ""
             head = pydicom.dcmread(files[0], stop_before_pixels=True)
             info = {k: str(head.get(k, "")) for k in ("StudyInstanceUID", "Modality", "SeriesDescription")}
@@ -301,12 +310,6 @@ class PacsDatastore(ValidatedLabels, DICOMWebDatastore):
         self.sync_labels()
         return LocalDatastore.datalist(self, full_path)
 
-    def _segs(self) -> dict[str, str]:
-        try:
-            return json.loads(self._segs_path.read_text())
-        except (FileNotFoundError, json.JSONDecodeError):
-            return {}
-
     def sync_labels(self, force: bool = False) -> int:
         """Take DICOM SEGs that are new in the PACS as final labels of cached series.
 
@@ -327,7 +330,7 @@ class PacsDatastore(ValidatedLabels, DICOMWebDatastore):
             return 0
         added = 0
         with FileLock(str(self._segs_path) + ".lock"):
-            seen = self._segs()
+            seen = _read_map(self._segs_path)  # the whole sync holds this lock: one sync at a time
             for d in found:
                 seg_uid = str(d.get("0020000E", {}).get("Value", [""])[0])
                 study_uid = str(d.get("0020000D", {}).get("Value", [""])[0])
@@ -382,10 +385,7 @@ class PacsDatastore(ValidatedLabels, DICOMWebDatastore):
                 seg = Path(tmp) / "seg.dcm"
                 seg_uid = write_seg(sitk.ReadImage(label_path), files, self.task_labels, seg)
                 self._call("STOW SEG", self._client.store_instances, [pydicom.dcmread(seg)])
-            with FileLock(str(self._segs_path) + ".lock"):
-                seen = self._segs()
-                seen[seg_uid] = f"label of {image_id} (uploaded here)"
-                atomic_write(self._segs_path, json.dumps(seen, indent=1, sort_keys=True).encode())
+            _write_map(self._segs_path, {seg_uid: f"label of {image_id} (uploaded here)"})
             info = {**info, "SeriesInstanceUID": seg_uid}
             logger.info(f"PACS: final label of series {image_id} stored as DICOM SEG {seg_uid}")
         return LocalDatastore.save_label(self, image_id, label_path, label_tag, info)
