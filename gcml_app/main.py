@@ -8,9 +8,10 @@ Start it with::
 
 from __future__ import annotations
 
-import gcml_app.priority  # first: a training subprocess lowers its CPU priority before the heavy imports
+import gcml_app.train_entry  # first: a training subprocess hands its round to the warm trainer or lowers its priority
 
 # isort: split
+import atexit
 import logging
 import os
 import threading
@@ -42,6 +43,7 @@ from gcml_app.pacs import PacsDatastore, is_pacs_url, pacs_client
 from gcml_app.split import FixedSplit, labels_for_validation
 from gcml_app.store import ModelStore
 from gcml_app.trainer import GCMLTrain
+from gcml_app.warm import WarmTrainer
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +74,7 @@ class GCMLApp(MONAILabelApp):
         self.gossip_state = GossipState(self.cfg.state_dir)
         self.audit = AuditLog(self.cfg.state_dir / "audit.jsonl", self.cfg.security.audit_max_bytes)
         self.scheduler: Scheduler | None = None
+        self.warm_trainer: WarmTrainer | None = None  # server process only (on_init_complete)
         self.guard_limiter = None  # set by gcml_app.server when the guard is first built
         self._start_lock = threading.Lock()
         super().__init__(
@@ -174,6 +177,10 @@ class GCMLApp(MONAILabelApp):
 
     def on_init_complete(self):
         super().on_init_complete()
+        if self.cfg.train.warm:
+            self.warm_trainer = WarmTrainer(self.cfg.train.nice, env={"MONAI_LABEL_DATASTORE_AUTO_RELOAD": "false"})
+            self.warm_trainer.start()  # the same setting MONAI Label gives its train subprocess
+            atexit.register(self.warm_trainer.stop)
         g = self.cfg.gossip
         if g.interval_s > 0 and g.peers:
 
@@ -222,7 +229,7 @@ class GCMLApp(MONAILabelApp):
         history = self.store.history()
         rounds = [r for r in history if r.get("round_id")]
         g = self.cfg.gossip
-        sched = self.scheduler
+        sched, wt = self.scheduler, self.warm_trainer
         return {
             "site": self.cfg.site,
             "served": None if served is None else {**asdict(served), "mean_dice": served.mean_dice},
@@ -240,7 +247,9 @@ class GCMLApp(MONAILabelApp):
             "validation": self._validation_status(),
             "pending_labels": len(self.gossip_state.pending()),
             "min_new_labels": self.cfg.finetune.min_new_labels,
-            "training": {"running": self.training_busy(), **self._trainers["gcml"].stats()},
+            "training": {"running": self.training_busy(), **self._trainers["gcml"].stats(),
+                         # rounds fork from it when ready (gcml_app.warm); otherwise they start cold
+                         "warm_trainer": {"ready": bool(wt and wt.ready()), "pid": wt and wt.pid}},
             "last_round": rounds[-1] if rounds else None,
             # malformed lines (a torn append) that history readers skipped; 0 when the file is whole
             "history_skipped_lines": self.store.skipped_history_lines,

@@ -89,7 +89,7 @@ class SiteClient:
                 stats = self.train_stats()
                 if stats.get("start_ts", 0) >= started:
                     progress(stats)
-            time.sleep(0.5)
+            time.sleep(0.25)
         else:
             raise TimeoutError(f"round {task['round_id']} at {self.url} still running after {timeout:.0f} s")
         records = self.history(task["round_id"])

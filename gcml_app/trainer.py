@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -18,9 +19,10 @@ from monailabel.interfaces.tasks.train import TrainTask
 from gcml_app.config import SiteConfig
 from gcml_app.jsonl import finite
 from gcml_app.labels import LabelRejected, conform_label
-from gcml_app.priority import lower_priority
 from gcml_app.rounds import gossip_round, labels_round, run_round
 from gcml_app.store import ModelStore, atomic_write
+from gcml_app.train_entry import is_training_process, lower_priority, process_started
+from gcml_app.warm import STARTED_ENV
 
 __all__ = ["GCMLTrain", "labelled_cases"]
 
@@ -122,6 +124,9 @@ class GCMLTrain(TrainTask):
         # any other way of calling the task): yield the CPU to the server's inference requests.
         lower_priority(self.cfg.train.nice)
         start = time.time()
+        # MONAI Label started the train subprocess -> here: interpreter or warm fork, imports, app, datastore
+        startup = {"startup_s": round(start - process_started(), 3),
+                   "start": "warm" if STARTED_ENV in os.environ else "cold"} if is_training_process() else {}
         served = self.store.served()
         base = {"start_ts": int(start), "mode": mode,
                 "best_metric": round(served.mean_dice, 4) if served else 0.0}
@@ -132,7 +137,7 @@ class GCMLTrain(TrainTask):
 
         cases = labelled_cases(datastore, self.cfg)
         try:
-            record = self._round(mode, epochs, request, cases, progress)
+            record = {**startup, **self._round(mode, epochs, request, cases, progress)}
         except Exception as e:
             self._write_stats({**base, "epoch": 0, "total_epochs": epochs or 0,
                                "total_time": round(time.time() - start, 2), "error": str(e)})

@@ -234,7 +234,7 @@ def test_a_rollback_during_a_round_survives_the_round(cfg, studies):
     ([], False),
 ], ids=["train-task", "other-task", "server", "cli", "no-argv"])
 def test_only_monailabels_train_subprocess_counts_as_the_training_process(argv, expected):
-    from gcml_app.priority import is_training_process
+    from gcml_app.train_entry import is_training_process
 
     assert is_training_process(argv) is expected
 
@@ -246,7 +246,7 @@ def test_training_process_lowers_its_priority_when_main_py_is_imported(tmp_path)
 
     config = write_config(tmp_path, train={**TINY["train"], "nice": 7})
     script = ("import os, sys; sys.argv = ['/x/monailabel/interfaces/utils/app.py', '-m', 'train']; "
-              "import gcml_app.priority; print(os.nice(0), 'torch' in sys.modules, 'monai' in sys.modules)")
+              "import gcml_app.train_entry; print(os.nice(0), 'torch' in sys.modules, 'monai' in sys.modules)")
 
     def run(env):
         out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,

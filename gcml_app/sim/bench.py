@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+import requests
 import torch
 from monailabel.client import MONAILabelClient
 from monailabel.tasks.infer.basic_infer import BasicInferTask
@@ -171,6 +172,13 @@ def _latency_under_training(url: str, case: str, n: int, epochs: int) -> dict[st
             "p50_ratio": round(_pct(busy, 0.5) / _pct(idle, 0.5), 3), "target_p95_ratio": 1.5}
 
 
+def _tail(path: Path, lines: int = 40) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError as e:
+        return f"(unreadable: {e})"
+
+
 def _step(cfg, repeats: int) -> dict[str, Any]:
     cost = step_cost(cfg, repeats=repeats)
     return {"dcml_s": round(cost["dcml_s"], 4), "supervised_s": round(cost["supervised_s"], 4),
@@ -250,6 +258,7 @@ def bench(out: str | Path, quick: bool = False) -> dict[str, Any]:
         other = wall - g["fetch_s"] - g["verify_s"] - sum(timings.values())
         result["gossip_round"] = {
             "wall_s": round(wall, 3), "fetch_s": g["fetch_s"], "verify_s": g["verify_s"], **timings,
+            "startup_s": last.get("startup_s"),  # MONAI Label's train subprocess started -> the round's code runs
             "subprocess_and_other_s": round(other, 3),
             "overhead_s": round(other + timings.get("load_s", 0.0), 3), "target_overhead_s": TARGET_OVERHEAD_S,
             "dcml_epochs": gossip_epochs, "outcome": rec["event"], "bytes_pulled": g["bytes_pulled"],
@@ -265,6 +274,9 @@ def bench(out: str | Path, quick: bool = False) -> dict[str, Any]:
                              "float16": len(encode_weights(state, "float16", arch=store.served().arch))}
         result["payload"]["float16_ratio"] = round(result["payload"]["float16"] / result["payload"]["float32"], 4)
         result["infer_under_training"] = _latency_under_training(servers["site-a"].url, "case_009", n, bg_epochs)
+    except requests.HTTPError as e:  # a server's own error: its log says why
+        tails = "\n".join(f"--- {srv.log_path} (last lines) ---\n{_tail(srv.log_path)}" for srv in servers.values())
+        raise RuntimeError(f"{e}\n{tails}") from e
     finally:
         for srv in servers.values():
             srv.stop()
