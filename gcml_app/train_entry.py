@@ -63,7 +63,7 @@ def _start() -> None:
     if path := os.environ.get(warm.ENV):
         rc = warm.relay(path, sys.argv)
         if rc is not None:
-            sys.stdout.flush()
+            warm.drained(sys.stdout)
             os._exit(rc)  # the round ran in the warm trainer; nothing is left to do here
 
     from monailabel.config import settings

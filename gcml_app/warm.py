@@ -28,6 +28,7 @@ held while the server runs; ``train.warm: false`` in the site YAML turns it off.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
@@ -38,12 +39,13 @@ import struct
 import subprocess
 import sys
 import tempfile
+import termios
 import threading
 import time
 import traceback
 from pathlib import Path
 
-__all__ = ["ENV", "WarmTrainer", "relay"]
+__all__ = ["ENV", "STARTED_ENV", "WarmTrainer", "drained", "relay"]
 
 logger = logging.getLogger(__name__)
 
@@ -183,6 +185,27 @@ def relay(path: str, argv: list[str], out=None) -> int | None:
         return 1
     finally:
         sock.close()
+
+
+def drained(stream, timeout: float = 10.0, settle: float = 0.2) -> None:
+    """Return once the reader of the pipe behind ``stream`` has taken everything written to it.
+
+    MONAI Label reads a train subprocess's output line by line only while the process runs, so lines
+    still in the pipe (or in its reader's buffer) when the process exits never reach the task's
+    details: the last ones, with the error, would be lost.
+    """
+    stream.flush()
+    pending = bytearray(4)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            fcntl.ioctl(stream.fileno(), termios.FIONREAD, pending)
+        except OSError:
+            return  # not a pipe
+        if not int.from_bytes(pending, sys.byteorder):
+            break
+        time.sleep(0.02)
+    time.sleep(settle)  # for the lines its reader has buffered but not yet handled
 
 
 # ---------------------------------------------------------------- the warm trainer process
