@@ -228,7 +228,10 @@ def _bench(args: argparse.Namespace) -> int:
           f"peak RSS {g['peak_rss_mb']:.0f} MB")
     phases = g.get("peak_rss_by_phase_mb") or {}
     print("training process peak RSS by phase (MB): " + ", ".join(f"{k} {v:.0f}" for k, v in phases.items()))
-    print(f"round overhead (start-up, app init, load): {g['overhead_s']:.1f} s (target <= {g['target_overhead_s']:g})")
+    print(f"round overhead (start-up, app init, load): {g['overhead_s']:.1f} s (target <= {g['target_overhead_s']:g}); "
+          f"{g['start']} start in {g['startup_s'] or 0:.2f} s")
+    if wt := g.get("warm_trainer_mb"):
+        print(f"warm trainer (idle): {wt['rss']:.0f} MB RSS, {wt['uss']:.0f} MB its own (USS)")
     print(f"payload: float32 {r['payload']['float32'] / 1e3:.1f} kB, float16 {r['payload']['float16'] / 1e3:.1f} kB")
     pacs = r["pacs"]
     if "skipped" in pacs:

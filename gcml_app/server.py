@@ -8,7 +8,8 @@ plus:
   uvicorn's own forwarding-header rewrite (on by default for loopback peers) is switched off here,
   whatever command started the server, because the guard honours those headers only from
   ``security.trusted_proxies``;
-- the app's domain errors answered as clear HTTP errors instead of a bare 500;
+- the app's domain errors answered as clear HTTP errors, and any other error as a JSON 500 naming it
+  (inside the annotation network only);
 - uvicorn's access log lines cut to a bounded length.
 """
 
@@ -48,6 +49,18 @@ def _handler(status: int):
 
 for _exc, _status in _STATUS.items():
     app.add_exception_handler(_exc, _handler(_status))
+
+
+async def _unhandled(request: Request, exc: Exception) -> JSONResponse:
+    """Any other error: a JSON 500 naming it on the internal surface (site IT and our own clients see why
+    without the server log), and a bare one to partners. The traceback still goes to the log."""
+    logger.error(f"{request.method} {request.url.path}: unhandled {type(exc).__name__}: {exc}")
+    peer = request.url.path.startswith("/gcml/peer")
+    detail = "internal error" if peer else f"internal error: {type(exc).__name__}: {clean(exc, 300)}"
+    return JSONResponse(status_code=500, content={"detail": detail})
+
+
+app.add_exception_handler(Exception, _unhandled)
 
 
 class _TcpPeer:

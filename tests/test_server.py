@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import pytest
+import requests
 import SimpleITK as sitk
 from helpers import make_studies, train, write_config
 from monailabel.client import MONAILabelClient
@@ -108,6 +109,16 @@ def test_slicer_loop_trains_serves_and_picks_up_new_versions(site, tmp_path):
     status = train(client, epochs=1, mode="dcml", incoming="/etc/passwd")
     assert status["status"] == "ERROR"
     assert any("incoming model /etc/passwd rejected: expected a file inside" in line for line in status["details"])
+
+    # A state file damaged outside the app: the internal surface says what failed, not a bare 500.
+    pointer = cfg.state_dir / "models" / "served.json"
+    saved = pointer.read_bytes()
+    pointer.write_text("{not json")
+    try:
+        r = requests.get(f"{site['url']}/gcml/status", timeout=30)
+        assert r.status_code == 500 and r.json()["detail"].startswith("internal error: JSONDecodeError: ")
+    finally:
+        pointer.write_bytes(saved)
 
 
 def _snapshot(studies):

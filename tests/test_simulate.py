@@ -236,6 +236,9 @@ def test_bench_quick_writes_every_key(tmp_path, capsys):
     assert set(r["gossip_round"]) >= {"wall_s", "fetch_s", "verify_s", "load_s", "train_s", "validate_s", "publish_s",
                                       "peak_rss_mb", "bytes_pulled"}
     assert r["gossip_round"]["peak_rss_mb"] > 50 and r["gossip_round"]["bytes_pulled"] == r["payload"]["float32"]
+    # the measured round forks from the warm trainer, whose own memory is reported beside it
+    assert r["gossip_round"]["start"] == "warm" and 0 < r["gossip_round"]["startup_s"] < r["gossip_round"]["wall_s"]
+    assert 50 < r["gossip_round"]["warm_trainer_mb"]["uss"] <= r["gossip_round"]["warm_trainer_mb"]["rss"]
     phases = r["gossip_round"]["peak_rss_by_phase_mb"]  # a peak only grows, phase by phase
     assert list(phases)[:2] == ["before_round", "load"] and list(phases.values()) == sorted(phases.values())
     assert phases["before_round"] > 50 and {"train", "publish"} <= set(phases)

@@ -123,20 +123,34 @@ def _infer_overhead(cfg, store: ModelStore, image: str, work: Path, repeats: int
 
 
 class _PeakRSS(threading.Thread):
-    """Samples the RSS of a server's child processes (the training subprocess) every 50 ms."""
+    """Samples the RSS of a server's child processes (the round's processes) every 50 ms, all but ``skip``
+    (the idle warm trainer, reported apart)."""
 
-    def __init__(self, pid: int):
+    def __init__(self, pid: int, skip: int | None = None):
         super().__init__(daemon=True)
-        self.proc, self.peak, self.done = psutil.Process(pid), 0, threading.Event()
+        self.proc, self.skip, self.peak, self.done = psutil.Process(pid), skip, 0, threading.Event()
 
     def run(self) -> None:
         while not self.done.is_set():
             for child in self.proc.children(recursive=True):
+                if child.pid == self.skip:
+                    continue
                 try:
                     self.peak = max(self.peak, child.memory_info().rss)
                 except psutil.Error:
                     pass
             time.sleep(0.05)
+
+
+def _warm_trainer_memory(site: SiteClient) -> dict[str, float] | None:
+    """The idle warm trainer's ``pid`` and memory (MB): ``rss``, and ``uss`` (what only it holds), once it is ready."""
+    deadline = time.monotonic() + 120
+    while not (w := site.status()["training"]["warm_trainer"])["ready"]:
+        if w["pid"] is None or time.monotonic() > deadline:
+            return None
+        time.sleep(0.5)
+    mem = psutil.Process(w["pid"]).memory_full_info()
+    return {"pid": w["pid"], "rss": round(mem.rss / 2**20, 1), "uss": round(mem.uss / 2**20, 1)}
 
 
 def _latency_under_training(url: str, case: str, n: int, epochs: int) -> dict[str, Any]:
@@ -245,7 +259,8 @@ def bench(out: str | Path, quick: bool = False) -> dict[str, Any]:
         a.round()
         b.round()
 
-        sampler = _PeakRSS(servers["site-a"].proc.pid)
+        warm = _warm_trainer_memory(a)
+        sampler = _PeakRSS(servers["site-a"].proc.pid, skip=warm and warm["pid"])
         sampler.start()
         t0 = time.perf_counter()
         rec = a.round(peers=["site-b"])
@@ -265,6 +280,7 @@ def bench(out: str | Path, quick: bool = False) -> dict[str, Any]:
             "peak_rss_mb": round(sampler.peak / 2**20, 1),
             # the training process's own peak at the round's start (imports, app, datastore) and after each phase
             "peak_rss_by_phase_mb": last.get("peak_rss_mb", {}),
+            "start": last.get("start"), "warm_trainer_mb": warm,
         }
 
         cfg = load_config(configs["site-a"])
