@@ -318,8 +318,9 @@ def mutual_infonce(
     """Both directions of :func:`voxel_infonce`, embedding only the sampled voxels.
 
     The projection head is point-wise, so gathering decoder features ``(B, F, d, h, w)`` at the M
-    sampled voxels first and embedding ``(1, F, M, 1, 1)`` gives the same embeddings as embedding the
-    whole grid, at a fraction of the cost. Both directions use the same sampled voxels.
+    sampled voxels first and embedding those ``(M, F)`` (:meth:`GCMLNet.embed_points`) gives the same
+    embeddings as embedding the whole grid, at a fraction of the cost. Both directions use the same
+    sampled voxels.
 
     Returns:
         ``(InfoNCE(L <- I), InfoNCE(I <- L))``.
@@ -331,8 +332,8 @@ def mutual_infonce(
         if len(torch.unique(cls)) < 2:  # one class in this volume: no anchor has a negative
             continue
         # index_select, not fl[:, idx]: its backward is index_add_, several times faster on CPU than index_put_
-        e_l = local.embed(fl.index_select(1, idx)[None, :, :, None, None])[0, :, :, 0, 0].T  # (M, E)
-        e_i = incoming.embed(fi.index_select(1, idx)[None, :, :, None, None])[0, :, :, 0, 0].T
+        e_l = local.embed_points(fl.index_select(1, idx).T)  # (M, E)
+        e_i = incoming.embed_points(fi.index_select(1, idx).T)
         loss_l, loss_i = _infonce_both(e_l, e_i, cls, cfg.tau)
         out_l.append(loss_l)
         out_i.append(loss_i)

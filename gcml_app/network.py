@@ -9,6 +9,7 @@ import hashlib
 import json
 
 import torch
+import torch.nn.functional as F
 from monai.networks.nets import SegResNet, UNet
 
 from gcml_app.config import SegResNetConfig, SiteConfig, UNetConfig
@@ -65,10 +66,21 @@ class GCMLNet(torch.nn.Module):
     def embed(self, feats: torch.Tensor) -> torch.Tensor:
         """Unit-norm embeddings ``(B, E, ...)`` of decoder features ``(B, F, ...)`` (any 3 spatial dims).
 
-        The head is point-wise (1x1x1 convolutions), so it may be applied to gathered voxels only,
-        e.g. features ``(1, F, M, 1, 1)`` of M sampled voxels.
+        The head is point-wise (1x1x1 convolutions); for gathered voxels use :meth:`embed_points`.
         """
         return torch.nn.functional.normalize(self.head(feats), dim=1)
+
+    def embed_points(self, feats: torch.Tensor) -> torch.Tensor:
+        """Unit-norm embeddings ``(M, E)`` of the features ``(M, F)`` of M gathered voxels.
+
+        The same head and parameters as :meth:`embed`, run as linear maps over channels: on CPU a
+        1x1x1 ``Conv3d`` over ``(1, F, M, 1, 1)`` falls onto a slow convolution path whose backward
+        was half of the contrastive term's cost.
+        """
+        h = feats
+        for layer in self.head:
+            h = F.linear(h, layer.weight.flatten(1), layer.bias) if isinstance(layer, torch.nn.Conv3d) else layer(h)
+        return F.normalize(h, dim=1)
 
     def logits_and_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits ``(B, C_out, D, H, W)`` and decoder features ``(B, F, d, h, w)``, without the head."""

@@ -59,6 +59,23 @@ def test_feature_tap_shapes(net, scale, size):
     torch.testing.assert_close(model(torch.zeros(2, 1, *size)), logits)  # forward = logits of the same pass
 
 
+@pytest.mark.parametrize("net", ["unet", "segresnet"])
+def test_embed_points_is_the_head_at_those_voxels_with_the_same_gradients(net):
+    from gcml_app.network import feature_channels
+
+    cfg = site(net, embed_dim=12)
+    model = build_network(cfg)
+    feats = torch.randn(2, feature_channels(cfg), 3, 4, 5, requires_grad=True)
+    grid = model.embed(feats).flatten(2).transpose(1, 2).reshape(-1, 12)  # (2 * 60, E)
+    points = model.embed_points(feats.flatten(2).transpose(1, 2).reshape(-1, feats.shape[1]))
+    torch.testing.assert_close(points, grid)
+    w = torch.randn_like(points)
+    g_grid = torch.autograd.grad((grid * w).sum(), [feats, *model.head.parameters()])
+    g_points = torch.autograd.grad((points * w).sum(), [feats, *model.head.parameters()])
+    for a, b in zip(g_points, g_grid):
+        torch.testing.assert_close(a, b)
+
+
 # ---------------------------------------------------------------- KL
 @pytest.mark.parametrize("mask", ["agree", "none"])
 def test_kl_is_zero_for_identical_models_and_positive_otherwise(mask):
