@@ -324,6 +324,17 @@ def test_foreground_region_is_a_box_dilation(dilation):
     assert torch.equal(fg, ref) and fg.sum().item() == k**3
 
 
+@pytest.mark.parametrize("dilation", [1, 2, 4])
+@pytest.mark.parametrize("shape", [(2, 1, 12, 9, 7), (1, 1, 3, 16, 2)])
+def test_foreground_region_equals_a_box_max_pool_on_random_labels(dilation, shape):
+    from gcml_app.dcml import foreground_region
+
+    y = (torch.rand(shape, generator=torch.Generator().manual_seed(dilation)) > 0.97).long() * 2
+    k = 2 * dilation + 1
+    ref = torch.nn.functional.max_pool3d(y.float().clamp(max=1), k, 1, dilation)
+    assert torch.equal(foreground_region(y, dilation), ref)
+
+
 def test_fused_mutual_terms_equal_the_reference_losses():
     from gcml_app.dcml import mutual_infonce, mutual_kl
 
