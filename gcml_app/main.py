@@ -178,8 +178,9 @@ class GCMLApp(MONAILabelApp):
     def on_init_complete(self):
         super().on_init_complete()
         if self.cfg.train.warm:
+            # the environment setting MONAI Label gives its train subprocess
             self.warm_trainer = WarmTrainer(self.cfg.train.nice, env={"MONAI_LABEL_DATASTORE_AUTO_RELOAD": "false"})
-            self.warm_trainer.start()  # the same setting MONAI Label gives its train subprocess
+            self.warm_trainer.start()
             atexit.register(self.warm_trainer.stop)
         g = self.cfg.gossip
         if g.interval_s > 0 and g.peers:
