@@ -103,6 +103,17 @@ def write_federation(root: Path, styles: str = "abc", cases: int = 8, labelled: 
     return sites
 
 
+def until(check, timeout: float = 10.0, what: str = "the condition"):
+    """Poll ``check()`` every 0.2 s until it returns something truthy, and return that."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not (value := check()):
+        assert time.monotonic() < deadline, f"{what} not reached within {timeout:g} s"
+        time.sleep(0.2)
+    return value
+
+
 def train(client, timeout: float = 600, **params) -> dict:
     """Start the ``gcml`` train task through ``monailabel.client`` (Slicer's Train button) and wait:
     its final train status (``DONE`` or ``ERROR``)."""

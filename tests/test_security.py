@@ -9,7 +9,7 @@ import time
 import pytest
 import requests
 import yaml
-from helpers import TINY, make_studies, write_config
+from helpers import TINY, make_studies, until, write_config
 from hostile import HostilePeer, _poison, valid_weights
 from safetensors.torch import load as st_load
 
@@ -57,13 +57,6 @@ def _get(url, path, token=None):
     return requests.get(url + path, headers=headers, timeout=10)
 
 
-def _until(check, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, "condition not reached"
-        time.sleep(0.2)
-
-
 @pytest.mark.slow
 def test_rotation_revocation_without_restart_and_the_audit_trail(tmp_path):
     studies, _ = make_studies(tmp_path, cases=4, labelled=0)
@@ -85,11 +78,11 @@ def test_rotation_revocation_without_restart_and_the_audit_trail(tmp_path):
             # rotation: both valid during the overlap
             _tokens(config, [{"id": "b-old", "peer": "site-b", "sha256": hash_token(OLD)},
                              {"id": "b-new", "peer": "site-b", "sha256": hash_token(NEW)}])
-            _until(lambda: _get(url, "/gcml/peer/manifest", NEW).status_code == 200)
+            until(lambda: _get(url, "/gcml/peer/manifest", NEW).status_code == 200)
             assert _get(url, "/gcml/peer/manifest", OLD).status_code == 200
             # revocation: the old one stops working, no restart
             _tokens(config, [{"id": "b-new", "peer": "site-b", "sha256": hash_token(NEW)}])
-            _until(lambda: _get(url, "/gcml/peer/manifest", OLD).status_code == 403)
+            until(lambda: _get(url, "/gcml/peer/manifest", OLD).status_code == 403)
             assert _get(url, "/gcml/peer/manifest", NEW).status_code == 200
             # a broken YAML keeps the previous tokens (and says so in the log)
             good = config.read_text()

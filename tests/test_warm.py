@@ -8,11 +8,10 @@ import os
 import signal
 import socket
 import threading
-import time
 
 import psutil
 import pytest
-from helpers import TINY, make_studies, train, write_config
+from helpers import TINY, make_studies, train, until, write_config
 from monailabel.client import MONAILabelClient
 
 from gcml_app import warm
@@ -75,15 +74,6 @@ def _site(tmp_path, **train_overrides) -> SiteServer:
     return srv
 
 
-def _wait(cond, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if value := cond():
-            return value
-        time.sleep(0.25)
-    raise TimeoutError(what)
-
-
 def _round_children(pid: int) -> list[psutil.Process]:
     try:
         return [p for p in psutil.Process(pid).children() if p.status() != psutil.STATUS_ZOMBIE]
@@ -96,7 +86,7 @@ def test_rounds_fork_from_the_warm_trainer_stop_with_slicer_and_survive_its_deat
     srv = _site(tmp_path)
     try:
         site, client = SiteClient(srv.url), MONAILabelClient(srv.url)
-        wt = _wait(lambda: (w := site.status()["training"]["warm_trainer"])["ready"] and w, 120, "warm trainer ready")
+        wt = until(lambda: (w := site.status()["training"]["warm_trainer"])["ready"] and w, 120, "warm trainer ready")
         assert psutil.Process(wt["pid"]).nice() == TINY["train"].get("nice", 10)
 
         # Slicer's Train button: the round runs warm, through MONAI Label's train task
@@ -108,19 +98,19 @@ def test_rounds_fork_from_the_warm_trainer_stop_with_slicer_and_survive_its_deat
 
         # Slicer's Stop: MONAI Label kills the relay; the forked round ends with it
         client.train_start("gcml", {"epochs": 10_000})
-        _wait(lambda: _round_children(wt["pid"]), 60, "a round forked")
-        _wait(lambda: (site.train_stats().get("epoch") or 0) >= 1, 120, "the long round's first epoch")
+        until(lambda: _round_children(wt["pid"]), 60, "a round forked")
+        until(lambda: (site.train_stats().get("epoch") or 0) >= 1, 120, "the long round's first epoch")
         client.train_stop()
-        _wait(lambda: not _round_children(wt["pid"]), 30, "the stopped round's process gone")
+        until(lambda: not _round_children(wt["pid"]), 30, "the stopped round's process gone")
         assert site.status()["training"]["running"] is False
         assert site.status()["served"]["version"] == 1
 
         # the warm trainer dies: rounds start cold, and it comes back with a new process
         os.kill(wt["pid"], signal.SIGKILL)
-        _wait(lambda: not site.status()["training"]["warm_trainer"]["ready"], 30, "death noticed")
+        until(lambda: not site.status()["training"]["warm_trainer"]["ready"], 30, "death noticed")
         assert train(client)["status"] == "DONE"
         assert site.train_stats()["last_round"]["start"] == "cold"
-        again = _wait(lambda: (w := site.status()["training"]["warm_trainer"])["ready"] and w, 120, "restarted")
+        again = until(lambda: (w := site.status()["training"]["warm_trainer"])["ready"] and w, 120, "restarted")
         assert again["pid"] != wt["pid"]
         assert train(client)["status"] == "DONE"
         assert site.train_stats()["last_round"]["start"] == "warm"
