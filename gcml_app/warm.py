@@ -75,7 +75,9 @@ class WarmTrainer:
     def __init__(self, nice: int, env: dict[str, str] | None = None):
         self.nice = nice
         self.env = env or {}
-        self.folder = Path(tempfile.mkdtemp(prefix="gcml-train-"))  # mode 0700; short enough for AF_UNIX
+        # mode 0700; a Unix socket's path has at most 107 bytes, so a long TMPDIR is passed over for /tmp
+        short = None if len(tempfile.gettempdir()) < 80 else "/tmp"
+        self.folder = Path(tempfile.mkdtemp(prefix="gcml-train-", dir=short))
         self.path = self.folder / "sock"
         self.proc: subprocess.Popen | None = None
         self._stopping = threading.Event()

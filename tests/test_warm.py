@@ -65,6 +65,23 @@ def test_relay_without_a_listening_trainer_starts_cold(tmp_path):
     stale.close()
 
 
+@pytest.mark.parametrize("tmpdir_len", [10, 150])
+def test_the_socket_lives_in_a_private_folder_with_a_path_a_unix_socket_can_bind(tmp_path, monkeypatch, tmpdir_len):
+    import tempfile
+
+    base = tmp_path / ("d" * max(1, tmpdir_len - len(str(tmp_path)) - 1))
+    base.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(base))
+    trainer = warm.WarmTrainer(nice=10)
+    try:
+        assert (trainer.folder.stat().st_mode & 0o777) == 0o700
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.bind(str(trainer.path))  # raises for a path over 107 bytes
+    finally:
+        trainer.stop()
+    assert not trainer.folder.exists()
+
+
 def _site(tmp_path, **train_overrides) -> SiteServer:
     studies, _ = make_studies(tmp_path, cases=6, labelled=5)
     config = write_config(tmp_path, state_dir=str(tmp_path / "state"), train={**TINY["train"], **train_overrides})
