@@ -332,7 +332,9 @@ class _Laps:
     def __call__(self, name: str) -> None:
         now = time.perf_counter()
         self.laps[name] = round(self.laps.get(name, 0.0) + now - self.t, 3)
-        self.peak_mb[name.removesuffix("_s")] = _peak_rss_mb()
+        # the kernel's figure can step back a little: it is the larger of a recorded high-water mark
+        # and the current RSS, and the mark is updated lazily (seen in rounds forked by the warm trainer)
+        self.peak_mb[name.removesuffix("_s")] = max(_peak_rss_mb(), *self.peak_mb.values())
         self.t = now
 
 

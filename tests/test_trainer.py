@@ -255,3 +255,15 @@ def test_training_process_lowers_its_priority_when_main_py_is_imported(tmp_path)
 
     assert run({"GCML_CONFIG": str(config)}) == ["7", "False", "False"]
     assert run({"MONAI_LABEL_APP_CONF": json.dumps({"gcml_config": str(config)})}) == ["7", "False", "False"]
+
+
+def test_the_rounds_memory_by_phase_never_steps_back(monkeypatch):
+    """ru_maxrss can read a little lower than before (the kernel's high-water mark is updated lazily)."""
+    from gcml_app import rounds
+
+    readings = iter([100.0, 120.0, 119.9, 130.0])
+    monkeypatch.setattr(rounds, "_peak_rss_mb", lambda: next(readings))
+    lap = rounds._Laps()
+    for name in ("load_s", "validate_s", "train_s"):
+        lap(name)
+    assert lap.peak_mb == {"before_round": 100.0, "load": 120.0, "validate": 120.0, "train": 130.0}
