@@ -7,6 +7,7 @@ import io
 import os
 import signal
 import socket
+import struct
 import threading
 
 import psutil
@@ -106,6 +107,14 @@ def test_rounds_fork_from_the_warm_trainer_stop_with_slicer_and_survive_its_deat
         wt = until(lambda: (w := site.status()["training"]["warm_trainer"])["ready"] and w, 120, "warm trainer ready")
         assert psutil.Process(wt["pid"]).nice() == TINY["train"].get("nice", 10)
 
+        # malformed requests on its socket are refused and logged; it goes on serving rounds
+        path = psutil.Process(wt["pid"]).cmdline()[-2]
+        for raw in (b"\xff\xff\xff\xff", struct.pack("!I", 9) + b"not json!", struct.pack("!I", 2) + b"[]"):
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+                s.connect(path)
+                s.sendall(raw)
+                assert s.recv(64) == b""  # closed without running anything
+
         # Slicer's Train button: the round runs warm, through MONAI Label's train task
         status = train(client)
         assert status["status"] == "DONE"
@@ -133,7 +142,10 @@ def test_rounds_fork_from_the_warm_trainer_stop_with_slicer_and_survive_its_deat
         assert site.train_stats()["last_round"]["start"] == "warm"
     finally:
         srv.stop()
-    assert "restarting it in" in (tmp_path / "server.log").read_text()
+    log = (tmp_path / "server.log").read_text()
+    assert "restarting it in" in log
+    assert "warm trainer: request refused (request of 4294967295 bytes refused)" in log
+    assert "warm trainer: request refused (request without a command line)" in log
 
 
 @pytest.mark.slow
