@@ -224,7 +224,7 @@ def run_round(
         probe = build_network(cfg).to(device)
         probe.load_state_dict(store.load(served.version))
         scores[SERVED] = evaluate(probe)
-    lap("validate_s")
+    lap("validate_s", peak="validate_served")
 
     t, wd = cfg.train, cfg.train.weight_decay
     if peer is None:
@@ -245,7 +245,7 @@ def run_round(
     for name, state in states.items():
         probe.load_state_dict(state)
         scores[name] = evaluate(probe)
-    lap("validate_s")
+    lap("validate_s", peak="validate_candidates")
 
     decision = select(scores, SERVED if served is not None else None, cfg.validation)
     if not cfg.validation.gate and not decision.publish:  # an ablation: serve the new working model unchecked
@@ -321,7 +321,9 @@ class _Laps:
     """Wall seconds per phase of a round: ``laps("train_s")`` adds the time since the previous call.
 
     ``peak_mb`` is the process's peak memory at the round's start (imports, app, datastore) and after
-    each phase, so what a phase added is the step from the one before.
+    each phase, in time order, so what a phase added is the step from the one before. A phase timed in
+    two parts (validation: the served model before training, the candidates after) names each part's
+    figure with ``peak``.
     """
 
     def __init__(self):
@@ -329,12 +331,12 @@ class _Laps:
         self.laps: dict[str, float] = {}
         self.peak_mb: dict[str, float] = {"before_round": _peak_rss_mb()}
 
-    def __call__(self, name: str) -> None:
+    def __call__(self, name: str, peak: str | None = None) -> None:
         now = time.perf_counter()
         self.laps[name] = round(self.laps.get(name, 0.0) + now - self.t, 3)
         # the kernel's figure can step back a little: it is the larger of a recorded high-water mark
         # and the current RSS, and the mark is updated lazily (seen in rounds forked by the warm trainer)
-        self.peak_mb[name.removesuffix("_s")] = max(_peak_rss_mb(), *self.peak_mb.values())
+        self.peak_mb[peak or name.removesuffix("_s")] = max(_peak_rss_mb(), *self.peak_mb.values())
         self.t = now
 
 

@@ -257,13 +257,22 @@ def test_training_process_lowers_its_priority_when_main_py_is_imported(tmp_path)
     assert run({"MONAI_LABEL_APP_CONF": json.dumps({"gcml_config": str(config)})}) == ["7", "False", "False"]
 
 
-def test_the_rounds_memory_by_phase_never_steps_back(monkeypatch):
-    """ru_maxrss can read a little lower than before (the kernel's high-water mark is updated lazily)."""
+@pytest.mark.parametrize("phases, readings, expected", [
+    # ru_maxrss can read a little lower than before (the kernel's high-water mark is updated lazily)
+    ([("load_s", None), ("validate_s", None), ("train_s", None)], [100.0, 120.0, 119.9, 130.0],
+     {"before_round": 100.0, "load": 120.0, "validate": 120.0, "train": 130.0}),
+    # a round: validation is timed in two parts, and each part's memory has its own name, in time order
+    ([("load_s", None), ("validate_s", "validate_served"), ("train_s", None), ("validate_s", "validate_candidates"),
+      ("publish_s", None)], [658.4, 674.4, 786.6, 784.8, 790.0, 786.6],
+     {"before_round": 658.4, "load": 674.4, "validate_served": 786.6, "train": 786.6, "validate_candidates": 790.0,
+      "publish": 790.0}),
+])
+def test_the_rounds_memory_by_phase_is_in_time_order_and_never_steps_back(monkeypatch, phases, readings, expected):
     from gcml_app import rounds
 
-    readings = iter([100.0, 120.0, 119.9, 130.0])
+    readings = iter(readings)
     monkeypatch.setattr(rounds, "_peak_rss_mb", lambda: next(readings))
     lap = rounds._Laps()
-    for name in ("load_s", "validate_s", "train_s"):
-        lap(name)
-    assert lap.peak_mb == {"before_round": 100.0, "load": 120.0, "validate": 120.0, "train": 130.0}
+    for name, peak in phases:
+        lap(name, peak)
+    assert lap.peak_mb == expected and list(lap.peak_mb) == list(expected)
