@@ -184,10 +184,8 @@ class _Run:
         self.data = {}
         for s in sites:
             c = self.cfgs[s.name]
-            train = CacheDataset(_files(s.train), train_transforms(c), progress=False)
             self.data[s.name] = {
-                "train": train,
-                "loader": DataLoader(train, batch_size=c.train.batch_size, shuffle=True, num_workers=0),
+                "train": CacheDataset(_files(s.train), train_transforms(c), progress=False),
                 "val": CacheDataset(_files(s.val), val_transforms(c), progress=False),
                 "test": CacheDataset(_files(s.test), val_transforms(c), progress=False),
             }
@@ -219,15 +217,25 @@ class _Run:
             net.load_state_dict(state)
         return net.to(self.device)
 
+    def loader(self, data) -> DataLoader:
+        """A shuffling loader over ``data``, built after the round's seed is set, as :func:`run_round` builds it.
+
+        MONAI's ``DataLoader`` (``num_workers=0``) seeds the random transforms (crops, flips) from
+        torch's global generator when it is built, and torch seeds that generator randomly in every
+        process: a loader built once and reused would draw crops the round's seed does not control.
+        """
+        return DataLoader(data, batch_size=self.base.train.batch_size, shuffle=True, num_workers=0)
+
     def train(self, name: str, state: State, epochs: int, seed: int, prox: State | None = None) -> State:
         """Supervised passes over a site's training cases (Ditto: plus its proximal term to ``prox``)."""
         set_determinism(seed=seed)
         net = self.net(state)
+        loader = self.loader(self.data[name]["train"])
         t = self.cfgs[name].train
         if prox is None:
-            supervised_train(net, self.data[name]["loader"], epochs, t.lr, t.weight_decay, self.device)
+            supervised_train(net, loader, epochs, t.lr, t.weight_decay, self.device)
         else:
-            _ditto_train(net, self.data[name]["loader"], epochs, t.lr, prox, self.device)
+            _ditto_train(net, loader, epochs, t.lr, prox, self.device)
         return {k: v.detach().cpu() for k, v in net.state_dict().items()}
 
     def scores(self, name: str, state: State, split: str) -> list[dict[str, float]]:
@@ -348,18 +356,16 @@ def _rounds_central(run: _Run, nodes, rounds, emit, method, arm: Arm):
     mb = run.model_bytes[run.transport]
     steps_per_epoch = [math.ceil(len(run.data[n]["train"]) / run.base.train.batch_size) for n in names]
     mean_steps = round(sum(steps_per_epoch) / len(names))
-    pooled = None
-    if arm.kind == "pooled":
-        data = torch.utils.data.ConcatDataset([run.data[n]["train"] for n in names])
-        pooled = DataLoader(data, batch_size=run.base.train.batch_size, shuffle=True, num_workers=0)
+    pooled = torch.utils.data.ConcatDataset([run.data[n]["train"] for n in names]) if arm.kind == "pooled" else None
 
     def one_round(r: int, epochs: int) -> dict[str, State]:
         nonlocal glob
         if arm.kind == "pooled":
             set_determinism(seed=run.seed_of(r, 0))
             net = run.net(glob)
-            steps = mean_steps * epochs if arm.pooled == "steps" else len(pooled) * epochs
-            _train_steps(net, pooled, steps, run.base.train.lr, run.base.train.weight_decay, run.device)
+            loader = run.loader(pooled)
+            steps = mean_steps * epochs if arm.pooled == "steps" else len(loader) * epochs
+            _train_steps(net, loader, steps, run.base.train.lr, run.base.train.weight_decay, run.device)
             glob = {k: v.detach().cpu() for k, v in net.state_dict().items()}
             return dict.fromkeys(names, glob)
         local = {n: run.train(n, glob, epochs, run.seed_of(r, i)) for i, n in enumerate(names)}
