@@ -45,7 +45,7 @@ def _sample_data(args: argparse.Namespace) -> int:
 def _pacs_load(args: argparse.Namespace) -> int:
     import requests
 
-    from gcml_app.pacs import pacs_client, stow_folder
+    from gcml_app.site.pacs import pacs_client, stow_folder
 
     try:
         client = pacs_client(args.url)
@@ -58,7 +58,7 @@ def _pacs_load(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from gcml_app.launch import server_command
+    from gcml_app.site.launch import server_command
 
     cfg = load_config(args.config)  # fail here, with the key path, rather than inside the server
     cmd = server_command(args.config, args.studies, args.host or cfg.serve.host, args.port or cfg.serve.port)
@@ -88,8 +88,8 @@ def _sync(args: argparse.Namespace) -> int:
     """Exit 0: the round ran (published, kept, or nothing new); 1: it failed; 3: no server answered."""
     import requests
 
-    from gcml_app.rounds import summarize
-    from gcml_app.site_client import RoundFailed, SiteClient
+    from gcml_app.rounds.loop import summarize
+    from gcml_app.site.client import RoundFailed, SiteClient
 
     cfg = load_config(args.config)
     site = SiteClient.for_site(cfg, args.server)
@@ -175,7 +175,7 @@ def format_summary(res: dict) -> str:
 
 
 def _certs(args: argparse.Namespace) -> int:
-    from gcml_app.certs import write_trial_pki
+    from gcml_app.site.certs import write_trial_pki
 
     sites = args.sites.split(",")
     hosts: dict[str, list[str]] = {}
@@ -199,7 +199,7 @@ def _certs(args: argparse.Namespace) -> int:
 def _token_new(args: argparse.Namespace) -> int:
     import secrets
 
-    from gcml_app.gossip.guard import hash_token
+    from gcml_app.site.guard import hash_token
 
     token = secrets.token_urlsafe(32)
     token_id = args.id or f"{args.peer}-{time.strftime('%Y%m%d')}"

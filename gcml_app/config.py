@@ -159,7 +159,7 @@ class TrainConfig(_Strict):
     num_threads: int = Field(0, ge=0, description="torch CPU threads in the training process; 0 = torch default")
     nice: int = Field(10, ge=0, le=19, description="CPU niceness of the training process, so inference stays fast")
     warm: bool = Field(True, description="keep a warm trainer process (imports done) that rounds fork from, instead "
-                       "of a fresh interpreter per round (gcml_app.warm); costs its resident memory")
+                       "of a fresh interpreter per round (gcml_app.site.warm); costs its resident memory")
 
 
 class ValidationConfig(_Strict):

@@ -11,7 +11,7 @@
 
 With ``--pacs``, site A's images and labels live in a private Orthanc instead of a folder: its sample
 data is written as DICOM series and DICOM SEG, stored in Orthanc over STOW, and site A's server reads
-them through DICOMweb (:mod:`gcml_app.pacs`).
+them through DICOMweb (:mod:`gcml_app.site.pacs`).
 """
 
 from __future__ import annotations
@@ -26,9 +26,9 @@ from typing import Any
 import yaml
 from tqdm import tqdm
 
-from gcml_app.launch import SiteServer, free_port
-from gcml_app.rounds import summarize
-from gcml_app.site_client import SiteClient
+from gcml_app.rounds.loop import summarize
+from gcml_app.site.client import SiteClient
+from gcml_app.site.launch import SiteServer, free_port
 
 __all__ = ["SAMPLE_CONFIGS", "run_demo", "site_yamls"]
 
@@ -98,9 +98,9 @@ def run_demo(out: str | Path, port: int = 8001, cases: int = 12, labelled: int =
     """Run the demo; see the module docstring. ``port`` is site A's (B and C take the next two); 0 = free ports."""
     from monailabel.client import MONAILabelClient
 
-    from gcml_app.orthanc import INSTALL_HINT, Orthanc, find_orthanc
-    from gcml_app.pacs import pacs_client, stow_folder
     from gcml_app.sim.phantoms import write_dicom_studies, write_studies
+    from gcml_app.site.orthanc import INSTALL_HINT, Orthanc, find_orthanc
+    from gcml_app.site.pacs import pacs_client, stow_folder
 
     if pacs and find_orthanc() is None:
         print(f"gcml demo --pacs needs Orthanc and its DICOMweb plugin; install them with:\n  {INSTALL_HINT}")

@@ -1,8 +1,8 @@
-"""Domain errors the server turns into clear HTTP answers (see :mod:`gcml_app.server`)."""
+"""Domain errors the server turns into clear HTTP answers (see :mod:`gcml_app.site.server`)."""
 
 from __future__ import annotations
 
-from gcml_app.labels import LabelRejected
+from gcml_app.site.labels import LabelRejected
 
 __all__ = [
     "GCMLError",

@@ -3,12 +3,12 @@
 Start it with::
 
     monailabel start_server --app gcml_app --studies DIR --conf gcml_config site.yaml \
-        --host 127.0.0.1 --uvicorn_app gcml_app.server:app
+        --host 127.0.0.1 --uvicorn_app gcml_app.site.server:app
 """
 
 from __future__ import annotations
 
-import gcml_app.train_entry  # first: a training subprocess hands its round to the warm trainer or lowers its priority
+import gcml_app.site.train_entry  # first: a training subprocess hands its round to the warm trainer or lowers its priority
 
 # isort: split
 import atexit
@@ -31,19 +31,19 @@ from monailabel.tasks.activelearning.random import Random
 
 import gcml_app
 from gcml_app.config import CONFIG_ENV, load_config
-from gcml_app.datastore import GCMLDatastore
 from gcml_app.errors import ImageRejected
-from gcml_app.gossip.audit import AuditLog
-from gcml_app.gossip.peers import PeerBook
-from gcml_app.gossip.scheduler import Scheduler
-from gcml_app.gossip.state import GossipState
-from gcml_app.infer import GCMLSegInfer
-from gcml_app.jsonl import clean
-from gcml_app.pacs import PacsDatastore, is_pacs_url, pacs_client
-from gcml_app.split import FixedSplit, labels_for_validation
+from gcml_app.federation.audit import AuditLog
+from gcml_app.federation.peers import PeerBook
+from gcml_app.federation.scheduler import Scheduler
+from gcml_app.federation.state import GossipState
+from gcml_app.ml.split import FixedSplit, labels_for_validation
+from gcml_app.site.datastore import GCMLDatastore
+from gcml_app.site.infer import GCMLSegInfer
+from gcml_app.site.pacs import PacsDatastore, is_pacs_url, pacs_client
+from gcml_app.site.trainer import GCMLTrain
+from gcml_app.site.warm import WarmTrainer
 from gcml_app.store import ModelStore
-from gcml_app.trainer import GCMLTrain
-from gcml_app.warm import WarmTrainer
+from gcml_app.util.jsonl import clean
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +67,7 @@ class GCMLApp(MONAILabelApp):
     def __init__(self, app_dir: str, studies: str, conf: dict[str, Any]):
         path = conf.get("gcml_config") or os.environ.get(CONFIG_ENV)
         self.cfg = load_config(path)  # without a path: the error says how to give one
-        self.config_path = Path(path)  # re-read for security settings when it changes (gcml_app.server)
+        self.config_path = Path(path)  # re-read for security settings when it changes (gcml_app.site.server)
         for problem in self.cfg.insecure_settings():  # only reached with security.allow_insecure: true
             logger.warning(f"INSECURE setting allowed by security.allow_insecure: {problem}")
         self.store = ModelStore(self.cfg.state_dir / "models")
@@ -75,7 +75,7 @@ class GCMLApp(MONAILabelApp):
         self.audit = AuditLog(self.cfg.state_dir / "audit.jsonl", self.cfg.security.audit_max_bytes)
         self.scheduler: Scheduler | None = None
         self.warm_trainer: WarmTrainer | None = None  # server process only (on_init_complete)
-        self.guard_limiter = None  # set by gcml_app.server when the guard is first built
+        self.guard_limiter = None  # set by gcml_app.site.server when the guard is first built
         self._start_lock = threading.Lock()
         super().__init__(
             app_dir=app_dir,
@@ -89,7 +89,7 @@ class GCMLApp(MONAILabelApp):
 
     def init_datastore(self) -> GCMLDatastore | PacsDatastore:
         """A studies folder (MONAI Label's local datastore) or, for an ``http(s)://.../dicom-web`` studies
-        argument, the PACS through MONAI Label's DICOMweb datastore (:mod:`gcml_app.pacs`); labels are
+        argument, the PACS through MONAI Label's DICOMweb datastore (:mod:`gcml_app.site.pacs`); labels are
         validated either way.
 
         The PACS cache is ``MONAI_LABEL_DATASTORE_CACHE_PATH`` (or the older ``..._DICOMWEB_CACHE_PATH``),
@@ -249,7 +249,7 @@ class GCMLApp(MONAILabelApp):
             "pending_labels": len(self.gossip_state.pending()),
             "min_new_labels": self.cfg.finetune.min_new_labels,
             "training": {"running": self.training_busy(), **self._trainers["gcml"].stats(),
-                         # rounds fork from it when ready (gcml_app.warm); otherwise they start cold
+                         # rounds fork from it when ready (gcml_app.site.warm); otherwise they start cold
                          "warm_trainer": {"ready": bool(wt and wt.ready()), "pid": wt and wt.pid}},
             "last_round": rounds[-1] if rounds else None,
             # malformed lines (a torn append) that history readers skipped; 0 when the file is whole

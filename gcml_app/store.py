@@ -5,7 +5,8 @@ Layout under ``<state_dir>/models``::
     v000001.safetensors   weights (tensors only; never pickled)
     v000001.json          manifest: version, parent, created, sha256, bytes, arch, val_dice, ...
     served.json           {"version": 1}: the version the infer task serves
-    history.jsonl         one JSON line per decision (publish, keep, reject, rollback)
+    history.jsonl         one JSON line per decision (publish, keep, rollback, superseded, and the
+                          rounds that ended without training: gossip, labels)
 
 and beside it, ``<state_dir>/working.safetensors``: the *working* model that rounds keep training
 (docs/design.md, "Working model and served model"), one file with its description in the
@@ -27,12 +28,10 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import json
 import logging
 import os
 import re
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -45,9 +44,10 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from gcml_app import jsonl
+from gcml_app.util import jsonl
+from gcml_app.util.files import atomic_write, sha256_bytes
 
-__all__ = ["Manifest", "ModelStore", "StoreError", "Superseded", "atomic_write", "sha256_bytes"]
+__all__ = ["Manifest", "ModelStore", "StoreError", "Superseded"]
 
 logger = logging.getLogger(__name__)
 
@@ -85,33 +85,6 @@ class Manifest:
     @property
     def mean_dice(self) -> float:
         return sum(self.val_dice.values()) / len(self.val_dice) if self.val_dice else 0.0
-
-
-def sha256_bytes(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see either the old file or the whole new one."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
 
 
 class ModelStore:
@@ -254,7 +227,7 @@ class ModelStore:
 
         Args:
             state_dict: tensors to store (moved to CPU, made contiguous).
-            arch: architecture fingerprint (see :func:`gcml_app.network.arch_fingerprint`).
+            arch: architecture fingerprint (see :func:`gcml_app.ml.network.arch_fingerprint`).
             val_dice: validation Dice per label name.
             n_train, n_val: cases the model was trained and validated on.
             produced_by: how it was made, e.g. ``"local"``, ``"rollback"``, ``"gossip:site-b"``.

@@ -31,6 +31,12 @@ def write_config(folder: Path, **overrides) -> Path:
     return path
 
 
+def cases_of(studies: Path, n: int | None = None) -> list[dict[str, str]]:
+    """The labelled cases of a studies folder as a round takes them: ``[{"id", "image", "label"}]``."""
+    labels = sorted((studies / "labels" / "final").glob("*.nii.gz"))[:n]
+    return [{"id": p.name.split(".")[0], "image": str(studies / p.name), "label": str(p)} for p in labels]
+
+
 def make_studies(root: Path, cases: int, labelled: int, style: str = "a", seed: int = 0) -> tuple[Path, Path]:
     """A studies folder with ``labelled`` final labels, and a folder with every case's true label.
 
@@ -59,15 +65,15 @@ def write_federation(root: Path, styles: str = "abc", cases: int = 8, labelled: 
         styles: one phantom style per site (site name ``site-<style>``).
         extra_peers: more ``gossip.peers`` entries per site name (e.g. a dead or hostile partner).
         gossip_for: more ``gossip`` keys per site name (e.g. float16 transport at one site).
-        pki: a folder from :func:`gcml_app.certs.write_trial_pki`: every site serves HTTPS with mutual
+        pki: a folder from :func:`gcml_app.site.certs.write_trial_pki`: every site serves HTTPS with mutual
             TLS and pulls over HTTPS with its own certificate.
         overrides: top-level YAML keys for every site (``gossip`` is merged, not replaced).
 
     Returns:
         ``{site: {"config", "studies", "truth", "port", "url", "tokens": {partner: token we present}}}``.
     """
-    from gcml_app.gossip.guard import hash_token
-    from gcml_app.launch import free_port
+    from gcml_app.site.guard import hash_token
+    from gcml_app.site.launch import free_port
 
     names = [f"site-{s}" for s in styles]
     ports = {n: free_port() for n in names}

@@ -20,8 +20,8 @@ import torch
 from safetensors.torch import save as st_save
 
 from gcml_app.config import SiteConfig
-from gcml_app.gossip.payload import our_arch
-from gcml_app.network import build_network
+from gcml_app.federation.payload import our_arch
+from gcml_app.ml.network import build_network
 
 
 class Hostile:

@@ -118,7 +118,7 @@ def test_segresnet_config(tmp_path):
 
 def test_sample_federation_tokens_match_each_other():
     """Each token a sample site presents hashes to what its partner's YAML expects from it."""
-    from gcml_app.gossip.guard import Guard
+    from gcml_app.site.guard import Guard
 
     sites = {c.site: c for c in (load_config(REPO / "sample_configs" / f"site_{s}.yaml") for s in "abc")}
     ports = {c.site: c.serve.port for c in sites.values()}

@@ -21,9 +21,9 @@ from hostile import PAYLOAD_CASES, HostilePeer, valid_weights
 from monailabel.client import MONAILabelClient
 
 from gcml_app.config import SiteConfig, load_config
-from gcml_app.gossip.state import GossipState
-from gcml_app.launch import SiteServer, free_port
-from gcml_app.site_client import SiteClient
+from gcml_app.federation.state import GossipState
+from gcml_app.site.client import SiteClient
+from gcml_app.site.launch import SiteServer, free_port
 from gcml_app.store import ModelStore
 
 pytestmark = pytest.mark.slow

@@ -39,14 +39,14 @@ from monailabel.client import MONAILabelClient
 from monailabel.tasks.infer.basic_infer import BasicInferTask
 
 from gcml_app.config import SiteConfig, load_config
-from gcml_app.dcml import dcml_step, supervised_step
 from gcml_app.demo import site_yamls
-from gcml_app.gossip.payload import encode_weights
-from gcml_app.infer import GCMLSegInfer
-from gcml_app.launch import SiteServer, free_port
-from gcml_app.network import build_network
+from gcml_app.federation.payload import encode_weights
+from gcml_app.ml.dcml import dcml_step, supervised_step
+from gcml_app.ml.network import build_network
 from gcml_app.sim.phantoms import write_studies
-from gcml_app.site_client import SiteClient
+from gcml_app.site.client import SiteClient
+from gcml_app.site.infer import GCMLSegInfer
+from gcml_app.site.launch import SiteServer, free_port
 from gcml_app.store import ModelStore
 
 __all__ = ["TARGET_OVERHEAD_S", "StockSegInfer", "bench", "plot"]
@@ -202,9 +202,9 @@ def _step(cfg, repeats: int) -> dict[str, Any]:
 
 def _pacs(work: Path, cases: int, labelled: int) -> dict[str, Any]:
     """The PACS cache on a private Orthanc: seconds for STOW, the first fill and single series."""
-    from gcml_app.orthanc import INSTALL_HINT, Orthanc, find_orthanc
-    from gcml_app.pacs import PacsDatastore, pacs_client, stow_folder
     from gcml_app.sim.phantoms import LABELS, write_dicom_studies
+    from gcml_app.site.orthanc import INSTALL_HINT, Orthanc, find_orthanc
+    from gcml_app.site.pacs import PacsDatastore, pacs_client, stow_folder
 
     if find_orthanc() is None:
         return {"skipped": f"Orthanc is not installed ({INSTALL_HINT})"}

@@ -2,11 +2,11 @@
 
 Every site of every method is a real site state folder (model store, working model, fixed split,
 partner book, cached partner models). The methods that hospitals run go through the servers' own
-round code (:mod:`gcml_app.rounds`): ``local`` and ``local2x`` through :func:`run_round`, every
+round code (:mod:`gcml_app.rounds.loop`): ``local`` and ``local2x`` through :func:`run_round`, every
 gossip method through :func:`gossip_round` with an in-memory partner (:class:`MemoryPartner`) in
 place of HTTP; manifest, payload encoding and every payload check are the servers'. The baselines
 that no server runs (FedAvg, FedAvg+FT, Ditto, pooled) are built from the same training step and
-are served through the same gate (:func:`gcml_app.gate.select`).
+are served through the same gate (:func:`gcml_app.ml.gate.select`).
 
 Controls (docs/design.md, "Measuring"):
 
@@ -48,17 +48,18 @@ from monai.utils import set_determinism
 from tqdm import tqdm
 
 from gcml_app.config import SiteConfig
-from gcml_app.dcml import supervised_step, supervised_train
 from gcml_app.errors import NothingToShare
-from gcml_app.evaluate import dice_per_case, mean_dice, mean_over_cases
-from gcml_app.gate import SERVED, select
-from gcml_app.gossip.client import PeerManifest, Pulled, check_payload
-from gcml_app.gossip.payload import encode_weights, manifest_body
-from gcml_app.network import arch_fingerprint, build_network
-from gcml_app.rounds import gossip_round, run_round
+from gcml_app.federation.client import PeerManifest, Pulled, check_payload
+from gcml_app.federation.payload import encode_weights, manifest_body
+from gcml_app.ml.dcml import supervised_step, supervised_train
+from gcml_app.ml.evaluate import dice_per_case, mean_dice, mean_over_cases
+from gcml_app.ml.gate import SERVED, select
+from gcml_app.ml.network import arch_fingerprint, build_network
+from gcml_app.ml.transforms import train_transforms, val_transforms
+from gcml_app.rounds.loop import gossip_round, run_round
 from gcml_app.sim.data import SimSite
-from gcml_app.store import ModelStore, atomic_write, sha256_bytes
-from gcml_app.transforms import train_transforms, val_transforms
+from gcml_app.store import ModelStore
+from gcml_app.util.files import atomic_write, sha256_bytes
 
 __all__ = ["ARMS", "Arm", "MemoryPartner", "simulate"]
 

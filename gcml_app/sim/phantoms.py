@@ -157,7 +157,7 @@ def write_dicom_studies(
     Returns:
         the folder.
     """
-    from gcml_app.dicom import check_series, write_seg, write_series
+    from gcml_app.site.dicom import check_series, write_seg, write_series
 
     with tempfile.TemporaryDirectory(prefix="gcml-phantoms-") as tmp:
         nifti = write_studies(Path(tmp) / "studies", style, cases, labelled, seed)

@@ -1,0 +1,77 @@
+"""MONAI Label's datastores, with every label upload validated and remapped before it is stored.
+
+:class:`ValidatedLabels` is the check; :class:`GCMLDatastore` puts it in front of MONAI Label's
+:class:`LocalDatastore` (a studies folder), :class:`gcml_app.site.pacs.PacsDatastore` in front of its
+``DICOMWebDatastore`` (a PACS).
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import SimpleITK as sitk
+from monailabel.datastore.local import LocalDatastore
+
+from gcml_app.site.labels import LabelRejected, check_tag, conform_label
+
+__all__ = ["GCMLDatastore", "ValidatedLabels"]
+
+logger = logging.getLogger(__name__)
+
+
+class ValidatedLabels:
+    """Mixin for a MONAI Label datastore: ``save_label`` refuses labels that do not fit the image or task.
+
+    The class it is mixed into stores the conformed label (:meth:`_store_label`, by default its own
+    ``save_label``); ``task_labels`` (name -> index) must be set before the first upload.
+    """
+
+    task_labels: dict[str, int]
+    last_saved: tuple[str, str] | None = None  # (image id, tag) of the last accepted upload
+
+    def save_label(self, image_id: str, label_filename: str, label_tag: str, label_info: dict[str, Any]) -> str:
+        """Validate (geometry, values), remap Slicer segment values by name, then store as NIfTI.
+
+        Raises:
+            LabelRejected: the image is unknown, the tag is unsafe, or the label does not fit; the
+                datastore is left unchanged.
+        """
+        check_tag(label_tag)
+        image_uri = self.get_image_uri(image_id)
+        if not image_uri:
+            raise LabelRejected(f"image {image_id!r} is not in the datastore")
+        info = dict(label_info or {})
+        segments = info.get("label_info")
+        conformed = conform_label(image_uri, label_filename, self.task_labels, segments)
+        tmp = Path(tempfile.mkdtemp(prefix="gcml-label-"))
+        try:
+            out = tmp / "label.nii.gz"
+            sitk.WriteImage(conformed, str(out), useCompression=True)
+            label_id = self._store_label(image_id, str(out), label_tag, info)
+            self.last_saved = (image_id, label_tag)
+            return label_id
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def _store_label(self, image_id: str, label_path: str, label_tag: str, info: dict[str, Any]) -> str:
+        """Store a label that passed the checks (values are task indices, geometry the image's)."""
+        return super().save_label(image_id, label_path, label_tag, info)
+
+
+class GCMLDatastore(ValidatedLabels, LocalDatastore):
+    """MONAI Label's :class:`LocalDatastore` (a studies folder) with validated label uploads.
+
+    Args:
+        datastore_path: the studies folder.
+        labels: the task's labels, name -> index.
+        kwargs: passed to :class:`LocalDatastore`.
+    """
+
+    def __init__(self, datastore_path: str, labels: Mapping[str, int], **kwargs: Any):
+        self.task_labels = dict(labels)
+        super().__init__(datastore_path, **kwargs)

@@ -1,0 +1,114 @@
+"""The ``gcml_seg`` infer task: serves the store's current published version, never untrained weights."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+import torch
+from monai.inferers import SlidingWindowInferer
+from monai.transforms import Activationsd, AsDiscreted, EnsureTyped
+from monailabel.interfaces.tasks.infer_v2 import InferType
+from monailabel.tasks.infer.basic_infer import BasicInferTask
+from monailabel.transform.post import Restored
+
+from gcml_app.config import SiteConfig
+from gcml_app.errors import NoPublishedModel
+from gcml_app.ml.network import arch_fingerprint, build_network
+from gcml_app.ml.transforms import image_transforms
+from gcml_app.store import ModelStore, StoreError
+
+__all__ = ["GCMLSegInfer"]
+
+logger = logging.getLogger(__name__)
+
+
+class GCMLSegInfer(BasicInferTask):
+    """Sliding-window segmentation with the site's served model.
+
+    Each request reads the store's served pointer (a few bytes); when a new version has been
+    published, or a rollback happened, the weights are reloaded without a restart. The result JSON
+    carries ``gcml_model_version``.
+
+    Args:
+        cfg: site config (transforms, network, ROI, labels).
+        store: the site's model store.
+    """
+
+    def __init__(self, cfg: SiteConfig, store: ModelStore):
+        self.cfg = cfg
+        self.store = store
+        self._template = build_network(cfg)
+        self._arch = arch_fingerprint(cfg, self._template.state_dict())
+        self._lock = threading.Lock()
+        self._loaded: dict[str, tuple[int, torch.nn.Module]] = {}
+        super().__init__(
+            path=None,
+            network=self._template,
+            type=InferType.SEGMENTATION,
+            labels=cfg.labels,
+            dimension=3,
+            description=f"Personalized {cfg.network.name} segmentation of site {cfg.site} (GCML)",
+            roi_size=cfg.roi_size,
+        )
+
+    def is_valid(self) -> bool:
+        # Always listed in /info; a request before the first publish gets a clear NoPublishedModel.
+        return True
+
+    def pre_transforms(self, data=None) -> list:
+        return image_transforms(self.cfg)
+
+    def run_pre_transforms(self, data: dict[str, Any], transforms) -> dict[str, Any]:
+        # MONAI >= 1.5 ``Spacingd`` treats every ``image_*`` key as a meta dict, but MONAI Label's
+        # ``image_path`` is a string: hold it aside while the transforms run.
+        path = data.pop("image_path", None)
+        data = super().run_pre_transforms(data, transforms)
+        if path is not None:
+            data["image_path"] = path
+        return data
+
+    def inferer(self, data=None) -> SlidingWindowInferer:
+        v = self.cfg.validation
+        return SlidingWindowInferer(roi_size=self.cfg.roi_size, sw_batch_size=v.sw_batch_size, overlap=v.overlap)
+
+    def post_transforms(self, data=None) -> list:
+        return [
+            EnsureTyped("pred", device="cpu"),
+            Activationsd("pred", softmax=True),
+            AsDiscreted("pred", argmax=True),
+            # Back to the image's grid and orientation; channels 1..n -> the task's label indices.
+            Restored("pred", ref_image="image", invert_orient=True, config_labels=self.cfg.labels),
+        ]
+
+    def _get_network(self, device: str, data: dict[str, Any] | None) -> torch.nn.Module:
+        version = self.store.served_version()
+        if version is None:
+            raise NoPublishedModel(
+                f"no trained model yet: site {self.cfg.site} has not published a model that passed "
+                "validation; submit final labels and start training (POST /train/gcml)"
+            )
+        with self._lock:
+            cached = self._loaded.get(device)
+            if cached is None or cached[0] != version:
+                man = self.store.manifest(version)
+                if man.arch != self._arch:
+                    raise StoreError(
+                        f"served version {version} was trained for another architecture ({man.arch[:19]}...) "
+                        f"than this config builds ({self._arch[:19]}...); roll back or retrain"
+                    )
+                net = build_network(self.cfg)
+                net.load_state_dict(self.store.load(version))
+                net.to(torch.device(device)).eval()
+                logger.info(f"gcml_seg: serving version {version} on {device}")
+                self._loaded = {device: (version, net)}
+                cached = self._loaded[device]
+        if data is not None:
+            data["gcml_model_version"] = version
+        return cached[1]
+
+    def writer(self, data: dict[str, Any], extension=None, dtype=None):
+        label, result = super().writer(data, extension=extension, dtype=dtype)
+        result["gcml_model_version"] = data.get("gcml_model_version")
+        return label, result

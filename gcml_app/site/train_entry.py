@@ -1,0 +1,80 @@
+"""What MONAI Label's train subprocess does first, before torch, MONAI or MONAI Label are imported.
+
+MONAI Label starts every train task as ``python -m monailabel.interfaces.utils.app -m train ...``,
+which loads the app's ``main.py``; ``main.py`` imports this module first. In that process only
+(recognised from ``argv``; importing it anywhere else does nothing) it:
+
+1. hands the round to the site's warm trainer when the server runs one (:mod:`gcml_app.site.warm`): the
+   round then runs in a fork of an already-imported process and this process only relays its output
+   and exit status, which saves the imports (about 6 s of CPU on a 2-core machine);
+2. otherwise (no warm trainer, or it declines) lowers its CPU priority to ``train.nice`` of the site
+   YAML before those imports, so a cold start does not compete with radiologists' ``gcml_seg``
+   requests either. Data loader workers inherit it.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from itertools import pairwise
+from pathlib import Path
+
+__all__ = ["is_training_process", "lower_priority", "process_started", "started_at"]
+
+
+def is_training_process(argv: list[str] | None = None) -> bool:
+    """Whether this process is MONAI Label's train subprocess (``... interfaces/utils/app.py -m train``)."""
+    argv = sys.argv if argv is None else argv
+    if not argv or not argv[0].replace(os.sep, "/").endswith("monailabel/interfaces/utils/app.py"):
+        return False
+    return any(a == "-m" and b == "train" for a, b in pairwise(argv))
+
+
+def lower_priority(nice: int) -> None:
+    """Raise this process's niceness to ``nice`` (never lower it: that would need privileges)."""
+    lower = nice - os.nice(0)
+    if lower > 0:
+        os.nice(lower)
+
+
+def started_at(pid: int) -> float:
+    """When process ``pid`` started (epoch seconds, to a clock tick; ``psutil`` rounds the boot time to
+    whole seconds, too coarse for a start-up of about one)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    age = time.clock_gettime(time.CLOCK_BOOTTIME) - int(fields[19]) / os.sysconf("SC_CLK_TCK")
+    return time.time() - age
+
+
+def process_started() -> float:
+    """When MONAI Label started this round's train subprocess (epoch seconds): for a round forked by the
+    warm trainer, the start of the subprocess that relays it; otherwise this process's own start."""
+    from gcml_app.site.warm import STARTED_ENV
+
+    started = os.environ.get(STARTED_ENV)
+    return float(started) if started else started_at(os.getpid())
+
+
+def _start() -> None:
+    if not is_training_process():
+        return
+    from gcml_app.site import warm
+
+    if path := os.environ.get(warm.ENV):
+        rc = warm.relay(path, sys.argv)
+        if rc is not None:
+            warm.drained(sys.stdout)
+            os._exit(rc)  # the round ran in the warm trainer; nothing is left to do here
+
+    from monailabel.config import settings
+
+    from gcml_app.config import CONFIG_ENV, ConfigError, load_config
+
+    path = (settings.MONAI_LABEL_APP_CONF or {}).get("gcml_config") or os.environ.get(CONFIG_ENV)
+    try:
+        lower_priority(load_config(path).train.nice)
+    except (ConfigError, OSError):
+        pass  # the app's own start-up reports a bad config with its key paths
+
+
+_start()

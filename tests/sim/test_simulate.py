@@ -1,0 +1,276 @@
+"""``gcml simulate`` and ``gcml bench``: structure and byte accounting (no Dice threshold is asserted)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+
+import pytest
+import SimpleITK as sitk
+import torch
+from helpers import TINY, cases_of, make_studies
+from safetensors.torch import load as st_load
+
+from gcml_app.cli import main
+from gcml_app.config import SiteConfig
+from gcml_app.federation.payload import encode_weights, verify_weights
+from gcml_app.ml.network import build_network
+from gcml_app.rounds.loop import run_round
+from gcml_app.sim.data import SiteDataError, load_sites, scenario_sites
+from gcml_app.store import ModelStore
+
+
+def _tiny_yaml(tmp_path):
+    from helpers import write_config
+
+    return write_config(tmp_path / "cfg", validation={"fraction": 0.2, "min_cases": 1, "margin": 0.0})
+
+
+@pytest.mark.slow
+def test_simulate_runs_every_method_through_the_servers_round_code(tmp_path, capsys, monkeypatch):
+    import gcml_app.rounds.loop as rounds
+    import gcml_app.sim.federation as federation
+
+    assert federation.run_round is rounds.run_round and federation.gossip_round is rounds.gossip_round
+    calls = {"run_round": 0, "gossip_round": 0}
+
+    def spy(name, real):
+        def wrapped(*a, **k):
+            calls[name] += 1
+            return real(*a, **k)
+        return wrapped
+
+    real_run, real_gossip = rounds.run_round, rounds.gossip_round
+    monkeypatch.setattr(rounds, "run_round", spy("run_round", real_run))  # what gossip_round calls
+    monkeypatch.setattr(federation, "run_round", spy("run_round", real_run))
+    monkeypatch.setattr(federation, "gossip_round", spy("gossip_round", real_gossip))
+
+    data, out = _layout(tmp_path, sites=("x", "y"), cases=5), tmp_path / "sim"
+    methods = list(federation.ARMS)
+    assert main(["simulate", "--data", str(data), "--config", str(_tiny_yaml(tmp_path)), "--out", str(out),
+                 "--seeds", "2", "--rounds", "2", "--epochs", "1", "--warmup-epochs", "1"]) == 0
+    gossip = [m for m, a in federation.ARMS.items() if a.kind == "gossip"]
+    sites, seeds, rounds_ = ["x", "y"], 2, 2
+    # warm-up and local rounds via run_round; every gossip round via gossip_round (which trains via run_round)
+    assert calls["gossip_round"] == seeds * len(gossip) * rounds_ * len(sites)
+    assert calls["run_round"] == seeds * len(sites) * (1 + 2 * rounds_ + len(gossip) * rounds_)
+
+    res = json.loads((out / "results.json").read_text())
+    mb = res["model_bytes"]["float32"]
+    assert set(res["summary"]) == set(methods) and res["config"]["seeds"] == 2
+    assert {(r["seed"], r["method"], r["round"], r["site"]) for r in res["rows"]} == {
+        (s, m, r, n) for s in range(seeds) for m in methods for r in range(rounds_ + 1) for n in sites}
+    for m in methods:
+        for n in sites:
+            ps = res["summary"][m]["per_site"][n]
+            assert len(ps["values"]) == 2 and ps["mean"] == pytest.approx(sum(ps["values"]) / 2, abs=1e-4)
+            assert ps["vs_local"]["n"] == 2 and (m != "local" or ps["vs_local"]["mean"] == 0)
+    rows = res["rows"]
+    first = [r for r in rows if r["round"] == 1]
+    for r in first:  # the first round of every method moves what it should
+        want = {"round": 0, "gossip": mb, "fedavg": mb, "ditto": mb, "pooled": 0}[federation.ARMS[r["method"]].kind]
+        assert r["bytes_received"] == want, r
+    warm = {(r["seed"], r["site"]): r["test_mean"] for r in rows if r["round"] == 0 and r["method"] == "local"}
+    for m in ["local2x", *gossip]:  # one shared warm-up for the servers' methods
+        assert {(r["seed"], r["site"]): r["test_mean"] for r in rows if r["round"] == 0 and r["method"] == m} == warm
+
+    # the sites are real site state folders: history, partner book, audit trail, working model
+    site = out / "runs" / "seed1" / "gcml" / "y"
+    history = [json.loads(line) for line in (site / "models" / "history.jsonl").read_text().splitlines()]
+    dcml = [h for h in history if h.get("mode") == "dcml"]
+    assert len(dcml) == rounds_ and all(h["trigger"] == "simulate" and h["gossip"]["peer"] == "x" for h in dcml)
+    assert all(len(h["per_case"]["served"]) == 1 and "evidence" in h for h in dcml)
+    book = json.loads((site / "gossip" / "peers.json").read_text())
+    assert sum(p["rounds"] for p in book.values()) == rounds_  # the performance policy's record persists
+    assert (site / "audit.jsonl").read_text().count('"kind": "pull"') >= rounds_
+    assert (site.parent.parent / "gcml" / "y" / "working.safetensors").is_file()
+
+    with open(out / "results.csv") as f:
+        assert len(list(csv.DictReader(f))) == len(rows)
+    for png in ("dice_vs_round.png", "dice_vs_bytes.png"):
+        assert (out / png).read_bytes()[:4] == b"\x89PNG"
+    printed = capsys.readouterr().out
+    assert "paired vs local" in printed and "gcml-uniform" in printed and "+-" in printed
+
+
+def _rows_less_seconds(out):
+    with open(out / "results.csv") as f:
+        return [{k: v for k, v in r.items() if k != "seconds"} for r in csv.DictReader(f)]
+
+
+@pytest.mark.slow
+def test_a_baseline_run_twice_gives_the_same_rows(tmp_path):
+    """Round r of site i draws its batches from the round's seed in every method, baselines included:
+    two runs in one process (torch's global generator in another state each time) give the same rows."""
+    data, cfg = _layout(tmp_path, sites=("x", "y"), cases=5), _tiny_yaml(tmp_path)
+    rows = []
+    for run in ("a", "b"):
+        torch.manual_seed(len(rows))  # a different global state before each run: only the seeds may matter
+        assert main(["simulate", "--data", str(data), "--config", str(cfg), "--out", str(tmp_path / run),
+                     "--seeds", "1", "--rounds", "2", "--epochs", "1", "--warmup-epochs", "1",
+                     "--methods", "fedavg,fedavg-ft,ditto,pooled"]) == 0
+        rows.append(_rows_less_seconds(tmp_path / run))
+    assert len(rows[0]) == 4 * 3 * 2 and rows[0] == rows[1]
+
+
+@pytest.mark.slow
+def test_float16_transport_halves_the_gossip_bytes(tmp_path):
+    data, out = _layout(tmp_path, sites=("x", "y"), cases=5), tmp_path / "half"
+    assert main(["simulate", "--data", str(data), "--config", str(_tiny_yaml(tmp_path)), "--out", str(out),
+                 "--seeds", "1", "--rounds", "1", "--epochs", "1", "--warmup-epochs", "1", "--methods", "gcml",
+                 "--transport", "float16"]) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["summary"]["gcml"]["bytes_received_per_seed"] == 2 * res["model_bytes"]["float16"]
+    assert res["model_bytes"]["float16"] < 0.55 * res["model_bytes"]["float32"]
+
+
+def test_scenarios_write_their_sites_once_per_seed(tmp_path):
+    sites = scenario_sites(tmp_path, "few-labels", seed=0)
+    assert [s.name for s in sites] == ["site-s1", "site-s2", "site-s3", "site-s4", "site-s5"]
+    assert [(len(s.train), len(s.val), len(s.test)) for s in sites] == [
+        (12, 4, 20), (2, 4, 20), (3, 4, 20), (4, 4, 20), (3, 4, 20)]
+    stamp = (tmp_path / "few-labels-seed0" / "site-s2" / "imagesTr" / "case_000.nii.gz").stat().st_mtime_ns
+    scenario_sites(tmp_path, "few-labels", seed=0)
+    assert (tmp_path / "few-labels-seed0" / "site-s2" / "imagesTr" / "case_000.nii.gz").stat().st_mtime_ns == stamp
+    other = scenario_sites(tmp_path, "few-labels", seed=1)[1].train[0]["image"]
+    assert sitk.GetArrayFromImage(sitk.ReadImage(other)).tolist() != sitk.GetArrayFromImage(
+        sitk.ReadImage(sites[1].train[0]["image"])).tolist()
+    with pytest.raises(ValueError, match=r"scenario: found 'none'; expected one of \['few-labels', 'semantic-shift'\]"):
+        scenario_sites(tmp_path, "none")
+
+
+def test_a_site_yaml_sets_that_sites_intensity_and_spacing(tmp_path):
+    data = _layout(tmp_path, cases=4)
+    (data / "x" / "site.yaml").write_text("intensity: {mode: range, a_min: -100, a_max: 200}\nspacing: [1.5, 1.5, 2]\n")
+    x, y = load_sites(data)
+    assert x.settings == {"intensity": {"mode": "range", "a_min": -100, "a_max": 200}, "spacing": [1.5, 1.5, 2]}
+    assert y.settings == {}
+    (data / "y" / "site.yaml").write_text("network: {name: UNet}\n")
+    with pytest.raises(SiteDataError, match=r"y/site.yaml: found \['network'\]; expected a mapping with only"):
+        load_sites(data)
+
+
+def _layout(root, sites=("x", "y"), cases=4):
+    for i, s in enumerate(sites):
+        studies, _ = make_studies(root / f"src-{s}", cases=cases, labelled=cases, seed=i)
+        for sub in ("imagesTr", "labelsTr"):
+            (root / "data" / s / sub).mkdir(parents=True)
+        for img in sorted(studies.glob("*.nii.gz")):
+            shutil.copy(img, root / "data" / s / "imagesTr" / img.name)
+            shutil.copy(studies / "labels" / "final" / img.name, root / "data" / s / "labelsTr" / img.name)
+    return root / "data"
+
+
+def test_real_data_layout_is_read_and_split(tmp_path):
+    data = _layout(tmp_path, cases=5)
+    sites = load_sites(data)
+    assert [s.name for s in sites] == ["x", "y"]
+    assert [(len(s.train), len(s.val), len(s.test)) for s in sites] == [(3, 1, 1)] * 2
+    assert sites[0].test[0]["id"] == "case_004" and sites[0].val[0]["id"] == "case_003"
+    (data / "x" / "imagesTs").mkdir()
+    (data / "x" / "labelsTs").mkdir()
+    shutil.copy(data / "x" / "imagesTr" / "case_000.nii.gz", data / "x" / "imagesTs" / "t0.nii.gz")
+    shutil.copy(data / "x" / "labelsTr" / "case_000.nii.gz", data / "x" / "labelsTs" / "t0.nii.gz")
+    x = load_sites(data)[0]
+    assert [c["id"] for c in x.test] == ["t0"] and len(x.train) + len(x.val) == 5
+
+
+def _drop_label(data):
+    (data / "y" / "labelsTr" / "case_002.nii.gz").unlink()
+
+
+def _shrink_label(data):
+    lab = data / "x" / "labelsTr" / "case_001.nii.gz"
+    sitk.WriteImage(sitk.Image(16, 16, 16, sitk.sitkUInt8), str(lab))
+
+
+def _garbage(data):
+    (data / "x" / "imagesTr" / "case_000.nii.gz").write_bytes(b"not nifti")
+
+
+MALFORMED = [
+    (_drop_label, r"y/labelsTr/case_002.nii.gz: missing; expected the label of .*y/imagesTr/case_002.nii.gz"),
+    (_shrink_label, r"x/labelsTr/case_001.nii.gz: shape \(16, 16, 16\) does not match its image .* of shape \(32, 32, 32\)"),
+    (_garbage, r"x/imagesTr/case_000.nii.gz or .*: not a readable image"),
+    (lambda d: shutil.rmtree(d / "y"), r"found 1 site folders; expected at least 2"),
+    (lambda d: shutil.rmtree(d / "x" / "imagesTr"), r"x/imagesTr: missing; expected a folder of NIfTI images"),
+]
+
+
+@pytest.mark.parametrize("break_it, message", MALFORMED)
+def test_malformed_layout_names_the_file(tmp_path, break_it, message):
+    data = _layout(tmp_path)
+    break_it(data)
+    with pytest.raises(SiteDataError, match=message):
+        load_sites(data)
+
+
+def test_simulate_cli_reports_a_bad_layout_and_exits_2(tmp_path, capsys):
+    data = _layout(tmp_path)
+    _drop_label(data)
+    assert main(["simulate", "--data", str(data), "--out", str(tmp_path / "o")]) == 2
+    assert "labelsTr/case_002.nii.gz: missing" in capsys.readouterr().err
+
+
+def test_too_few_cases_for_a_split(tmp_path):
+    with pytest.raises(SiteDataError, match=r"site x: found 2 cases; expected enough for at least 1 train"):
+        load_sites(_layout(tmp_path, cases=2))
+
+
+@pytest.mark.parametrize("transport, bound", [("float32", 0.0), ("float16", 2.0**-11)])
+def test_transport_round_trip_error_is_bounded(tmp_path, transport, bound):
+    cfg = SiteConfig.model_validate({**TINY, "state_dir": str(tmp_path)})
+    torch.manual_seed(0)
+    state = build_network(cfg).state_dict()
+    back = verify_weights(encode_weights(state, transport), cfg)
+    for k, v in state.items():
+        assert back[k].dtype == v.dtype and back[k].shape == v.shape
+        if v.is_floating_point():
+            err = (back[k] - v).abs()
+            assert (err <= bound * v.abs() + 1e-7).all(), k  # round to nearest: half a unit in the last place
+    assert encode_weights(state, transport, arch="sha256:x") == encode_weights(state, transport, arch="sha256:x")
+    with pytest.raises(ValueError, match=r"transport: found 'int8'; expected one of \['float32', 'float16'\]"):
+        encode_weights(state, "int8")
+
+
+@pytest.mark.slow
+def test_dcml_round_runs_with_a_float16_payload(cfg, studies):
+    store = ModelStore(cfg.state_dir / "models")
+    run_round(cfg, store, cases_of(studies[0]), epochs=1)
+    incoming = cfg.state_dir / "gossip" / "peers" / "p.safetensors"
+    incoming.parent.mkdir(parents=True)
+    incoming.write_bytes(encode_weights(st_load(store.read_bytes(1)), "float16"))
+    rec = run_round(cfg, store, cases_of(studies[0]), epochs=1, incoming=incoming)
+    assert rec["mode"] == "dcml" and set(rec["scores"]) == {"served", "dcml_local", "dcml_incoming", "average"}
+    assert rec["losses"][0]["kl_l"] >= 0 and set(rec["timings"]) == {"load_s", "validate_s", "train_s", "publish_s"}
+
+
+@pytest.mark.slow
+def test_bench_quick_writes_every_key(tmp_path, capsys):
+    assert main(["bench", "--out", str(tmp_path / "b"), "--quick"]) == 0
+    r = json.loads((tmp_path / "b" / "bench.json").read_text())
+    assert set(r) == {"quick", "torch_threads", "gossip_round", "payload", "infer_under_training", "infer", "dcml_step",
+                      "pacs"}
+    assert r["pacs"]["first_fill_cases"] == 2 and r["pacs"]["instances"] == 4 * 32 + 2  # Orthanc: make system-deps
+    assert set(r["gossip_round"]) >= {"wall_s", "fetch_s", "verify_s", "load_s", "train_s", "validate_s", "publish_s",
+                                      "peak_rss_mb", "bytes_pulled"}
+    assert r["gossip_round"]["peak_rss_mb"] > 50 and r["gossip_round"]["bytes_pulled"] == r["payload"]["float32"]
+    # the measured round forks from the warm trainer, whose own memory is reported beside it
+    assert r["gossip_round"]["start"] == "warm" and 0 < r["gossip_round"]["startup_s"] < r["gossip_round"]["wall_s"]
+    assert 50 < r["gossip_round"]["warm_trainer_mb"]["uss"] <= r["gossip_round"]["warm_trainer_mb"]["rss"]
+    phases = r["gossip_round"]["peak_rss_by_phase_mb"]  # in time order; a peak only grows, phase by phase
+    assert list(phases) == ["before_round", "load", "validate_served", "train", "validate_candidates", "publish"]
+    assert list(phases.values()) == sorted(phases.values()) and phases["before_round"] > 50
+    assert r["payload"]["float16"] < 0.55 * r["payload"]["float32"]
+    assert r["infer"]["gcml_seg"]["n"] == r["infer"]["stock"]["n"] == 3 and r["infer"]["ratio_median"] > 0
+    assert r["infer_under_training"]["training"]["n"] >= 3 and r["infer_under_training"]["p95_ratio"] > 0
+    assert set(r["dcml_step"]) == {"site", "unet_16_64_roi_48", "unet_16_128_roi_64"}
+    params = [v["params"] for v in r["dcml_step"].values()]
+    assert params == sorted(params) and len(set(params)) == 3  # three network sizes, growing
+    # every figure with a target has it beside it
+    assert r["gossip_round"]["target_overhead_s"] == 2.0 and r["gossip_round"]["overhead_s"] > 0
+    assert all(v["target_ratio"] == 2.1 for v in r["dcml_step"].values())
+    assert (tmp_path / "b" / "bench.png").stat().st_size > 10_000
+    assert all(v["ratio"] > 1.0 for v in r["dcml_step"].values())
+    assert "DCML step vs supervised step" in capsys.readouterr().out
