@@ -88,7 +88,7 @@ def _sync(args: argparse.Namespace) -> int:
     """Exit 0: the round ran (published, kept, or nothing new); 1: it failed; 3: no server answered."""
     import requests
 
-    from gcml_app.rounds.loop import summarize
+    from gcml_app.rounds import summarize
     from gcml_app.site.client import RoundFailed, SiteClient
 
     cfg = load_config(args.config)
@@ -245,11 +245,12 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _site_name(v: str) -> str:
-    from gcml_app.config import _NAME
+    from gcml_app.config import check_site_name
 
-    if not _NAME.match(v):
-        raise argparse.ArgumentTypeError(f"found {v!r}; expected 1-64 characters of letters, digits, '.', '_' or '-'")
-    return v
+    try:
+        return check_site_name(v)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -24,6 +24,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 
 __all__ = [
     "CONFIG_ENV",
+    "SITE_NAME_PATTERN",
     "ConfigError",
     "DCMLConfig",
     "FinetuneConfig",
@@ -40,20 +41,27 @@ __all__ = [
     "TrainConfig",
     "UNetConfig",
     "ValidationConfig",
+    "check_site_name",
     "load_config",
 ]
 
 CONFIG_ENV = "GCML_CONFIG"
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+SITE_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"  # site, partner and token names (YAML, manifests, CLI)
+_NAME = re.compile(SITE_NAME_PATTERN)
 
 
-def _site_name(v: str) -> str:
+def check_site_name(v: str) -> str:
+    """``v`` if it is a valid site name.
+
+    Raises:
+        ValueError: what was found and what a name may hold.
+    """
     if not _NAME.match(v):
         raise ValueError(f"found {v!r}; expected 1-64 characters of letters, digits, '.', '_' or '-'")
     return v
 
 
-SiteName = Annotated[str, AfterValidator(_site_name)]
+SiteName = Annotated[str, AfterValidator(check_site_name)]
 """A site or partner name: it appears in URLs, file names and logs."""
 
 
@@ -147,7 +155,8 @@ NetworkConfig = Annotated[Union[UNetConfig, SegResNetConfig], Field(discriminato
 
 
 class TrainConfig(_Strict):
-    """Local supervised fine-tuning of the served model on the site's final labels."""
+    """How the site trains: its working model's supervised passes, and the settings every round shares
+    (batches, crops, optimizer, seed, device, threads, priority, warm start)."""
 
     epochs: int = Field(20, ge=1)
     batch_size: int = Field(2, ge=1)

@@ -23,37 +23,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-import yaml
 from tqdm import tqdm
 
-from gcml_app.rounds.loop import summarize
+from gcml_app.rounds import summarize
+from gcml_app.sim.sample import STYLES, site_yamls
 from gcml_app.site.client import SiteClient
 from gcml_app.site.launch import SiteServer, free_port
 
-__all__ = ["SAMPLE_CONFIGS", "run_demo", "site_yamls"]
-
-SAMPLE_CONFIGS = Path(__file__).resolve().parents[1] / "sample_configs"
-STYLES = ("a", "b", "c")
-
-
-def site_yamls(out: Path, ports: dict[str, int], warmup_epochs: int, gossip_epochs: int) -> dict[str, Path]:
-    """Write each site's YAML: the sample config with this run's state folder, ports and epochs."""
-    paths = {}
-    for style in STYLES:
-        raw = yaml.safe_load((SAMPLE_CONFIGS / f"site_{style}.yaml").read_text())
-        site = raw["site"]
-        raw["state_dir"] = str(out / site / "state")
-        raw["serve"] = {"host": "127.0.0.1", "port": ports[site]}
-        g = raw.setdefault("gossip", {})
-        g.update(epochs=gossip_epochs, warmup_epochs=warmup_epochs, interval_s=0)
-        for peer in g.get("peers", []):
-            peer["url"] = f"http://127.0.0.1:{ports[peer['name']]}"
-        path = out / site / "site.yaml"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(yaml.safe_dump(raw, sort_keys=False))
-        paths[site] = path
-    return paths
-
+__all__ = ["run_demo"]
 
 def _progress_bar(desc: str):
     bar = tqdm(total=None, desc=desc, unit="epoch", leave=False, dynamic_ncols=True)

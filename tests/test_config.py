@@ -127,4 +127,4 @@ def test_sample_federation_tokens_match_each_other():
         assert {p.name for p in cfg.gossip.peers} == set(sites) - {name}
         for peer in cfg.gossip.peers:
             assert peer.url == f"http://127.0.0.1:{ports[peer.name]}"
-            assert Guard(sites[peer.name].security).peer_of(peer.bearer()) == name
+            assert Guard(sites[peer.name].security).identify(peer.bearer())[0] == name

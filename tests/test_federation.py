@@ -175,7 +175,7 @@ def test_hostile_payload_is_rejected_and_the_served_model_is_byte_identical(fed,
     before = _served_bytes(a["store"])
     rec = a["site"].round(peers=["evil"])
     assert rec["outcome"] == "no_model"
-    (attempt,) = rec["attempts"]
+    (attempt,) = rec["gossip"]["attempts"]
     assert attempt["peer"] == "evil" and attempt["outcome"] == "rejected"
     assert re.search(reason, attempt["reason"]), attempt["reason"]
     assert _served_bytes(a["store"]) == before

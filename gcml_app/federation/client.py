@@ -47,7 +47,7 @@ from requests.adapters import HTTPAdapter
 from urllib3.util.retry import Retry
 
 import gcml_app
-from gcml_app.config import GossipConfig, PeerConfig, SiteConfig
+from gcml_app.config import SITE_NAME_PATTERN, GossipConfig, PeerConfig, SiteConfig
 from gcml_app.errors import NothingToShare, PayloadRejected, PeerUnavailable
 from gcml_app.federation.payload import verify_weights
 
@@ -66,7 +66,7 @@ class PeerManifest(BaseModel):
 
     model_config = ConfigDict(extra="ignore", frozen=True)
 
-    site: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+    site: str = Field(pattern=SITE_NAME_PATTERN)
     version: int = Field(ge=1)
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     bytes: int = Field(ge=1)

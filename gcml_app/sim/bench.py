@@ -39,11 +39,12 @@ from monailabel.client import MONAILabelClient
 from monailabel.tasks.infer.basic_infer import BasicInferTask
 
 from gcml_app.config import SiteConfig, load_config
-from gcml_app.demo import site_yamls
 from gcml_app.federation.payload import encode_weights
-from gcml_app.ml.dcml import dcml_step, supervised_step
+from gcml_app.ml.dcml import dcml_step
 from gcml_app.ml.network import build_network
+from gcml_app.ml.supervised import supervised_step
 from gcml_app.sim.phantoms import write_studies
+from gcml_app.sim.sample import site_yamls
 from gcml_app.site.client import SiteClient
 from gcml_app.site.infer import GCMLSegInfer
 from gcml_app.site.launch import SiteServer, free_port

@@ -29,6 +29,7 @@ from fastapi import APIRouter, Body, HTTPException, Query, Request, Response
 from monailabel.interfaces.utils.app import app_instance
 
 from gcml_app.federation.payload import encode_weights, manifest_body
+from gcml_app.rounds.gossip import SyncRequest
 from gcml_app.store import Manifest, ModelStore, StoreError
 
 __all__ = ["router"]
@@ -113,18 +114,15 @@ def audit(response: Response, limit: int = Query(100, ge=1, le=10_000)) -> list[
 
 @router.post("/sync", status_code=202, summary="Start a gossip round now")
 def sync(body: dict[str, Any] | None = Body(None)) -> dict[str, Any]:
-    body = body or {}
-    unknown = set(body) - {"peers", "epochs"}
-    if unknown:
-        raise HTTPException(422, f"sync: found keys {sorted(unknown)}; expected only 'peers' and 'epochs'")
-    params = {k: body[k] for k in ("peers", "epochs") if k in body}
     site = _site()
     names = [p.name for p in site.cfg.gossip.peers]
     if not names:
         raise HTTPException(409, f"site {site.cfg.site} has no partners configured (gossip.peers)")
-    peers = params.get("peers")
-    if peers is not None and (not isinstance(peers, list) or not set(peers) <= set(names) or not peers):
-        raise HTTPException(422, f"sync 'peers': found {peers!r}; expected a non-empty list of {names}")
+    try:
+        req = SyncRequest.parse(body or {}, names)
+    except ValueError as e:
+        raise HTTPException(422, str(e)) from None
+    params = {k: v for k, v in (("peers", req.peers), ("epochs", req.epochs)) if v is not None}
     task, detail = site.start_round("gossip", trigger="sync", **params)
     if task is None:
         raise HTTPException(409, f"a round is already running; try again when it ends ({detail})")

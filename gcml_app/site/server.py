@@ -26,7 +26,8 @@ from monailabel.interfaces.utils.app import app_instance
 
 from gcml_app.config import ConfigError, load_config
 from gcml_app.errors import ImageRejected, LabelRejected, NoPublishedModel, NotEnoughLabels, PacsUnavailable
-from gcml_app.site.guard import FailureLimiter, Guard, GuardMiddleware
+from gcml_app.site.guard import Guard, GuardMiddleware
+from gcml_app.site.limits import FailureLimiter
 from gcml_app.site.routes import router
 from gcml_app.store import StoreError
 from gcml_app.util.jsonl import clean

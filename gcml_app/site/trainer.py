@@ -17,10 +17,9 @@ from monailabel.interfaces.datastore import Datastore, DefaultLabelTag
 from monailabel.interfaces.tasks.train import TrainTask
 
 from gcml_app.config import SiteConfig
-from gcml_app.rounds.loop import gossip_round, labels_round, run_round
+from gcml_app.rounds import SyncRequest, gossip_round, labels_round, run_round
 from gcml_app.site.labels import LabelRejected, conform_label
-from gcml_app.site.train_entry import is_training_process, lower_priority, process_started
-from gcml_app.site.warm import STARTED_ENV
+from gcml_app.site.process import STARTED_ENV, is_training_process, lower_priority, process_started
 from gcml_app.store import ModelStore
 from gcml_app.util.files import atomic_write
 from gcml_app.util.jsonl import finite
@@ -91,7 +90,7 @@ class GCMLTrain(TrainTask):
     def _write_stats(self, stats: dict[str, Any]) -> None:
         atomic_write(self.stats_path, json.dumps(finite(stats), allow_nan=False).encode())
 
-    def _parse(self, request: dict[str, Any]) -> tuple[str, int | None]:
+    def _parse(self, request: dict[str, Any]) -> tuple[str, SyncRequest]:
         mode = request.get("mode", "local")
         if mode not in MODES:
             raise ValueError(f"train request 'mode': found {mode!r}; expected one of {list(MODES)}")
@@ -100,19 +99,14 @@ class GCMLTrain(TrainTask):
                 f"train request: found mode={mode!r}, incoming={request.get('incoming')!r}; expected 'incoming' "
                 "(a model file in the state folder) with mode 'dcml' and only then"
             )
-        epochs = request.get("epochs")
-        if epochs is not None and (not isinstance(epochs, int) or isinstance(epochs, bool) or not 1 <= epochs <= 10_000):
-            raise ValueError(f"train request 'epochs': found {epochs!r}; expected an integer from 1 to 10000")
-        peers = request.get("peers")
-        if peers is not None and (not isinstance(peers, list) or not all(isinstance(p, str) for p in peers)):
-            raise ValueError(f"train request 'peers': found {peers!r}; expected a list of partner names")
-        return mode, epochs
+        partners = [p.name for p in self.cfg.gossip.peers]
+        return mode, SyncRequest.parse({k: request[k] for k in ("peers", "epochs") if k in request}, partners)
 
-    def _round(self, mode: str, epochs: int | None, request: dict[str, Any], cases, progress) -> dict[str, Any]:
-        round_id = request.get("round_id")
+    def _round(self, mode: str, sync: SyncRequest, request: dict[str, Any], cases, progress) -> dict[str, Any]:
+        round_id, epochs = request.get("round_id"), sync.epochs
         if mode == "gossip":
             return gossip_round(self.cfg, self.store, cases, trigger=str(request.get("trigger", "train")),
-                                round_id=round_id, peers=request.get("peers"), epochs=epochs, progress=progress)
+                                round_id=round_id, request=sync, progress=progress)
         if mode == "labels":
             return labels_round(self.cfg, self.store, cases, epochs=epochs, progress=progress, round_id=round_id)
         extra = {"trigger": str(request.get("trigger", "train"))} | ({"round_id": round_id} if round_id else {})
@@ -120,7 +114,8 @@ class GCMLTrain(TrainTask):
                          incoming=request.get("incoming"), progress=progress, extra=extra)
 
     def __call__(self, request: dict[str, Any], datastore: Datastore) -> dict[str, Any]:
-        mode, epochs = self._parse(request)
+        mode, sync = self._parse(request)
+        epochs = sync.epochs
         # MONAI Label's training subprocess (already lowered when main.py was imported; this covers
         # any other way of calling the task): yield the CPU to the server's inference requests.
         lower_priority(self.cfg.train.nice)
@@ -138,7 +133,7 @@ class GCMLTrain(TrainTask):
 
         cases = labelled_cases(datastore, self.cfg)
         try:
-            record = {**startup, **self._round(mode, epochs, request, cases, progress)}
+            record = {**startup, **self._round(mode, sync, request, cases, progress)}
         except Exception as e:
             self._write_stats({**base, "epoch": 0, "total_epochs": epochs or 0,
                                "total_time": round(time.time() - start, 2), "error": str(e)})

@@ -45,12 +45,13 @@ import time
 import traceback
 from pathlib import Path
 
-__all__ = ["ENV", "STARTED_ENV", "WarmTrainer", "drained", "relay"]
+from gcml_app.site.process import STARTED_ENV, lower_priority, started_at
+
+__all__ = ["ENV", "WarmTrainer", "drained", "relay"]
 
 logger = logging.getLogger(__name__)
 
 ENV = "GCML_WARM_TRAINER"  # the socket's path, in the server's environment (its subprocesses inherit it)
-STARTED_ENV = "GCML_TRAIN_STARTED"  # in a round's child: when MONAI Label started the relay (epoch seconds)
 _EXIT = b"\0gcml-exit "  # then the child's exit status and a newline; NUL never occurs in log text
 _COLD = b"\0cold\n"  # the warm trainer declines: start cold
 _GPU_ENV = "CUDA_VISIBLE_DEVICES"  # MONAI Label sets it per request; a round must see the same value
@@ -224,8 +225,6 @@ def _run_round(conn: socket.socket, argv: list[str], relay_pid: int) -> None:
     """In the forked child: MONAI Label's ``run_main`` on ``argv``, output to ``conn``; never returns."""
     from monailabel.interfaces.utils import app as ml_app
 
-    from gcml_app.site.train_entry import started_at
-
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.default_int_handler)
     try:  # when MONAI Label started the round's process: the round reports its start-up from there
@@ -265,8 +264,6 @@ def _run_round(conn: socket.socket, argv: list[str], relay_pid: int) -> None:
 
 
 def _serve(path: Path, nice: int) -> None:
-    from gcml_app.site.train_entry import lower_priority
-
     lower_priority(nice)
     parent = os.getppid()
     t0 = time.monotonic()

@@ -4,20 +4,13 @@ import math
 import pytest
 import torch
 from helpers import TINY
+from oracles import distill_kl, voxel_infonce
 
 from gcml_app.config import DCMLConfig, SiteConfig
-from gcml_app.ml.dcml import (
-    average_state,
-    dcml_step,
-    dcml_train,
-    distill_kl,
-    kl_ramp,
-    labels_at,
-    supervised_step,
-    voxel_infonce,
-    voxel_weights,
-)
+from gcml_app.ml.dcml import dcml_step, dcml_train
+from gcml_app.ml.losses import kl_ramp, labels_at, voxel_weights
 from gcml_app.ml.network import build_network
+from gcml_app.ml.supervised import average_state, supervised_step
 
 NETS = {
     "unet": {"name": "UNet", "channels": [4, 8, 16], "strides": [2, 2], "num_res_units": 1},
@@ -314,7 +307,7 @@ def test_average_state():
 
 @pytest.mark.parametrize("dilation", [0, 1, 2])
 def test_foreground_region_is_a_box_dilation(dilation):
-    from gcml_app.ml.dcml import foreground_region
+    from gcml_app.ml.losses import foreground_region
 
     y = torch.zeros(1, 1, 9, 9, 9, dtype=torch.long)
     y[..., 4, 4, 4] = 1
@@ -327,7 +320,7 @@ def test_foreground_region_is_a_box_dilation(dilation):
 @pytest.mark.parametrize("dilation", [1, 2, 4])
 @pytest.mark.parametrize("shape", [(2, 1, 12, 9, 7), (1, 1, 3, 16, 2)])
 def test_foreground_region_equals_a_box_max_pool_on_random_labels(dilation, shape):
-    from gcml_app.ml.dcml import foreground_region
+    from gcml_app.ml.losses import foreground_region
 
     y = (torch.rand(shape, generator=torch.Generator().manual_seed(dilation)) > 0.97).long() * 2
     k = 2 * dilation + 1
@@ -336,7 +329,7 @@ def test_foreground_region_equals_a_box_max_pool_on_random_labels(dilation, shap
 
 
 def test_fused_mutual_terms_equal_the_reference_losses():
-    from gcml_app.ml.dcml import mutual_infonce, mutual_kl
+    from gcml_app.ml.losses import mutual_infonce, mutual_kl
 
     cfg = site()
     a, b = pair(cfg)

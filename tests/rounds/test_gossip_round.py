@@ -15,7 +15,7 @@ from gcml_app.config import SiteConfig
 from gcml_app.federation.payload import our_arch
 from gcml_app.federation.peers import PeerBook
 from gcml_app.federation.state import GossipState
-from gcml_app.rounds.loop import gossip_round, labels_round, summarize
+from gcml_app.rounds import SyncRequest, gossip_round, labels_round, summarize
 from gcml_app.site.launch import free_port
 from gcml_app.store import ModelStore
 
@@ -54,7 +54,8 @@ def test_cold_start_never_adopts_an_unvalidated_model(tmp_path, partner):
     partner.h.manifest = {**partner.h.honest_manifest(our_arch(cfg)), "validated": False}
     rec = gossip_round(cfg, store, [])
     assert rec["outcome"] == "no_model" and store.served_version() is None
-    assert rec["attempts"][0]["outcome"] == "skipped" and "only validated models are adopted" in rec["attempts"][0]["reason"]
+    (attempt,) = rec["gossip"]["attempts"]  # attempts and bytes pulled are under "gossip", trained or not
+    assert attempt["outcome"] == "skipped" and "only validated models are adopted" in attempt["reason"]
 
 
 def test_adoption_can_be_turned_off(tmp_path, partner):
@@ -85,7 +86,7 @@ def test_enough_labels_warm_up_then_dcml_and_never_unvalidated(tmp_path, partner
 def test_round_tries_the_next_partner_and_backs_off_the_dead_one(tmp_path, partner):
     dead = f"http://127.0.0.1:{free_port()}"
     cfg, store = _site(tmp_path, [_peer(dead, "dead"), _peer(partner.url)])
-    rec = gossip_round(cfg, store, [], peers=["dead", "site-b"])
+    rec = gossip_round(cfg, store, [], request=SyncRequest(["dead", "site-b"]))
     assert [(a["peer"], a["outcome"]) for a in rec["gossip"]["attempts"]] == [("dead", "unavailable"), ("site-b", "pulled")]
     book = PeerBook.open(GossipState(cfg.state_dir).peers_path)
     assert book.get("dead").failures == 1 and book.get("dead").backoff_until > 0
@@ -93,14 +94,15 @@ def test_round_tries_the_next_partner_and_backs_off_the_dead_one(tmp_path, partn
 
     # the next policy-ordered round skips the backed-off partner and finds site-b unchanged
     rec = gossip_round(cfg, store, [])
-    outcomes = {a["peer"]: a["outcome"] for a in rec["attempts"]}
-    assert outcomes == {"site-b": "unchanged", "dead": "backed_off"} and rec["bytes_pulled"] == 0
+    outcomes = {a["peer"]: a["outcome"] for a in rec["gossip"]["attempts"]}
+    assert outcomes == {"site-b": "unchanged", "dead": "backed_off"} and rec["gossip"]["bytes_pulled"] == 0
 
 
 def test_unknown_requested_partner_is_refused(tmp_path, partner):
     cfg, store = _site(tmp_path, [_peer(partner.url)])
-    with pytest.raises(ValueError, match=r"sync request: found peers \['nobody'\]; expected configured partners"):
-        gossip_round(cfg, store, [], peers=["nobody"])
+    with pytest.raises(ValueError, match=r"sync request: found peers \['nobody'\]; expected a non-empty list of "
+                                         r"configured partners"):
+        gossip_round(cfg, store, [], request=SyncRequest(["nobody"]))
 
 
 def test_no_partners_configured(tmp_path):
@@ -127,7 +129,7 @@ def test_a_round_without_training_leaves_pending_labels_pending(tmp_path, partne
 def test_adoption_only_from_partners_listed_in_adopt_from(tmp_path, partner):
     with HostilePeer(SiteConfig.model_validate({**TINY, "state_dir": str(tmp_path / "probe-c")}), site="site-c") as c:
         cfg, store = _site(tmp_path, [_peer(partner.url), _peer(c.url, "site-c")], adopt_from=["site-c"])
-        rec = gossip_round(cfg, store, [], peers=["site-b", "site-c"])
+        rec = gossip_round(cfg, store, [], request=SyncRequest(["site-b", "site-c"]))
         assert rec["mode"] == "adopt" and store.served().produced_by == "adopted:site-c"
         assert [a["peer"] for a in rec["gossip"]["attempts"]] == ["site-c"] and not partner.h.requests
     cfg, store = _site(tmp_path / "none", [_peer(partner.url)], adopt_from=[])

@@ -229,7 +229,7 @@ def test_a_rollback_during_a_round_survives_the_round(cfg, studies):
     ([], False),
 ], ids=["train-task", "other-task", "server", "cli", "no-argv"])
 def test_only_monailabels_train_subprocess_counts_as_the_training_process(argv, expected):
-    from gcml_app.site.train_entry import is_training_process
+    from gcml_app.site.process import is_training_process
 
     assert is_training_process(argv) is expected
 

@@ -29,10 +29,14 @@ def _tiny_yaml(tmp_path):
 
 @pytest.mark.slow
 def test_simulate_runs_every_method_through_the_servers_round_code(tmp_path, capsys, monkeypatch):
-    import gcml_app.rounds.loop as rounds
+    import gcml_app.rounds.gossip as gossip
+    import gcml_app.rounds.loop as loop
     import gcml_app.sim.federation as federation
+    import gcml_app.sim.methods as methods_
 
-    assert federation.run_round is rounds.run_round and federation.gossip_round is rounds.gossip_round
+    # the simulator's rounds are the servers' functions themselves, not copies
+    assert methods_.run_round is federation.run_round is gossip.run_round is loop.run_round
+    assert methods_.gossip_round is gossip.gossip_round
     calls = {"run_round": 0, "gossip_round": 0}
 
     def spy(name, real):
@@ -41,20 +45,23 @@ def test_simulate_runs_every_method_through_the_servers_round_code(tmp_path, cap
             return real(*a, **k)
         return wrapped
 
-    real_run, real_gossip = rounds.run_round, rounds.gossip_round
-    monkeypatch.setattr(rounds, "run_round", spy("run_round", real_run))  # what gossip_round calls
-    monkeypatch.setattr(federation, "run_round", spy("run_round", real_run))
-    monkeypatch.setattr(federation, "gossip_round", spy("gossip_round", real_gossip))
+    real_run, real_gossip = loop.run_round, gossip.gossip_round
+    for module in (gossip, federation, methods_):  # every place that calls run_round
+        monkeypatch.setattr(module, "run_round", spy("run_round", real_run))
+    monkeypatch.setattr(methods_, "gossip_round", spy("gossip_round", real_gossip))
 
     data, out = _layout(tmp_path, sites=("x", "y"), cases=5), tmp_path / "sim"
-    methods = list(federation.ARMS)
+    methods = list(methods_.ARMS)
     assert main(["simulate", "--data", str(data), "--config", str(_tiny_yaml(tmp_path)), "--out", str(out),
                  "--seeds", "2", "--rounds", "2", "--epochs", "1", "--warmup-epochs", "1"]) == 0
-    gossip = [m for m, a in federation.ARMS.items() if a.kind == "gossip"]
+    gossip_ = [m for m, a in methods_.ARMS.items() if a.kind == "gossip"]
+    central = [m for m, a in methods_.ARMS.items() if not a.shares_warmup]
     sites, seeds, rounds_ = ["x", "y"], 2, 2
-    # warm-up and local rounds via run_round; every gossip round via gossip_round (which trains via run_round)
-    assert calls["gossip_round"] == seeds * len(gossip) * rounds_ * len(sites)
-    assert calls["run_round"] == seeds * len(sites) * (1 + 2 * rounds_ + len(gossip) * rounds_)
+    # warm-up and local rounds via run_round; every gossip round via gossip_round (which trains via run_round);
+    # every baseline round, round 0 included, gates its central step's candidates via run_round
+    assert calls["gossip_round"] == seeds * len(gossip_) * rounds_ * len(sites)
+    assert calls["run_round"] == seeds * len(sites) * (1 + 2 * rounds_ + len(gossip_) * rounds_
+                                                       + len(central) * (1 + rounds_))
 
     res = json.loads((out / "results.json").read_text())
     mb = res["model_bytes"]["float32"]
@@ -69,10 +76,10 @@ def test_simulate_runs_every_method_through_the_servers_round_code(tmp_path, cap
     rows = res["rows"]
     first = [r for r in rows if r["round"] == 1]
     for r in first:  # the first round of every method moves what it should
-        want = {"round": 0, "gossip": mb, "fedavg": mb, "ditto": mb, "pooled": 0}[federation.ARMS[r["method"]].kind]
+        want = {"round": 0, "gossip": mb, "fedavg": mb, "ditto": mb, "pooled": 0}[methods_.ARMS[r["method"]].kind]
         assert r["bytes_received"] == want, r
     warm = {(r["seed"], r["site"]): r["test_mean"] for r in rows if r["round"] == 0 and r["method"] == "local"}
-    for m in ["local2x", *gossip]:  # one shared warm-up for the servers' methods
+    for m in ["local2x", *gossip_]:  # one shared warm-up for the servers' methods
         assert {(r["seed"], r["site"]): r["test_mean"] for r in rows if r["round"] == 0 and r["method"] == m} == warm
 
     # the sites are real site state folders: history, partner book, audit trail, working model

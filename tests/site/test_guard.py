@@ -8,7 +8,8 @@ import json
 import pytest
 
 from gcml_app.config import SecurityConfig
-from gcml_app.site.guard import Guard, GuardMiddleware, RefusalDigest, hash_token
+from gcml_app.site.guard import Guard, GuardMiddleware, hash_token
+from gcml_app.site.limits import RefusalDigest
 from gcml_app.util.jsonl import clean
 
 PARTNER = "partner-token-" + "x" * 20
@@ -68,7 +69,7 @@ def test_guard_decision_table(guard, method, path, client, auth, status, expect)
 def test_unset_env_token_is_not_a_valid_token():
     g = Guard(SecurityConfig(peer_tokens=({"id": "c", "env": "GCML_TEST_UNSET"},)), env={})
     assert g.check("GET", "/gcml/peer/model", "127.0.0.1", "Bearer ").status == 401
-    assert g.peer_of("") is None and g.peer_of("anything") is None
+    assert g.identify("") is None and g.identify("anything") is None
 
 
 def _call(middleware, method, path, client, headers=(), root_path="", body=(b"",), caps=None):

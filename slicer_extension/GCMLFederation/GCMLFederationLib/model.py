@@ -119,13 +119,18 @@ def _result(rec: dict[str, Any]) -> str:
         if best is None:
             return f"kept v{rec.get('version')}"
         return f"kept v{rec.get('version')} (best {means[best]:.3f} <= {means.get('served', 0):.3f})"
-    attempts = rec.get("attempts") or []
+    attempts = _attempts(rec)
     rejected = [a for a in attempts if a.get("outcome") == "rejected"]
     if rejected:
         return "rejected: " + "; ".join(f"{a['peer']}: {a.get('reason', '')}" for a in rejected)
     if rec.get("outcome") == "no_model":
         return "no new model: " + ", ".join(f"{a['peer']} {a['outcome'].replace('_', ' ')}" for a in attempts)
     return f"{rec.get('outcome', event)}: {rec.get('reason', '')}".strip()
+
+
+def _attempts(rec: dict[str, Any]) -> list[dict[str, Any]]:
+    """The partners a gossip round asked: under ``gossip`` (top level in histories of older servers)."""
+    return (rec.get("gossip") or {}).get("attempts") or rec.get("attempts") or []
 
 
 def round_rows(history: list[dict[str, Any]], n: int = 10) -> list[dict[str, str]]:
@@ -135,9 +140,9 @@ def round_rows(history: list[dict[str, Any]], n: int = 10) -> list[dict[str, str
     for rec in reversed(rounds[-n:]):
         g = rec.get("gossip") or {}
         peer = g.get("peer") or (rec.get("incoming") or {}).get("peer")
-        if not peer and rec.get("attempts"):
-            peer = ", ".join(a["peer"] for a in rec["attempts"])
-        nbytes = g.get("bytes_pulled", rec.get("bytes_pulled", 0)) or 0
+        if not peer and _attempts(rec):
+            peer = ", ".join(a["peer"] for a in _attempts(rec))
+        nbytes = g.get("bytes_pulled", rec.get("bytes_pulled", 0)) or 0  # top level: servers before 0.1's layout
         rows.append({
             "time": rec.get("time", ""),
             "trigger": rec.get("trigger", "train"),

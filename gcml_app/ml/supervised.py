@@ -1,0 +1,127 @@
+"""One model, supervised: the DiceCE step and epoch loop every method trains with, and parameter averages.
+
+The local round, the FedAvg, Ditto and pooled baselines of ``gcml simulate`` and the bench's
+reference step all train through :func:`supervised_train` / :func:`supervised_step`; FedAvg and
+DCML's ``average`` candidate average through :func:`average_state`. Pure ML code.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Iterable, Mapping
+
+import torch
+from monai.losses import DiceCELoss
+
+from gcml_app.ml.losses import _check_pair
+from gcml_app.ml.network import GCMLNet
+
+__all__ = ["average_state", "proximal", "supervised_step", "supervised_train"]
+
+State = Mapping[str, torch.Tensor]
+
+
+def supervised_step(model: GCMLNet, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
+                    seg_loss: Callable | None = None, penalty: Callable[[], torch.Tensor] | None = None) -> float:
+    """One single-model DiceCE step (plus ``penalty()``, e.g. Ditto's :func:`proximal` term).
+
+    Args:
+        x: images ``(B, C_in, D, H, W)``.
+        y: labels ``(B, 1, D, H, W)`` with channel indices ``0..C-1``.
+
+    Returns:
+        the step's loss; a loss that is not finite is returned and never applied.
+    """
+    seg_loss = seg_loss or DiceCELoss(to_onehot_y=True, softmax=True)
+    opt.zero_grad(set_to_none=True)
+    loss = seg_loss(model(x), y)
+    if penalty is not None:
+        loss = loss + penalty()
+    if torch.isfinite(loss):  # a diverged step is skipped, never applied
+        loss.backward()
+        opt.step()
+    return float(loss.detach())
+
+
+def proximal(model: GCMLNet, anchor: State, weight: float, device: str | torch.device = "cpu") -> Callable[[], torch.Tensor]:
+    """``weight / 2 * ||v - anchor||^2`` over ``model``'s parameters (Ditto's pull towards the global model)."""
+    ref = {k: v.to(device) for k, v in anchor.items()}
+    params = dict(model.named_parameters())
+    return lambda: weight / 2 * sum(((p - ref[k]) ** 2).sum() for k, p in params.items())
+
+
+def supervised_train(
+    model: GCMLNet,
+    batches: Iterable[Mapping[str, torch.Tensor]],
+    epochs: int,
+    lr: float,
+    weight_decay: float = 0.0,
+    device: str | torch.device = "cpu",
+    progress: Callable[[dict], None] | None = None,
+    max_steps: int | None = None,
+    penalty: Callable[[], torch.Tensor] | None = None,
+) -> list[dict[str, float]]:
+    """Plain DiceCE training of one model for ``epochs`` passes over ``batches`` (AdamW).
+
+    Args:
+        batches: re-iterable of ``{"image": (B, C_in, D, H, W), "label": (B, 1, D, H, W)}``.
+        progress: called after each epoch with ``{"epoch", "total_epochs", "loss"}``.
+        max_steps: stop after this many steps (the pooled baseline's step budget), even mid-epoch.
+        penalty: added to every step's loss (see :func:`supervised_step`).
+
+    Returns:
+        ``[{"seg_l": mean loss}]`` per epoch.
+    """
+    if epochs < 1:
+        raise ValueError(f"supervised_train: found epochs={epochs}; expected >= 1")
+    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    history, done = [], 0
+    for epoch in range(1, epochs + 1):
+        model.train()
+        steps = []
+        for b in batches:
+            if max_steps is not None and done >= max_steps:
+                break
+            steps.append(supervised_step(model, opt, b["image"].to(device), b["label"].to(device), loss_fn, penalty))
+            done += 1
+        history.append({"seg_l": sum(steps) / max(len(steps), 1)})
+        if progress:
+            progress({"epoch": epoch, "total_epochs": epochs, "loss": history[-1]["seg_l"]})
+    return history
+
+
+def average_state(*states: State, weights: list[float] | None = None) -> dict[str, torch.Tensor]:
+    """Parameter average of state dicts of one architecture; non-float buffers are taken from the first.
+
+    Args:
+        states: two or more state dicts with the same keys and shapes.
+        weights: one per state (FedAvg: the sites' training cases); default equal.
+
+    Raises:
+        ValueError: fewer than two states, another number of weights, or key sets or shapes that differ.
+
+    Example:
+        >>> average_state({"w": torch.ones(2)}, {"w": torch.zeros(2)})["w"]
+        tensor([0.5000, 0.5000])
+    """
+    if len(states) < 2:
+        raise ValueError(f"average_state: found {len(states)} state dicts; expected at least 2")
+    weights = [1.0] * len(states) if weights is None else list(weights)
+    if len(weights) != len(states):
+        raise ValueError(f"average_state: found {len(weights)} weights for {len(states)} state dicts; expected one each")
+    first = states[0]
+    for other in states[1:]:
+        if first.keys() != other.keys():
+            raise ValueError(f"average_state: key sets differ ({sorted(set(first) ^ set(other))[:3]}...); "
+                             "expected one architecture")
+    total = sum(weights)
+    out = {}
+    for k, v in first.items():
+        for other in states[1:]:
+            _check_pair(v, other[k], f"average_state {k}")
+        if not v.is_floating_point():
+            out[k] = v.clone()
+            continue
+        out[k] = functools.reduce(torch.add, (s[k].float() * (w / total) for s, w in zip(states, weights))).to(v.dtype)
+    return out

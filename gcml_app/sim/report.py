@@ -1,0 +1,90 @@
+"""The comparison's summary and plots: final test Dice per site and method, paired differences, PNGs."""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+from typing import Any
+
+__all__ = ["plot", "summarize_rows"]
+
+
+def _mean_std(xs: list[float]) -> tuple[float, float]:
+    return (statistics.fmean(xs), statistics.stdev(xs) if len(xs) > 1 else 0.0)
+
+
+def summarize_rows(rows: list[dict], methods: list[str], names: list[str], rounds: int) -> dict[str, Any]:
+    """Per method: final test Dice per site (mean, std over seeds), the site mean, bytes, and the paired
+    difference to ``local`` per site (mean, std, seeds won)."""
+    final = {(r["method"], r["site"], r["seed"]): r["test_mean"] for r in rows if r["round"] == rounds}
+    seeds = sorted({r["seed"] for r in rows})
+    out = {}
+    for m in methods:
+        per_site = {}
+        for n in names:
+            xs = [final[(m, n, s)] for s in seeds]
+            mu, sd = _mean_std(xs)
+            per_site[n] = {"mean": round(mu, 4), "std": round(sd, 4), "values": xs}
+            if "local" in methods:
+                d = [final[(m, n, s)] - final[("local", n, s)] for s in seeds]
+                dm, ds = _mean_std(d)
+                per_site[n]["vs_local"] = {"mean": round(dm, 4), "std": round(ds, 4), "wins": sum(x > 0 for x in d),
+                                           "ties": sum(x == 0 for x in d), "n": len(d)}
+        site_means = [statistics.fmean(final[(m, n, s)] for n in names) for s in seeds]
+        mu, sd = _mean_std(site_means)
+        moved = [sum(r["bytes_received"] for r in rows if r["method"] == m and r["seed"] == s and r["round"] > 0)
+                 for s in seeds]
+        pub = [r["published"] for r in rows if r["method"] == m and r["round"] > 0]
+        out[m] = {"mean": round(mu, 4), "std": round(sd, 4), "worst_site": min(names, key=lambda n: per_site[n]["mean"]),
+                  "per_site": per_site, "bytes_received_per_seed": round(statistics.fmean(moved)),
+                  "published_fraction": round(sum(pub) / max(len(pub), 1), 3)}
+    return out
+
+
+def plot(rows, methods, names, rounds, summary, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def curve(m, key="test_mean"):
+        return [statistics.fmean(x[key] for x in rows if x["method"] == m and x["round"] == r) for r in range(rounds + 1)]
+
+    palette = plt.get_cmap("tab20").colors  # one colour per method, the same in every panel
+    color = {m: palette[i % len(palette)] for i, m in enumerate(methods)}
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
+    for m in methods:
+        style = "-" if m.startswith(("gcml", "gml")) else "--"
+        axes[0].plot(range(rounds + 1), curve(m), style, marker="o", ms=3, label=m, color=color[m])
+    axes[0].set_title("served model, test Dice (mean over sites and seeds)")
+    axes[0].set_xlabel("round (0 = warm-up)")
+    axes[0].grid(alpha=0.3)
+    axes[0].legend(fontsize=7, ncol=2)
+    width = 0.8 / len(methods)
+    for j, m in enumerate(methods):
+        ps = summary[m]["per_site"]
+        axes[1].bar([i + j * width for i in range(len(names))], [ps[n]["mean"] for n in names], width,
+                    yerr=[ps[n]["std"] for n in names], label=m, capsize=1, color=color[m])
+    axes[1].set_xticks([i + 0.4 - width / 2 for i in range(len(names))], names)
+    axes[1].set_title(f"final test Dice per site (mean +- std over seeds, round {rounds})")
+    lo = min(summary[m]["per_site"][n]["mean"] for m in methods for n in names)
+    axes[1].set_ylim(max(0.0, lo - 0.1), 1.0)
+    axes[1].grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    fig.savefig(out / "dice_vs_round.png", dpi=100)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for m in methods:
+        per_round = [statistics.fmean(sum(x["bytes_received"] for x in rows if x["method"] == m and x["round"] == r
+                                          and x["seed"] == s) for s in {x["seed"] for x in rows}) for r in range(rounds + 1)]
+        xs = [sum(per_round[: r + 1]) / 1e6 for r in range(rounds + 1)]
+        ax.plot(xs, curve(m), "o-", ms=3, label=m, color=color[m])
+    ax.set_xlabel("MB received by the sites (cumulative; pooled moves data, not models)")
+    ax.set_ylabel("mean test Dice")
+    ax.set_title("accuracy vs communication")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(out / "dice_vs_bytes.png", dpi=100)
+    plt.close(fig)
