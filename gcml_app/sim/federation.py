@@ -134,21 +134,18 @@ class _Run:
         """
         return DataLoader(data, batch_size=self.base.train.batch_size, shuffle=True, num_workers=0)
 
-    def train(self, name: str, state: State, epochs: int, seed: int, prox: tuple[State, float] | None = None,
-              weight_decay: float | None = None) -> State:
+    def train(self, name: str, state: State, epochs: int, seed: int, prox: tuple[State, float] | None = None) -> State:
         """Supervised passes over a site's training cases from ``state``, with the round's seed.
 
         Args:
             prox: ``(anchor, weight)``: add Ditto's proximal term (:func:`~gcml_app.ml.supervised.proximal`).
-            weight_decay: default ``train.weight_decay``.
         """
         set_determinism(seed=seed)
         net = self.net(state)
         loader = self.loader(self.data[name]["train"])
         t = self.cfgs[name].train
         penalty = proximal(net, prox[0], prox[1], self.device) if prox is not None else None
-        wd = t.weight_decay if weight_decay is None else weight_decay
-        supervised_train(net, loader, epochs, t.lr, wd, self.device, penalty=penalty)
+        supervised_train(net, loader, epochs, t.lr, t.weight_decay, self.device, penalty=penalty)
         return {k: v.detach().cpu() for k, v in net.state_dict().items()}
 
     def weights(self, names: list[str]) -> list[float]:

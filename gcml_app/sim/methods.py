@@ -40,7 +40,6 @@ __all__ = ["ARMS", "DEFAULT_METHODS", "Central", "Ditto", "FedAvg", "Gossip", "M
 Emit = Callable[[str, int, dict[str, tuple[dict[str, float], int, int, bool]]], None]
 """``emit(method, round, {site: (test Dice per label, bytes sent, bytes received, published)})``."""
 DITTO_LAMBDA = 0.1  # Ditto's proximal weight (Li et al. 2021 tune it in {0.01, 0.1, 1, 2}; 0.1 is their common pick)
-DITTO_WEIGHT_DECAY = 0.01  # AdamW's default, which Ditto's own loop used (the other methods use train.weight_decay)
 
 
 class Offered(Producer):
@@ -205,8 +204,7 @@ class Ditto(Central):
     def fit(self, run, names, fed, r, epochs):
         local = {n: run.train(n, fed.glob, epochs, run.seed_of(r, i)) for i, n in enumerate(names)}
         for i, n in enumerate(names):
-            fed.personal[n] = run.train(n, fed.personal[n], epochs, run.seed_of(r, i) + 7,
-                                        prox=(fed.glob, DITTO_LAMBDA), weight_decay=DITTO_WEIGHT_DECAY)
+            fed.personal[n] = run.train(n, fed.personal[n], epochs, run.seed_of(r, i) + 7, prox=(fed.glob, DITTO_LAMBDA))
         fed.glob = average_state(*(local[n] for n in names), weights=run.weights(names))
         return dict(fed.personal)
 
