@@ -26,6 +26,7 @@ from typing import Any
 from tqdm import tqdm
 
 from gcml_app.rounds import summarize
+from gcml_app.rounds.record import pulled_bytes
 from gcml_app.sim.sample import STYLES, site_yamls
 from gcml_app.site.client import SiteClient
 from gcml_app.site.launch import SiteServer, free_port
@@ -138,7 +139,7 @@ def run_demo(out: str | Path, port: int = 8001, cases: int = 12, labelled: int =
                 bar, update = _progress_bar(f"      round {r} {s}")
                 record = clients[s].round(progress=update)
                 bar.close()
-                pulled = (record.get("gossip") or {}).get("bytes_pulled", record.get("bytes_pulled", 0))
+                pulled = pulled_bytes(record)
                 report["rounds"].append({"round": r, "site": s, "event": record.get("event"),
                                          "peer": (record.get("gossip") or {}).get("peer"),
                                          "winner": record.get("winner"), "mean": record.get("mean"),

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from gcml_app.site.labels import LabelRejected
-
 __all__ = [
     "GCMLError",
     "ImageRejected",
@@ -17,6 +15,10 @@ __all__ = [
     "PeerError",
     "PeerUnavailable",
 ]
+
+
+class LabelRejected(ValueError):
+    """A label upload that would corrupt training; the message names the mismatch."""
 
 
 class GCMLError(RuntimeError):

@@ -81,6 +81,7 @@ class Manifest:
     site: str = ""
     lineage: list[dict[str, Any]] = field(default_factory=list)
     validated: bool = True
+    made_by: dict[str, Any] = field(default_factory=dict)  # produced_by, structured: {"mode", "candidate", "peer"}
 
     @property
     def mean_dice(self) -> float:
@@ -96,7 +97,7 @@ class ModelStore:
     Example:
         >>> store = ModelStore(cfg.state_dir / "models")
         >>> m = store.publish(net.state_dict(), arch=fp, val_dice={"lesion": 0.8}, n_train=8, n_val=2,
-        ...                   produced_by="local")
+        ...                   produced_by="local", made_by={"mode": "local", "candidate": "local", "peer": None})
         >>> store.served_version()
         1
     """
@@ -222,6 +223,7 @@ class ModelStore:
         validated: bool = True,
         decision: dict[str, Any] | None = None,
         expected_parent: Any = _ANY,
+        made_by: dict[str, Any] | None = None,
     ) -> Manifest:
         """Store ``state_dict`` as a new version and serve it.
 
@@ -230,7 +232,9 @@ class ModelStore:
             arch: architecture fingerprint (see :func:`gcml_app.ml.network.arch_fingerprint`).
             val_dice: validation Dice per label name.
             n_train, n_val: cases the model was trained and validated on.
-            produced_by: how it was made, e.g. ``"local"``, ``"rollback"``, ``"gossip:site-b"``.
+            produced_by: how it was made, in one word or three, e.g. ``"local"``, ``"gossip:site-b:average"``,
+                ``"adopted:site-b"`` (see :func:`gcml_app.rounds.record.provenance`).
+            made_by: the same, structured, for readers (``{"mode", "candidate", "peer"}``).
             decision: extra fields for the history record (e.g. the gate's scores).
             expected_parent: the served version (or ``None``) the caller's decision was made against.
 
@@ -247,10 +251,10 @@ class ModelStore:
             if expected_parent is not _ANY and parent != expected_parent:
                 raise Superseded(f"served version is now {parent}, not {expected_parent} as when the decision was made")
             return self._publish(data, parent, arch, val_dice, n_train, n_val, produced_by, site, lineage, validated,
-                                 decision)
+                                 decision, made_by)
 
     def _publish(self, data, parent, arch, val_dice, n_train, n_val, produced_by, site, lineage, validated,
-                 decision) -> Manifest:
+                 decision, made_by) -> Manifest:
         version = self._claim_version()
         man = Manifest(
             version=version,
@@ -266,11 +270,12 @@ class ModelStore:
             site=site,
             lineage=list(lineage or []),
             validated=validated,
+            made_by=dict(made_by or {}),
         )
         atomic_write(self._weights(version), data)
         atomic_write(self._manifest_path(version), json.dumps(asdict(man), indent=2).encode())
         atomic_write(self._pointer, json.dumps({"version": version}).encode())
-        self.record("publish", version=version, parent=man.parent, produced_by=produced_by,
+        self.record("publish", version=version, parent=man.parent, produced_by=produced_by, made_by=man.made_by,
                     val_dice=man.val_dice, **(decision or {}))
         return man
 

@@ -23,7 +23,7 @@ from gcml_app.federation.state import GossipState
 from gcml_app.rounds.loop import Progress, run_round, split_of
 from gcml_app.rounds.producers import DCML, Local
 from gcml_app.rounds.pull import Connect, Got, http, pull_first
-from gcml_app.rounds.record import partner_gain
+from gcml_app.rounds.record import RoundRecord, partner_gain, provenance
 from gcml_app.store import ModelStore
 
 __all__ = ["SyncRequest", "gossip_round", "labels_round"]
@@ -76,7 +76,7 @@ def gossip_round(
     rng: random.Random | None = None,
     connect: Connect | None = None,
     seed: int | None = None,
-) -> dict[str, Any]:
+) -> RoundRecord:
     """Run one gossip round (docs/design.md, "The round"):
 
     1. order the partners (:func:`~gcml_app.federation.peers.order_peers`), or take the order the request named;
@@ -189,8 +189,9 @@ def _adopt(cfg: SiteConfig, store: ModelStore, got: Got, origin: dict[str, Any],
            extra: dict[str, Any]) -> dict[str, Any]:
     """Serve a trusted partner's validated model unchanged at a site with too few labels to validate."""
     man = got.manifest
+    how, made_by = provenance("adopt", "incoming", got.peer)
     published = store.publish(
-        got.pulled.state, arch=ours, val_dice={}, n_train=0, n_val=n_val, produced_by=f"adopted:{got.peer}",
+        got.pulled.state, arch=ours, val_dice={}, n_train=0, n_val=n_val, produced_by=how, made_by=made_by,
         site=cfg.site, lineage=[{"site": cfg.site, "mode": "adopt", **origin}], validated=False,
         decision={**extra, "mode": "adopt",
                   "reason": f"too few labels to validate: adopted {got.peer} v{man.version} unvalidated"},

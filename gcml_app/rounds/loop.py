@@ -37,7 +37,7 @@ from gcml_app.ml.network import GCMLNet, arch_fingerprint, build_network, train_
 from gcml_app.ml.split import FixedSplit, labels_for_validation
 from gcml_app.ml.transforms import train_transforms, val_transforms
 from gcml_app.rounds.producers import DCML, Local, Produced, Producer, RoundInputs
-from gcml_app.rounds.record import produced_by
+from gcml_app.rounds.record import RoundRecord, provenance
 from gcml_app.store import Manifest, ModelStore, StoreError
 
 __all__ = ["LINEAGE_DEPTH", "Progress", "run_round", "split_of"]
@@ -120,7 +120,7 @@ def run_round(
     progress: Progress | None = None,
     extra: dict[str, Any] | None = None,
     seed: int | None = None,
-) -> dict[str, Any]:
+) -> RoundRecord:
     """One round: prepare, score the served model, produce candidates, score them, decide, commit.
 
     The candidates come from ``producer`` (:mod:`gcml_app.rounds.producers`): by default the working
@@ -266,10 +266,10 @@ def _commit(cfg: SiteConfig, store: ModelStore, served: Manifest | None, arch: s
         step["working_rounds"] = working["rounds_unpublished"]
         if decision.publish:
             parent_lineage = served.lineage if served is not None else []
+            how, made_by = provenance(mode, decision.winner, (origin or {}).get("peer"))
             man = store.publish(
                 states[decision.winner], arch=arch, val_dice=decision.scores[decision.winner],
-                n_train=record["n_train"], n_val=record["n_val"],
-                produced_by=produced_by(mode, decision.winner, origin), site=cfg.site,
+                n_train=record["n_train"], n_val=record["n_val"], produced_by=how, made_by=made_by, site=cfg.site,
                 lineage=[step, *parent_lineage][:LINEAGE_DEPTH], decision=record, expected_parent=base_version,
             )
             record["version"] = man.version

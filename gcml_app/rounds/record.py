@@ -1,32 +1,104 @@
-"""What a round leaves behind, read back: one line for a round record, the partner's credit, ``produced_by``."""
+"""What a round leaves behind: the record's shape, how a published model was made, and reading it back.
+
+A round record is a JSON object: it goes to ``history.jsonl``, to the train task's stats and to
+``/gcml/history``, where the Slicer module and ``gcml sync`` read it. :class:`RoundRecord` names its
+keys and types (a ``TypedDict``: the record stays a plain dict on disk and on the wire).
+"""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypedDict
 
-__all__ = ["partner_gain", "produced_by", "pulled_bytes", "summarize"]
+__all__ = ["Attempt", "GossipInfo", "RoundRecord", "partner_gain", "provenance", "pulled_bytes", "summarize"]
 
 
-def produced_by(mode: str, winner: str, origin: dict[str, Any] | None) -> str:
-    """How a published model was made, for its manifest.
+class Attempt(TypedDict, total=False):
+    """One partner asked in a gossip round."""
+
+    peer: str
+    outcome: str  # pulled | unchanged | skipped | nothing_yet | unavailable | rejected | backed_off
+    reason: str
+    version: int
+    bytes: int
+    fetch_s: float
+    verify_s: float
+    seconds: float
+
+
+class GossipInfo(TypedDict, total=False):
+    """The ``gossip`` part of a round record: whom we asked, what came, and the bytes pulled (only here)."""
+
+    peer: str
+    peer_version: int
+    attempts: list[Attempt]
+    bytes_pulled: int
+    cached: bool
+    fetch_s: float
+    verify_s: float
+
+
+class RoundRecord(TypedDict, total=False):
+    """A round's record. ``event`` is ``publish``, ``keep``, ``superseded``, or (a round that ended
+    without training) ``gossip`` / ``labels`` with an ``outcome`` and a ``reason``."""
+
+    event: str
+    time: str
+    trigger: str
+    round_id: str
+    stage: str
+    mode: str  # local | dcml | adopt | a simulator baseline's name
+    epochs: int
+    seed: int
+    n_train: int
+    n_val: int
+    more_labels_for_strict: int
+    losses: list[dict[str, float]]
+    winner: str
+    published: bool
+    reason: str
+    outcome: str
+    scores: dict[str, dict[str, float]]
+    mean: dict[str, float]
+    per_case: dict[str, list[dict[str, float]]]
+    evidence: dict[str, dict[str, Any]]
+    strict: bool
+    incoming: dict[str, Any]
+    gossip: GossipInfo
+    working: dict[str, Any]
+    version: int | None
+    made_by: dict[str, Any]
+    timings: dict[str, float]
+    peak_rss_mb: dict[str, float]
+
+
+def provenance(mode: str, candidate: str, peer: str | None = None) -> tuple[str, dict[str, Any]]:
+    """How a published model was made, for its manifest: ``(produced_by, made_by)``.
+
+    ``made_by`` is the structured form (``{"mode", "candidate", "peer"}``) that readers such as the
+    Slicer module use; ``produced_by`` the one-line form for people and logs.
 
     Example:
-        ``"local"``, ``"dcml:average"``, ``"gossip:site-b:dcml_local"``, ``"fedavg"`` (a baseline's
-        only candidate is named after the method).
+        >>> provenance("dcml", "average", "site-b")
+        ('gossip:site-b:average', {'mode': 'dcml', 'candidate': 'average', 'peer': 'site-b'})
+        >>> provenance("local", "local")[0], provenance("adopt", "incoming", "site-b")[0], provenance("fedavg", "fedavg")[0]
+        ('local', 'adopted:site-b', 'fedavg')
     """
-    if mode == "local" or winner == mode:
-        return mode
-    if origin and origin.get("peer"):
-        return f"gossip:{origin['peer']}:{winner}"
-    return f"{mode}:{winner}"
+    made_by = {"mode": mode, "candidate": candidate, "peer": peer}
+    if mode == "adopt":
+        return f"adopted:{peer}", made_by
+    if mode == "local" or candidate == mode:  # a baseline's only candidate is named after the method
+        return mode, made_by
+    if peer:
+        return f"gossip:{peer}:{candidate}", made_by
+    return f"{mode}:{candidate}", made_by
 
 
-def pulled_bytes(record: dict[str, Any]) -> int:
+def pulled_bytes(record: RoundRecord) -> int:
     """The bytes a round downloaded from partners (``gossip.bytes_pulled``; 0 for a round without gossip)."""
     return int((record.get("gossip") or {}).get("bytes_pulled", 0))
 
 
-def partner_gain(record: dict[str, Any]) -> float:
+def partner_gain(record: RoundRecord) -> float:
     """What a DCML round with a partner's model brought: the best candidate's mean paired validation gain.
 
     Negative when every candidate trained with that partner validated worse than the served model;
@@ -36,7 +108,7 @@ def partner_gain(record: dict[str, Any]) -> float:
     return max(gains, default=0.0)
 
 
-def summarize(record: dict[str, Any]) -> str:
+def summarize(record: RoundRecord) -> str:
     """One line for a round record, e.g. for ``gcml sync`` and the demo.
 
     Example:

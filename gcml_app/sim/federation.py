@@ -37,23 +37,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from monai.data import CacheDataset, DataLoader
-from monai.utils import set_determinism
 from tqdm import tqdm
 
 from gcml_app.config import SiteConfig
 from gcml_app.federation.payload import encode_weights
-from gcml_app.ml.evaluate import dice_per_case, mean_dice, mean_over_cases
-from gcml_app.ml.network import build_network, train_device
-from gcml_app.ml.supervised import proximal, supervised_train
-from gcml_app.ml.transforms import train_transforms, val_transforms
+from gcml_app.ml.evaluate import mean_dice
 from gcml_app.rounds.loop import run_round
-from gcml_app.rounds.producers import State
 from gcml_app.sim.data import SimSite
-from gcml_app.sim.methods import ARMS, DEFAULT_METHODS, Method
+from gcml_app.sim.methods import ARMS, DEFAULT_METHODS
 from gcml_app.sim.report import plot, summarize_rows
-from gcml_app.store import ModelStore
-from gcml_app.util.files import atomic_write
+from gcml_app.sim.run import Node, Run
 
 __all__ = ["ARMS", "run_seed", "simulate"]
 
@@ -62,133 +55,17 @@ logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR
 _TOKEN = "simulated-partner-token"
 
 
-def _merge(base: dict, update: dict) -> dict:
-    out = dict(base)
-    for k, v in update.items():
-        out[k] = _merge(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
-    return out
-
-
-class _Node:
-    """One site in one method: its config, state folder and store."""
-
-    def __init__(self, site: SimSite, cfg: SiteConfig):
-        self.site, self.cfg, self.name = site, cfg, site.name
-        self.store = ModelStore(cfg.state_dir / "models")
-        self.cases = site.train + site.val
-        split = {c["id"]: "train" for c in site.train} | {c["id"]: "val" for c in site.val}
-        atomic_write(cfg.state_dir / "split.json", json.dumps(split, indent=1, sort_keys=True).encode())
-
-
-class _Run:
-    """One seed of the comparison: the sites' data, cached once, and the operations methods share."""
-
-    def __init__(self, cfg: SiteConfig, sites: list[SimSite], root: Path, seed: int, epochs: int,
-                 warmup_epochs: int, transport: str, gate: bool):
-        self.base, self.sites, self.root, self.seed = cfg, sites, root, seed
-        self.epochs, self.warmup_epochs, self.transport, self.gate = epochs, warmup_epochs, transport, gate
-        self.names = [s.name for s in sites]
-        self.device = train_device(cfg)
-        self.cfgs = {s.name: self.site_cfg(s, root / "warmup", ARMS["local"]) for s in sites}
-        self.data = {}
-        for s in sites:
-            c = self.cfgs[s.name]
-            self.data[s.name] = {
-                "train": CacheDataset(_files(s.train), train_transforms(c), progress=False),
-                "val": CacheDataset(_files(s.val), val_transforms(c), progress=False),
-                "test": CacheDataset(_files(s.test), val_transforms(c), progress=False),
-            }
-        self.model_bytes: dict[str, int] = {}  # what a partner downloads; set from the first published model
-        self._test_dice: dict[tuple[str, str], dict[str, float]] = {}  # (site, weights sha256) -> test Dice
-
-    def site_cfg(self, site: SimSite, folder: Path, arm: Method) -> SiteConfig:
-        raw = self.base.model_dump(mode="json")
-        peers = [{"name": n, "url": f"http://127.0.0.1/simulated/{n}", "token": _TOKEN}
-                 for n in self.names if n != site.name]
-        raw = _merge(raw, {
-            "site": site.name, "state_dir": str(folder / site.name),
-            "train": {"epochs": self.epochs * arm.epochs},
-            "validation": {"gate": self.gate if arm.gate is None else arm.gate, "min_cases": 1},
-            "gossip": {"peers": peers, "policy": arm.policy or self.base.gossip.policy, "transport": self.transport,
-                       "epochs": self.epochs},
-            "dcml": arm.dcml, **site.settings,
-        })
-        return SiteConfig.model_validate(raw)
-
-    def seed_of(self, r: int, i: int) -> int:
-        return self.seed * 100_003 + r * 101 + i
-
-    # ------------------------------------------------------------------ shared operations
-    def net(self, state: State | None = None) -> torch.nn.Module:
-        net = build_network(self.base)
-        if state is not None:
-            net.load_state_dict(state)
-        return net.to(self.device)
-
-    def loader(self, data) -> DataLoader:
-        """A shuffling loader over ``data``, built after the round's seed is set, as :func:`run_round` builds it.
-
-        MONAI's ``DataLoader`` (``num_workers=0``) seeds the random transforms (crops, flips) from
-        torch's global generator when it is built, and torch seeds that generator randomly in every
-        process: a loader built once and reused would draw crops the round's seed does not control.
-        """
-        return DataLoader(data, batch_size=self.base.train.batch_size, shuffle=True, num_workers=0)
-
-    def train(self, name: str, state: State, epochs: int, seed: int, prox: tuple[State, float] | None = None) -> State:
-        """Supervised passes over a site's training cases from ``state``, with the round's seed.
-
-        Args:
-            prox: ``(anchor, weight)``: add Ditto's proximal term (:func:`~gcml_app.ml.supervised.proximal`).
-        """
-        set_determinism(seed=seed)
-        net = self.net(state)
-        loader = self.loader(self.data[name]["train"])
-        t = self.cfgs[name].train
-        penalty = proximal(net, prox[0], prox[1], self.device) if prox is not None else None
-        supervised_train(net, loader, epochs, t.lr, t.weight_decay, self.device, penalty=penalty)
-        return {k: v.detach().cpu() for k, v in net.state_dict().items()}
-
-    def weights(self, names: list[str]) -> list[float]:
-        """FedAvg's weights: each site's number of training cases."""
-        return [len(self.data[n]["train"]) for n in names]
-
-    def scores(self, name: str, state: State, split: str) -> list[dict[str, float]]:
-        c = self.cfgs[name]
-        return dice_per_case(self.net(state), self.data[name][split], list(c.labels), c.roi_size,
-                             c.validation.sw_batch_size, c.validation.overlap, self.device)
-
-    def test_dice(self, node: _Node) -> dict[str, float]:
-        """Test Dice of the site's served model; evaluated once per distinct set of weights (by sha256).
-
-        A keep leaves the served model as it was, and the shared warm-up is served by several methods:
-        the evaluation is deterministic, so those are read back instead of run again.
-        """
-        served = node.store.served()
-        key = (node.name, served.sha256)
-        if key not in self._test_dice:
-            self._test_dice[key] = mean_over_cases(self.scores(node.name, node.store.load(served.version), "test"))
-        return self._test_dice[key]
-
-    def init_state(self) -> State:
-        torch.manual_seed(self.seed)
-        return {k: v.clone() for k, v in build_network(self.base).state_dict().items()}
-
-
-def _files(cases):
-    return [{"image": c["image"], "label": c["label"]} for c in cases]
-
-
-def _run_method(run: _Run, name: str, rounds: int, warm: Path, emit) -> None:
+def _run_method(run: Run, name: str, rounds: int, warm: Path, emit) -> None:
     """One method on one seed's sites, in fresh site folders (the servers' methods start from the warm-up)."""
     method = ARMS[name]
     folder = run.root / name
     shutil.rmtree(folder, ignore_errors=True)
     nodes = {}
     for s in run.sites:
-        cfg = run.site_cfg(s, folder, method)
+        cfg = run.site_cfg(s, folder, method.epochs, method.gate, method.policy, method.dcml)
         if method.shares_warmup:  # the shared warm-up: store, working model, split
             shutil.copytree(warm / s.name, cfg.state_dir)
-        nodes[s.name] = _Node(s, cfg)
+        nodes[s.name] = Node(s, cfg)
     method.run(run, name, nodes, rounds, emit)
 
 
@@ -199,11 +76,11 @@ def run_seed(cfg: SiteConfig, sites: list[SimSite], out: Path, seed: int, method
     """Every method on one seed's sites; returns the result rows and the model's payload bytes."""
     if threads:
         torch.set_num_threads(threads)
-    run = _Run(cfg, sites, out / "runs" / f"seed{seed}", seed, epochs, warmup_epochs, transport, gate)
+    run = Run(cfg, sites, out / "runs" / f"seed{seed}", seed, epochs, warmup_epochs, transport, gate)
     warm = run.root / "warmup"
     shutil.rmtree(warm, ignore_errors=True)
     for i, s in enumerate(sites):
-        nd = _Node(s, run.cfgs[s.name])
+        nd = Node(s, run.cfgs[s.name])
         run_round(nd.cfg, nd.store, nd.cases, epochs=warmup_epochs, extra={"trigger": "simulate", "stage": "warmup"},
                   seed=run.seed_of(0, i))
     served = nd.store.served()  # the payload sizes of the servers' peer surface (float32: the stored file)

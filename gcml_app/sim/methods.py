@@ -20,7 +20,7 @@ import random
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from monai.utils import set_determinism
@@ -30,9 +30,7 @@ from gcml_app.rounds.gossip import gossip_round
 from gcml_app.rounds.loop import run_round
 from gcml_app.rounds.producers import Produced, Producer, RoundInputs, State
 from gcml_app.sim.partner import MemoryPartner
-
-if TYPE_CHECKING:
-    from gcml_app.sim.federation import _Node, _Run
+from gcml_app.sim.run import Node, Run
 
 __all__ = ["ARMS", "DEFAULT_METHODS", "Central", "Ditto", "FedAvg", "Gossip", "Method", "Offered", "Pooled",
            "ServerLocal"]
@@ -83,7 +81,7 @@ class Method(ABC):
     shares_warmup = True
 
     @abstractmethod
-    def run(self, run: _Run, name: str, nodes: dict[str, _Node], rounds: int, emit: Emit) -> None:
+    def run(self, run: Run, name: str, nodes: dict[str, Node], rounds: int, emit: Emit) -> None:
         """Rounds 0 (what the warm-up left) to ``rounds`` of one seed's sites, each reported through ``emit``."""
 
 
@@ -148,7 +146,7 @@ class Central(Method):
     moves_models = True  # each round every site sends and receives one model (pooled moves data instead)
 
     @abstractmethod
-    def fit(self, run: _Run, names: list[str], fed: Federated, r: int, epochs: int) -> dict[str, State]:
+    def fit(self, run: Run, names: list[str], fed: Federated, r: int, epochs: int) -> dict[str, State]:
         """One central round ``r``: update ``fed``; return each site's candidate."""
 
     def run(self, run, name, nodes, rounds, emit):
@@ -167,7 +165,7 @@ class Central(Method):
             emit(name, r, {n: (run.test_dice(nd), traffic, traffic, published[n]) for n, nd in nodes.items()})
 
     @staticmethod
-    def _serve(run: _Run, name: str, nodes: dict[str, _Node], cands: dict[str, State], r: int,
+    def _serve(run: Run, name: str, nodes: dict[str, Node], cands: dict[str, State], r: int,
                extra: dict[str, Any]) -> dict[str, bool]:
         """Each site's round on its candidate: scored, gated and committed as on a server."""
         out = {}

@@ -17,7 +17,8 @@ from typing import Any
 import SimpleITK as sitk
 from monailabel.datastore.local import LocalDatastore
 
-from gcml_app.site.labels import LabelRejected, check_tag, conform_label
+from gcml_app.errors import LabelRejected
+from gcml_app.site.labels import check_tag, conform_label
 
 __all__ = ["GCMLDatastore", "ValidatedLabels"]
 

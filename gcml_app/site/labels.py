@@ -14,7 +14,9 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import SimpleITK as sitk
 
-__all__ = ["LabelRejected", "conform_label", "check_tag"]
+from gcml_app.errors import LabelRejected
+
+__all__ = ["check_tag", "conform_label"]
 
 _TAG = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
@@ -25,10 +27,6 @@ _LABEL_PIXELS = {sitk.sitkUInt8, sitk.sitkInt8, sitk.sitkUInt16, sitk.sitkInt16,
 SPACING_RTOL = 1e-3
 ORIGIN_TOL_VOXELS = 1e-2
 DIRECTION_ATOL = 1e-4
-
-
-class LabelRejected(ValueError):
-    """A label upload that would corrupt training; the message names the mismatch."""
 
 
 def check_tag(tag: str) -> str:

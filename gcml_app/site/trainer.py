@@ -17,8 +17,9 @@ from monailabel.interfaces.datastore import Datastore, DefaultLabelTag
 from monailabel.interfaces.tasks.train import TrainTask
 
 from gcml_app.config import SiteConfig
+from gcml_app.errors import LabelRejected
 from gcml_app.rounds import SyncRequest, gossip_round, labels_round, run_round
-from gcml_app.site.labels import LabelRejected, conform_label
+from gcml_app.site.labels import conform_label
 from gcml_app.site.process import STARTED_ENV, is_training_process, lower_priority, process_started
 from gcml_app.store import ModelStore
 from gcml_app.util.files import atomic_write

@@ -44,6 +44,7 @@ def test_cold_start_adopts_a_validated_partner_model_unvalidated(tmp_path, partn
     assert rec["mode"] == "adopt" and rec["event"] == "publish" and store.served_version() == 1
     man = store.served()
     assert man.validated is False and man.produced_by == "adopted:site-b" and man.val_dice == {}
+    assert man.made_by == {"mode": "adopt", "candidate": "incoming", "peer": "site-b"}
     assert man.lineage == [{"site": "test-site", "mode": "adopt", "peer": "site-b", "peer_site": "site-b",
                             "peer_version": 1, "peer_sha256": partner.h.honest_manifest("")["sha256"]}]
     assert store.read_bytes(1) != b"" and summarize(rec).startswith("adopted v1 unvalidated from site-b")

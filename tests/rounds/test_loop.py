@@ -21,6 +21,7 @@ def test_round_publishes_first_model_then_gates_against_it(cfg, studies):
     assert set(rec["scores"]) == {"local"} and set(rec["scores"]["local"]) == {"organ", "lesion"}
     man = store.served()
     assert man.val_dice == rec["scores"]["local"] and man.produced_by == "local" and man.n_val == 2
+    assert man.made_by == {"mode": "local", "candidate": "local", "peer": None}  # what the Slicer module reads
 
     rec2 = run_round(cfg, store, cases_of(studies[0]), epochs=1)
     assert set(rec2["scores"]) == {"served", "local"}

@@ -2,7 +2,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from gcml_app.site.labels import LabelRejected, check_tag, conform_label
+from gcml_app.errors import LabelRejected
+from gcml_app.site.labels import check_tag, conform_label
 
 TASK = {"organ": 1, "lesion": 2}
 SHAPE = (8, 10, 12)  # SimpleITK array order (z, y, x)

@@ -18,10 +18,10 @@ from monailabel.client import MONAILabelClient
 from monailabel.client.client import MONAILabelClientException
 
 from gcml_app.config import load_config
+from gcml_app.errors import LabelRejected
 from gcml_app.sim.phantoms import LABELS, STYLES, make_case, write_dicom_studies
 from gcml_app.site.client import SiteClient
 from gcml_app.site.dicom import write_series
-from gcml_app.site.labels import LabelRejected
 from gcml_app.site.launch import SiteServer
 from gcml_app.site.orthanc import Orthanc
 from gcml_app.site.pacs import PacsDatastore, PacsUnavailable, pacs_client, stow_folder

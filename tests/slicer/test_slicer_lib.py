@@ -19,6 +19,7 @@ from safetensors.torch import load as st_load
 
 from gcml_app.config import SiteConfig, load_config
 from gcml_app.federation.payload import our_arch
+from gcml_app.rounds.record import provenance
 from gcml_app.site.launch import SiteServer, free_port
 from gcml_app.store import ModelStore
 
@@ -81,6 +82,21 @@ def test_served_text_before_any_model_and_when_unvalidated(status):
     ("", "unknown"),
 ])
 def test_published_how(produced_by, expected):
+    assert published_how(produced_by) == expected
+
+
+@pytest.mark.parametrize("mode, candidate, peer, expected", [
+    ("local", "local", None, "local fine-tune"),
+    ("dcml", "dcml_local", "site-b", "round with site-b (our model after DCML)"),
+    ("dcml", "average", "site-c", "round with site-c (average of both)"),
+    ("adopt", "incoming", "site-b", "adopted from site-b (unvalidated)"),
+    ("dcml", "average", None, "DCML round (average of both)"),
+])
+def test_published_how_reads_the_structured_form_that_the_round_writes(mode, candidate, peer, expected):
+    """The server's :func:`provenance` gives both forms; the Slicer Lib reads the structured one, and the
+    one-line form it falls back on (older servers) reads the same."""
+    produced_by, made_by = provenance(mode, candidate, peer)
+    assert published_how("something unparseable", made_by=made_by) == expected
     assert published_how(produced_by) == expected
 
 

@@ -46,13 +46,20 @@ def _ago(t: float | None, now: float) -> str:
     return f"{s / 86400:.1f} days ago"
 
 
-def published_how(produced_by: str, history: list[dict[str, Any]] | None = None, version: int | None = None) -> str:
+def published_how(produced_by: str, history: list[dict[str, Any]] | None = None, version: int | None = None,
+                  made_by: dict[str, Any] | None = None) -> str:
     """How a version came to be served, in words.
 
+    Args:
+        produced_by: the manifest's one-line form, read only when ``made_by`` is missing (servers
+            before the structured form).
+        made_by: the manifest's structured form, ``{"mode", "candidate", "peer"}``.
+
     Examples:
-        ``"local"`` -> ``"local fine-tune"``; ``"gossip:site-b:dcml_local"`` -> ``"round with site-b
-        (our model after DCML)"``; ``"adopted:site-b"`` -> ``"adopted from site-b (unvalidated)"``;
-        served again by a rollback -> ``"rollback from v5: <reason>"``.
+        ``{"mode": "local"}`` -> ``"local fine-tune"``; ``{"mode": "dcml", "candidate": "dcml_local",
+        "peer": "site-b"}`` -> ``"round with site-b (our model after DCML)"``; ``{"mode": "adopt",
+        "peer": "site-b"}`` -> ``"adopted from site-b (unvalidated)"``; served again by a rollback ->
+        ``"rollback from v5: <reason>"``.
     """
     if history and version is not None:
         for rec in reversed(history):
@@ -61,17 +68,32 @@ def published_how(produced_by: str, history: list[dict[str, Any]] | None = None,
             if rec.get("event") == "rollback" and rec.get("version") == version:
                 reason = f": {rec['reason']}" if rec.get("reason") else ""
                 return f"rollback from v{rec.get('previous')}{reason}"
-    kind, _, rest = produced_by.partition(":")
-    if kind == "local":
+    mode, candidate, peer = _made_by(made_by, produced_by)
+    what = _CANDIDATES.get(candidate, candidate)
+    if mode == "local":
         return "local fine-tune"
+    if mode == "adopt":
+        return f"adopted from {peer} (unvalidated)"
+    if mode == "dcml" and peer:
+        return f"round with {peer} ({what})"
+    if mode == "dcml":
+        return f"DCML round ({what})"
+    return produced_by or mode or "unknown"
+
+
+def _made_by(made_by: dict[str, Any] | None, produced_by: str) -> tuple[str, str, str | None]:
+    """``(mode, candidate, peer)``: from the structured form, else from the one-line form older servers wrote."""
+    if made_by:
+        return made_by.get("mode") or "", made_by.get("candidate") or "", made_by.get("peer")
+    kind, _, rest = produced_by.partition(":")
     if kind == "gossip":
-        peer, _, winner = rest.partition(":")
-        return f"round with {peer} ({_CANDIDATES.get(winner, winner)})"
+        peer, _, candidate = rest.partition(":")
+        return "dcml", candidate, peer
     if kind == "adopted":
-        return f"adopted from {rest} (unvalidated)"
+        return "adopt", "incoming", rest
     if kind == "dcml":
-        return f"DCML round ({_CANDIDATES.get(rest, rest)})"
-    return produced_by or "unknown"
+        return "dcml", rest, None
+    return kind, kind, None
 
 
 def served_text(status: dict[str, Any], history: list[dict[str, Any]] | None = None) -> str:
@@ -79,7 +101,7 @@ def served_text(status: dict[str, Any], history: list[dict[str, Any]] | None = N
     site, served = status.get("site", "?"), status.get("served")
     if not served:
         return f"{site}: no model published yet (auto-segmentation answers 'no trained model yet')"
-    how = published_how(served.get("produced_by", ""), history, served.get("version"))
+    how = published_how(served.get("produced_by", ""), history, served.get("version"), served.get("made_by"))
     head = f"{site} serves v{served['version']}, published {served.get('created', '?')} by {how}"
     if not served.get("validated", True) or not served.get("val_dice"):
         return head + "\nnot validated on this site's labels yet"
@@ -230,5 +252,5 @@ def rollback_choices(status: dict[str, Any], history: list[dict[str, Any]]) -> l
         rec = published.get(v, {})
         mean = _mean(rec.get("val_dice") or {})
         dice = f"mean Dice {mean:.3f}" if mean is not None else "not validated"
-        out.append((v, f"v{v}: {dice}, {published_how(rec.get('produced_by', ''))}"))
+        out.append((v, f"v{v}: {dice}, {published_how(rec.get('produced_by', ''), made_by=rec.get('made_by'))}"))
     return out

@@ -1,0 +1,150 @@
+"""One seed of ``gcml simulate``: the sites' data, cached once, their state folders, and what methods share.
+
+Controls every method keeps (docs/design.md, "Measuring"): round ``r`` of site ``i`` trains from the
+seed :meth:`Run.seed_of` gives, and every loader is built after that seed is set; every site's
+validation and test cases are the same in every method.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from monai.data import CacheDataset, DataLoader
+from monai.utils import set_determinism
+
+from gcml_app.config import SiteConfig
+from gcml_app.ml.evaluate import dice_per_case, mean_over_cases
+from gcml_app.ml.network import build_network, train_device
+from gcml_app.ml.supervised import proximal, supervised_train
+from gcml_app.ml.transforms import train_transforms, val_transforms
+from gcml_app.rounds.producers import State
+from gcml_app.sim.data import SimSite
+from gcml_app.store import ModelStore
+from gcml_app.util.files import atomic_write
+
+__all__ = ["Node", "Run"]
+
+_TOKEN = "simulated-partner-token"
+
+
+def _merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for k, v in update.items():
+        out[k] = _merge(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
+    return out
+
+
+class Node:
+    """One site in one method: its config, state folder and store."""
+
+    def __init__(self, site: SimSite, cfg: SiteConfig):
+        self.site, self.cfg, self.name = site, cfg, site.name
+        self.store = ModelStore(cfg.state_dir / "models")
+        self.cases = site.train + site.val
+        split = {c["id"]: "train" for c in site.train} | {c["id"]: "val" for c in site.val}
+        atomic_write(cfg.state_dir / "split.json", json.dumps(split, indent=1, sort_keys=True).encode())
+
+
+class Run:
+    """One seed of the comparison: the sites' data, cached once, and the operations methods share."""
+
+    def __init__(self, cfg: SiteConfig, sites: list[SimSite], root: Path, seed: int, epochs: int,
+                 warmup_epochs: int, transport: str, gate: bool):
+        self.base, self.sites, self.root, self.seed = cfg, sites, root, seed
+        self.epochs, self.warmup_epochs, self.transport, self.gate = epochs, warmup_epochs, transport, gate
+        self.names = [s.name for s in sites]
+        self.device = train_device(cfg)
+        self.cfgs = {s.name: self.site_cfg(s, root / "warmup") for s in sites}
+        self.data = {}
+        for s in sites:
+            c = self.cfgs[s.name]
+            self.data[s.name] = {
+                "train": CacheDataset(_files(s.train), train_transforms(c), progress=False),
+                "val": CacheDataset(_files(s.val), val_transforms(c), progress=False),
+                "test": CacheDataset(_files(s.test), val_transforms(c), progress=False),
+            }
+        self.model_bytes: dict[str, int] = {}  # what a partner downloads; set from the first published model
+        self._test_dice: dict[tuple[str, str], dict[str, float]] = {}  # (site, weights sha256) -> test Dice
+
+    def site_cfg(self, site: SimSite, folder: Path, epochs: int = 1, gate: bool | None = None,
+                 policy: str | None = None, dcml: dict | None = None) -> SiteConfig:
+        """A site's config in ``folder`` for a method: ``epochs`` times ``--epochs`` per round, its gate
+        (``None``: ``--gate``), partner policy and DCML settings; the site's own ``site.yaml`` on top."""
+        raw = self.base.model_dump(mode="json")
+        peers = [{"name": n, "url": f"http://127.0.0.1/simulated/{n}", "token": _TOKEN}
+                 for n in self.names if n != site.name]
+        raw = _merge(raw, {
+            "site": site.name, "state_dir": str(folder / site.name),
+            "train": {"epochs": self.epochs * epochs},
+            "validation": {"gate": self.gate if gate is None else gate, "min_cases": 1},
+            "gossip": {"peers": peers, "policy": policy or self.base.gossip.policy, "transport": self.transport,
+                       "epochs": self.epochs},
+            "dcml": dcml or {}, **site.settings,
+        })
+        return SiteConfig.model_validate(raw)
+
+    def seed_of(self, r: int, i: int) -> int:
+        return self.seed * 100_003 + r * 101 + i
+
+    # ------------------------------------------------------------------ shared operations
+    def net(self, state: State | None = None) -> torch.nn.Module:
+        net = build_network(self.base)
+        if state is not None:
+            net.load_state_dict(state)
+        return net.to(self.device)
+
+    def loader(self, data) -> DataLoader:
+        """A shuffling loader over ``data``, built after the round's seed is set, as :func:`run_round` builds it.
+
+        MONAI's ``DataLoader`` (``num_workers=0``) seeds the random transforms (crops, flips) from
+        torch's global generator when it is built, and torch seeds that generator randomly in every
+        process: a loader built once and reused would draw crops the round's seed does not control.
+        """
+        return DataLoader(data, batch_size=self.base.train.batch_size, shuffle=True, num_workers=0)
+
+    def train(self, name: str, state: State, epochs: int, seed: int, prox: tuple[State, float] | None = None) -> State:
+        """Supervised passes over a site's training cases from ``state``, with the round's seed.
+
+        Args:
+            prox: ``(anchor, weight)``: add Ditto's proximal term (:func:`~gcml_app.ml.supervised.proximal`).
+        """
+        set_determinism(seed=seed)
+        net = self.net(state)
+        loader = self.loader(self.data[name]["train"])
+        t = self.cfgs[name].train
+        penalty = proximal(net, prox[0], prox[1], self.device) if prox is not None else None
+        supervised_train(net, loader, epochs, t.lr, t.weight_decay, self.device, penalty=penalty)
+        return {k: v.detach().cpu() for k, v in net.state_dict().items()}
+
+    def weights(self, names: list[str]) -> list[float]:
+        """FedAvg's weights: each site's number of training cases."""
+        return [len(self.data[n]["train"]) for n in names]
+
+    def scores(self, name: str, state: State, split: str) -> list[dict[str, float]]:
+        c = self.cfgs[name]
+        return dice_per_case(self.net(state), self.data[name][split], list(c.labels), c.roi_size,
+                             c.validation.sw_batch_size, c.validation.overlap, self.device)
+
+    def test_dice(self, node: Node) -> dict[str, float]:
+        """Test Dice of the site's served model; evaluated once per distinct set of weights (by sha256).
+
+        A keep leaves the served model as it was, and the shared warm-up is served by several methods:
+        the evaluation is deterministic, so those are read back instead of run again.
+        """
+        served = node.store.served()
+        key = (node.name, served.sha256)
+        if key not in self._test_dice:
+            self._test_dice[key] = mean_over_cases(self.scores(node.name, node.store.load(served.version), "test"))
+        return self._test_dice[key]
+
+    def init_state(self) -> State:
+        torch.manual_seed(self.seed)
+        return {k: v.clone() for k, v in build_network(self.base).state_dict().items()}
+
+
+def _files(cases):
+    return [{"image": c["image"], "label": c["label"]} for c in cases]
+
+
