@@ -109,10 +109,19 @@ def test_the_train_entry_imports_nothing_heavy_before_it_runs():
         assert top <= {"os", "sys", "time", "itertools", "pathlib", "__future__", "monailabel"}, (module, top)
 
 
-def test_publish_is_called_only_by_the_round_commit_adoption_and_the_store():
+def test_publish_is_called_only_by_the_round_loop():
+    """``store.publish`` is reached from the round's commit and adoption (``rounds/loop.py``), nowhere else."""
     callers = set()
     for path in PKG.rglob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "publish":
                 callers.add(_module(path))
-    assert callers == {"gcml_app.rounds.loop", "gcml_app.rounds.gossip"}
+    assert callers == {"gcml_app.rounds.loop"}
+
+
+def test_the_old_asgi_path_serves_the_guarded_app():
+    """A service file written for an earlier release (``--uvicorn_app gcml_app.server:app``) keeps the guard."""
+    import gcml_app.server
+    import gcml_app.site.server
+
+    assert gcml_app.server.app is gcml_app.site.server.app

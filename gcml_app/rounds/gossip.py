@@ -20,10 +20,10 @@ from gcml_app.config import SiteConfig
 from gcml_app.federation.payload import our_arch
 from gcml_app.federation.peers import PeerBook, order_peers
 from gcml_app.federation.state import GossipState
-from gcml_app.rounds.loop import Progress, run_round, split_of
+from gcml_app.rounds.loop import Progress, adopt, run_round, split_of
 from gcml_app.rounds.producers import DCML, Local
-from gcml_app.rounds.pull import Connect, Got, http, pull_first
-from gcml_app.rounds.record import RoundRecord, partner_gain, provenance
+from gcml_app.rounds.pull import Connect, http, pull_first
+from gcml_app.rounds.record import RoundRecord, partner_gain
 from gcml_app.store import ModelStore
 
 __all__ = ["SyncRequest", "gossip_round", "labels_round"]
@@ -178,26 +178,12 @@ def gossip_round(
     gossip = {"peer": got.peer, "peer_version": man.version, "attempts": attempts, "bytes_pulled": pulled,
               "fetch_s": round(got.pulled.fetch_s, 3), "verify_s": round(got.pulled.verify_s, 3)}
     if adopting:
-        return _adopt(cfg, store, got, origin, ours, n_val, {**base, "gossip": gossip})
+        return adopt(cfg, store, got.pulled.state, got.manifest, got.peer, origin, ours, n_val,
+                     {**base, "gossip": gossip})
     # the weights were checked once, as they arrived (check_payload): the round trains on them as they are
     producer = DCML(got.pulled.state, man.sha256, origin, file=got.path.name)
     return _train_with(cfg, store, cases, book, state, got.peer, producer, {**base, "gossip": gossip},
                        request.epochs, progress, seed)
-
-
-def _adopt(cfg: SiteConfig, store: ModelStore, got: Got, origin: dict[str, Any], ours: str, n_val: int,
-           extra: dict[str, Any]) -> dict[str, Any]:
-    """Serve a trusted partner's validated model unchanged at a site with too few labels to validate."""
-    man = got.manifest
-    how, made_by = provenance("adopt", "incoming", got.peer)
-    published = store.publish(
-        got.pulled.state, arch=ours, val_dice={}, n_train=0, n_val=n_val, produced_by=how, made_by=made_by,
-        site=cfg.site, lineage=[{"site": cfg.site, "mode": "adopt", **origin}], validated=False,
-        decision={**extra, "mode": "adopt",
-                  "reason": f"too few labels to validate: adopted {got.peer} v{man.version} unvalidated"},
-    )
-    logger.info(f"gossip[{cfg.site}] adopted {got.peer} v{man.version} as v{published.version} (unvalidated)")
-    return store.history()[-1]
 
 
 def _train_with(cfg: SiteConfig, store: ModelStore, cases: list[dict[str, str]], book: PeerBook, state: GossipState,

@@ -31,6 +31,7 @@ from monai.utils import set_determinism
 
 from gcml_app.config import SiteConfig
 from gcml_app.errors import NotEnoughLabels
+from gcml_app.federation.client import PeerManifest
 from gcml_app.ml.evaluate import dice_per_case
 from gcml_app.ml.gate import SERVED, GateDecision, select
 from gcml_app.ml.network import GCMLNet, arch_fingerprint, build_network, train_device
@@ -40,7 +41,7 @@ from gcml_app.rounds.producers import DCML, Local, Produced, Producer, RoundInpu
 from gcml_app.rounds.record import RoundRecord, provenance
 from gcml_app.store import Manifest, ModelStore, StoreError
 
-__all__ = ["LINEAGE_DEPTH", "Progress", "run_round", "split_of"]
+__all__ = ["LINEAGE_DEPTH", "Progress", "adopt", "run_round", "split_of"]
 
 logger = logging.getLogger(__name__)
 
@@ -276,6 +277,27 @@ def _commit(cfg: SiteConfig, store: ModelStore, served: Manifest | None, arch: s
         else:
             store.record("keep", version=base_version, **record)
             record["version"] = base_version
+
+
+def adopt(cfg: SiteConfig, store: ModelStore, state: dict[str, torch.Tensor], man: PeerManifest, peer: str,
+          origin: dict[str, Any], arch: str, n_val: int, extra: dict[str, Any]) -> RoundRecord:
+    """Serve a trusted partner's validated model unchanged, at a site with too few labels to validate.
+
+    The other way a model comes to be served (besides :func:`run_round`'s commit): recorded
+    ``validated: false`` until local labels validate it (``gossip.adopt_when_unlabelled``).
+
+    Args:
+        extra: more fields for the history record (trigger, round id, gossip attempts).
+    """
+    how, made_by = provenance("adopt", "incoming", peer)
+    published = store.publish(
+        state, arch=arch, val_dice={}, n_train=0, n_val=n_val, produced_by=how, made_by=made_by,
+        site=cfg.site, lineage=[{"site": cfg.site, "mode": "adopt", **origin}], validated=False,
+        decision={**extra, "mode": "adopt",
+                  "reason": f"too few labels to validate: adopted {peer} v{man.version} unvalidated"},
+    )
+    logger.info(f"gossip[{cfg.site}] adopted {peer} v{man.version} as v{published.version} (unvalidated)")
+    return store.history()[-1]
 
 
 def _peak_rss_mb() -> float:

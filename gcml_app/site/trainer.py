@@ -58,7 +58,7 @@ class GCMLTrain(TrainTask):
 
     - ``mode``: ``local`` (fine-tune alone), ``dcml`` (with ``incoming``: a model file inside the
       state folder), ``gossip`` (pull a partner's model, DCML, gate; see
-      :func:`gcml_app.rounds.loop.gossip_round`) or ``labels`` (the round new labels trigger);
+      :func:`gcml_app.rounds.gossip.gossip_round`) or ``labels`` (the round new labels trigger);
     - ``epochs``: overrides the configured epochs of that mode;
     - ``peers``: for ``gossip``, partners to ask in this order;
     - ``trigger``, ``round_id``: kept in the round record.

@@ -205,7 +205,7 @@ def test_a_hostile_partner_is_refused_within_the_deadline_and_info_keeps_answeri
     t0 = time.monotonic()
     rec = site["inside"].round(peers=["evil"], timeout=120)
     assert rec["outcome"] == "no_model"
-    (attempt,) = [a for a in rec["attempts"] if a["peer"] == "evil"]
+    (attempt,) = [a for a in rec["gossip"]["attempts"] if a["peer"] == "evil"]
     assert attempt["outcome"] in ("unavailable", "rejected")
     assert re.search(reason, attempt["reason"]), attempt["reason"]
     assert time.monotonic() - t0 < DEADLINE_S + 5 + 25  # + the round's own start-up (a subprocess)

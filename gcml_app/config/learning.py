@@ -1,0 +1,187 @@
+"""What a site learns and how: intensity, network, training, validation (the gate), DCML, fine-tuning."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal, Union
+
+from pydantic import Field, model_validator
+
+from gcml_app.config.base import _Strict
+
+__all__ = [
+    "DCMLConfig",
+    "FinetuneConfig",
+    "IntensityConfig",
+    "NetworkConfig",
+    "SegResNetConfig",
+    "TrainConfig",
+    "UNetConfig",
+    "ValidationConfig",
+]
+
+
+class IntensityConfig(_Strict):
+    """How image intensities are normalised before the network.
+
+    ``zscore``: per-channel (x - mean) / std over the volume.
+    ``range``: clip to [a_min, a_max] and scale linearly to [b_min, b_max] (CT-style windows).
+    """
+
+    mode: Literal["zscore", "range"] = "zscore"
+    a_min: float = -1000.0
+    a_max: float = 1000.0
+    b_min: float = 0.0
+    b_max: float = 1.0
+
+    @model_validator(mode="after")
+    def _window(self) -> IntensityConfig:
+        if self.mode == "range" and not self.a_min < self.a_max:
+            raise ValueError(f"found a_min={self.a_min}, a_max={self.a_max}; expected a_min < a_max")
+        return self
+
+
+class UNetConfig(_Strict):
+    """MONAI ``UNet``: ``channels[i]`` features at level i, downsampled by ``strides[i]``."""
+
+    name: Literal["UNet"] = "UNet"
+    channels: tuple[Annotated[int, Field(ge=1)], ...] = (16, 32, 64, 128)
+    strides: tuple[Annotated[int, Field(ge=1)], ...] = (2, 2, 2)
+    num_res_units: int = Field(2, ge=0)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+
+    @model_validator(mode="after")
+    def _levels(self) -> UNetConfig:
+        if len(self.channels) < 2 or len(self.strides) != len(self.channels) - 1:
+            raise ValueError(
+                f"found channels={list(self.channels)} with strides={list(self.strides)}; "
+                "expected at least 2 channels and len(strides) == len(channels) - 1"
+            )
+        return self
+
+    @property
+    def downsample(self) -> int:
+        """Total downsampling factor; ROI sizes must be divisible by it."""
+        f = 1
+        for s in self.strides:
+            f *= s
+        return f
+
+
+class SegResNetConfig(_Strict):
+    """MONAI ``SegResNet``: ``init_filters`` doubled at each of ``len(blocks_down)`` levels."""
+
+    name: Literal["SegResNet"]
+    init_filters: int = Field(8, ge=1)
+    blocks_down: tuple[Annotated[int, Field(ge=1)], ...] = (1, 2, 2, 4)
+    blocks_up: tuple[Annotated[int, Field(ge=1)], ...] = (1, 1, 1)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+
+    @model_validator(mode="after")
+    def _levels(self) -> SegResNetConfig:
+        if self.init_filters % 8:
+            raise ValueError(
+                f"found init_filters={self.init_filters}; expected a multiple of 8 (SegResNet's group norm uses 8 groups)"
+            )
+        if len(self.blocks_up) != len(self.blocks_down) - 1:
+            raise ValueError(
+                f"found blocks_down={list(self.blocks_down)} with blocks_up={list(self.blocks_up)}; "
+                "expected len(blocks_up) == len(blocks_down) - 1"
+            )
+        return self
+
+    @property
+    def downsample(self) -> int:
+        return 2 ** (len(self.blocks_down) - 1)
+
+
+NetworkConfig = Annotated[Union[UNetConfig, SegResNetConfig], Field(discriminator="name")]
+
+
+class TrainConfig(_Strict):
+    """How the site trains: its working model's supervised passes, and the settings every round shares
+    (batches, crops, optimizer, seed, device, threads, priority, warm start)."""
+
+    epochs: int = Field(20, ge=1)
+    batch_size: int = Field(2, ge=1)
+    samples_per_case: int = Field(2, ge=1, description="random ROI crops drawn from each case per epoch")
+    lr: float = Field(1e-3, gt=0.0)
+    weight_decay: float = Field(1e-5, ge=0.0)
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    num_threads: int = Field(0, ge=0, description="torch CPU threads in the training process; 0 = torch default")
+    nice: int = Field(10, ge=0, le=19, description="CPU niceness of the training process, so inference stays fast")
+    warm: bool = Field(True, description="keep a warm trainer process (imports done) that rounds fork from, instead "
+                       "of a fresh interpreter per round (gcml_app.site.warm); costs its resident memory")
+
+
+class ValidationConfig(_Strict):
+    """The site's held-out labels that gate every publish (docs/design.md, "The gate").
+
+    A case is assigned to validation once, when it is first seen, and never moves.
+    ``min_cases`` validation cases are filled first; after that a case joins validation
+    when the split would otherwise fall below ``fraction``.
+
+    The gate compares each candidate with the served model case by case (paired Dice deltas): a
+    candidate publishes only if its mean paired gain exceeds ``margin`` (``decision: margin``), or
+    if in addition a one-sided sign test over the cases gives ``p <= alpha``
+    (``decision: sign_test``), and no label's mean Dice drops by more than ``max_label_drop``.
+    A sign test over n cases can reach ``p = 2^-n`` at best, so fewer than
+    ``ceil(log2(1 / alpha))`` validation cases cannot support a strict decision; ``/gcml/status``
+    says so and how many more labels would.
+    """
+
+    fraction: float = Field(0.2, gt=0.0, lt=1.0)
+    min_cases: int = Field(1, ge=1)
+    sw_batch_size: int = Field(1, ge=1)
+    overlap: float = Field(0.25, ge=0.0, lt=1.0)
+    decision: Literal["margin", "sign_test"] = "margin"
+    margin: float = Field(0.005, ge=0.0, lt=1.0, description="mean paired Dice gain a candidate must exceed")
+    alpha: float = Field(0.05, gt=0.0, lt=1.0, description="sign test level (decision: sign_test)")
+    max_label_drop: float = Field(0.02, ge=0.0, le=1.0, description="largest mean Dice drop allowed on any label")
+    gate: bool = Field(True, description="false serves every round's new working model unchecked (ablations only)")
+
+    @property
+    def strict_cases(self) -> int:
+        """Validation cases a one-sided sign test needs to reach ``alpha``: ``ceil(log2(1/alpha))``."""
+        import math
+
+        return max(1, math.ceil(math.log2(1.0 / self.alpha) - 1e-9))
+
+
+class DCMLConfig(_Strict):
+    """Deep contrastive mutual learning (docs/design.md, "DCML"); every weight is configurable.
+
+    ``loss_L = DiceCE(L) + w(t) lambda_kl T^2 KL_trust(I || L) + lambda_con InfoNCE(L <- I)``, symmetric for I.
+
+    - ``lambda_kl * T^2`` is the weight of the distillation term relative to the supervised loss;
+      the default 0.25 * 2^2 = 1 makes a voxel's KL weigh as much as its cross-entropy.
+    - ``w(t)`` ramps from 0 to 1 over the first ``kl_rampup`` of a round's steps (a sigmoid ramp,
+      ``exp(-5 (1 - t)^2)``), so a partner's model does not pull ours before both have adapted.
+    - ``kl_mask: agree`` distils only at voxels where the teacher's prediction equals the label
+      (``none``: every voxel); the mean is over all voxels, so a teacher that is wrong on our data
+      pulls proportionally less.
+    - Foreground voxels (labels > 0, dilated by ``dilation``) weigh ``min(n_bg / n_fg, fg_weight_max)``
+      times a background voxel: balanced, but bounded.
+    """
+
+    lambda_kl: float = Field(0.25, ge=0.0)
+    lambda_con: float = Field(0.1, ge=0.0)
+    temperature: float = Field(2.0, gt=0.0, description="T of the mutual KL")
+    kl_rampup: float = Field(0.3, ge=0.0, le=1.0, description="fraction of a round's steps over which the KL ramps up")
+    kl_mask: Literal["agree", "none"] = Field("agree", description="distil where the teacher agrees with the label")
+    fg_weight_max: float = Field(3.0, ge=1.0, description="bound on the foreground up-weighting of the KL")
+    tau: float = Field(0.1, gt=0.0, description="InfoNCE temperature")
+    samples_per_class: int = Field(
+        128, ge=1, description="anchor voxels sampled per class per volume (128: the setting gcml simulate validates)")
+    dilation: int = Field(2, ge=0, description="voxels the foreground region is dilated by for the KL balance")
+    embed_dim: int = Field(32, ge=2, description="projection head output size")
+
+
+
+class FinetuneConfig(_Strict):
+    """Rounds triggered by new labels from Slicer."""
+
+    min_new_labels: int = Field(5, ge=0, description="new final labels that enqueue a round; 0 = never")
+    epochs: int | None = Field(None, ge=1, description="epochs of that round; default train.epochs")
+
+
