@@ -43,7 +43,8 @@ def supervised_step(model: GCMLNet, opt: torch.optim.Optimizer, x: torch.Tensor,
     return float(loss.detach())
 
 
-def proximal(model: GCMLNet, anchor: State, weight: float, device: str | torch.device = "cpu") -> Callable[[], torch.Tensor]:
+def proximal(model: GCMLNet, anchor: State, weight: float,
+             device: str | torch.device = "cpu") -> Callable[[], torch.Tensor]:
     """``weight / 2 * ||v - anchor||^2`` over ``model``'s parameters (Ditto's pull towards the global model)."""
     ref = {k: v.to(device) for k, v in anchor.items()}
     params = dict(model.named_parameters())
@@ -109,7 +110,8 @@ def average_state(*states: State, weights: list[float] | None = None) -> dict[st
         raise ValueError(f"average_state: found {len(states)} state dicts; expected at least 2")
     weights = [1.0] * len(states) if weights is None else list(weights)
     if len(weights) != len(states):
-        raise ValueError(f"average_state: found {len(weights)} weights for {len(states)} state dicts; expected one each")
+        raise ValueError(f"average_state: found {len(weights)} weights for {len(states)} state dicts; "
+                         "expected one each")
     first = states[0]
     for other in states[1:]:
         if first.keys() != other.keys():

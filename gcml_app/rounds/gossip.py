@@ -59,7 +59,8 @@ class SyncRequest:
                                   or not all(isinstance(p, str) and p in partners for p in peers)):
             raise ValueError(f"sync request: found peers {peers!r}; expected a non-empty list of configured "
                              f"partners {partners}")
-        if epochs is not None and (not isinstance(epochs, int) or isinstance(epochs, bool) or not 1 <= epochs <= 10_000):
+        whole = isinstance(epochs, int) and not isinstance(epochs, bool)
+        if epochs is not None and not (whole and 1 <= epochs <= 10_000):
             raise ValueError(f"sync request: found epochs {epochs!r}; expected an integer from 1 to 10000")
         return cls(peers, epochs)
 
@@ -213,8 +214,8 @@ def labels_round(
     train_ids, val_ids, enough = split_of(cfg, cases)
     if not enough:
         state.learned([])  # re-arm the trigger: the next label tries again
-        return store.record("labels", outcome="skipped", **extra,
-                            reason=f"not enough labels to validate yet ({len(train_ids)} train, {len(val_ids)} validation)")
+        reason = f"not enough labels to validate yet ({len(train_ids)} train, {len(val_ids)} validation)"
+        return store.record("labels", outcome="skipped", reason=reason, **extra)
     names = [p.name for p in cfg.gossip.peers]
     cached = [state.cached_model(n) for n in names if state.cached_model(n).exists()]
     latest = max(cached, key=lambda p: p.stat().st_mtime) if cached else None

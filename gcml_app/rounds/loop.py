@@ -84,7 +84,6 @@ class _Data:
     cfg: SiteConfig
     val: CacheDataset
     loader: DataLoader | None
-    n_train: int
     device: torch.device
 
     @classmethod
@@ -100,7 +99,7 @@ class _Data:
         if trains:  # built after the round's seed is set: MONAI's DataLoader seeds the random crops from it
             train = CacheDataset(files(train_ids), train_transforms(cfg), progress=False)
             loader = DataLoader(train, batch_size=cfg.train.batch_size, shuffle=True, num_workers=0)
-        return cls(cfg, val, loader, len(train_ids), device)
+        return cls(cfg, val, loader, device)
 
     def score(self, model: GCMLNet) -> list[dict[str, float]]:
         """Dice per label of every validation case (sliding window)."""
@@ -178,6 +177,9 @@ def run_round(
     model = build_network(cfg)
     arch = arch_fingerprint(cfg, model.state_dict())
     if incoming is not None:
+        if producer is not None:
+            raise ValueError("run_round: found both a producer and incoming; expected one of them "
+                             "(incoming is DCML's shorthand)")
         producer = DCML.from_file(incoming, cfg, arch, origin)
     producer = producer or Local()
     start, working = _start_state(cfg, store, arch)

@@ -80,8 +80,8 @@ def provenance(mode: str, candidate: str, peer: str | None = None) -> tuple[str,
     Example:
         >>> provenance("dcml", "average", "site-b")
         ('gossip:site-b:average', {'mode': 'dcml', 'candidate': 'average', 'peer': 'site-b'})
-        >>> provenance("local", "local")[0], provenance("adopt", "incoming", "site-b")[0], provenance("fedavg", "fedavg")[0]
-        ('local', 'adopted:site-b', 'fedavg')
+        >>> [provenance(*a)[0] for a in [("local", "local"), ("adopt", "incoming", "site-b"), ("fedavg", "fedavg")]]
+        ['local', 'adopted:site-b', 'fedavg']
     """
     made_by = {"mode": mode, "candidate": candidate, "peer": peer}
     if mode == "adopt":

@@ -202,7 +202,8 @@ class Ditto(Central):
     def fit(self, run, names, fed, r, epochs):
         local = {n: run.train(n, fed.glob, epochs, run.seed_of(r, i)) for i, n in enumerate(names)}
         for i, n in enumerate(names):
-            fed.personal[n] = run.train(n, fed.personal[n], epochs, run.seed_of(r, i) + 7, prox=(fed.glob, DITTO_LAMBDA))
+            seed = run.seed_of(r, i) + 7
+            fed.personal[n] = run.train(n, fed.personal[n], epochs, seed, prox=(fed.glob, DITTO_LAMBDA))
         fed.glob = average_state(*(local[n] for n in names), weights=run.weights(names))
         return dict(fed.personal)
 
