@@ -51,7 +51,10 @@ class Orthanc:
         self.exe, plugin = found
         self.folder = Path(folder).resolve()
         self.folder.mkdir(parents=True, exist_ok=True)
-        self.port = port or free_port()
+        # Orthanc listens on every interface without SO_REUSEADDR. After a burst of short connections (the
+        # attacker tests leave ~5000 in TIME_WAIT) a port probed free on 127.0.0.1 can still be refused to
+        # that bind ("privileged or already in use"); a port probed on the wildcard is one it accepts.
+        self.port = port or free_port("0.0.0.0")
         self.user, self.password = user, password or secrets.token_urlsafe(16)
         self.base = f"http://127.0.0.1:{self.port}"
         self.url = f"{self.base}/dicom-web"
