@@ -16,7 +16,7 @@ import requests
 
 from gcml_app.config import SiteConfig, load_config
 
-__all__ = ["SiteServer", "app_dir", "client_session", "free_port", "server_command", "stop_group"]
+__all__ = ["APP_FOLDERS", "SiteServer", "app_dir", "client_session", "free_port", "server_command", "stop_group"]
 
 
 def app_dir() -> str:
@@ -30,12 +30,20 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+APP_FOLDERS = ("model", "lib", "logs", "bin")  # what MONAI Label's start_server creates in the app folder
+
+
 def server_command(config: str | os.PathLike, studies: str | os.PathLike, host: str, port: int) -> list[str]:
     """The ``monailabel start_server`` command line for one site (HTTPS when the YAML has ``serve.tls``).
 
-    ``studies`` is a folder or a PACS's DICOMweb URL (:mod:`gcml_app.site.pacs`).
+    ``studies`` is a folder or a PACS's DICOMweb URL (:mod:`gcml_app.site.pacs`). The app folder's
+    :data:`APP_FOLDERS` are created here, before any server starts: MONAI Label checks for each and
+    then creates it, so servers of several sites starting at once from one fresh install (the demo,
+    the bench) raced, and the loser exited with ``FileExistsError``.
     """
     tls = load_config(config).serve.tls
+    for d in APP_FOLDERS:
+        Path(app_dir(), d).mkdir(exist_ok=True)
     # MONAI Label's CLI through gcml_app.site.serve_main: uvicorn without proxy headers, and with client
     # certificates required when the YAML says so (MONAI Label cannot ask for that by itself).
     entry = [sys.executable, "-m", "gcml_app.site.serve_main", "--ssl-cert-reqs", tls.client_certs if tls else "none"]
