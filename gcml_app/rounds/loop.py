@@ -215,7 +215,7 @@ def run_round(
         "losses": produced.losses, **decision.as_record(), **(extra or {}),
     }
     if producer.incoming_sha256 is not None:
-        record["incoming"] = {"file": getattr(producer, "file", None), "sha256": producer.incoming_sha256,
+        record["incoming"] = {"file": producer.incoming_file, "sha256": producer.incoming_sha256,
                               **(producer.origin or {})}
     _commit(cfg, store, served, arch, working, produced, producer, decision, record)
     lap("publish_s")

@@ -77,11 +77,13 @@ class Producer(ABC):
         origin: where an incoming model came from (``{"peer", "peer_site", "peer_version", ...}``): it
             goes into the round record and the published model's lineage. ``None``: no incoming model.
         incoming_sha256: the incoming model's sha256, when there is one.
+        incoming_file: the name of the file it was read from (in the round record).
     """
 
     trains: bool = True
     origin: dict[str, Any] | None = None
     incoming_sha256: str | None = None
+    incoming_file: str | None = None
 
     @abstractmethod
     def produce(self, inputs: RoundInputs) -> Produced:
@@ -106,10 +108,11 @@ class DCML(Producer):
             checks when the bytes arrived this round).
         sha256: the sha256 of the file those weights came from.
         origin: where they came from (see :attr:`Producer.origin`).
+        file: the name of that file, for the round record.
     """
 
     def __init__(self, state: State, sha256: str, origin: dict[str, Any] | None = None, file: str | None = None):
-        self.state, self.incoming_sha256, self.origin, self.file = state, sha256, origin, file
+        self.state, self.incoming_sha256, self.origin, self.incoming_file = state, sha256, origin, file
 
     @classmethod
     def from_file(cls, path: str | Path, cfg: SiteConfig, ours: str | None = None,

@@ -131,7 +131,6 @@ class Federated:
 
     glob: State
     personal: dict[str, State]
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
