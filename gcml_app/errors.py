@@ -41,6 +41,18 @@ class NotEnoughLabels(GCMLError):
     """Training cannot run: too few labelled cases for a train and a validation split."""
 
 
+class RoundFailed(GCMLError):
+    """A round stopped before its commit; nothing served changed and its pending labels stay pending.
+
+    ``phase`` is where it stopped (``prepare``, ``validate``, ``train``); the round record in the
+    history (``outcome: failed``) carries the same message.
+    """
+
+    def __init__(self, message: str, phase: str):
+        super().__init__(message)
+        self.phase = phase
+
+
 class IncomingModelRejected(GCMLError):
     """An incoming model file for a DCML round that is unsafe or unusable; nothing was trained or changed."""
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated, Literal, Union
 
 from pydantic import Field, model_validator
@@ -108,6 +109,20 @@ class TrainConfig(_Strict):
     weight_decay: float = Field(1e-5, ge=0.0)
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    gpu: int = Field(0, ge=0, description="CUDA device index that trains and validates (device auto or cuda)")
+    gpu_memory_fraction: float | None = Field(
+        None, gt=0.0, le=1.0, description="cap on the training process's share of that GPU's memory, when "
+        "inference shares the GPU (torch.cuda.set_per_process_memory_fraction); none = no cap")
+    amp: Literal["auto", "on", "off"] = Field(
+        "auto", description="mixed precision: auto = on CUDA only (bf16 where the GPU supports it, else fp16 with "
+        "a gradient scaler; losses, softmaxes and the KL in fp32)")
+    deterministic: bool = Field(False, description="CUDA: deterministic cuDNN kernels instead of autotuned ones "
+                                "(cudnn.benchmark, faster for the fixed-size crops); the CPU path is always deterministic")
+    num_workers: int = Field(0, ge=0, description="data-loading worker processes; 0 = one background thread "
+                             "(MONAI ThreadDataLoader), so crops are drawn while the model trains")
+    cache_max_gb: float = Field(50.0, gt=0.0, description="bound on the preprocessed-case cache on disk; least "
+                                "recently used entries are evicted beyond it (gcml_app.ml.cache)")
+    cache_dir: Path | None = Field(None, description="where preprocessed cases are kept; default <state_dir>/cache")
     num_threads: int = Field(0, ge=0, description="torch CPU threads in the training process; 0 = torch default")
     nice: int = Field(10, ge=0, le=19, description="CPU niceness of the training process, so inference stays fast")
     warm: bool = Field(True, description="keep a warm trainer process (imports done) that rounds fork from, instead "
@@ -132,7 +147,8 @@ class ValidationConfig(_Strict):
 
     fraction: float = Field(0.2, gt=0.0, lt=1.0)
     min_cases: int = Field(1, ge=1)
-    sw_batch_size: int = Field(1, ge=1)
+    sw_batch_size: int = Field(0, ge=0, description="windows per forward pass; 0 = sized to the device (1 on the "
+                               "CPU, 4 on a GPU)")
     overlap: float = Field(0.25, ge=0.0, lt=1.0)
     decision: Literal["margin", "sign_test"] = "margin"
     margin: float = Field(0.005, ge=0.0, lt=1.0, description="mean paired Dice gain a candidate must exceed")

@@ -183,6 +183,8 @@ class ServeConfig(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
     tls: TLSConfig | None = None
+    gpu: int | None = Field(None, ge=0, description="CUDA device index inference runs on; default train.gpu "
+                            "(set another to keep annotation fast while a round trains)")
 
     @property
     def url(self) -> str:

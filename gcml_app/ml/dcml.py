@@ -21,6 +21,7 @@ import torch
 from monai.losses import DiceCELoss
 
 from gcml_app.config import DCMLConfig
+from gcml_app.ml.device import Precision, fp32
 from gcml_app.ml.losses import _check_pair, kl_ramp, mutual_infonce, mutual_kl
 from gcml_app.ml.network import GCMLNet
 
@@ -60,6 +61,8 @@ def dcml_step(
     seg_loss: Callable | None = None,
     generator: torch.Generator | None = None,
     kl_weight: float = 1.0,
+    amp: Precision | None = None,
+    scaler: torch.amp.GradScaler | None = None,
 ) -> DCMLStep:
     """One DCML step: both models forward on ``x``, each loss backpropagates into its own model only.
 
@@ -72,6 +75,9 @@ def dcml_step(
             ``lambda_kl = lambda_con = 0`` is exactly two independent supervised steps.
         generator: random source of the contrastive voxel sampling.
         kl_weight: the ramp ``w(t)`` in ``[0, 1]`` that multiplies ``lambda_kl`` (see :func:`kl_ramp`).
+        amp: mixed precision of the two forward passes (:mod:`gcml_app.ml.device`; default fp32). The
+            losses, the KL's softmaxes and InfoNCE always run on fp32 logits and features.
+        scaler: the float16 gradient scaler shared by both optimizers (``amp.scaler()``), or ``None``.
 
     Returns:
         the step's loss components (the KL unweighted).
@@ -80,11 +86,15 @@ def dcml_step(
     seg_loss = seg_loss or DiceCELoss(to_onehot_y=True, softmax=True)
     opt_l.zero_grad(set_to_none=True)
     opt_i.zero_grad(set_to_none=True)
+    with (amp or Precision(x.device.type)).autocast():
+        if cfg.lambda_con:
+            z_l, f_l = local.logits_and_features(x)
+            z_i, f_i = incoming.logits_and_features(x)
+        else:  # no contrastive term: no features needed
+            z_l, z_i = local(x), incoming(x)
+    z_l, z_i = fp32(z_l), fp32(z_i)
     if cfg.lambda_con:
-        z_l, f_l = local.logits_and_features(x)
-        z_i, f_i = incoming.logits_and_features(x)
-    else:  # no contrastive term: no features needed
-        z_l, z_i = local(x), incoming(x)
+        f_l, f_i = fp32(f_l), fp32(f_i)
     _check_pair(z_l, z_i, "dcml_step logits")
     zero = z_l.new_zeros(())
     seg_l, seg_i = seg_loss(z_l, y), seg_loss(z_i, y)
@@ -100,11 +110,13 @@ def dcml_step(
     # (e.g. a partner model that overflows) skips this step; the other still learns, and never from NaN.
     ok_l, ok_i = bool(torch.isfinite(loss_l)), bool(torch.isfinite(loss_i))
     if ok_l or ok_i:
-        ((loss_l if ok_l else zero) + (loss_i if ok_i else zero)).backward()
-    if ok_l:
-        opt_l.step()
-    if ok_i:
-        opt_i.step()
+        total = (loss_l if ok_l else zero) + (loss_i if ok_i else zero)
+        (scaler.scale(total) if scaler is not None else total).backward()
+    for ok, opt in ((ok_l, opt_l), (ok_i, opt_i)):
+        if ok:  # a scaler also skips a step whose scaled gradients overflowed
+            scaler.step(opt) if scaler is not None else opt.step()
+    if scaler is not None and (ok_l or ok_i):
+        scaler.update()
     return DCMLStep(*(float(t.detach()) for t in (seg_l, kl_l, con_l, seg_i, kl_i, con_i)))
 
 
@@ -119,6 +131,7 @@ def dcml_train(
     device: str | torch.device = "cpu",
     progress: Callable[[dict], None] | None = None,
     seed: int = 0,
+    amp: Precision | None = None,
 ) -> tuple[GCMLNet, GCMLNet, list[dict[str, float]]]:
     """Train ``local`` and ``incoming`` together for ``epochs`` passes over ``batches``.
 
@@ -129,6 +142,7 @@ def dcml_train(
         batches: re-iterable of ``{"image": (B, C_in, D, H, W), "label": (B, 1, D, H, W)}`` with a length.
         progress: called after each epoch with ``{"epoch", "total_epochs", **mean loss components}``.
         seed: seed of the voxel-sampling generator.
+        amp: mixed precision (default fp32); float16 gets a gradient scaler.
 
     Returns:
         both models (trained in place) and the per-epoch mean of every loss component.
@@ -139,6 +153,8 @@ def dcml_train(
     opt_i = torch.optim.AdamW(incoming.parameters(), lr=lr, weight_decay=weight_decay)
     seg_loss = DiceCELoss(to_onehot_y=True, softmax=True)
     generator = torch.Generator().manual_seed(seed)
+    amp = amp or Precision(torch.device(device).type)
+    scaler = amp.scaler()
     total = epochs * len(batches)
     step = 0
     history = []
@@ -148,8 +164,9 @@ def dcml_train(
         steps = []
         for b in batches:
             w = kl_ramp(step, total, cfg.kl_rampup)
-            steps.append(dcml_step(local, incoming, opt_l, opt_i, b["image"].to(device), b["label"].to(device), cfg,
-                                   seg_loss, generator, w))
+            steps.append(dcml_step(local, incoming, opt_l, opt_i, b["image"].to(device, non_blocking=True),
+                                   b["label"].to(device, non_blocking=True).long(), cfg, seg_loss, generator, w,
+                                   amp, scaler))
             step += 1
         mean = {k: sum(getattr(s, k) for s in steps) / max(len(steps), 1) for k in DCMLStep.__dataclass_fields__}
         history.append({**mean, "kl_weight": round(w * cfg.lambda_kl, 6)})

@@ -14,7 +14,7 @@ from monai.networks.nets import SegResNet, UNet
 
 from gcml_app.config import SegResNetConfig, SiteConfig, UNetConfig
 
-__all__ = ["GCMLNet", "arch_fingerprint", "build_network", "feature_channels", "train_device"]
+__all__ = ["GCMLNet", "arch_fingerprint", "build_network", "feature_channels"]
 
 
 class GCMLNet(torch.nn.Module):
@@ -157,10 +157,3 @@ def arch_fingerprint(cfg: SiteConfig, state_dict: dict[str, torch.Tensor]) -> st
     }
     blob = json.dumps(desc, sort_keys=True, separators=(",", ":")).encode()
     return "sha256:" + hashlib.sha256(blob).hexdigest()
-
-
-def train_device(cfg: SiteConfig) -> torch.device:
-    """Where the site trains and validates (``train.device``): ``auto`` is the GPU when there is one."""
-    if cfg.train.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(cfg.train.device)

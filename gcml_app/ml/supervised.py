@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterable, Mapping
 import torch
 from monai.losses import DiceCELoss
 
+from gcml_app.ml.device import Precision, fp32
 from gcml_app.ml.losses import _check_pair
 from gcml_app.ml.network import GCMLNet
 
@@ -22,24 +23,34 @@ State = Mapping[str, torch.Tensor]
 
 
 def supervised_step(model: GCMLNet, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
-                    seg_loss: Callable | None = None, penalty: Callable[[], torch.Tensor] | None = None) -> float:
+                    seg_loss: Callable | None = None, penalty: Callable[[], torch.Tensor] | None = None,
+                    amp: Precision | None = None, scaler: torch.amp.GradScaler | None = None) -> float:
     """One single-model DiceCE step (plus ``penalty()``, e.g. Ditto's :func:`proximal` term).
 
     Args:
         x: images ``(B, C_in, D, H, W)``.
         y: labels ``(B, 1, D, H, W)`` with channel indices ``0..C-1``.
+        amp: mixed precision of the forward pass (default fp32); the loss takes fp32 logits.
+        scaler: float16's gradient scaler (``amp.scaler()``), or ``None``.
 
     Returns:
         the step's loss; a loss that is not finite is returned and never applied.
     """
     seg_loss = seg_loss or DiceCELoss(to_onehot_y=True, softmax=True)
     opt.zero_grad(set_to_none=True)
-    loss = seg_loss(model(x), y)
+    with (amp or Precision(x.device.type)).autocast():
+        z = model(x)
+    loss = seg_loss(fp32(z), y)
     if penalty is not None:
         loss = loss + penalty()
     if torch.isfinite(loss):  # a diverged step is skipped, never applied
-        loss.backward()
-        opt.step()
+        if scaler is None:
+            loss.backward()
+            opt.step()
+        else:
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
     return float(loss.detach())
 
 
@@ -61,6 +72,7 @@ def supervised_train(
     progress: Callable[[dict], None] | None = None,
     max_steps: int | None = None,
     penalty: Callable[[], torch.Tensor] | None = None,
+    amp: Precision | None = None,
 ) -> list[dict[str, float]]:
     """Plain DiceCE training of one model for ``epochs`` passes over ``batches`` (AdamW).
 
@@ -69,6 +81,7 @@ def supervised_train(
         progress: called after each epoch with ``{"epoch", "total_epochs", "loss"}``.
         max_steps: stop after this many steps (the pooled baseline's step budget), even mid-epoch.
         penalty: added to every step's loss (see :func:`supervised_step`).
+        amp: mixed precision (default fp32); float16 gets a gradient scaler.
 
     Returns:
         ``[{"seg_l": mean loss}]`` per epoch.
@@ -77,6 +90,8 @@ def supervised_train(
         raise ValueError(f"supervised_train: found epochs={epochs}; expected >= 1")
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    amp = amp or Precision(torch.device(device).type)
+    scaler = amp.scaler()
     history, done = [], 0
     for epoch in range(1, epochs + 1):
         model.train()
@@ -84,7 +99,9 @@ def supervised_train(
         for b in batches:
             if max_steps is not None and done >= max_steps:
                 break
-            steps.append(supervised_step(model, opt, b["image"].to(device), b["label"].to(device), loss_fn, penalty))
+            steps.append(supervised_step(model, opt, b["image"].to(device, non_blocking=True),
+                                         b["label"].to(device, non_blocking=True).long(), loss_fn, penalty, amp,
+                                         scaler))
             done += 1
         history.append({"seg_l": sum(steps) / max(len(steps), 1)})
         if progress:

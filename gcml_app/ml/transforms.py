@@ -1,14 +1,16 @@
 """MONAI transform chains built from the site config, shared by inference, training and validation.
 
 Images are loaded channel-first, reoriented to RAS, resampled to ``cfg.spacing`` and normalised per
-``cfg.intensity``. Labels are mapped from task indices (e.g. ``{organ: 1, lesion: 4}``) to network
+``cfg.intensity``; labels are uint8. Labels are mapped from task indices (e.g. ``{organ: 1, lesion: 4}``) to network
 channels ``1..n`` in index order, so any index set trains the same ``n + 1``-channel network.
 """
 
 from __future__ import annotations
 
+import torch
 from monai.transforms import (
     Compose,
+    MapTransform,
     EnsureChannelFirstd,
     EnsureTyped,
     LoadImaged,
@@ -19,12 +21,14 @@ from monai.transforms import (
     RandFlipd,
     ScaleIntensityRanged,
     Spacingd,
+    SpatialPad,
     SpatialPadd,
 )
+from monai.transforms.utils import map_binary_to_indices
 
 from gcml_app.config import SiteConfig
 
-__all__ = ["image_transforms", "train_transforms", "val_transforms"]
+__all__ = ["MAX_INDICES", "CropCentres", "case_transforms", "crop_transforms", "image_transforms", "train_transforms", "val_transforms"]
 
 
 def _intensity(cfg: SiteConfig, key: str = "image"):
@@ -46,36 +50,80 @@ def image_transforms(cfg: SiteConfig) -> list:
     ]
 
 
-def _paired(cfg: SiteConfig) -> list:
+def case_transforms(cfg: SiteConfig) -> Compose:
+    """Load a case and bring it to network space once: ``image (C, D, H, W)`` float32, ``label (1, D, H, W)``
+    uint8 in channels ``0..n`` (what :class:`~gcml_app.ml.cache.CaseCache` stores; labels hold at most 255)."""
     keys = ("image", "label")
     indices = list(cfg.labels.values())
-    return [
+    return Compose([
         LoadImaged(keys),
         EnsureChannelFirstd(keys),
         Orientationd(keys, axcodes="RAS"),
         Spacingd(keys, pixdim=cfg.spacing, mode=("bilinear", "nearest")),
         _intensity(cfg),
         MapLabelValued("label", orig_labels=indices, target_labels=list(range(1, len(indices) + 1))),
-        EnsureTyped(keys, dtype=("float32", "int64"), track_meta=False),
-    ]
+        EnsureTyped(keys, dtype=("float32", "uint8"), track_meta=False),
+    ])
+
+
+MAX_INDICES = 1 << 20  # crop centres kept per class (fg, bg): 4 MB each as int32; a 32^3 phantom keeps all
+
+
+class CropCentres(MapTransform):
+    """Add ``fg`` and ``bg``: flat indices ``(K,)`` of the label's foreground and background, once per case.
+
+    Computed on the label padded to ``roi_size`` (what :func:`crop_transforms` crops from), at most
+    :data:`MAX_INDICES` of each: beyond that a fixed uniform random subset in index order, so a CT's
+    background does not cost 8 bytes a voxel. The label is binarised first: MONAI's
+    ``map_binary_to_indices`` treats a uint8 label as bits (``~`` of uint8 1 is 254, not 0), and would
+    count every voxel as background.
+
+    Args:
+        roi_size: the training crop size.
+        seed: the random subset's seed.
+    """
+
+    def __init__(self, roi_size, label_key: str = "label", seed: int = 0):
+        super().__init__(label_key)
+        self.pad, self.label_key, self.seed = SpatialPad(roi_size), label_key, seed
+
+    def __call__(self, data):
+        d = dict(data)
+        fg, bg = map_binary_to_indices(torch.as_tensor(self.pad(d[self.label_key])) > 0)
+        d["fg"], d["bg"] = (_subset(torch.as_tensor(t), self.seed + k) for k, t in enumerate((fg, bg)))
+        return d
+
+
+def _subset(indices: torch.Tensor, seed: int) -> torch.Tensor:
+    """At most :data:`MAX_INDICES` of ``indices``: a uniform random subset (in index order) beyond that."""
+    if indices.numel() <= MAX_INDICES:
+        return indices
+    g = torch.Generator().manual_seed(seed)
+    return indices[torch.randperm(indices.numel(), generator=g)[:MAX_INDICES].sort().values]
+
+
+def crop_transforms(cfg: SiteConfig) -> Compose:
+    """Random ROI crops (half centred on foreground) with flips: ``samples_per_case`` crops of a preprocessed case.
+
+    The case carries its crop centres (``fg``/``bg``, :class:`CropCentres`): nothing scans the volume per crop.
+    """
+    keys = ("image", "label")
+    return Compose([
+        SpatialPadd(keys, spatial_size=cfg.roi_size),
+        RandCropByPosNegLabeld(
+            keys, label_key="label", spatial_size=cfg.roi_size, pos=1, neg=1,
+            num_samples=cfg.train.samples_per_case, fg_indices_key="fg", bg_indices_key="bg",
+        ),
+        RandFlipd(keys, prob=0.5, spatial_axis=0),
+    ])
 
 
 def val_transforms(cfg: SiteConfig) -> Compose:
-    """Whole volumes for sliding-window validation: ``image (C, D, H, W)``, ``label (1, D, H, W)`` channels."""
-    return Compose(_paired(cfg))
+    """Whole volumes for sliding-window validation, from files: :func:`case_transforms`."""
+    return case_transforms(cfg)
 
 
 def train_transforms(cfg: SiteConfig) -> Compose:
-    """Random ROI crops (half centred on foreground) with flips; ``samples_per_case`` crops per case."""
-    keys = ("image", "label")
-    return Compose(
-        _paired(cfg)
-        + [
-            SpatialPadd(keys, spatial_size=cfg.roi_size),
-            RandCropByPosNegLabeld(
-                keys, label_key="label", spatial_size=cfg.roi_size, pos=1, neg=1,
-                num_samples=cfg.train.samples_per_case,
-            ),
-            RandFlipd(keys, prob=0.5, spatial_axis=0),
-        ]
-    )
+    """Random crops from files (the simulator's in-memory path): :func:`case_transforms`, :class:`CropCentres`,
+    then :func:`crop_transforms`."""
+    return Compose([*case_transforms(cfg).transforms, CropCentres(cfg.roi_size), *crop_transforms(cfg).transforms])

@@ -125,9 +125,9 @@ def gossip_round(
 
     if enough and served is None:
         logger.info(f"gossip[{cfg.site}] no model yet: local warm-up round of {cfg.gossip.warmup_epochs} epochs")
-        state.learned(c["id"] for c in cases)
-        return run_round(cfg, store, cases, epochs=cfg.gossip.warmup_epochs, progress=progress,
-                         extra={**base, "stage": "warmup"}, seed=seed)
+        with state.training(c["id"] for c in cases):
+            return run_round(cfg, store, cases, epochs=cfg.gossip.warmup_epochs, progress=progress,
+                             extra={**base, "stage": "warmup"}, seed=seed)
     adopting = not enough
     if adopting and not (cfg.gossip.adopt_when_unlabelled and (served is None or not served.validated)):
         reason = (f"not enough labels to validate ({n_train} train, {n_val} validation; need "
@@ -191,9 +191,9 @@ def _train_with(cfg: SiteConfig, store: ModelStore, cases: list[dict[str, str]],
                 peer: str, producer: DCML, extra: dict[str, Any], epochs: int | None, progress: Progress | None,
                 seed: int | None) -> dict[str, Any]:
     """DCML with partner ``peer``'s model, then credit the partner with what it brought."""
-    state.learned(c["id"] for c in cases)  # only a round that trains learns from the pending labels
-    record = run_round(cfg, store, cases, producer, epochs=epochs or cfg.gossip.epochs, progress=progress,
-                       extra=extra, seed=seed)
+    with state.training(c["id"] for c in cases):  # only a round that trains learns from the pending labels
+        record = run_round(cfg, store, cases, producer, epochs=epochs or cfg.gossip.epochs, progress=progress,
+                           extra=extra, seed=seed)
     book.credit(peer, partner_gain(record), cfg.gossip)
     book.save()
     return record
@@ -213,17 +213,18 @@ def labels_round(
     extra = {"trigger": "labels", "round_id": round_id or uuid.uuid4().hex[:12]}
     train_ids, val_ids, enough = split_of(cfg, cases)
     if not enough:
-        state.learned([])  # re-arm the trigger: the next label tries again
+        state.rearm()  # the next label tries again
         reason = f"not enough labels to validate yet ({len(train_ids)} train, {len(val_ids)} validation)"
         return store.record("labels", outcome="skipped", reason=reason, **extra)
     names = [p.name for p in cfg.gossip.peers]
     cached = [state.cached_model(n) for n in names if state.cached_model(n).exists()]
     latest = max(cached, key=lambda p: p.stat().st_mtime) if cached else None
-    state.learned(c["id"] for c in cases)
     epochs = epochs or cfg.finetune.epochs or cfg.train.epochs
-    if latest is None:
-        return run_round(cfg, store, cases, Local(), epochs=epochs, progress=progress, extra=extra)
-    rec = PeerBook.open(state.peers_path).get(latest.stem)
-    origin = {"peer": latest.stem, "peer_site": rec.last_site, "peer_version": rec.last_version,
-              "peer_sha256": rec.last_sha256, "cached": True}
-    return run_round(cfg, store, cases, epochs=epochs, incoming=latest, origin=origin, progress=progress, extra=extra)
+    with state.training(c["id"] for c in cases):
+        if latest is None:
+            return run_round(cfg, store, cases, Local(), epochs=epochs, progress=progress, extra=extra)
+        rec = PeerBook.open(state.peers_path).get(latest.stem)
+        origin = {"peer": latest.stem, "peer_site": rec.last_site, "peer_version": rec.last_version,
+                  "peer_sha256": rec.last_sha256, "cached": True}
+        return run_round(cfg, store, cases, epochs=epochs, incoming=latest, origin=origin, progress=progress,
+                         extra=extra)

@@ -26,17 +26,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from monai.data import CacheDataset, DataLoader
+from monai.data import DataLoader, Dataset, ThreadDataLoader
 from monai.utils import set_determinism
 
 from gcml_app.config import SiteConfig
-from gcml_app.errors import NotEnoughLabels
+from gcml_app.errors import NotEnoughLabels, RoundFailed
 from gcml_app.federation.client import PeerManifest
+from gcml_app.ml.cache import CachedCases, CaseCache
+from gcml_app.ml.device import Precision, is_out_of_memory, precision, setup_device, sw_batch_size, train_device
 from gcml_app.ml.evaluate import dice_per_case
 from gcml_app.ml.gate import SERVED, GateDecision, select
-from gcml_app.ml.network import GCMLNet, arch_fingerprint, build_network, train_device
+from gcml_app.ml.network import GCMLNet, arch_fingerprint, build_network
 from gcml_app.ml.split import FixedSplit, labels_for_validation
-from gcml_app.ml.transforms import train_transforms, val_transforms
+from gcml_app.ml.transforms import crop_transforms
 from gcml_app.rounds.producers import DCML, Local, Produced, Producer, RoundInputs
 from gcml_app.rounds.record import RoundRecord, provenance
 from gcml_app.store import Manifest, ModelStore, StoreError
@@ -79,33 +81,41 @@ def _start_state(cfg: SiteConfig, store: ModelStore, arch: str) -> tuple[dict, d
 
 @dataclass
 class _Data:
-    """A round's cases: the validation set (cached), and the training batches when the producer trains."""
+    """A round's cases, read lazily from the site's preprocessed-case cache (:class:`~gcml_app.ml.cache.CaseCache`).
+
+    ``val`` holds one validation case in memory at a time; ``loader`` draws the training crops from the
+    cached entries (precomputed crop centres) in a background thread, or in ``train.num_workers``
+    worker processes, while the model trains.
+    """
 
     cfg: SiteConfig
-    val: CacheDataset
+    val: CachedCases
     loader: DataLoader | None
     device: torch.device
+    amp: Precision
+    cache: dict[str, Any]
 
     @classmethod
     def prepare(cls, cfg: SiteConfig, cases: list[dict[str, str]], train_ids: list[str], val_ids: list[str],
-                trains: bool, device: torch.device) -> _Data:
+                trains: bool, device: torch.device, amp: Precision) -> _Data:
         by_id = {c["id"]: c for c in cases}
-
-        def files(ids):
-            return [{"image": by_id[i]["image"], "label": by_id[i]["label"]} for i in ids]
-
-        val = CacheDataset(files(val_ids), val_transforms(cfg), progress=False)
+        cache = CaseCache(cfg)
+        val = CachedCases(cache.prepare([by_id[i] for i in val_ids]))
         loader = None
         if trains:  # built after the round's seed is set: MONAI's DataLoader seeds the random crops from it
-            train = CacheDataset(files(train_ids), train_transforms(cfg), progress=False)
-            loader = DataLoader(train, batch_size=cfg.train.batch_size, shuffle=True, num_workers=0)
-        return cls(cfg, val, loader, device)
+            train = Dataset(CachedCases(cache.prepare([by_id[i] for i in train_ids]), indices=True),
+                            crop_transforms(cfg))
+            t, pin = cfg.train, device.type == "cuda"
+            loader = (DataLoader(train, batch_size=t.batch_size, shuffle=True, num_workers=t.num_workers,
+                                 pin_memory=pin) if t.num_workers else
+                      ThreadDataLoader(train, batch_size=t.batch_size, shuffle=True, num_workers=0, pin_memory=pin))
+        return cls(cfg, val, loader, device, amp, cache.stats.as_record())
 
     def score(self, model: GCMLNet) -> list[dict[str, float]]:
         """Dice per label of every validation case (sliding window)."""
         v = self.cfg.validation
-        return dice_per_case(model, self.val, list(self.cfg.labels), self.cfg.roi_size, v.sw_batch_size, v.overlap,
-                             self.device)
+        return dice_per_case(model, self.val, list(self.cfg.labels), self.cfg.roi_size,
+                             sw_batch_size(self.cfg, self.device), v.overlap, self.device, self.amp)
 
 
 def run_round(
@@ -173,6 +183,8 @@ def run_round(
         torch.set_num_threads(cfg.train.num_threads)
     seed = cfg.train.seed + len(store.history()) if seed is None else seed
     set_determinism(seed=seed)
+    setup_device(cfg, device)
+    amp = precision(cfg, device)
     served = store.served()
     model = build_network(cfg)
     arch = arch_fingerprint(cfg, model.state_dict())
@@ -183,28 +195,35 @@ def run_round(
         producer = DCML.from_file(incoming, cfg, arch, origin)
     producer = producer or Local()
     start, working = _start_state(cfg, store, arch)
-    model.load_state_dict(start)
-    model.to(device)
-    data = _Data.prepare(cfg, cases, train_ids, val_ids, producer.trains, device)
-    lap("load_s")
+    phase = "prepare"
+    try:
+        model.load_state_dict(start)
+        model.to(device)
+        data = _Data.prepare(cfg, cases, train_ids, val_ids, producer.trains, device, amp)
+        lap("load_s")
 
-    # score the served model
-    scores: dict[str, list[dict[str, float]]] = {}
-    probe = None
-    if served is not None:
-        probe = build_network(cfg).to(device)
-        probe.load_state_dict(store.load(served.version))
-        scores[SERVED] = data.score(probe)
-    lap("validate_s", peak="validate_served")
+        # score the served model
+        phase = "validate"
+        scores: dict[str, list[dict[str, float]]] = {}
+        probe = None
+        if served is not None:
+            probe = build_network(cfg).to(device)
+            probe.load_state_dict(store.load(served.version))
+            scores[SERVED] = data.score(probe)
+        lap("validate_s", peak="validate_served")
 
-    # produce and score the candidates
-    produced = producer.produce(RoundInputs(cfg, model, data.loader, epochs, device, seed, report))
-    lap("train_s")
-    probe = probe or build_network(cfg).to(device)
-    for name, state in produced.states.items():
-        probe.load_state_dict(state)
-        scores[name] = data.score(probe)
-    lap("validate_s", peak="validate_candidates")
+        # produce and score the candidates
+        phase = "train"
+        produced = producer.produce(RoundInputs(cfg, model, data.loader, epochs, device, seed, report, amp))
+        lap("train_s")
+        phase = "validate"
+        probe = probe or build_network(cfg).to(device)
+        for name, state in produced.states.items():
+            probe.load_state_dict(state)
+            scores[name] = data.score(probe)
+        lap("validate_s", peak="validate_candidates")
+    except Exception as e:
+        raise _failed(cfg, store, served, e, phase, device, amp, extra) from e
 
     # decide and commit
     decision = _decide(scores, served, cfg, produced.kept)
@@ -221,8 +240,35 @@ def run_round(
     lap("publish_s")
     # in the returned record (train stats), not in the history line
     record["timings"], record["peak_rss_mb"] = lap.laps, lap.peak_mb
+    record["cache"], record["precision"] = data.cache, str(amp)
+    if device.type == "cuda":
+        record["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
     logger.info(f"gcml[{cfg.site}] gate: {decision.reason}; seconds {lap.laps}")
     return record
+
+
+def _failed(cfg: SiteConfig, store: ModelStore, served: Manifest | None, e: Exception, phase: str,
+            device: torch.device, amp: Precision, extra: dict[str, Any] | None) -> RoundFailed:
+    """Record a round that stopped before its commit (``outcome: failed``) and say what to do about it.
+
+    Nothing served or stored changed (the commit never ran). Out of memory names the settings that
+    size a step: crops per case, crop size, batch, and validation's windows.
+    """
+    if is_out_of_memory(e):
+        t = cfg.train
+        what = "GPU" if device.type == "cuda" else "host"
+        msg = (f"out of {what} memory while {phase} on {device} ({amp}): lower train.samples_per_case "
+               f"({t.samples_per_case}), roi_size ({list(cfg.roi_size)}) or train.batch_size ({t.batch_size})"
+               + (f", or validation.sw_batch_size ({sw_batch_size(cfg, device)})" if phase == "validate" else "")
+               + (", or turn train.amp on" if not amp.enabled and device.type == "cuda" else ""))
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    else:
+        msg = f"round failed while {phase}: {type(e).__name__}: {e}"
+    logger.error(f"gcml[{cfg.site}] {msg}")
+    store.record("failed", outcome="failed", phase=phase, reason=msg,
+                 version=served.version if served is not None else None, **(extra or {}))
+    return RoundFailed(msg, phase)
 
 
 def _decide(scores: dict[str, list[dict[str, float]]], served: Manifest | None, cfg: SiteConfig,

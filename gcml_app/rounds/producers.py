@@ -26,6 +26,7 @@ from gcml_app.config import SiteConfig
 from gcml_app.errors import IncomingModelRejected
 from gcml_app.federation.payload import verify_weights
 from gcml_app.ml.dcml import dcml_train
+from gcml_app.ml.device import Precision
 from gcml_app.ml.network import GCMLNet, build_network
 from gcml_app.ml.supervised import average_state, supervised_train
 from gcml_app.util.files import sha256_bytes
@@ -49,6 +50,7 @@ class RoundInputs:
     device: torch.device
     seed: int
     report: Callable[[dict[str, Any]], None]
+    amp: Precision | None = None  # mixed precision of the training passes (gcml_app.ml.device); None = fp32
 
 
 @dataclass
@@ -96,7 +98,7 @@ class Local(Producer):
     def produce(self, inputs: RoundInputs) -> Produced:
         t = inputs.cfg.train
         losses = supervised_train(inputs.model, inputs.loader, inputs.epochs, t.lr, t.weight_decay, inputs.device,
-                                  inputs.report)
+                                  inputs.report, amp=inputs.amp)
         return Produced("local", {"local": inputs.model.state_dict()}, "local", losses)
 
 
@@ -127,7 +129,7 @@ class DCML(Producer):
         other.load_state_dict(self.state)
         other.to(inputs.device)
         local, other, losses = dcml_train(inputs.model, other, inputs.loader, cfg.dcml, inputs.epochs, t.lr,
-                                          t.weight_decay, inputs.device, inputs.report, inputs.seed)
+                                          t.weight_decay, inputs.device, inputs.report, inputs.seed, inputs.amp)
         states = {"dcml_local": local.state_dict(), "dcml_incoming": other.state_dict()}
         states["average"] = average_state(states["dcml_local"], states["dcml_incoming"])
         return Produced("dcml", states, "dcml_local", losses)

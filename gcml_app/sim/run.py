@@ -16,7 +16,8 @@ from monai.utils import set_determinism
 
 from gcml_app.config import SiteConfig
 from gcml_app.ml.evaluate import dice_per_case, mean_over_cases
-from gcml_app.ml.network import build_network, train_device
+from gcml_app.ml.device import train_device
+from gcml_app.ml.network import build_network
 from gcml_app.ml.supervised import proximal, supervised_train
 from gcml_app.ml.transforms import train_transforms, val_transforms
 from gcml_app.rounds.producers import State
@@ -77,7 +78,8 @@ class Run:
                  for n in self.names if n != site.name]
         raw = _merge(raw, {
             "site": site.name, "state_dir": str(folder / site.name),
-            "train": {"epochs": self.epochs * epochs},
+            # one preprocessed-case cache for every method of the seed: the phantoms are the same files
+            "train": {"epochs": self.epochs * epochs, "cache_dir": str(self.root / "cache")},
             "validation": {"gate": self.gate if gate is None else gate, "min_cases": 1},
             "gossip": {"peers": peers, "policy": policy or self.base.gossip.policy, "transport": self.transport,
                        "epochs": self.epochs},

@@ -15,6 +15,7 @@ from monailabel.transform.post import Restored
 
 from gcml_app.config import SiteConfig
 from gcml_app.errors import NoPublishedModel
+from gcml_app.ml.device import precision, stitch_device, sw_batch_size
 from gcml_app.ml.network import arch_fingerprint, build_network
 from gcml_app.ml.transforms import image_transforms
 from gcml_app.store import ModelStore, StoreError
@@ -69,13 +70,31 @@ class GCMLSegInfer(BasicInferTask):
             data["image_path"] = path
         return data
 
+    def gpu(self) -> int:
+        """The CUDA device index inference runs on: ``serve.gpu``, default ``train.gpu``."""
+        return self.cfg.train.gpu if self.cfg.serve.gpu is None else self.cfg.serve.gpu
+
+    def run_inferer(self, data: dict[str, Any], convert_to_batch=True, device="cuda"):
+        """MONAI Label's inferer on the configured GPU, with mixed precision there (``train.amp``)."""
+        if str(device).startswith("cuda"):
+            device = f"cuda:{self.gpu()}"
+            data["device"] = device
+        with precision(self.cfg, torch.device(device)).autocast():
+            return super().run_inferer(data, convert_to_batch=convert_to_batch, device=device)
+
     def inferer(self, data=None) -> SlidingWindowInferer:
-        v = self.cfg.validation
-        return SlidingWindowInferer(roi_size=self.cfg.roi_size, sw_batch_size=v.sw_batch_size, overlap=v.overlap)
+        """Windows on the request's device; the output is stitched there when it fits, else in host memory."""
+        device = torch.device((data or {}).get("device") or "cpu")
+        shape = tuple((data or {}).get("image").shape[1:]) if data and hasattr(data.get("image"), "shape") else ()
+        return SlidingWindowInferer(
+            roi_size=self.cfg.roi_size, sw_batch_size=sw_batch_size(self.cfg, device),
+            overlap=self.cfg.validation.overlap, sw_device=device,
+            device=stitch_device(device, shape, self.cfg.out_channels) if shape else device,
+        )
 
     def post_transforms(self, data=None) -> list:
         return [
-            EnsureTyped("pred", device="cpu"),
+            EnsureTyped("pred", device="cpu", dtype=torch.float32),  # logits of a mixed-precision pass
             Activationsd("pred", softmax=True),
             AsDiscreted("pred", argmax=True),
             # Back to the image's grid and orientation; channels 1..n -> the task's label indices.

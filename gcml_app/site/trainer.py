@@ -18,11 +18,13 @@ from monailabel.interfaces.tasks.train import TrainTask
 
 from gcml_app.config import SiteConfig
 from gcml_app.errors import LabelRejected
+from gcml_app.federation.state import GossipState
+from gcml_app.ml.cache import ContentHashes, cache_root
 from gcml_app.rounds import SyncRequest, gossip_round, labels_round, run_round
 from gcml_app.site.labels import conform_label
 from gcml_app.site.process import STARTED_ENV, is_training_process, lower_priority, process_started
 from gcml_app.store import ModelStore
-from gcml_app.util.files import atomic_write
+from gcml_app.util.files import atomic_write, merge_json, read_json, sha256_bytes
 from gcml_app.util.jsonl import finite
 
 __all__ = ["GCMLTrain", "labelled_cases"]
@@ -32,19 +34,34 @@ logger = logging.getLogger(__name__)
 def labelled_cases(datastore: Datastore, cfg: SiteConfig) -> list[dict[str, str]]:
     """Cases with a final label that fits its image and the task; others are skipped with a log line.
 
+    A label is checked (:func:`~gcml_app.site.labels.conform_label`: geometry, values) once per
+    content: the pairs that passed are remembered by the sha256 of both files and the task's labels
+    (``labels_ok.json`` in the case cache), so a round re-reads no label that has not changed. Uploads
+    are checked as they are stored; this catches files placed in the datastore by other means.
+
     Returns:
         ``[{"id", "image", "label"}]`` sorted by id.
     """
+    root = cache_root(cfg)
+    hashes = ContentHashes(root / "hashes.json")
+    ok_path = root / "labels_ok.json"
+    passed, new = read_json(ok_path), {}
+    task = json.dumps(list(cfg.labels.items()))
     cases = []
     for image_id in sorted(datastore.get_labeled_images(DefaultLabelTag.FINAL.value)):
         image = datastore.get_image_uri(image_id)
         label = datastore.get_label_uri(image_id, DefaultLabelTag.FINAL.value)
         try:
-            conform_label(image, label, cfg.labels)
-        except LabelRejected as e:
+            key = sha256_bytes(f"{hashes.of(image)} {hashes.of(label)} {task}".encode())
+            if key not in passed:
+                conform_label(image, label, cfg.labels)
+                new[key] = int(time.time())
+        except (LabelRejected, OSError) as e:
             logger.warning(f"skipping case {image_id}: its final label is unusable: {e}")
             continue
         cases.append({"id": image_id, "image": image, "label": label})
+    hashes.save()
+    merge_json(ok_path, new)
     return cases
 
 
@@ -132,10 +149,11 @@ class GCMLTrain(TrainTask):
         def progress(p: dict[str, Any]) -> None:
             self._write_stats({**base, **p})
 
-        cases = labelled_cases(datastore, self.cfg)
         try:
+            cases = labelled_cases(datastore, self.cfg)
             record = {**startup, **self._round(mode, sync, request, cases, progress)}
         except Exception as e:
+            GossipState(self.cfg.state_dir).rearm()  # a failed round never swallows the new-labels trigger
             self._write_stats({**base, "epoch": 0, "total_epochs": epochs or 0,
                                "total_time": round(time.time() - start, 2), "error": str(e)})
             raise

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
+import json
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
-__all__ = ["atomic_write", "fsync_dir", "sha256_bytes"]
+__all__ = ["atomic_write", "flocked", "fsync_dir", "merge_json", "read_json", "sha256_bytes", "sha256_file"]
 
 
 def sha256_bytes(data: bytes) -> str:
@@ -37,3 +42,41 @@ def atomic_write(path: Path, data: bytes) -> None:
         Path(tmp).unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
+
+
+def sha256_file(path: str | Path) -> str:
+    """The hex sha256 of a file's content, read in 4 MB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+@contextlib.contextmanager
+def flocked(path: Path) -> Iterator[None]:
+    """An exclusive ``fcntl`` lock on ``path`` (created if missing) for the ``with`` block."""
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    """A JSON object file, or ``{}`` when it is missing, torn or not an object (a memo can always be rebuilt)."""
+    try:
+        raw = json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
+        return {}
+    return raw if isinstance(raw, dict) else {}
+
+
+def merge_json(path: Path, new: dict[str, Any]) -> None:
+    """Add ``new``'s keys to the JSON object in ``path``, under a lock (processes of one site share memos)."""
+    if not new:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with flocked(path.with_name(path.name + ".lock")):
+        atomic_write(path, json.dumps({**read_json(path), **new}).encode())

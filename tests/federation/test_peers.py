@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import random
+import signal
+import subprocess
+import sys
 import threading
 import time
 
@@ -100,10 +104,47 @@ def test_pending_labels_enqueue_once_per_threshold(tmp_path):
     assert [st.add_pending(f"case_{i}", 3) for i in range(5)] == [False, False, True, False, False]
     assert st.add_pending("case_0", 3) is False  # the same case again is not a new label
     assert st.pending() == [f"case_{i}" for i in range(5)]
-    st.learned(["case_0", "case_1", "case_2"])
-    assert st.pending() == ["case_3", "case_4"]
-    assert st.add_pending("case_5", 3) is True  # re-armed by the round
+    with st.training(["case_0", "case_1", "case_2"]):
+        assert st.pending() == ["case_3", "case_4"]
+        assert st.add_pending("case_5", 3) is True  # re-armed by the round's start
+    assert st.pending() == ["case_3", "case_4", "case_5"]  # a round that succeeded learned its three
     assert GossipState(tmp_path).add_pending("case_6", 0) is False  # 0 = never
+
+
+def test_a_failed_round_gives_its_labels_back_and_rearms(tmp_path):
+    st = GossipState(tmp_path)
+    assert [st.add_pending(f"case_{i}", 2) for i in range(2)] == [False, True]  # a round is queued
+    with pytest.raises(RuntimeError, match="boom"):
+        with st.training(["case_0", "case_1"]):
+            assert st.pending() == []
+            raise RuntimeError("boom")
+    assert st.pending() == ["case_0", "case_1"]
+    assert st.add_pending("case_2", 2) is True  # re-armed: the next label queues the next round
+
+
+def test_a_killed_round_gives_its_labels_back_and_rearms(tmp_path):
+    """The round's process dies mid-round (SIGKILL: no finally runs); the labels it took are pending again."""
+    st = GossipState(tmp_path)
+    assert [st.add_pending(f"case_{i}", 2) for i in range(2)] == [False, True]
+    code = ("import os, signal, sys; from gcml_app.federation.state import GossipState\n"
+            "st = GossipState(sys.argv[1])\n"
+            "with st.training(['case_0', 'case_1']):\n"
+            "    os.kill(os.getpid(), signal.SIGKILL)\n")
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path)], timeout=60)
+    assert done.returncode == -signal.SIGKILL
+    assert "round" in json.loads((tmp_path / "gossip" / "pending.json").read_text())  # the claim it left
+    assert st.pending() == ["case_0", "case_1"]
+    assert st.add_pending("case_2", 2) is True  # a dead round's queued flag is not kept
+
+
+def test_a_live_rounds_claim_is_not_folded_back(tmp_path):
+    st = GossipState(tmp_path)
+    st.add_pending("case_0", 5)
+    with st.training(["case_0"]):
+        assert GossipState(tmp_path).pending() == []  # another reader (the server) sees the round alive
+        st.rearm()
+        assert GossipState(tmp_path).pending() == []
+    assert st.pending() == []
 
 
 def test_pending_labels_survive_concurrent_writers(tmp_path):

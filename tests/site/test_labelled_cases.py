@@ -1,0 +1,44 @@
+"""A round reads each final label's checks from memory once it has passed them: a label is checked once per content."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+from helpers import make_studies
+
+from gcml_app.site import trainer
+from gcml_app.site.datastore import GCMLDatastore
+
+
+@pytest.fixture
+def counted(monkeypatch):
+    calls = []
+    real = trainer.conform_label
+
+    def conform(image, label, labels, *a):
+        calls.append(label)
+        return real(image, label, labels, *a)
+
+    monkeypatch.setattr(trainer, "conform_label", conform)
+    return calls
+
+
+def test_a_label_is_checked_once_until_it_is_replaced(cfg, tmp_path, counted):
+    studies, _ = make_studies(tmp_path / "s", cases=5, labelled=4)
+    ds = GCMLDatastore(str(studies), labels=cfg.labels, auto_reload=False)
+    first = trainer.labelled_cases(ds, cfg)
+    assert len(first) == 4 and len(counted) == 4
+    assert trainer.labelled_cases(ds, cfg) == first and len(counted) == 4  # a second round checks nothing
+    shutil.copy(first[1]["label"], first[0]["label"])  # a new label saved over case 0's
+    assert len(trainer.labelled_cases(ds, cfg)) == 4 and counted[4:] == [first[0]["label"]]
+
+
+def test_a_label_that_fails_is_skipped_every_round_and_never_remembered(cfg, tmp_path, counted):
+    studies, _ = make_studies(tmp_path / "s", cases=3, labelled=3)
+    bad = studies / "labels" / "final" / "case_001.nii.gz"
+    bad.write_bytes(b"not a volume")
+    ds = GCMLDatastore(str(studies), labels=cfg.labels, auto_reload=False)
+    for round_ in range(2):
+        assert [c["id"] for c in trainer.labelled_cases(ds, cfg)] == ["case_000", "case_002"]
+    assert counted.count(str(bad)) == 2
