@@ -8,7 +8,7 @@
     gcml sync --config site.yaml [--peer NAME ...]   one gossip round on the running server (cron)
     gcml demo [--out gcml-demo --port 8001 --epochs 30 --gossip-epochs 5 --rounds 3 --no-wait --pacs]
     gcml simulate [--scenario few-labels --seeds 3 --rounds 8 --methods local,gcml,... --data DIR]
-    gcml bench [--out gcml-bench --quick]
+    gcml bench [--out gcml-bench --quick] [--scale | --gpu]
     gcml token new --peer site-b [--id site-b-2026q4]     a partner token, printed once, and its hash
     gcml certs --out pki --sites site-a,site-b,site-c     a trial CA and site certificates (mutual TLS)
 """
@@ -212,7 +212,46 @@ def _token_new(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_scale(args: argparse.Namespace) -> int:
+    from gcml_app.sim.scale import scale_bench
+
+    r = scale_bench(args.out, quick=args.quick)
+    for name, s in r["sizes"].items():
+        print(f"{name} ({s['voxels'] / 1e6:.1f} M voxels a case): round memory per added case "
+              f"{s['mb_per_case_first']:.1f} MB (first round) / {s['mb_per_case_second']:.1f} MB (second) "
+              f"(target <= 8); second-round loading {s['second_over_first_load']:.2f}x the first (target <= 0.5); "
+              f"cache {s['cache_mb_per_case']:.0f} MB a case on disk")
+        for rd in s["rounds"]:
+            pc = rd["per_case_s"]
+            print(f"  N={rd['n']:3d} {rd['round']:6s} +{rd['above_start_mb']:6.0f} MB  load {pc['load']:.2f} s/case  "
+                  f"train {pc['train']:.2f}  validate {pc['validate']:.2f}")
+    print(f"wrote {Path(args.out) / 'scale.json'} and scale.png")
+    return 0
+
+
+def _bench_gpu(args: argparse.Namespace) -> int:
+    from gcml_app.sim.gpucheck import gpu_check
+
+    r = gpu_check(args.out)
+    where = r["gpu"] or "CPU (no GPU: reduced sizes)"
+    print(f"GPU check on {where}, torch {r['torch']}: {'OK' if r['ok'] else 'FAILED'}")
+    for k in ("amp_on", "amp_off"):
+        s = r["dcml_step"][k]
+        print(f"  DCML step {s['precision']:8s} {s['step_s'] * 1e3:8.1f} ms  peak GPU {s['peak_gpu_mb']} MB  "
+              f"finite {s['loss_finite']}  both models updated {s['both_updated']}")
+    rd, inf = r["round"], r["infer"]
+    print(f"  round on {rd['cases']} cases of {rd['volume_1mm']}: {rd['wall_s']:.1f} s {rd['timings']}, "
+          f"peak GPU {rd['peak_gpu_mb']} MB, published {rd['published']}")
+    print(f"  gcml_seg on one volume: {inf['wall_s']:.2f} s, peak GPU {inf['peak_gpu_mb']} MB")
+    print(f"wrote {Path(args.out) / 'gpu_check.json'}")
+    return 0 if r["ok"] else 1
+
+
 def _bench(args: argparse.Namespace) -> int:
+    if args.scale:
+        return _bench_scale(args)
+    if args.gpu:
+        return _bench_gpu(args)
     from gcml_app.sim.bench import bench
 
     r = bench(args.out, quick=args.quick)
@@ -326,6 +365,11 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser("bench", help="latency, step cost, round split, payload and memory -> bench.json")
     s.add_argument("--out", default="gcml-bench")
     s.add_argument("--quick", action="store_true", help="tiny budgets (seconds, for tests); ratios are noisier")
+    mode = s.add_mutually_exclusive_group()
+    mode.add_argument("--scale", action="store_true", help="round memory and time against N on realistic-size "
+                      "volumes -> scale.json, scale.png")
+    mode.add_argument("--gpu", action="store_true", help="the GPU check (AMP DCML step, a round on 8 realistic "
+                      "volumes, inference) -> gpu_check.json; on a CPU at reduced sizes")
     s.set_defaults(func=_bench)
 
     s = sub.add_parser("demo", help="three sites on loopback: sample data, warm-up, gossip rounds, then serve")

@@ -157,11 +157,14 @@ def run_round(
 
     Returns:
         the round record (mode, split sizes, per-epoch losses, every candidate's per-case Dice, the
-        gate's evidence, decision, served and working versions, timings and memory by phase).
+        gate's evidence, decision, served and working versions, timings and memory by phase, the case
+        cache's hits and misses, the precision, and on a GPU its peak memory).
 
     Raises:
         NotEnoughLabels: fewer than ``validation.min_cases`` validation cases or no training case.
         IncomingModelRejected: the incoming model is unsafe or unusable.
+        RoundFailed: the round stopped while preparing, training or validating (out of memory above
+            all); it is recorded ``outcome: failed`` with what to lower, and nothing served changed.
     """
     epochs = epochs or cfg.train.epochs
     lap = _Laps()
@@ -266,8 +269,8 @@ def _failed(cfg: SiteConfig, store: ModelStore, served: Manifest | None, e: Exce
     else:
         msg = f"round failed while {phase}: {type(e).__name__}: {e}"
     logger.error(f"gcml[{cfg.site}] {msg}")
-    store.record("failed", outcome="failed", phase=phase, reason=msg,
-                 version=served.version if served is not None else None, **(extra or {}))
+    store.record("failed", **{**(extra or {}), "outcome": "failed", "phase": phase, "reason": msg,
+                              "version": served.version if served is not None else None})
     return RoundFailed(msg, phase)
 
 

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from monai.utils import set_determinism
 
+from gcml_app.ml.device import precision
 from gcml_app.ml.supervised import average_state, supervised_train
 from gcml_app.rounds.gossip import gossip_round
 from gcml_app.rounds.loop import run_round
@@ -227,7 +228,8 @@ class Pooled(Central):
         loader = run.loader(pooled)
         steps = round(sum(steps_per_epoch) / len(names)) * epochs if self.budget == "steps" else len(loader) * epochs
         t = run.base.train
-        supervised_train(net, loader, math.ceil(steps / len(loader)), t.lr, t.weight_decay, run.device, max_steps=steps)
+        supervised_train(net, loader, math.ceil(steps / len(loader)), t.lr, t.weight_decay, run.device, max_steps=steps,
+                         amp=precision(run.base, run.device))
         fed.glob = {k: v.detach().cpu() for k, v in net.state_dict().items()}
         return dict.fromkeys(names, fed.glob)
 

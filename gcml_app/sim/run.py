@@ -16,7 +16,7 @@ from monai.utils import set_determinism
 
 from gcml_app.config import SiteConfig
 from gcml_app.ml.evaluate import dice_per_case, mean_over_cases
-from gcml_app.ml.device import train_device
+from gcml_app.ml.device import precision, sw_batch_size, train_device
 from gcml_app.ml.network import build_network
 from gcml_app.ml.supervised import proximal, supervised_train
 from gcml_app.ml.transforms import train_transforms, val_transforms
@@ -117,7 +117,8 @@ class Run:
         loader = self.loader(self.data[name]["train"])
         t = self.cfgs[name].train
         penalty = proximal(net, prox[0], prox[1], self.device) if prox is not None else None
-        supervised_train(net, loader, epochs, t.lr, t.weight_decay, self.device, penalty=penalty)
+        supervised_train(net, loader, epochs, t.lr, t.weight_decay, self.device, penalty=penalty,
+                         amp=precision(self.cfgs[name], self.device))  # the precision site rounds train in
         return {k: v.detach().cpu() for k, v in net.state_dict().items()}
 
     def weights(self, names: list[str]) -> list[float]:
@@ -127,7 +128,8 @@ class Run:
     def scores(self, name: str, state: State, split: str) -> list[dict[str, float]]:
         c = self.cfgs[name]
         return dice_per_case(self.net(state), self.data[name][split], list(c.labels), c.roi_size,
-                             c.validation.sw_batch_size, c.validation.overlap, self.device)
+                             sw_batch_size(c, self.device), c.validation.overlap, self.device,
+                             precision(c, self.device))
 
     def test_dice(self, node: Node) -> dict[str, float]:
         """Test Dice of the site's served model; evaluated once per distinct set of weights (by sha256).

@@ -93,6 +93,9 @@ class WarmTrainer:
     def _spawn(self) -> None:
         self.path.unlink(missing_ok=True)  # a dead one's socket: ready() must not see it
         env = {k: v for k, v in {**os.environ, **self.env}.items() if k != ENV}
+        # torch.cuda.is_available() then asks NVML instead of initialising the CUDA driver, which a forked
+        # round could not use: the warm trainer must reach every fork with CUDA untouched
+        env.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
         self.proc = subprocess.Popen([sys.executable, "-m", "gcml_app.site.warm", str(self.path), str(self.nice)], env=env)
         self._spawned = time.monotonic()
         logger.info(f"warm trainer starting (pid {self.proc.pid}, socket {self.path}); rounds start cold until "
@@ -270,6 +273,14 @@ def _serve(path: Path, nice: int) -> None:
     _import_everything()
     import gc
 
+    import torch
+
+    # a CUDA context made before a fork is unusable in the child: if the imports made one, every round starts cold
+    cuda_touched = torch.cuda.is_initialized()
+    if cuda_touched:
+        logger.warning("warm trainer: the imports initialised CUDA, so rounds forked from it could not use the GPU; "
+                       "every round starts cold")
+
     gc.collect()
     gc.freeze()  # objects from the imports stay in pages that rounds share copy-on-write
     tmp = path.with_suffix(".tmp")
@@ -295,7 +306,7 @@ def _serve(path: Path, nice: int) -> None:
             argv = req.get("argv") if isinstance(req, dict) else None
             if not (isinstance(argv, list) and all(isinstance(a, str) for a in argv)):
                 raise ConnectionError("request without a command line")
-            if req.get(_GPU_ENV) != os.environ.get(_GPU_ENV):
+            if cuda_touched or req.get(_GPU_ENV) != os.environ.get(_GPU_ENV):
                 conn.sendall(_COLD)  # another GPU selection needs a process started with it
                 continue
             conn.settimeout(None)

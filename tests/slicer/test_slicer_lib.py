@@ -120,6 +120,16 @@ def test_round_rows_newest_first(history):
     assert len(round_rows(history)) == 6  # the rollback is not a round
 
 
+def test_a_failed_round_shows_why_beside_the_others(history):
+    oom = ("out of GPU memory while train on cuda:0 (bfloat16): lower train.samples_per_case (4), "
+           "roi_size ([96, 96, 96]) or train.batch_size (2)")
+    failed = {"event": "failed", "outcome": "failed", "phase": "train", "reason": oom, "time": "2026-11-26T14:00:00+0000",
+              "trigger": "labels", "round_id": "abc", "version": 4}
+    rows = round_rows([*history, failed], n=2)
+    assert rows[0]["result"] == f"failed: {oom}" and rows[0]["trigger"] == "labels" and rows[0]["peer"] == "-"
+    assert rows[1] == round_rows(history, n=1)[0]
+
+
 def test_partner_rows(status):
     rows = partner_rows(status, now=NOW)
     assert rows[0] == {"name": "site-b", "reachable": "yes", "last_exchange": "2 min ago", "score": "+0.041",

@@ -134,6 +134,8 @@ def _result(rec: dict[str, Any]) -> str:
         w = rec.get("winner")
         served = f" > {means['served']:.3f}" if "served" in means else ""
         return f"published v{rec.get('version')} ({_CANDIDATES.get(w, w)} {means.get(w, 0):.3f}{served})"
+    if event == "failed":  # the round stopped before its commit (e.g. out of GPU memory): nothing changed
+        return f"failed: {rec.get('reason', '')}".strip()
     if event == "superseded":
         return f"superseded: the served model changed during the round (v{rec.get('base_version')} -> v{rec.get('version')})"
     if event == "keep":
@@ -157,7 +159,7 @@ def _attempts(rec: dict[str, Any]) -> list[dict[str, Any]]:
 
 def round_rows(history: list[dict[str, Any]], n: int = 10) -> list[dict[str, str]]:
     """The last ``n`` rounds, newest first: ``{"time", "trigger", "peer", "result", "bytes"}``."""
-    rounds = [r for r in history if r.get("event") in ("publish", "keep", "gossip", "labels", "superseded")]
+    rounds = [r for r in history if r.get("event") in ("publish", "keep", "gossip", "labels", "superseded", "failed")]
     rows = []
     for rec in reversed(rounds[-n:]):
         g = rec.get("gossip") or {}
