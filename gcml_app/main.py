@@ -37,6 +37,7 @@ from gcml_app.federation.peers import PeerBook
 from gcml_app.federation.scheduler import Scheduler
 from gcml_app.federation.state import GossipState
 from gcml_app.ml.split import FixedSplit, labels_for_validation
+from gcml_app.ml.cache import cache_root
 from gcml_app.site.datastore import GCMLDatastore
 from gcml_app.site.infer import GCMLSegInfer
 from gcml_app.site.pacs import PacsDatastore, is_pacs_url, pacs_client
@@ -98,15 +99,18 @@ class GCMLApp(MONAILabelApp):
         if is_pacs_url(self.studies):
             self.studies = self.studies.strip().rstrip("/")
             cache = (settings.MONAI_LABEL_DATASTORE_CACHE_PATH or settings.MONAI_LABEL_DICOMWEB_CACHE_PATH).strip()
-            return PacsDatastore(pacs_client(self.studies), self.cfg.labels,
-                                 cache_path=cache or self.cfg.state_dir / "pacs-cache")
-        return GCMLDatastore(
-            self.studies,
-            labels=self.cfg.labels,
-            extensions=settings.MONAI_LABEL_DATASTORE_FILE_EXT,
-            auto_reload=settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD,
-            read_only=settings.MONAI_LABEL_DATASTORE_READ_ONLY,
-        )
+            ds = PacsDatastore(pacs_client(self.studies), self.cfg.labels,
+                               cache_path=cache or self.cfg.state_dir / "pacs-cache")
+        else:
+            ds = GCMLDatastore(
+                self.studies,
+                labels=self.cfg.labels,
+                extensions=settings.MONAI_LABEL_DATASTORE_FILE_EXT,
+                auto_reload=settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD,
+                read_only=settings.MONAI_LABEL_DATASTORE_READ_ONLY,
+            )
+        ds.passed_root = cache_root(self.cfg)  # an upload is checked once: rounds find it there
+        return ds
 
     def init_infers(self) -> dict[str, InferTask]:
         return {"gcml_seg": GCMLSegInfer(self.cfg, self.store)}

@@ -47,46 +47,14 @@ from safetensors.torch import save_file
 from gcml_app.config import SiteConfig
 from gcml_app.ml import transforms
 from gcml_app.ml.transforms import CropCentres, case_transforms
-from gcml_app.util.files import merge_json, read_json, sha256_file
+from gcml_app.util.files import ContentHashes
 
-__all__ = ["CACHE_FORMAT", "CacheStats", "CachedCases", "CaseCache", "ContentHashes", "cache_root", "load_entry"]
+__all__ = ["CACHE_FORMAT", "CacheStats", "CachedCases", "CaseCache", "cache_root", "load_entry"]
 
 logger = logging.getLogger(__name__)
 
 CACHE_FORMAT = 1
 _SUFFIX = ".safetensors"
-
-
-class ContentHashes:
-    """sha256 of files' content, memoised by ``(path, size, mtime_ns, inode)`` in a JSON file.
-
-    A file replaced in place (a new label saved from Slicer) has a new mtime or inode, so it is hashed
-    again; an unchanged one is hashed once, across rounds and restarts.
-
-    Args:
-        path: the memo file (written on :meth:`save`).
-    """
-
-    def __init__(self, path: Path):
-        self.path = path
-        self._memo = read_json(path)
-        self._new: dict[str, dict[str, Any]] = {}
-
-    def of(self, file: str | Path) -> str:
-        st = os.stat(file)
-        stamp = [st.st_size, st.st_mtime_ns, st.st_ino]
-        key = str(Path(file).resolve())
-        known = self._memo.get(key)
-        if isinstance(known, dict) and known.get("stamp") == stamp:
-            return known["sha256"]
-        digest = sha256_file(file)
-        self._memo[key] = self._new[key] = {"stamp": stamp, "sha256": digest}
-        return digest
-
-    def save(self) -> None:
-        """Merge this process's new hashes into the memo file."""
-        merge_json(self.path, self._new)
-        self._new = {}
 
 
 def cache_root(cfg: SiteConfig) -> Path:

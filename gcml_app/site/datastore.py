@@ -18,7 +18,7 @@ import SimpleITK as sitk
 from monailabel.datastore.local import LocalDatastore
 
 from gcml_app.errors import LabelRejected
-from gcml_app.site.labels import check_tag, conform_label
+from gcml_app.site.labels import PassedLabels, check_tag, conform_label
 
 __all__ = ["GCMLDatastore", "ValidatedLabels"]
 
@@ -34,6 +34,7 @@ class ValidatedLabels:
 
     task_labels: dict[str, int]
     last_saved: tuple[str, str] | None = None  # (image id, tag) of the last accepted upload
+    passed_root: Path | None = None  # where rounds look up labels that passed (PassedLabels); None: not recorded
 
     def save_label(self, image_id: str, label_filename: str, label_tag: str, label_info: dict[str, Any]) -> str:
         """Validate (geometry, values), remap Slicer segment values by name, then store as NIfTI.
@@ -55,9 +56,23 @@ class ValidatedLabels:
             sitk.WriteImage(conformed, str(out), useCompression=True)
             label_id = self._store_label(image_id, str(out), label_tag, info)
             self.last_saved = (image_id, label_tag)
+            self._remember(image_id, image_uri, label_tag)
             return label_id
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+
+    def _remember(self, image_id: str, image_uri: str, label_tag: str) -> None:
+        """Record the stored final label as checked, so the next round does not check it again (best effort)."""
+        if self.passed_root is None or label_tag != "final":
+            return
+        try:
+            stored = self.get_label_uri(image_id, label_tag)
+            if stored:
+                passed = PassedLabels(self.passed_root, self.task_labels)
+                passed.add(image_uri, stored)
+                passed.save()
+        except OSError as e:  # a memo: the round checks the label itself instead
+            logger.warning(f"label of {image_id} stored, but not recorded as checked ({e}); the next round checks it")
 
     def _store_label(self, image_id: str, label_path: str, label_tag: str, info: dict[str, Any]) -> str:
         """Store a label that passed the checks (values are task indices, geometry the image's)."""

@@ -7,7 +7,9 @@ the task's indices by name. Without ``label_info`` the values must already be ta
 
 from __future__ import annotations
 
+import json
 import re
+import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -15,8 +17,9 @@ import numpy as np
 import SimpleITK as sitk
 
 from gcml_app.errors import LabelRejected
+from gcml_app.util.files import ContentHashes, merge_json, read_json, sha256_bytes
 
-__all__ = ["check_tag", "conform_label"]
+__all__ = ["PassedLabels", "check_tag", "conform_label"]
 
 _TAG = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
@@ -154,3 +157,39 @@ def conform_label(
     result.SetOrigin(image.GetOrigin()[:3])
     result.SetDirection(tuple(np.array(image.GetDirection()).reshape(image.GetDimension(), -1)[:3, :3].ravel()))
     return result
+
+
+class PassedLabels:
+    """Label files that passed :func:`conform_label`, remembered by content, so a label is checked once.
+
+    A pair is named by the sha256 of the image's and the label's content and of the task's labels
+    (``labels_ok.json`` beside the memoised hashes in ``root``, the case cache folder): an upload is
+    recorded as it is stored, and a round checks only files it does not find here (labels placed in
+    the datastore by other means, or replaced).
+
+    Args:
+        root: the folder of ``hashes.json`` and ``labels_ok.json``.
+        labels: the task's labels, name -> index.
+    """
+
+    def __init__(self, root: Path, labels: Mapping[str, int]):
+        self.path = Path(root) / "labels_ok.json"
+        self.hashes = ContentHashes(Path(root) / "hashes.json")
+        self._task = json.dumps(list(labels.items()))
+        self._passed = read_json(self.path)
+        self._new: dict[str, int] = {}
+
+    def _key(self, image: str | Path, label: str | Path) -> str:
+        return sha256_bytes(f"{self.hashes.of(image)} {self.hashes.of(label)} {self._task}".encode())
+
+    def __contains__(self, pair: tuple[str | Path, str | Path]) -> bool:
+        return self._key(*pair) in self._passed
+
+    def add(self, image: str | Path, label: str | Path) -> None:
+        key = self._key(image, label)
+        self._passed[key] = self._new[key] = int(time.time())
+
+    def save(self) -> None:
+        self.hashes.save()
+        merge_json(self.path, self._new)
+        self._new = {}

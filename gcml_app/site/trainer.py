@@ -19,12 +19,12 @@ from monailabel.interfaces.tasks.train import TrainTask
 from gcml_app.config import SiteConfig
 from gcml_app.errors import LabelRejected
 from gcml_app.federation.state import GossipState
-from gcml_app.ml.cache import ContentHashes, cache_root
+from gcml_app.ml.cache import cache_root
 from gcml_app.rounds import SyncRequest, gossip_round, labels_round, run_round
-from gcml_app.site.labels import conform_label
+from gcml_app.site.labels import PassedLabels, conform_label
 from gcml_app.site.process import STARTED_ENV, is_training_process, lower_priority, process_started
 from gcml_app.store import ModelStore
-from gcml_app.util.files import atomic_write, merge_json, read_json, sha256_bytes
+from gcml_app.util.files import atomic_write
 from gcml_app.util.jsonl import finite
 
 __all__ = ["GCMLTrain", "labelled_cases"]
@@ -35,33 +35,26 @@ def labelled_cases(datastore: Datastore, cfg: SiteConfig) -> list[dict[str, str]
     """Cases with a final label that fits its image and the task; others are skipped with a log line.
 
     A label is checked (:func:`~gcml_app.site.labels.conform_label`: geometry, values) once per
-    content: the pairs that passed are remembered by the sha256 of both files and the task's labels
-    (``labels_ok.json`` in the case cache), so a round re-reads no label that has not changed. Uploads
-    are checked as they are stored; this catches files placed in the datastore by other means.
+    content (:class:`~gcml_app.site.labels.PassedLabels`): uploads as they are stored, and here only
+    files that did not pass before (placed in the datastore by other means, or replaced).
 
     Returns:
         ``[{"id", "image", "label"}]`` sorted by id.
     """
-    root = cache_root(cfg)
-    hashes = ContentHashes(root / "hashes.json")
-    ok_path = root / "labels_ok.json"
-    passed, new = read_json(ok_path), {}
-    task = json.dumps(list(cfg.labels.items()))
+    passed = PassedLabels(cache_root(cfg), cfg.labels)
     cases = []
     for image_id in sorted(datastore.get_labeled_images(DefaultLabelTag.FINAL.value)):
         image = datastore.get_image_uri(image_id)
         label = datastore.get_label_uri(image_id, DefaultLabelTag.FINAL.value)
         try:
-            key = sha256_bytes(f"{hashes.of(image)} {hashes.of(label)} {task}".encode())
-            if key not in passed:
+            if (image, label) not in passed:
                 conform_label(image, label, cfg.labels)
-                new[key] = int(time.time())
+                passed.add(image, label)
         except (LabelRejected, OSError) as e:
             logger.warning(f"skipping case {image_id}: its final label is unusable: {e}")
             continue
         cases.append({"id": image_id, "image": image, "label": label})
-    hashes.save()
-    merge_json(ok_path, new)
+    passed.save()
     return cases
 
 

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_write", "flocked", "fsync_dir", "merge_json", "read_json", "sha256_bytes", "sha256_file"]
+__all__ = ["ContentHashes", "atomic_write", "flocked", "fsync_dir", "merge_json", "read_json", "sha256_bytes", "sha256_file"]
 
 
 def sha256_bytes(data: bytes) -> str:
@@ -80,3 +80,35 @@ def merge_json(path: Path, new: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with flocked(path.with_name(path.name + ".lock")):
         atomic_write(path, json.dumps({**read_json(path), **new}).encode())
+
+
+class ContentHashes:
+    """sha256 of files' content, memoised by ``(path, size, mtime_ns, inode)`` in a JSON file.
+
+    A file replaced in place (a new label saved from Slicer) has a new mtime or inode, so it is hashed
+    again; an unchanged one is hashed once, across rounds and restarts.
+
+    Args:
+        path: the memo file (written on :meth:`save`).
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._memo = read_json(path)
+        self._new: dict[str, dict[str, Any]] = {}
+
+    def of(self, file: str | Path) -> str:
+        st = os.stat(file)
+        stamp = [st.st_size, st.st_mtime_ns, st.st_ino]
+        key = str(Path(file).resolve())
+        known = self._memo.get(key)
+        if isinstance(known, dict) and known.get("stamp") == stamp:
+            return known["sha256"]
+        digest = sha256_file(file)
+        self._memo[key] = self._new[key] = {"stamp": stamp, "sha256": digest}
+        return digest
+
+    def save(self) -> None:
+        """Merge this process's new hashes into the memo file."""
+        merge_json(self.path, self._new)
+        self._new = {}

@@ -7,6 +7,7 @@ import shutil
 import pytest
 from helpers import make_studies
 
+from gcml_app.ml.cache import cache_root
 from gcml_app.site import trainer
 from gcml_app.site.datastore import GCMLDatastore
 
@@ -42,3 +43,12 @@ def test_a_label_that_fails_is_skipped_every_round_and_never_remembered(cfg, tmp
     for round_ in range(2):
         assert [c["id"] for c in trainer.labelled_cases(ds, cfg)] == ["case_000", "case_002"]
     assert counted.count(str(bad)) == 2
+
+
+def test_an_upload_is_recorded_as_checked_so_the_round_does_not_check_it_again(cfg, tmp_path, counted):
+    studies, truth = make_studies(tmp_path / "s", cases=3, labelled=2)
+    ds = GCMLDatastore(str(studies), labels=cfg.labels, auto_reload=False)
+    ds.passed_root = cache_root(cfg)
+    ds.save_label("case_002", str(truth / "case_002.nii.gz"), "final", {})
+    assert [c["id"] for c in trainer.labelled_cases(ds, cfg)] == ["case_000", "case_001", "case_002"]
+    assert counted == [c["label"] for c in trainer.labelled_cases(ds, cfg)][:2]  # only the two placed by hand
