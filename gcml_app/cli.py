@@ -225,6 +225,8 @@ def _bench_scale(args: argparse.Namespace) -> int:
             pc = rd["per_case_s"]
             print(f"  N={rd['n']:3d} {rd['round']:6s} +{rd['above_start_mb']:6.0f} MB  load {pc['load']:.2f} s/case  "
                   f"train {pc['train']:.2f}  validate {pc['validate']:.2f}")
+    for k, st in r.get("dcml_step", {}).items():  # on a GPU only
+        print(f"DCML step, deployment network at 96^3, {k}: {st['step_s'] * 1e3:.1f} ms, peak GPU {st['peak_gpu_mb']} MB")
     print(f"wrote {Path(args.out) / 'scale.json'} and scale.png")
     return 0
 

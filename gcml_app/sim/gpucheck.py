@@ -25,14 +25,12 @@ from typing import Any
 import torch
 
 from gcml_app.config import SiteConfig
-from gcml_app.ml.dcml import dcml_step
-from gcml_app.ml.device import precision, setup_device, train_device
-from gcml_app.ml.network import build_network
+from gcml_app.ml.device import train_device
+from gcml_app.sim.device_step import DEPLOYMENT_NETWORK, peak_gpu_mb, reset_gpu_peak, step_check
 from gcml_app.sim.scale import write_ct_studies
 
 __all__ = ["gpu_check"]
 
-DEPLOYMENT_NETWORK = {"name": "UNet", "channels": [16, 32, 64, 128, 256], "strides": [2, 2, 2, 2], "num_res_units": 2}
 REDUCED_NETWORK = {"name": "UNet", "channels": [8, 16, 32, 64], "strides": [2, 2, 2], "num_res_units": 1}
 
 
@@ -44,48 +42,6 @@ def _cfg(state: Path, gpu: bool, amp: str = "auto") -> SiteConfig:
         "train": {"epochs": 1, "batch_size": 2, "samples_per_case": 2, "amp": amp, "warm": False},
         "validation": {"fraction": 0.25, "min_cases": 2},
     })
-
-
-def _peak_mb(device: torch.device) -> float | None:
-    return round(torch.cuda.max_memory_allocated(device) / 2**20, 1) if device.type == "cuda" else None
-
-
-def _reset(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-
-
-def _dcml_step(cfg: SiteConfig, amp_on: bool, steps: int) -> dict[str, Any]:
-    device = train_device(cfg)
-    cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"amp": "on" if amp_on else "off"})})
-    setup_device(cfg, device)
-    amp = precision(cfg, device)
-    torch.manual_seed(0)
-    local, incoming = build_network(cfg).to(device), build_network(cfg).to(device)
-    before = [{k: v.detach().clone() for k, v in m.state_dict().items()} for m in (local, incoming)]
-    opts = [torch.optim.AdamW(m.parameters(), lr=1e-3) for m in (local, incoming)]
-    scaler = amp.scaler()
-    b = cfg.train.batch_size
-    x = torch.randn(b, cfg.input_channels, *cfg.roi_size, device=device)
-    y = (x > 1.0).long() + (x > 2.0).long()
-    _reset(device)
-    times, last = [], None
-    for i in range(steps + 1):  # the first step warms up cuDNN's autotuner and is not timed
-        t = time.perf_counter()
-        last = dcml_step(local, incoming, *opts, x, y, cfg.dcml, amp=amp, scaler=scaler)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        if i:
-            times.append(time.perf_counter() - t)
-    losses = vars(last)
-    updated = [any(not torch.equal(v, b0[k]) for k, v in m.state_dict().items() if v.is_floating_point())
-               for m, b0 in zip((local, incoming), before)]
-    return {"precision": str(amp), "step_s": round(sorted(times)[len(times) // 2], 4), "steps": steps,
-            "loss_finite": all(torch.isfinite(torch.tensor(v)).item() for v in losses.values()),
-            "both_updated": all(updated), "losses": {k: round(v, 4) for k, v in losses.items()},
-            "peak_gpu_mb": _peak_mb(device)}
 
 
 def gpu_check(out: str | Path, steps: int = 5) -> dict[str, Any]:
@@ -106,14 +62,14 @@ def gpu_check(out: str | Path, steps: int = 5) -> dict[str, Any]:
     res: dict[str, Any] = {"device": str(device), "gpu": torch.cuda.get_device_name(device) if gpu else None,
                            "reduced": not gpu, "torch": torch.__version__, "roi_size": list(cfg.roi_size),
                            "network": cfg.network.model_dump(mode="json")}
-    res["dcml_step"] = {"amp_on": _dcml_step(cfg, True, steps), "amp_off": _dcml_step(cfg, False, steps)}
+    res["dcml_step"] = {"amp_on": step_check(cfg, True, steps), "amp_off": step_check(cfg, False, steps)}
     on, off = res["dcml_step"]["amp_on"], res["dcml_step"]["amp_off"]
     res["dcml_step"]["amp_speedup"] = round(off["step_s"] / on["step_s"], 2)
 
     shape = (192, 192, 160) if gpu else (128, 128, 96)
     cases = write_ct_studies(out / "data", shape, 8)
     store = ModelStore(cfg.state_dir / "models")
-    _reset(device)
+    reset_gpu_peak(device)
     t = time.perf_counter()
     rec = run_round(cfg, store, cases)
     res["round"] = {"wall_s": round(time.perf_counter() - t, 2), "volume_1mm": list(shape), "cases": len(cases),
@@ -122,11 +78,11 @@ def gpu_check(out: str | Path, steps: int = 5) -> dict[str, Any]:
                     "precision": rec["precision"], "peak_gpu_mb": rec.get("peak_gpu_mb")}
 
     task = GCMLSegInfer(cfg, store)
-    _reset(device)
+    reset_gpu_peak(device)
     t = time.perf_counter()
     label, result = task({"image": cases[0]["image"], "device": "cuda" if gpu else "cpu"})
     res["infer"] = {"wall_s": round(time.perf_counter() - t, 2), "model_version": result.get("gcml_model_version"),
-                    "peak_gpu_mb": _peak_mb(device), "label_written": bool(label) and Path(label).exists()}
+                    "peak_gpu_mb": peak_gpu_mb(device), "label_written": bool(label) and Path(label).exists()}
     res["ok"] = bool(on["loss_finite"] and on["both_updated"] and off["loss_finite"] and off["both_updated"]
                      and res["round"]["published"] and res["infer"]["label_written"])
     (out / "gpu_check.json").write_text(json.dumps(res, indent=1))

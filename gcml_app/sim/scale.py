@@ -8,7 +8,8 @@ For each volume size and each dataset size N, two local rounds run, each in a fr
 peak resident memory is that round's alone): the first preprocesses every case into the case cache,
 the second reuses it. Per round: the peak memory above the process's start, and seconds per case for
 loading, training and validation. ``scale.json`` holds every round and the fitted memory per added
-case; ``scale.png`` plots memory and time against N.
+case (and on a GPU, the DCML step at the deployment network on 96^3 crops, AMP on and off);
+``scale.png`` plots memory and time against N.
 """
 
 from __future__ import annotations
@@ -21,7 +22,11 @@ from typing import Any
 
 import numpy as np
 import SimpleITK as sitk
+import torch
 from tqdm import tqdm
+
+from gcml_app.config import SiteConfig
+from gcml_app.sim.device_step import DEPLOYMENT_NETWORK, step_check
 
 __all__ = ["SCALE_SIZES", "ct_volume", "plot_scale", "scale_bench", "write_ct_studies"]
 
@@ -162,6 +167,9 @@ def scale_bench(out: str | Path, quick: bool = False) -> dict[str, Any]:
             "cache_mb_per_case": round(second[-1]["cache"]["bytes"] / ns[-1] / 1e6, 1),
         }
     bar.close()
+    if torch.cuda.is_available():  # the step at the deployment network and 96^3 crops, AMP on and off
+        cfg = SiteConfig.model_validate(_site(out / "step", 96, DEPLOYMENT_NETWORK, 1))
+        result["dcml_step"] = {k: step_check(cfg, on, 5) for k, on in (("amp_on", True), ("amp_off", False))}
     (out / "scale.json").write_text(json.dumps(result, indent=1))
     plot_scale(result, out / "scale.png")
     return result
