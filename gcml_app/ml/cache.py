@@ -47,7 +47,7 @@ from safetensors.torch import save_file
 from gcml_app.config import SiteConfig
 from gcml_app.ml import transforms
 from gcml_app.ml.transforms import CropCentres, case_transforms
-from gcml_app.util.files import ContentHashes
+from gcml_app.util.files import ContentHashes, fsync_dir
 
 __all__ = ["CACHE_FORMAT", "CacheStats", "CachedCases", "CaseCache", "cache_root", "load_entry"]
 
@@ -172,6 +172,7 @@ class CaseCache:
             with open(tmp, "rb") as f:
                 os.fsync(f.fileno())
             os.replace(tmp, path)
+            fsync_dir(self.root)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
