@@ -100,11 +100,12 @@ class _Data:
                 trains: bool, device: torch.device, amp: Precision) -> _Data:
         by_id = {c["id"]: c for c in cases}
         cache = CaseCache(cfg)
-        val = CachedCases(cache.prepare([by_id[i] for i in val_ids]))
+        # one call: every case of the round is pinned before anything is evicted
+        entries = cache.prepare([by_id[i] for i in [*val_ids, *(train_ids if trains else [])]])
+        val = CachedCases(entries[:len(val_ids)])
         loader = None
         if trains:  # built after the round's seed is set: MONAI's DataLoader seeds the random crops from it
-            train = Dataset(CachedCases(cache.prepare([by_id[i] for i in train_ids]), indices=True),
-                            crop_transforms(cfg))
+            train = Dataset(CachedCases(entries[len(val_ids):], indices=True), crop_transforms(cfg))
             t, pin = cfg.train, device.type == "cuda"
             loader = (DataLoader(train, batch_size=t.batch_size, shuffle=True, num_workers=t.num_workers,
                                  pin_memory=pin) if t.num_workers else
