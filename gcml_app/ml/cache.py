@@ -96,7 +96,7 @@ class CaseCache:
     Example:
         >>> cache = CaseCache(cfg)                                 # doctest: +SKIP
         >>> entries = cache.prepare(cases)                         # builds what is missing
-        >>> cache.load(entries[0])["label"].dtype                  # doctest: +SKIP
+        >>> load_entry(entries[0])["label"].dtype                  # doctest: +SKIP
         torch.uint8
     """
 
@@ -177,9 +177,6 @@ class CaseCache:
             Path(tmp).unlink(missing_ok=True)
             raise
 
-    def load(self, path: Path, indices: bool = False) -> dict[str, torch.Tensor]:
-        return load_entry(path, indices)
-
     def entries(self) -> list[os.DirEntry]:
         return [e for e in os.scandir(self.root) if e.name.endswith(_SUFFIX) and e.is_file()]
 
@@ -226,7 +223,5 @@ class CachedCases(Sequence):
     def __len__(self) -> int:
         return len(self.entries)
 
-    def __getitem__(self, i):
-        if isinstance(i, slice):
-            return [self[j] for j in range(*i.indices(len(self)))]
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         return load_entry(self.entries[i], self.indices)

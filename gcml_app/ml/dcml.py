@@ -113,8 +113,10 @@ def dcml_step(
         total = (loss_l if ok_l else zero) + (loss_i if ok_i else zero)
         (scaler.scale(total) if scaler is not None else total).backward()
     for ok, opt in ((ok_l, opt_l), (ok_i, opt_i)):
-        if ok:  # a scaler also skips a step whose scaled gradients overflowed
-            scaler.step(opt) if scaler is not None else opt.step()
+        if ok and scaler is not None:  # the scaler also skips a step whose scaled gradients overflowed
+            scaler.step(opt)
+        elif ok:
+            opt.step()
     if scaler is not None and (ok_l or ok_i):
         scaler.update()
     return DCMLStep(*(float(t.detach()) for t in (seg_l, kl_l, con_l, seg_i, kl_i, con_i)))
