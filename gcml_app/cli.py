@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 from gcml_app.config import ConfigError, load_config
+from gcml_app.errors import InitError
 from gcml_app.sim.data import SCENARIOS, SiteDataError
 from gcml_app.sim.phantoms import STYLES
 
@@ -144,9 +145,10 @@ def _simulate(args: argparse.Namespace) -> int:
         sites_of_seed = partial(scenario_sites, out / "data", args.scenario)
         scenario = args.scenario
     methods = args.methods.split(",") if args.methods else None
+    pretrain = args.pretrain_epochs if args.init == "pretrained" else 0
     res = simulate(cfg, sites_of_seed, out, methods=methods, rounds=args.rounds, epochs=args.epochs,
                    warmup_epochs=args.warmup_epochs, seeds=args.seeds, transport=args.transport,
-                   gate=args.gate == "on", jobs=args.jobs, scenario=scenario)
+                   gate=args.gate == "on", jobs=args.jobs, scenario=scenario, pretrain_epochs=pretrain)
     print(format_summary(res))
     print(f"wrote {out}/results.json, results.csv, dice_vs_round.png, dice_vs_bytes.png ({res['seconds']:.0f} s)")
     return 0
@@ -348,6 +350,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--gate", default="on", choices=["on", "off"], help="the gate policy of every method")
     s.add_argument("--transport", default="float32", choices=["float32", "float16"])
     s.add_argument("--jobs", type=int, default=1, help="seeds run in parallel processes")
+    s.add_argument("--init", default="random", choices=["random", "pretrained"],
+                   help="sites start from random weights, or from a bundle trained at a separate synthetic site")
+    s.add_argument("--pretrain-epochs", type=int, default=40, help="--init pretrained: that site's training epochs")
     s.set_defaults(func=_simulate)
 
     s = sub.add_parser("certs", help="a trial CA and per-site certificates (HTTPS and mutual TLS between sites)")
@@ -392,7 +397,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, SiteDataError) as e:
+    except (ConfigError, SiteDataError, InitError) as e:
         print(str(e), file=sys.stderr)
         return 2
 

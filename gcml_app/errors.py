@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 __all__ = [
+    "InitError",
     "GCMLError",
     "ImageRejected",
     "IncomingModelRejected",
@@ -81,3 +82,7 @@ class NothingToShare(PeerUnavailable):
 
 class PayloadRejected(PeerError):
     """The partner answered, but its manifest or weights failed a check; nothing was stored or trained."""
+
+
+class InitError(ValueError):
+    """``network.init_from`` (a bundle or checkpoint) cannot be used: the message names the file and what is wrong."""

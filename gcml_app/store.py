@@ -52,6 +52,7 @@ __all__ = ["Manifest", "ModelStore", "StoreError", "Superseded"]
 logger = logging.getLogger(__name__)
 
 _VERSION_FILE = re.compile(r"^v(\d{6})\.(safetensors|json)$")
+_HIGH_WATER = "last_version.json"
 
 
 class StoreError(RuntimeError):
@@ -82,6 +83,8 @@ class Manifest:
     lineage: list[dict[str, Any]] = field(default_factory=list)
     validated: bool = True
     made_by: dict[str, Any] = field(default_factory=dict)  # produced_by, structured: {"mode", "candidate", "peer"}
+    start: dict[str, Any] = field(default_factory=dict)  # where the site's first weights came from (bundle, ...)
+    task: dict[str, Any] = field(default_factory=dict)  # what the model segments (gcml_app.federation.task)
 
     @property
     def mean_dice(self) -> float:
@@ -93,6 +96,8 @@ class ModelStore:
 
     Args:
         root: the store folder (``<state_dir>/models``); created if missing.
+        keep_versions: prune to this many newest versions (besides the rollback targets) after each
+            publish (:meth:`prune`); ``None`` keeps every version.
 
     Example:
         >>> store = ModelStore(cfg.state_dir / "models")
@@ -102,8 +107,9 @@ class ModelStore:
         1
     """
 
-    def __init__(self, root: str | os.PathLike):
+    def __init__(self, root: str | os.PathLike, keep_versions: int | None = None):
         self.root = Path(root)
+        self.keep_versions = keep_versions  # prune after each publish (store.keep_versions); None: never
         self.root.mkdir(parents=True, exist_ok=True)
         self._pointer = self.root / "served.json"
         self._history = self.root / "history.jsonl"
@@ -201,7 +207,7 @@ class ModelStore:
         Leftovers of interrupted publishes count as used, so a version number is never reused.
         """
         used = [int(m.group(1)) for p in self.root.iterdir() if (m := _VERSION_FILE.match(p.name))]
-        version = max(used, default=0) + 1
+        version = max(used + [self._high_water()], default=0) + 1
         while True:
             try:
                 os.close(os.open(self._weights(version), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
@@ -224,6 +230,8 @@ class ModelStore:
         decision: dict[str, Any] | None = None,
         expected_parent: Any = _ANY,
         made_by: dict[str, Any] | None = None,
+        start: dict[str, Any] | None = None,
+        task: dict[str, Any] | None = None,
     ) -> Manifest:
         """Store ``state_dict`` as a new version and serve it.
 
@@ -237,6 +245,8 @@ class ModelStore:
             made_by: the same, structured, for readers (``{"mode", "candidate", "peer"}``).
             decision: extra fields for the history record (e.g. the gate's scores).
             expected_parent: the served version (or ``None``) the caller's decision was made against.
+            start: where the site's first weights came from (a bundle's name and version, ...).
+            task: the task the model is for (:func:`gcml_app.federation.task.task_of`).
 
         Returns:
             the new version's manifest.
@@ -250,11 +260,14 @@ class ModelStore:
             parent = self.served_version()
             if expected_parent is not _ANY and parent != expected_parent:
                 raise Superseded(f"served version is now {parent}, not {expected_parent} as when the decision was made")
-            return self._publish(data, parent, arch, val_dice, n_train, n_val, produced_by, site, lineage, validated,
-                                 decision, made_by)
+            man = self._publish(data, parent, arch, val_dice, n_train, n_val, produced_by, site, lineage, validated,
+                                decision, made_by, start, task)
+            if self.keep_versions:
+                self.prune(self.keep_versions)
+            return man
 
     def _publish(self, data, parent, arch, val_dice, n_train, n_val, produced_by, site, lineage, validated,
-                 decision, made_by) -> Manifest:
+                 decision, made_by, start, task) -> Manifest:
         version = self._claim_version()
         man = Manifest(
             version=version,
@@ -271,6 +284,8 @@ class ModelStore:
             lineage=list(lineage or []),
             validated=validated,
             made_by=dict(made_by or {}),
+            start=dict(start or {}),
+            task=dict(task or {}),
         )
         atomic_write(self._weights(version), data)
         atomic_write(self._manifest_path(version), json.dumps(asdict(man), indent=2).encode())
@@ -294,6 +309,81 @@ class ModelStore:
                               produced_by=f"rollback to v{version}")
             self.record("rollback", version=version, previous=previous, reason=reason)
         return man
+
+    # ---------------------------------------------------------------- bounded disk
+    def _high_water(self) -> int:
+        """The highest version number ever claimed (pruned and swept numbers are never reused)."""
+        try:
+            return int(json.loads((self.root / _HIGH_WATER).read_text())["version"])
+        except (FileNotFoundError, ValueError, KeyError, TypeError):
+            return 0
+
+    def _raise_high_water(self, versions: list[int]) -> None:
+        top = max(versions, default=0)
+        if top > self._high_water():
+            atomic_write(self.root / _HIGH_WATER, json.dumps({"version": top}).encode())
+
+    def protected(self, keep: int) -> set[int]:
+        """The versions :meth:`prune` never removes: the served one, its last ``keep`` ancestors (the
+        rollback targets that led to it), the newest ``keep``, and the site's first version."""
+        versions = self.versions()
+        keep_set = set(versions[-keep:]) | set(versions[:1])
+        v, steps = self.served_version(), 0
+        while v is not None and steps <= keep:
+            keep_set.add(v)
+            try:
+                v = self.manifest(v).parent
+            except StoreError:
+                break
+            steps += 1
+        return keep_set
+
+    def prune(self, keep: int) -> dict[str, Any]:
+        """Remove the versions :meth:`protected` does not name (weights, then manifest), under the lock.
+
+        A version's weights and manifest go together; its number is never claimed again. What was
+        removed is appended to ``pruned.jsonl`` (not to the history: the history counts decisions).
+
+        Returns:
+            ``{"removed": [versions], "freed_bytes": n}``.
+        """
+        with self.locked():
+            keep_set = self.protected(keep)
+            gone = [v for v in self.versions() if v not in keep_set]
+            self._raise_high_water(gone)
+            freed = 0
+            for v in gone:
+                for path in (self._manifest_path(v), self._weights(v)):  # manifest first: a crash leaves an orphan to sweep
+                    with contextlib.suppress(FileNotFoundError):
+                        freed += path.stat().st_size
+                        path.unlink()
+        if gone:
+            jsonl.append(self.root / "pruned.jsonl", {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                                                      "removed": gone, "freed_bytes": freed, "kept": sorted(keep_set)})
+            logger.info(f"model store: pruned versions {gone} ({freed / 2**20:.1f} MB); kept {sorted(keep_set)}")
+        return {"removed": gone, "freed_bytes": freed}
+
+    def sweep(self) -> list[str]:
+        """Remove what crashes leave behind, under the lock: version files with no manifest (a publish that
+        stopped after claiming its number) and temporary files of interrupted writes. Their numbers are
+        never claimed again.
+
+        Returns:
+            the names removed.
+        """
+        removed = []
+        with self.locked():
+            complete = set(self.versions())
+            orphans = [p for p in self.root.iterdir()
+                       if (m := _VERSION_FILE.match(p.name)) and int(m.group(1)) not in complete]
+            self._raise_high_water([int(_VERSION_FILE.match(p.name).group(1)) for p in orphans])
+            for p in orphans + [p for p in self.root.iterdir() if p.name.startswith(".") and p.name.endswith(".tmp")]:
+                with contextlib.suppress(FileNotFoundError):
+                    p.unlink()
+                    removed.append(p.name)
+        if removed:
+            logger.warning(f"model store: swept {len(removed)} files left by interrupted writes: {removed[:5]}")
+        return removed
 
     # ---------------------------------------------------------------- the working model
     def save_working(self, state_dict: dict[str, torch.Tensor], **info: Any) -> dict[str, Any]:

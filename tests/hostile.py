@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save as st_save
 
+from gcml_app.federation.task import task_of
 from gcml_app.config import SiteConfig
 from gcml_app.federation.payload import our_arch
 from gcml_app.ml.network import build_network
@@ -51,10 +52,12 @@ class Hostile:
         self.requests: list[tuple[str, dict]] = []
         self.marker: Path | None = None
 
+    task: dict = {}  # the task an honest partner declares (that of the config it was made with)
+
     def honest_manifest(self, arch: str) -> dict:
         return {"site": self.site, "version": 1, "sha256": hashlib.sha256(self.body).hexdigest(),
                 "bytes": len(self.body), "arch": arch, "created": "2026-01-01T00:00:00", "val_dice": {"organ": 0.9},
-                "n_train": 5, "n_val": 2, "validated": True, "lineage": []}
+                "n_train": 5, "n_val": 2, "validated": True, "lineage": [], "task": self.task}
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -147,6 +150,7 @@ class HostilePeer:
     def __init__(self, cfg: SiteConfig, site: str = "evil"):
         self.h = Hostile(site)
         self.h.body = valid_weights(cfg)
+        self.h.task = task_of(cfg)
         handler = type("H", (_Handler,), {"hostile": self.h, "arch": our_arch(cfg)})
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
         self.server.daemon_threads = True

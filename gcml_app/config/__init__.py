@@ -16,6 +16,7 @@ Example:
 
 from gcml_app.config.base import CONFIG_ENV, SITE_NAME_PATTERN, ConfigError, check_site_name
 from gcml_app.config.learning import (
+    BundleNetConfig,
     DCMLConfig,
     FinetuneConfig,
     IntensityConfig,
@@ -26,9 +27,10 @@ from gcml_app.config.learning import (
     ValidationConfig,
 )
 from gcml_app.config.partners import GossipConfig, PeerConfig, PeerTokenConfig, SecurityConfig, ServeConfig, TLSConfig
-from gcml_app.config.site import SiteConfig, load_config
+from gcml_app.config.site import SiteConfig, StoreConfig, load_config
 
 __all__ = [
+    "BundleNetConfig",
     "CONFIG_ENV",
     "SITE_NAME_PATTERN",
     "ConfigError",
@@ -43,6 +45,7 @@ __all__ = [
     "SegResNetConfig",
     "ServeConfig",
     "SiteConfig",
+    "StoreConfig",
     "TLSConfig",
     "TrainConfig",
     "UNetConfig",

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
 from pydantic import Field, model_validator
 
 from gcml_app.config.base import _Strict
 
 __all__ = [
+    "BundleNetConfig",
     "DCMLConfig",
     "FinetuneConfig",
     "IntensityConfig",
@@ -41,14 +42,63 @@ class IntensityConfig(_Strict):
         return self
 
 
-class UNetConfig(_Strict):
-    """MONAI ``UNet``: ``channels[i]`` features at level i, downsampled by ``strides[i]``."""
+MonaiOption = Union[str, tuple[str, dict[str, Any]]]
+"""A MONAI layer option as its constructors take it: ``batch``, or ``[group, {num_groups: 4}]``."""
+
+_START_KEYS = ("init_from", "strict")  # where the weights start; not part of the architecture
+
+
+class _Network(_Strict):
+    """What every network shares: where its weights start, and the layer DCML's features come from.
+
+    ``init_from`` is a MONAI bundle folder (``configs/`` and ``models/model.pt`` or ``model.safetensors``)
+    or a checkpoint file (``.pt``/``.pth``, read with ``torch.load(weights_only=True)``, or
+    ``.safetensors``): the site's first model takes its weights (the backbone; the DCML projection
+    head starts fresh). Every missing, unexpected or mis-shaped weight is named; a partial load
+    (e.g. a bundle with other output classes) needs ``strict: false``.
+
+    ``feature_layer`` is the dotted name of the backbone module whose *output* DCML's contrastive term
+    reads (a forward hook); default: the last decoder features of MONAI's UNet (``model.1``, the top skip
+    connection's concatenation) and SegResNet (the last ``up_layers`` block).
+    """
+
+    init_from: Path | None = Field(None, description="bundle folder or checkpoint the first model starts from")
+    strict: bool = Field(True, description="init_from must fill every backbone weight, each with our shape")
+    feature_layer: str | None = Field(None, pattern=r"^[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*$",
+                                      description="backbone module whose output DCML's features are")
+
+    def arch_desc(self) -> dict[str, Any]:
+        """What fixes the architecture, for the fingerprint: every key but where the weights start; the
+        MONAI options left unset (``None``: MONAI's default) are left out, so models stored before those
+        options existed keep their fingerprint."""
+        d = self.model_dump(mode="json", exclude=set(_START_KEYS))
+        return {k: v for k, v in d.items() if v is not None}
+
+
+class UNetConfig(_Network):
+    """MONAI ``UNet``: ``channels[i]`` features at level i, downsampled by ``strides[i]``.
+
+    ``norm``, ``act``, ``kernel_size``, ``up_kernel_size``, ``bias`` and ``adn_ordering`` are passed to
+    MONAI when set (unset: MONAI's defaults, instance norm and PReLU); the spleen bundle's UNet is
+    ``norm: batch``.
+    """
 
     name: Literal["UNet"] = "UNet"
     channels: tuple[Annotated[int, Field(ge=1)], ...] = (16, 32, 64, 128)
     strides: tuple[Annotated[int, Field(ge=1)], ...] = (2, 2, 2)
     num_res_units: int = Field(2, ge=0)
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    norm: MonaiOption | None = None
+    act: MonaiOption | None = None
+    kernel_size: int | None = Field(None, ge=1)
+    up_kernel_size: int | None = Field(None, ge=1)
+    bias: bool | None = None
+    adn_ordering: str | None = Field(None, pattern=r"^[NDA]{1,3}$")
+
+    def monai_kwargs(self) -> dict[str, Any]:
+        """The constructor options set in the YAML (MONAI's names)."""
+        keys = ("norm", "act", "kernel_size", "up_kernel_size", "bias", "adn_ordering")
+        return {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
 
     @model_validator(mode="after")
     def _levels(self) -> UNetConfig:
@@ -68,18 +118,29 @@ class UNetConfig(_Strict):
         return f
 
 
-class SegResNetConfig(_Strict):
-    """MONAI ``SegResNet``: ``init_filters`` doubled at each of ``len(blocks_down)`` levels."""
+class SegResNetConfig(_Network):
+    """MONAI ``SegResNet``: ``init_filters`` doubled at each of ``len(blocks_down)`` levels.
+
+    ``norm``, ``act`` and ``upsample_mode`` are passed to MONAI when set (unset: group norm with 8
+    groups, ReLU, non-trainable upsampling).
+    """
 
     name: Literal["SegResNet"]
     init_filters: int = Field(8, ge=1)
     blocks_down: tuple[Annotated[int, Field(ge=1)], ...] = (1, 2, 2, 4)
     blocks_up: tuple[Annotated[int, Field(ge=1)], ...] = (1, 1, 1)
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    norm: MonaiOption | None = None
+    act: MonaiOption | None = None
+    upsample_mode: Literal["deconv", "nontrainable", "pixelshuffle"] | None = None
+
+    def monai_kwargs(self) -> dict[str, Any]:
+        keys = ("norm", "act", "upsample_mode")
+        return {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
 
     @model_validator(mode="after")
     def _levels(self) -> SegResNetConfig:
-        if self.init_filters % 8:
+        if self.init_filters % 8 and self.norm is None:
             raise ValueError(
                 f"found init_filters={self.init_filters}; expected a multiple of 8 (SegResNet's group norm uses 8 groups)"
             )
@@ -95,7 +156,26 @@ class SegResNetConfig(_Strict):
         return 2 ** (len(self.blocks_down) - 1)
 
 
-NetworkConfig = Annotated[Union[UNetConfig, SegResNetConfig], Field(discriminator="name")]
+class BundleNetConfig(_Network):
+    """The network a MONAI bundle defines: ``init_from``'s ``configs/inference.json`` (or ``train.json``)
+    entry ``net_key``, built with ``monai.bundle.ConfigParser``; its weights from ``models/``.
+
+    The bundle's input and output channels are set to the site's (``input_channels``, one per label plus
+    background); a bundle trained for other classes then loads with ``strict: false``, its output layer
+    starting fresh. Only a network class of ``monai.networks.nets`` is built, and no ``$`` expression of
+    the bundle's config is evaluated (:mod:`gcml_app.ml.bundle`).
+    """
+
+    name: Literal["bundle"]
+    init_from: Path
+    net_key: str = Field("network_def", pattern=r"^[A-Za-z0-9_#]+$")
+
+    @property
+    def downsample(self) -> int:
+        return 1  # checked when the network is built: a dry run at roi_size
+
+
+NetworkConfig = Annotated[Union[UNetConfig, SegResNetConfig, BundleNetConfig], Field(discriminator="name")]
 
 
 class TrainConfig(_Strict):

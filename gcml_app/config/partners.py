@@ -71,6 +71,10 @@ class GossipConfig(_Strict):
     adopt_when_unlabelled: bool = True
     adopt_from: tuple[SiteName, ...] = Field(
         (), description="partners whose validated model a site with too few labels may serve unvalidated")
+    accept: tuple[Literal["spacing", "intensity", "roi_size"], ...] = Field(
+        (), description="task differences a partner may have (docs/design.md, \"The task\"): its images "
+        "never move, only its weights, so another spacing or intensity window can still teach; labels and "
+        "input channels must always match")
     transport: Literal["float32", "float16"] = Field("float32", description="dtype of the weights we serve to partners")
     max_model_bytes: int = Field(256 * 2**20, ge=1024)
     connect_timeout_s: float = Field(5.0, gt=0.0)

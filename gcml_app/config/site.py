@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
@@ -22,7 +22,23 @@ from gcml_app.config.learning import (
 )
 from gcml_app.config.partners import GossipConfig, SecurityConfig, ServeConfig
 
-__all__ = ["SiteConfig", "load_config"]
+__all__ = ["SiteConfig", "StoreConfig", "load_config"]
+
+
+class StoreConfig(_Strict):
+    """What the site keeps on disk (docs/design.md, "Disk").
+
+    Model versions beyond ``keep_versions`` are pruned after each publish and at start-up, except the
+    rollback targets: the served version, its last ``keep_versions`` ancestors and the site's first
+    version (what it started from). The PACS cache holds at most ``pacs_cache_max_gb`` of image
+    volumes, least recently used evicted first; labels and SEG references are never evicted.
+    """
+
+    keep_versions: int = Field(10, ge=1, description="newest model versions kept, besides the rollback targets")
+    pacs_cache_max_gb: float = Field(100.0, gt=0.0, description="bound on the cached PACS image volumes")
+
+
+_OTHER_VALUES = ("refuse", "background")
 
 
 class SiteConfig(_Strict):
@@ -30,6 +46,9 @@ class SiteConfig(_Strict):
 
     site: SiteName
     labels: dict[str, int]
+    other_values: Literal["refuse", "background"] = Field(
+        "refuse", description="YAML labels.other_values: a label file's values that are no task label are refused "
+        "(refuse) or read as background at training and validation (background; the file is unchanged)")
     input_channels: int = Field(1, ge=1)
     spacing: Triple = (1.0, 1.0, 1.0)
     roi_size: IntTriple = (32, 32, 32)
@@ -42,7 +61,20 @@ class SiteConfig(_Strict):
     security: SecurityConfig = SecurityConfig()
     finetune: FinetuneConfig = FinetuneConfig()
     serve: ServeConfig = ServeConfig()
+    store: StoreConfig = StoreConfig()
     state_dir: Path = Path("gcml_state")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _label_policy(cls, raw: Any) -> Any:
+        """``labels.other_values`` (YAML) is not a label: it becomes :attr:`other_values`."""
+        if isinstance(raw, dict) and isinstance(raw.get("labels"), dict) and "other_values" in raw["labels"]:
+            labels = dict(raw["labels"])
+            policy = labels.pop("other_values")
+            if policy not in _OTHER_VALUES:
+                raise ValueError(f"labels.other_values: found {policy!r}; expected one of {list(_OTHER_VALUES)}")
+            raw = {**raw, "labels": labels, "other_values": policy}
+        return raw
 
     @field_validator("labels")
     @classmethod
@@ -100,8 +132,16 @@ class SiteConfig(_Strict):
         """Network output channels: background plus one per label, in index order."""
         return len(self.labels) + 1
 
+    def yaml_dump(self) -> dict[str, Any]:
+        """The config as its YAML would write it (``other_values`` back under ``labels``)."""
+        raw = self.model_dump(mode="json")
+        policy = raw.pop("other_values")
+        if policy != "refuse":
+            raw["labels"] = {**raw["labels"], "other_values": policy}
+        return raw
 
-def _format_errors(err: ValidationError) -> list[str]:
+
+def format_errors(err: ValidationError) -> list[str]:
     lines = []
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"] if not str(p).startswith("function-after"))
@@ -156,7 +196,7 @@ def load_config(path: str | os.PathLike | None = None) -> SiteConfig:
     try:
         cfg = SiteConfig.model_validate(raw)
     except ValidationError as e:
-        lines = "\n".join(f"  - {line}" for line in _format_errors(e))
+        lines = "\n".join(f"  - {line}" for line in format_errors(e))
         raise ConfigError(f"gcml config error in {path}:\n{lines}") from None
     if not cfg.state_dir.is_absolute():
         cfg = cfg.model_copy(update={"state_dir": (path.parent / cfg.state_dir).resolve()})
@@ -164,7 +204,7 @@ def load_config(path: str | os.PathLike | None = None) -> SiteConfig:
 
 
 def _resolve_paths(cfg: SiteConfig, base: Path) -> SiteConfig:
-    """Certificate and key paths relative to the YAML's folder, made absolute."""
+    """Certificate, key and ``network.init_from`` paths relative to the YAML's folder, made absolute."""
 
     def fix(model, *keys):
         upd = {k: (base / getattr(model, k)).resolve() for k in keys
@@ -175,4 +215,4 @@ def _resolve_paths(cfg: SiteConfig, base: Path) -> SiteConfig:
     serve = cfg.serve
     if serve.tls is not None:
         serve = serve.model_copy(update={"tls": fix(serve.tls, "certfile", "keyfile", "ca_certs")})
-    return cfg.model_copy(update={"gossip": gossip, "serve": serve})
+    return cfg.model_copy(update={"gossip": gossip, "serve": serve, "network": fix(cfg.network, "init_from")})

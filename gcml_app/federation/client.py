@@ -8,7 +8,8 @@ Every partner is untrusted. A pull enforces, in order:
    slower than ``gossip.min_rate_bytes_s`` is abandoned;
 2. TLS verification (system CAs or ``gossip.ca_bundle``), and ``Accept-Encoding: identity`` (no
    decompression of what a partner sends);
-3. a manifest that parses, names a sha256 and size, and our architecture;
+3. a manifest that parses, names a sha256 and size, our task (labels in order, channels, spacing,
+   intensity, ROI; :mod:`.task`) and our architecture;
 4. a size cap enforced while streaming (never more than ``max_model_bytes`` read) to a temporary
    file, hashed on the way, so a pull holds about one copy of the model in memory;
 5. the body's sha256 equal to the manifest's;
@@ -50,8 +51,9 @@ import gcml_app
 from gcml_app.config import SITE_NAME_PATTERN, GossipConfig, PeerConfig, SiteConfig
 from gcml_app.errors import NothingToShare, PayloadRejected, PeerUnavailable
 from gcml_app.federation.payload import verify_weights
+from gcml_app.federation.task import task_differences, task_of
 
-__all__ = ["PeerClient", "PeerManifest", "Pulled", "check_payload"]
+__all__ = ["PeerClient", "PeerManifest", "Pulled", "check_manifest", "check_payload"]
 
 logger = logging.getLogger(__name__)
 
@@ -78,6 +80,7 @@ class PeerManifest(BaseModel):
     n_val: int = 0
     validated: bool = True
     lineage: list[dict[str, Any]] = Field([], max_length=64)
+    task: dict[str, Any] = Field({}, max_length=16)
 
 
 @dataclass(frozen=True)
@@ -285,8 +288,7 @@ class PeerClient:
         """
         name = self.peer.name
         cap = self.gossip.max_model_bytes
-        if manifest.arch != ours:
-            raise PayloadRejected(name, f"manifest architecture {manifest.arch[:19]}... differs from ours {ours[:19]}...")
+        check_manifest(name, manifest, cfg, ours)
         if manifest.bytes > cap:
             raise PayloadRejected(name, f"model of {manifest.bytes} bytes is over the size cap of {cap} bytes")
         t0 = time.perf_counter()
@@ -323,8 +325,7 @@ def check_payload(peer: str, manifest: PeerManifest, path: Path, cfg: SiteConfig
     Raises:
         PayloadRejected: the reason, naming ``peer``.
     """
-    if manifest.arch != ours:
-        raise PayloadRejected(peer, f"manifest architecture {manifest.arch[:19]}... differs from ours {ours[:19]}...")
+    check_manifest(peer, manifest, cfg, ours)
     size = path.stat().st_size
     if size > cfg.gossip.max_model_bytes:
         raise PayloadRejected(peer, f"model of {size} bytes is over the size cap of {cfg.gossip.max_model_bytes} bytes")
@@ -339,6 +340,21 @@ def check_payload(peer: str, manifest: PeerManifest, path: Path, cfg: SiteConfig
     except ValueError as e:
         raise PayloadRejected(peer, str(e)) from None
     return Pulled(manifest, path, state, size, fetch_s, time.perf_counter() - t0)
+
+
+def check_manifest(peer: str, manifest: PeerManifest, cfg: SiteConfig, ours: str) -> None:
+    """Refuse a partner whose task (:mod:`gcml_app.federation.task`) or architecture differs from ours,
+    before any weights move; the message names each difference.
+
+    Raises:
+        PayloadRejected: e.g. ``"task differs: labels: ours [organ, lesion], site-b [lesion, organ]"``.
+    """
+    diffs = task_differences(task_of(cfg), manifest.task, peer, cfg.gossip.accept)
+    if diffs:
+        raise PayloadRejected(peer, "task differs: " + "; ".join(diffs))
+    if manifest.arch != ours:
+        raise PayloadRejected(peer, f"manifest architecture {manifest.arch[:19]}... differs from ours {ours[:19]}... "
+                                    "(same task, another network: network settings differ)")
 
 
 def _file_sha256(path: Path) -> str:

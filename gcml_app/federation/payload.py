@@ -51,14 +51,17 @@ def encode_weights(state: dict[str, torch.Tensor], transport: str = "float32", *
     return st_save(tensors, metadata={"gcml": json.dumps({"transport": transport, **metadata}, sort_keys=True)})
 
 
-def manifest_body(site: str, m: Any, sha256: str, size: int, transport: str) -> dict[str, Any]:
+def manifest_body(site: str, m: Any, sha256: str, size: int, transport: str,
+                  task: dict[str, Any] | None = None) -> dict[str, Any]:
     """What ``GET /gcml/peer/manifest`` answers for the served version ``m`` (a store manifest).
 
-    ``sha256`` and ``size`` are those of the payload partners download (after ``transport`` encoding).
+    ``sha256`` and ``size`` are those of the payload partners download (after ``transport`` encoding);
+    ``task`` is the version's task (:mod:`gcml_app.federation.task`), or ``task`` for a version stored
+    before manifests held it (the site's config then names it; the store refuses a label change).
     """
     return {"site": site, "version": m.version, "sha256": sha256, "bytes": size, "arch": m.arch,
             "transport": transport, "created": m.created, "val_dice": m.val_dice, "n_train": m.n_train,
-            "n_val": m.n_val, "validated": m.validated, "lineage": m.lineage}
+            "n_val": m.n_val, "validated": m.validated, "lineage": m.lineage, "task": m.task or task or {}}
 
 
 def our_arch(cfg: SiteConfig) -> str:

@@ -79,11 +79,14 @@ class CacheStats:
 
 def _settings(cfg: SiteConfig) -> dict[str, Any]:
     """Every setting the preprocessing reads; a change to any of them is a new key."""
-    return {
+    settings = {
         "format": CACHE_FORMAT, "monai": monai.__version__, "spacing": list(cfg.spacing),
         "intensity": cfg.intensity.model_dump(mode="json"), "labels": list(cfg.labels.items()),
         "input_channels": cfg.input_channels, "roi_size": list(cfg.roi_size), "max_indices": transforms.MAX_INDICES,
     }
+    if cfg.other_values != "refuse":  # absent at the default: entries made before the option keep their key
+        settings["other_values"] = cfg.other_values
+    return settings
 
 
 class CaseCache:

@@ -1,20 +1,23 @@
-"""The site's segmentation network, built from config, and its architecture fingerprint.
+"""The site's segmentation network, built from config (or a MONAI bundle), and its architecture fingerprint.
 
 Pure ML code: no HTTP, no MONAI Label imports.
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from monai.networks.nets import SegResNet, UNet
 
-from gcml_app.config import SegResNetConfig, SiteConfig, UNetConfig
+from gcml_app.config import BundleNetConfig, SegResNetConfig, SiteConfig, UNetConfig
+from gcml_app.ml.bundle import InitError, read_bundle
 
-__all__ = ["GCMLNet", "arch_fingerprint", "build_network", "feature_channels"]
+__all__ = ["GCMLNet", "arch_fingerprint", "build_backbone", "build_network", "default_feature_layer", "feature_channels"]
 
 
 class GCMLNet(torch.nn.Module):
@@ -25,25 +28,22 @@ class GCMLNet(torch.nn.Module):
     The projection head is part of the state dict: it travels with the model between sites.
 
     Args:
-        backbone: a MONAI ``UNet`` or ``SegResNet``.
+        backbone: a MONAI segmentation network (``UNet``, ``SegResNet``, a bundle's network).
         feature_channels: channels ``F`` of the tapped decoder features.
         embed_dim: embedding size ``E`` of the projection head.
+        feature_layer: dotted name of the backbone module whose output is the tapped features.
     """
 
-    def __init__(self, backbone: torch.nn.Module, feature_channels: int, embed_dim: int):
+    def __init__(self, backbone: torch.nn.Module, feature_channels: int, embed_dim: int, feature_layer: str):
         super().__init__()
         self.backbone = backbone
+        self.feature_layer = feature_layer
         self.head = torch.nn.Sequential(
             torch.nn.Conv3d(feature_channels, feature_channels, kernel_size=1),
             torch.nn.ReLU(),
             torch.nn.Conv3d(feature_channels, embed_dim, kernel_size=1),
         )
 
-    def _tap(self) -> torch.nn.Module:
-        """The module whose *input* is the last decoder feature map."""
-        if isinstance(self.backbone, UNet):
-            return self.backbone.model[2]  # top-level up layer: input is [skip, upsampled] concatenated
-        return self.backbone.conv_final
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, C_in, D, H, W)`` -> logits ``(B, C_out, D, H, W)``."""
@@ -57,8 +57,8 @@ class GCMLNet(torch.nn.Module):
 
         Returns:
             ``logits (B, C_out, D, H, W)``, ``features (B, F, d, h, w)`` and unit-norm
-            ``embeddings (B, E, d, h, w)``; ``(d, h, w)`` is ``(D, H, W)`` for SegResNet and
-            ``(D, H, W) / strides[0]`` for UNet.
+            ``embeddings (B, E, d, h, w)``; ``(d, h, w)`` is the tapped layer's resolution: ``(D, H, W)``
+            for SegResNet's default and ``(D, H, W) / strides[0]`` for UNet's.
         """
         logits, feats = self.logits_and_features(x)
         return logits, feats, self.embed(feats)
@@ -85,22 +85,90 @@ class GCMLNet(torch.nn.Module):
     def logits_and_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits ``(B, C_out, D, H, W)`` and decoder features ``(B, F, d, h, w)``, without the head."""
         box: list[torch.Tensor] = []
-        handle = self._tap().register_forward_pre_hook(lambda _m, args: box.append(args[0]))
+        handle = self.backbone.get_submodule(self.feature_layer).register_forward_hook(
+            lambda _m, _args, out: box.append(_first_tensor(out)))
         try:
             logits = self.backbone(x)
         finally:
             handle.remove()
-        return logits, box[0]
+        return logits, box[-1]
+
+
+def _first_tensor(out) -> torch.Tensor:
+    return out if isinstance(out, torch.Tensor) else next(t for t in out if isinstance(t, torch.Tensor))
+
+
+def default_feature_layer(backbone: torch.nn.Module) -> str | None:
+    """The last decoder features of MONAI's UNet and SegResNet (``None``: no default for this class).
+
+    UNet: ``model.1``, the top-level skip connection, whose output is ``[input-level features, upsampled
+    decoder]`` concatenated (``2 * channels[0]`` at ``1 / strides[0]`` resolution). SegResNet: the last
+    ``up_layers`` block (``init_filters`` at full resolution), the input of its final convolution.
+    """
+    if isinstance(backbone, UNet):
+        return "model.1"
+    if isinstance(backbone, SegResNet):
+        return f"up_layers.{len(backbone.up_layers) - 1}"
+    return None
+
+
+def build_backbone(cfg: SiteConfig) -> tuple[torch.nn.Module, dict | None]:
+    """The MONAI network ``cfg.network`` names, and for ``name: bundle`` the bundle's checked definition."""
+    net = cfg.network
+    if isinstance(net, UNetConfig):
+        return UNet(spatial_dims=3, in_channels=cfg.input_channels, out_channels=cfg.out_channels,
+                    channels=net.channels, strides=net.strides, num_res_units=net.num_res_units,
+                    dropout=net.dropout, **net.monai_kwargs()), None
+    if isinstance(net, SegResNetConfig):
+        return SegResNet(spatial_dims=3, in_channels=cfg.input_channels, out_channels=cfg.out_channels,
+                         init_filters=net.init_filters, blocks_down=net.blocks_down, blocks_up=net.blocks_up,
+                         dropout_prob=net.dropout or None, **net.monai_kwargs()), None
+    if isinstance(net, BundleNetConfig):
+        return read_bundle(net.init_from).network(net.net_key, cfg.input_channels, cfg.out_channels)
+    raise ValueError(f"network.name: found {net.name!r}; expected 'UNet', 'SegResNet' or 'bundle'")
+
+
+def _probe(cfg: SiteConfig, backbone: torch.nn.Module) -> tuple[str, int]:
+    """The feature layer and its channels ``F``, from a dry run at ``roi_size`` on the meta device (no compute).
+
+    Raises:
+        InitError: the layer does not exist, or the network does not map a ``roi_size`` crop to
+            ``out_channels`` logits of the same size.
+    """
+    layer = cfg.network.feature_layer or default_feature_layer(backbone)
+    names = [n for n, _ in backbone.named_modules() if n]
+    if layer is None or layer not in names:
+        found = "no default for " + type(backbone).__name__ if layer is None else f"found {layer!r}"
+        raise InitError(f"network.feature_layer: {found}; expected a module of the network, e.g. one of "
+                        f"{names[-6:]} (the decoder's last features)")
+    probe = copy.deepcopy(backbone).to("meta").eval()
+    box: list[torch.Tensor] = []
+    probe.get_submodule(layer).register_forward_hook(lambda _m, _a, out: box.append(_first_tensor(out)))
+    x = torch.empty(1, cfg.input_channels, *cfg.roi_size, device="meta")
+    try:
+        with torch.no_grad():
+            y = _first_tensor(probe(x))
+    except Exception as e:
+        raise InitError(f"roi_size: found {list(cfg.roi_size)}; the {type(backbone).__name__} network does not take "
+                        f"crops of that size ({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''})") from None
+    if tuple(y.shape) != (1, cfg.out_channels, *cfg.roi_size):
+        raise InitError(f"network: maps a {list(cfg.roi_size)} crop to logits {list(y.shape[1:])}; expected "
+                        f"{[cfg.out_channels, *cfg.roi_size]} (background plus one channel per label)")
+    if not box or box[-1].dim() != 5:
+        raise InitError(f"network.feature_layer: {layer!r} gives no 3D feature map; expected a decoder layer")
+    return layer, int(box[-1].shape[1])
 
 
 def feature_channels(cfg: SiteConfig) -> int:
     """Channels ``F`` of the tapped decoder features for ``cfg.network``."""
-    net = cfg.network
-    return 2 * net.channels[0] if isinstance(net, UNetConfig) else net.init_filters
+    return _probe(cfg, build_backbone(cfg)[0])[1]
 
 
 def build_network(cfg: SiteConfig) -> GCMLNet:
     """Build the MONAI network named in ``cfg.network`` with its DCML projection head.
+
+    The weights are the network's fresh initialisation (torch's global generator); a site's *first*
+    model takes ``network.init_from``'s instead (:func:`gcml_app.rounds.loop.initial_state`).
 
     Args:
         cfg: site config; ``input_channels`` and ``out_channels`` (background + labels) set the I/O.
@@ -108,35 +176,18 @@ def build_network(cfg: SiteConfig) -> GCMLNet:
     Returns:
         a :class:`GCMLNet` mapping ``(B, input_channels, D, H, W)`` to logits ``(B, out_channels, D, H, W)``.
 
+    Raises:
+        InitError: a bundle that cannot be built, an unknown ``feature_layer``, or a ``roi_size`` the
+            network does not take.
+
     Example:
         >>> net = build_network(cfg)
         >>> net(torch.zeros(1, 1, 32, 32, 32)).shape
         torch.Size([1, 3, 32, 32, 32])
     """
-    net = cfg.network
-    if isinstance(net, UNetConfig):
-        backbone = UNet(
-            spatial_dims=3,
-            in_channels=cfg.input_channels,
-            out_channels=cfg.out_channels,
-            channels=net.channels,
-            strides=net.strides,
-            num_res_units=net.num_res_units,
-            dropout=net.dropout,
-        )
-    elif isinstance(net, SegResNetConfig):
-        backbone = SegResNet(
-            spatial_dims=3,
-            in_channels=cfg.input_channels,
-            out_channels=cfg.out_channels,
-            init_filters=net.init_filters,
-            blocks_down=net.blocks_down,
-            blocks_up=net.blocks_up,
-            dropout_prob=net.dropout or None,
-        )
-    else:
-        raise ValueError(f"network.name: found {net.name!r}; expected 'UNet' or 'SegResNet'")
-    return GCMLNet(backbone, feature_channels(cfg), cfg.dcml.embed_dim)
+    backbone, _ = build_backbone(cfg)
+    layer, channels = _probe(cfg, backbone)
+    return GCMLNet(backbone, channels, cfg.dcml.embed_dim, layer)
 
 
 def arch_fingerprint(cfg: SiteConfig, state_dict: dict[str, torch.Tensor]) -> str:
@@ -149,7 +200,7 @@ def arch_fingerprint(cfg: SiteConfig, state_dict: dict[str, torch.Tensor]) -> st
         ``"sha256:<hex>"``.
     """
     desc = {
-        "network": cfg.network.model_dump(mode="json"),
+        "network": _arch_desc(cfg),
         "embed_dim": cfg.dcml.embed_dim,
         "in": cfg.input_channels,
         "out": cfg.out_channels,
@@ -157,3 +208,17 @@ def arch_fingerprint(cfg: SiteConfig, state_dict: dict[str, torch.Tensor]) -> st
     }
     blob = json.dumps(desc, sort_keys=True, separators=(",", ":")).encode()
     return "sha256:" + hashlib.sha256(blob).hexdigest()
+
+
+def _arch_desc(cfg: SiteConfig) -> dict:
+    """The network config that fixes the architecture (``init_from`` is where weights start, not what they fit);
+    for a bundle, its checked network definition instead of its path."""
+    net = cfg.network
+    if isinstance(net, BundleNetConfig):
+        return {**net.arch_desc(), "net_key": None, "network_def": _bundle_def(net.init_from, net.net_key,
+                                                                               cfg.input_channels, cfg.out_channels)}
+    return net.arch_desc()
+
+
+def _bundle_def(path: Path, key: str, in_channels: int, out_channels: int) -> dict:
+    return read_bundle(path).network_def(key, in_channels, out_channels)

@@ -14,7 +14,6 @@ from monai.transforms import (
     EnsureChannelFirstd,
     EnsureTyped,
     LoadImaged,
-    MapLabelValued,
     NormalizeIntensityd,
     Orientationd,
     RandCropByPosNegLabeld,
@@ -28,7 +27,7 @@ from monai.transforms.utils import map_binary_to_indices
 
 from gcml_app.config import SiteConfig
 
-__all__ = ["MAX_INDICES", "CropCentres", "case_transforms", "crop_transforms", "image_transforms", "train_transforms", "val_transforms"]
+__all__ = ["MAX_INDICES", "CropCentres", "TaskChannels", "case_transforms", "crop_transforms", "image_transforms", "train_transforms", "val_transforms"]
 
 
 def _intensity(cfg: SiteConfig, key: str = "image"):
@@ -61,9 +60,31 @@ def case_transforms(cfg: SiteConfig) -> Compose:
         Orientationd(keys, axcodes="RAS"),
         Spacingd(keys, pixdim=cfg.spacing, mode=("bilinear", "nearest")),
         _intensity(cfg),
-        MapLabelValued("label", orig_labels=indices, target_labels=list(range(1, len(indices) + 1))),
+        TaskChannels("label", indices),
         EnsureTyped(keys, dtype=("float32", "uint8"), track_meta=False),
     ])
+
+
+class TaskChannels(MapTransform):
+    """Task label values ``indices[i]`` -> network channel ``i + 1``; every other value -> 0 (background).
+
+    Other values reach here only when ``labels.other_values: background``; with ``refuse`` such a label
+    never passes :func:`gcml_app.site.labels.conform_label`. (MONAI's ``MapLabelValued`` would leave them
+    as they are, out of the network's channels.)
+    """
+
+    def __init__(self, key: str, indices: list[int]):
+        super().__init__(key)
+        self.key, self.indices = key, list(indices)
+
+    def __call__(self, data):
+        d = dict(data)
+        label = torch.as_tensor(d[self.key])
+        out = torch.zeros_like(label, dtype=torch.uint8)
+        for channel, value in enumerate(self.indices, start=1):
+            out[label == value] = channel
+        d[self.key] = out
+        return d
 
 
 MAX_INDICES = 1 << 20  # crop centres kept per class (fg, bg): 4 MB each as int32; a 32^3 phantom keeps all

@@ -32,6 +32,8 @@ from monai.utils import set_determinism
 from gcml_app.config import SiteConfig
 from gcml_app.errors import NotEnoughLabels, RoundFailed
 from gcml_app.federation.client import PeerManifest
+from gcml_app.federation.task import task_of
+from gcml_app.ml.bundle import is_bundle, load_backbone, read_bundle, read_weights, start_of
 from gcml_app.ml.cache import CachedCases, CaseCache
 from gcml_app.ml.device import Precision, is_out_of_memory, precision, setup_device, sw_batch_size, train_device
 from gcml_app.ml.evaluate import dice_per_case
@@ -43,7 +45,7 @@ from gcml_app.rounds.producers import DCML, Local, Produced, Producer, RoundInpu
 from gcml_app.rounds.record import RoundRecord, provenance
 from gcml_app.store import Manifest, ModelStore, StoreError
 
-__all__ = ["LINEAGE_DEPTH", "Progress", "adopt", "run_round", "split_of"]
+__all__ = ["LINEAGE_DEPTH", "Progress", "adopt", "initial_state", "run_round", "split_of"]
 
 logger = logging.getLogger(__name__)
 
@@ -58,25 +60,54 @@ def split_of(cfg: SiteConfig, cases: list[dict[str, str]]) -> tuple[list[str], l
 
 
 def _start_state(cfg: SiteConfig, store: ModelStore, arch: str) -> tuple[dict, dict[str, Any]]:
-    """Where a round starts: the working model, else the served model, else fresh weights."""
+    """Where a round starts: the working model, else the served model, else the site's initial weights."""
     served = store.served()
     if served is not None and served.arch != arch:
         raise StoreError(
             f"served v{served.version} was trained for another network (architecture {served.arch[:19]}...; "
             f"the config now gives {arch[:19]}...): restore the old network settings or use a new state_dir"
         )
+    if served is not None and served.task and served.task.get("labels") != task_of(cfg)["labels"]:
+        raise StoreError(f"served v{served.version} was trained for labels {served.task.get('labels')}; the config "
+                         f"now gives {task_of(cfg)['labels']}: restore the old labels or use a new state_dir")
     working = store.working()
     if working is not None:
         state, info = working
         if info.get("arch") == arch:
-            return state, {"from": "working", "sha256": info["sha256"],
+            return state, {"from": "working", "sha256": info["sha256"], "start": info.get("start") or {},
                            "rounds_unpublished": int(info.get("rounds_unpublished", 0))}
         logger.warning(f"gcml[{cfg.site}] working model is for another network; starting from the served model")
     if served is not None:
-        return store.load(served.version), {"from": f"served v{served.version}", "rounds_unpublished": 0}
-    with torch.random.fork_rng():  # sites with the same train.seed share an initialisation (so averages are meaningful)
+        return store.load(served.version), {"from": f"served v{served.version}", "start": served.start,
+                                            "rounds_unpublished": 0}
+    state, start = initial_state(cfg)
+    return state, {"from": start["mode"], "start": start, "rounds_unpublished": 0}
+
+
+def initial_state(cfg: SiteConfig) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """A site's first weights: ``network.init_from`` (a MONAI bundle or a checkpoint) in the backbone, and a
+    fresh projection head; without it, the initialisation ``train.seed`` gives (the same at every site that
+    keeps the default, so averages are meaningful).
+
+    Returns:
+        the state dict and where it came from (``{"mode": "fresh"}``, or the bundle's name, version and
+        weights sha256 with the keys loaded and skipped: the lineage's first step).
+
+    Raises:
+        InitError: the bundle or checkpoint cannot be read, or does not fit (each key named).
+    """
+    with torch.random.fork_rng():
         torch.manual_seed(cfg.train.seed)
-        return build_network(cfg).state_dict(), {"from": "fresh", "rounds_unpublished": 0}
+        net = build_network(cfg)
+    init = cfg.network.init_from
+    if init is None:
+        return net.state_dict(), {"mode": "fresh"}
+    weights = read_bundle(init).weights if is_bundle(init) else init
+    report = load_backbone(net.backbone, read_weights(weights), cfg.network.strict, str(init))
+    start = {**start_of(init), **report.as_record()}
+    logger.info(f"gcml[{cfg.site}] first model from {start.get('bundle') or start.get('checkpoint')}: "
+                f"{report.loaded} weights loaded")
+    return net.state_dict(), start
 
 
 @dataclass
@@ -313,22 +344,35 @@ def _commit(cfg: SiteConfig, store: ModelStore, served: Manifest | None, arch: s
             return
         info = store.save_working(states[new_working], arch=arch, candidate=new_working, mode=mode,
                                   round_id=record.get("round_id"), base_version=base_version,
-                                  rounds_unpublished=unpublished, val_dice=decision.scores[new_working])
+                                  rounds_unpublished=unpublished, val_dice=decision.scores[new_working],
+                                  start=working.get("start") or {})
         record["working"] = {"from": working["from"], "candidate": new_working, "sha256": info["sha256"],
                              "rounds_unpublished": unpublished}
         step["working_rounds"] = working["rounds_unpublished"]
         if decision.publish:
-            parent_lineage = served.lineage if served is not None else []
+            start = working.get("start") or {}
+            parent_lineage = served.lineage if served is not None else ([start] if start.get("path") else [])
             how, made_by = provenance(mode, decision.winner, (origin or {}).get("peer"))
             man = store.publish(
                 states[decision.winner], arch=arch, val_dice=decision.scores[decision.winner],
                 n_train=record["n_train"], n_val=record["n_val"], produced_by=how, made_by=made_by, site=cfg.site,
-                lineage=[step, *parent_lineage][:LINEAGE_DEPTH], decision=record, expected_parent=base_version,
+                lineage=_lineage(step, parent_lineage), decision=record, expected_parent=base_version,
+                start=start, task=task_of(cfg),
             )
             record["version"] = man.version
         else:
             store.record("keep", version=base_version, **record)
             record["version"] = base_version
+
+
+def _lineage(step: dict[str, Any], parent: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``step`` then the parent's lineage, at most :data:`LINEAGE_DEPTH` steps; the first step (where the
+    site's weights started: a bundle or checkpoint) is kept however long the lineage grows."""
+    steps = [step, *parent]
+    if len(steps) > LINEAGE_DEPTH:
+        root = steps[-1] if steps[-1].get("mode") == "init" else None
+        steps = steps[:LINEAGE_DEPTH - 1] + [root] if root else steps[:LINEAGE_DEPTH]
+    return steps
 
 
 def adopt(cfg: SiteConfig, store: ModelStore, state: dict[str, torch.Tensor], man: PeerManifest, peer: str,
@@ -344,7 +388,7 @@ def adopt(cfg: SiteConfig, store: ModelStore, state: dict[str, torch.Tensor], ma
     how, made_by = provenance("adopt", "incoming", peer)
     published = store.publish(
         state, arch=arch, val_dice={}, n_train=0, n_val=n_val, produced_by=how, made_by=made_by,
-        site=cfg.site, lineage=[{"site": cfg.site, "mode": "adopt", **origin}], validated=False,
+        site=cfg.site, lineage=[{"site": cfg.site, "mode": "adopt", **origin}], validated=False, task=task_of(cfg),
         decision={**extra, "mode": "adopt",
                   "reason": f"too few labels to validate: adopted {peer} v{man.version} unvalidated"},
     )

@@ -45,6 +45,7 @@ from gcml_app.ml.evaluate import mean_dice
 from gcml_app.rounds.loop import run_round
 from gcml_app.sim.data import SimSite
 from gcml_app.sim.methods import ARMS, DEFAULT_METHODS
+from gcml_app.sim.pretrain import pretrained_bundle
 from gcml_app.sim.report import plot, summarize_rows
 from gcml_app.sim.run import Node, Run
 
@@ -72,10 +73,18 @@ def _run_method(run: Run, name: str, rounds: int, warm: Path, emit) -> None:
 # ---------------------------------------------------------------------------------------- one seed
 def run_seed(cfg: SiteConfig, sites: list[SimSite], out: Path, seed: int, methods: list[str], rounds: int,
              epochs: int, warmup_epochs: int, transport: str, gate: bool, threads: int = 0,
-             position: int = 0) -> tuple[list[dict[str, Any]], dict[str, int]]:
-    """Every method on one seed's sites; returns the result rows and the model's payload bytes."""
+             position: int = 0, pretrain_epochs: int = 0) -> tuple[list[dict[str, Any]], dict[str, int]]:
+    """Every method on one seed's sites; returns the result rows and the model's payload bytes.
+
+    Args:
+        pretrain_epochs: above 0, every site starts from a bundle trained that long at a separate
+            site (:func:`~gcml_app.sim.pretrain.pretrained_bundle`) instead of random weights.
+    """
     if threads:
         torch.set_num_threads(threads)
+    if pretrain_epochs:
+        bundle = pretrained_bundle(cfg, out / "runs" / f"seed{seed}" / "pretrain", seed, pretrain_epochs)
+        cfg = cfg.model_copy(update={"network": cfg.network.model_copy(update={"init_from": bundle})})
     run = Run(cfg, sites, out / "runs" / f"seed{seed}", seed, epochs, warmup_epochs, transport, gate)
     warm = run.root / "warmup"
     shutil.rmtree(warm, ignore_errors=True)
@@ -111,13 +120,15 @@ def run_seed(cfg: SiteConfig, sites: list[SimSite], out: Path, seed: int, method
 # ---------------------------------------------------------------------------------------- all seeds
 def simulate(cfg: SiteConfig, sites_of_seed, out: str | Path, *, methods: list[str] | None = None, rounds: int = 8,
              epochs: int = 5, warmup_epochs: int = 20, seeds: int = 3, transport: str = "float32", gate: bool = True,
-             jobs: int = 1, scenario: str = "") -> dict[str, Any]:
+             jobs: int = 1, scenario: str = "", pretrain_epochs: int = 0) -> dict[str, Any]:
     """Run the comparison for ``seeds`` seeds; write results.json/csv and plots; return the results.
 
     Args:
         cfg: the federation's shared settings (network, transforms, training, DCML, gate).
         sites_of_seed: ``seed -> [SimSite]`` (synthetic data is drawn anew per seed; real data is fixed).
         jobs: seeds run in parallel processes (each with ``cpu_count / jobs`` torch threads).
+        pretrain_epochs: above 0 (``--init pretrained``), every site starts from a "Model Zoo bundle"
+            trained that many epochs at a separate synthetic site (:mod:`gcml_app.sim.pretrain`).
 
     Raises:
         ValueError: an unknown method, ``rounds < 1`` or ``seeds < 1``.
@@ -139,15 +150,16 @@ def simulate(cfg: SiteConfig, sites_of_seed, out: str | Path, *, methods: list[s
 
         threads = max(1, (os.cpu_count() or 1) // jobs)
         with ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn")) as ex:
-            parts = list(ex.map(run_seed, *zip(*args), [threads] * seeds, range(seeds)))
+            parts = list(ex.map(run_seed, *zip(*args), [threads] * seeds, range(seeds), [pretrain_epochs] * seeds))
     else:
-        parts = [run_seed(*a) for a in args]
+        parts = [run_seed(*a, pretrain_epochs=pretrain_epochs) for a in args]
     rows = [r for p, _ in parts for r in p]
     model_bytes = parts[0][1]
     names = [s.name for s in site_lists[0]]
     result = {
         "config": {"scenario": scenario, "sites": names, "rounds": rounds, "methods": methods, "epochs": epochs,
-                   "warmup_epochs": warmup_epochs, "seeds": seeds, "transport": transport, "gate": gate,
+                   "warmup_epochs": warmup_epochs, "seeds": seeds, "pretrain_epochs": pretrain_epochs,
+                   "init": "pretrained" if pretrain_epochs else "random", "transport": transport, "gate": gate,
                    "cases": {s.name: {"train": len(s.train), "val": len(s.val), "test": len(s.test)}
                              for s in site_lists[0]},
                    "network": cfg.network.model_dump(mode="json"), "roi_size": list(cfg.roi_size),

@@ -54,6 +54,10 @@ STYLES: dict[str, SiteStyle] = {
                     spacing=(1.0, 1.0, 1.25), lesion_radius=(3.0, 5.0)),
     "s5": SiteStyle(scale=10.0, offset=5.0, lesion_contrast=1.5, noise=0.25, bias=0.25,
                     spacing=(1.1, 1.1, 1.1), lesion_radius=(3.0, 5.0)),
+    # ``gcml simulate --init pretrained``: the separate site a "pretrained bundle" was trained at (the
+    # public dataset of a Model Zoo bundle): the same anatomy, a scanner none of the sites has.
+    "p": SiteStyle(scale=200.0, offset=50.0, lesion_contrast=1.5, noise=0.15, bias=0.10,
+                   spacing=(1.0, 1.0, 1.2), lesion_radius=(3.0, 5.0)),
 }
 
 

@@ -14,12 +14,16 @@ import torch
 from monai.data import CacheDataset, DataLoader
 from monai.utils import set_determinism
 
-from gcml_app.config import SiteConfig
+from pydantic import ValidationError
+
+from gcml_app.config import ConfigError, SiteConfig
+from gcml_app.config.site import format_errors
 from gcml_app.ml.evaluate import dice_per_case, mean_over_cases
 from gcml_app.ml.device import precision, sw_batch_size, train_device
 from gcml_app.ml.network import build_network
 from gcml_app.ml.supervised import proximal, supervised_train
 from gcml_app.ml.transforms import train_transforms, val_transforms
+from gcml_app.rounds.loop import initial_state
 from gcml_app.rounds.producers import State
 from gcml_app.sim.data import SimSite
 from gcml_app.store import ModelStore
@@ -28,6 +32,9 @@ from gcml_app.util.files import atomic_write
 __all__ = ["Node", "Run"]
 
 _TOKEN = "simulated-partner-token"
+# what only a deployment has (whom it talks to, how it serves and guards itself): the simulator's own
+_DEPLOYMENT_ONLY = ("security", "serve", "finetune")
+_DEPLOYMENT_GOSSIP = ("peers", "adopt_from", "ca_bundle", "client_cert", "client_key", "interval_s", "jitter")
 
 
 def _merge(base: dict, update: dict) -> dict:
@@ -76,6 +83,9 @@ class Run:
         raw = self.base.model_dump(mode="json")
         peers = [{"name": n, "url": f"http://127.0.0.1/simulated/{n}", "token": _TOKEN}
                  for n in self.names if n != site.name]
+        for key in _DEPLOYMENT_ONLY:  # replaced, not validated against the simulator's site names
+            raw.pop(key, None)
+        raw["gossip"] = {k: v for k, v in raw.get("gossip", {}).items() if k not in _DEPLOYMENT_GOSSIP}
         raw = _merge(raw, {
             "site": site.name, "state_dir": str(folder / site.name),
             # one preprocessed-case cache for every method of the seed: the phantoms are the same files
@@ -85,7 +95,11 @@ class Run:
                        "epochs": self.epochs},
             "dcml": dcml or {}, **site.settings,
         })
-        return SiteConfig.model_validate(raw)
+        try:
+            return SiteConfig.model_validate(raw)
+        except ValidationError as e:
+            lines = "; ".join(format_errors(e))
+            raise ConfigError(f"site {site.name} of the simulation: {lines}") from None
 
     def seed_of(self, r: int, i: int) -> int:
         return self.seed * 100_003 + r * 101 + i
@@ -144,6 +158,9 @@ class Run:
         return self._test_dice[key]
 
     def init_state(self) -> State:
+        """The central methods' shared start: the seed's random weights, or ``network.init_from``'s."""
+        if self.base.network.init_from is not None:
+            return initial_state(self.base)[0]
         torch.manual_seed(self.seed)
         return {k: v.clone() for k, v in build_network(self.base).state_dict().items()}
 

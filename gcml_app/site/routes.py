@@ -29,6 +29,7 @@ from fastapi import APIRouter, Body, HTTPException, Query, Request, Response
 from monailabel.interfaces.utils.app import app_instance
 
 from gcml_app.federation.payload import encode_weights, manifest_body
+from gcml_app.federation.task import task_of
 from gcml_app.rounds.gossip import SyncRequest
 from gcml_app.store import Manifest, ModelStore, StoreError
 
@@ -69,7 +70,8 @@ def _payload(m: Manifest) -> tuple[bytes | None, str, int]:
 def peer_manifest() -> dict[str, Any]:
     m = _served_or_404()
     _, sha, size = _payload(m)
-    return manifest_body(_site().cfg.site, m, sha, size, _site().cfg.gossip.transport)
+    cfg = _site().cfg
+    return manifest_body(cfg.site, m, sha, size, cfg.gossip.transport, task_of(cfg))
 
 
 def _etags(header: str | None) -> set[str]:
