@@ -40,6 +40,7 @@ from gcml_app.ml.split import FixedSplit, labels_for_validation
 from gcml_app.ml.cache import cache_root
 from gcml_app.site.datastore import GCMLDatastore
 from gcml_app.site.infer import GCMLSegInfer
+from gcml_app.site.disk import disk_usage, sweep_at_start
 from gcml_app.site.pacs import PacsDatastore, is_pacs_url, pacs_client
 from gcml_app.site.trainer import GCMLTrain
 from gcml_app.site.warm import WarmTrainer
@@ -71,7 +72,7 @@ class GCMLApp(MONAILabelApp):
         self.config_path = Path(path)  # re-read for security settings when it changes (gcml_app.site.server)
         for problem in self.cfg.insecure_settings():  # only reached with security.allow_insecure: true
             logger.warning(f"INSECURE setting allowed by security.allow_insecure: {problem}")
-        self.store = ModelStore(self.cfg.state_dir / "models")
+        self.store = ModelStore(self.cfg.state_dir / "models", keep_versions=self.cfg.store.keep_versions)
         self.gossip_state = GossipState(self.cfg.state_dir)
         self.audit = AuditLog(self.cfg.state_dir / "audit.jsonl", self.cfg.security.audit_max_bytes)
         self.scheduler: Scheduler | None = None
@@ -100,7 +101,8 @@ class GCMLApp(MONAILabelApp):
             self.studies = self.studies.strip().rstrip("/")
             cache = (settings.MONAI_LABEL_DATASTORE_CACHE_PATH or settings.MONAI_LABEL_DICOMWEB_CACHE_PATH).strip()
             ds = PacsDatastore(pacs_client(self.studies), self.cfg.labels,
-                               cache_path=cache or self.cfg.state_dir / "pacs-cache")
+                               cache_path=cache or self.cfg.state_dir / "pacs-cache",
+                               max_cache_bytes=int(self.cfg.store.pacs_cache_max_gb * 2**30))
         else:
             ds = GCMLDatastore(
                 self.studies,
@@ -110,6 +112,7 @@ class GCMLApp(MONAILabelApp):
                 read_only=settings.MONAI_LABEL_DATASTORE_READ_ONLY,
             )
         ds.passed_root = cache_root(self.cfg)  # an upload is checked once: rounds find it there
+        ds.other_values = self.cfg.other_values
         return ds
 
     def init_infers(self) -> dict[str, InferTask]:
@@ -181,6 +184,7 @@ class GCMLApp(MONAILabelApp):
 
     def on_init_complete(self):
         super().on_init_complete()
+        sweep_at_start(self.cfg, self.store)  # the server process, before any round of its own runs
         if self.cfg.train.warm:
             # the environment setting MONAI Label gives its train subprocess
             self.warm_trainer = WarmTrainer(self.cfg.train.nice, env={"MONAI_LABEL_DATASTORE_AUTO_RELOAD": "false"})
@@ -228,6 +232,16 @@ class GCMLApp(MONAILabelApp):
                 "max_label_drop": v.max_label_drop, "strict": strict, "strict_cases": v.strict_cases,
                 "more_labels_for_strict": more}
 
+    def _disk_status(self) -> dict[str, Any]:
+        """:func:`~gcml_app.site.disk.disk_usage`, measured at most once a minute (a PACS cache walk is not free)."""
+        now = time.monotonic()
+        memo = getattr(self, "_disk_memo", None)
+        if memo is None or now - memo[0] > 60.0:
+            ds = self.datastore()
+            memo = (now, disk_usage(self.cfg, self.store, ds.cache if isinstance(ds, PacsDatastore) else None))
+            self._disk_memo = memo
+        return memo[1]
+
     def gcml_status(self) -> dict[str, Any]:
         """What ``GET /gcml/status`` returns (the Slicer GCML Federation module shows it)."""
         served = self.store.served()
@@ -260,6 +274,8 @@ class GCMLApp(MONAILabelApp):
             "history_skipped_lines": self.store.skipped_history_lines,
             # a PACS site: URL, cache folder, reachable, the last error, series cached and skipped (with reasons)
             "pacs": ds.pacs_status() if isinstance(ds := self.datastore(), PacsDatastore) else None,
+            # bytes by part (models, working, partner models, case cache, PACS cache) with each bound
+            "disk": self._disk_status(),
             "guard": {"tracked_clients": len(self.guard_limiter) if self.guard_limiter is not None else 0,
                       "max_tracked_clients": self.cfg.security.max_tracked_clients},
         }

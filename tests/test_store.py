@@ -166,3 +166,41 @@ def test_history_never_holds_non_finite_numbers(tmp_path):
     line = (tmp_path / "history.jsonl").read_text()
     assert "NaN" not in line and "Infinity" not in line
     assert store.history()[-1]["losses"] == [{"total": None}]
+
+
+def test_pruning_keeps_every_rollback_target_and_frees_the_rest(tmp_path):
+    store = ModelStore(tmp_path)
+    for seed in range(8):
+        publish(store, seed)  # v1..v8, each the parent of the next
+    store.rollback(3, reason="bad versions")
+    for seed in range(8, 11):
+        publish(store, seed)  # v9..v11 on top of v3
+    before = {v: store.read_bytes(v) for v in store.versions()}
+    out = store.prune(3)
+    kept = store.versions()
+    # served v11 and its 3 ancestors v10, v9, v3 (what it was built on), the newest 3, the first
+    assert kept == [1, 3, 9, 10, 11] and out["removed"] == [2, 4, 5, 6, 7, 8]
+    assert out["freed_bytes"] > 0 and all(store.read_bytes(v) == before[v] for v in kept)
+    for v in (9, 3, 1):
+        store.rollback(v)  # every kept target still rolls back
+    assert store.served_version() == 1
+    publish(store, 99)
+    assert store.served_version() == 12  # pruned numbers are never claimed again
+
+
+def test_publish_prunes_to_keep_versions(tmp_path):
+    store = ModelStore(tmp_path, keep_versions=3)
+    for seed in range(6):
+        publish(store, seed)
+    assert store.versions() == [1, 3, 4, 5, 6]  # first, and the served v6 with 3 ancestors (= the newest)
+    assert json.loads((tmp_path / "pruned.jsonl").read_text().splitlines()[-1])["removed"] == [2]
+
+
+def test_sweep_removes_what_an_interrupted_publish_left_and_never_reuses_its_number(tmp_path):
+    store = ModelStore(tmp_path)
+    publish(store, 0)
+    (tmp_path / "v000002.safetensors").write_bytes(b"")  # claimed, then killed before the manifest
+    (tmp_path / ".v000003.json.abc.tmp").write_bytes(b"{")  # an atomic write cut short
+    assert sorted(store.sweep()) == [".v000003.json.abc.tmp", "v000002.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("v")) == ["v000001.json", "v000001.safetensors"]
+    assert publish(store, 1).version == 3 and store.served_version() == 3

@@ -35,6 +35,7 @@ class ValidatedLabels:
     task_labels: dict[str, int]
     last_saved: tuple[str, str] | None = None  # (image id, tag) of the last accepted upload
     passed_root: Path | None = None  # where rounds look up labels that passed (PassedLabels); None: not recorded
+    other_values: str = "refuse"  # labels.other_values: values (segments) that are no task label
 
     def save_label(self, image_id: str, label_filename: str, label_tag: str, label_info: dict[str, Any]) -> str:
         """Validate (geometry, values), remap Slicer segment values by name, then store as NIfTI.
@@ -49,7 +50,7 @@ class ValidatedLabels:
             raise LabelRejected(f"image {image_id!r} is not in the datastore")
         info = dict(label_info or {})
         segments = info.get("label_info")
-        conformed = conform_label(image_uri, label_filename, self.task_labels, segments)
+        conformed = conform_label(image_uri, label_filename, self.task_labels, segments, self.other_values)
         tmp = Path(tempfile.mkdtemp(prefix="gcml-label-"))
         try:
             out = tmp / "label.nii.gz"
@@ -68,7 +69,7 @@ class ValidatedLabels:
         try:
             stored = self.get_label_uri(image_id, label_tag)
             if stored:
-                passed = PassedLabels(self.passed_root, self.task_labels)
+                passed = PassedLabels(self.passed_root, self.task_labels, self.other_values)
                 passed.add(image_uri, stored)
                 passed.save()
         except OSError as e:  # a memo: the round checks the label itself instead

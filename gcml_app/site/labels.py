@@ -70,8 +70,10 @@ def _check_geometry(image: sitk.ImageFileReader, label: sitk.ImageFileReader) ->
         )
 
 
-def _value_map(label_info: Sequence[Mapping[str, Any]], task: Mapping[str, int]) -> dict[int, int]:
-    """Slicer segment value -> task index, by segment name (case-insensitive)."""
+def _value_map(label_info: Sequence[Mapping[str, Any]], task: Mapping[str, int],
+               other_values: str = "refuse") -> dict[int, int]:
+    """Slicer segment value -> task index, by segment name (case-insensitive); with ``other_values:
+    background``, a segment that is no task label -> 0."""
     by_name = {k.lower(): v for k, v in task.items()}
     by_name["background"] = 0
     out: dict[int, int] = {0: 0}
@@ -79,6 +81,9 @@ def _value_map(label_info: Sequence[Mapping[str, Any]], task: Mapping[str, int])
         name, idx = str(seg.get("name", "")), seg.get("idx")
         if not isinstance(idx, int):
             raise LabelRejected(f"label_info entry {dict(seg)} rejected: expected an integer 'idx'")
+        if name.lower() not in by_name and other_values == "background":
+            out[idx] = 0
+            continue
         if name.lower() not in by_name:
             raise LabelRejected(
                 f"segment {name!r} (value {idx}) is not a label of this task; expected one of {list(task)}"
@@ -92,6 +97,7 @@ def conform_label(
     label_path: str | Path,
     labels: Mapping[str, int],
     label_info: Sequence[Mapping[str, Any]] | None = None,
+    other_values: str = "refuse",
 ) -> sitk.Image:
     """Validate a label against its image and the task, and return it in task indices.
 
@@ -100,9 +106,14 @@ def conform_label(
         label_path: the uploaded label (any format SimpleITK reads: NIfTI, NRRD, ...).
         labels: the task's labels, name -> index (background is 0).
         label_info: Slicer's segments ``[{"name", "idx"}]``; ``None`` means values are task indices.
+        other_values: ``labels.other_values``: ``refuse`` a value (or segment) that is no task label, or
+            keep it as ``background``: a label map with more classes than the task is then accepted as
+            it is (training and validation read the extra values as 0); an upload's extra segments
+            are stored as 0.
 
     Returns:
-        a ``uint8`` label image with the image's geometry, values in ``{0} | labels.values()``.
+        a label image with the image's geometry: ``uint8`` with values in ``{0} | labels.values()``, or
+        with ``background`` the file's own values (``uint16`` when they pass 255).
 
     Raises:
         LabelRejected: not a 3D single-component volume; shape, spacing, origin or direction differ
@@ -136,7 +147,7 @@ def conform_label(
 
     allowed = {0, *labels.values()}
     if label_info:
-        vmap = _value_map(label_info, labels)
+        vmap = _value_map(label_info, labels, other_values)
         missing = sorted(int(v) for v in values if int(v) not in vmap)
         if missing:
             raise LabelRejected(f"label values {missing} have no segment in label_info {list(label_info)}")
@@ -147,10 +158,15 @@ def conform_label(
         out = lut[arr.astype(np.int64)]
     else:
         bad = sorted(int(v) for v in values if int(v) not in allowed)
+        if bad and other_values == "background":
+            if values.min() < 0 or values.max() > 65535:
+                raise LabelRejected(f"label values {int(values.min())}..{int(values.max())} out of range; expected 0..65535")
+            bad = []
         if bad:
             names = {0: "background", **{i: n for n, i in labels.items()}}
-            raise LabelRejected(f"label values {bad} are not task labels; expected values in {names}")
-        out = arr.astype(np.uint8)
+            raise LabelRejected(f"label values {bad} are not task labels; expected values in {names} (or set "
+                                "labels.other_values: background to read the others as background)")
+        out = arr.astype(np.uint8 if values.max() <= 255 else np.uint16)
 
     result = sitk.GetImageFromArray(out)
     result.SetSpacing(image.GetSpacing()[:3])
@@ -170,12 +186,14 @@ class PassedLabels:
     Args:
         root: the folder of ``hashes.json`` and ``labels_ok.json``.
         labels: the task's labels, name -> index.
+        other_values: ``labels.other_values`` (a label that passed under ``background`` may not under ``refuse``).
     """
 
-    def __init__(self, root: Path, labels: Mapping[str, int]):
+    def __init__(self, root: Path, labels: Mapping[str, int], other_values: str = "refuse"):
         self.path = Path(root) / "labels_ok.json"
         self.hashes = ContentHashes(Path(root) / "hashes.json")
-        self._task = json.dumps(list(labels.items()))
+        # the policy joins the key only when it is not the default: labels passed before it existed stay passed
+        self._task = json.dumps(list(labels.items()) + ([other_values] if other_values != "refuse" else []))
         self._passed = read_json(self.path)
         self._new: dict[str, int] = {}
 

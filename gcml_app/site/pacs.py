@@ -11,7 +11,9 @@ URL) makes :class:`PacsDatastore` the site's datastore (docs/design.md, "PACS si
   (:class:`gcml_app.site.datastore.ValidatedLabels`), written to the PACS as DICOM SEG over STOW
   (segments named as the task's labels, referencing the source series), and only then stored in
   the cache. DICOM SEGs already in the PACS become final labels in the cache (:meth:`PacsDatastore.sync_labels`);
-  a SEG never overwrites a label already cached, and nothing is deleted from the cache.
+  a SEG never overwrites a label already cached. Beyond ``store.pacs_cache_max_gb`` the least recently
+  used series lose their DICOM instances, then unlabelled series their volumes (:meth:`PacsDatastore.evict`);
+  labels and labelled volumes stay.
 * **Faults.** While the PACS is unreachable the site keeps serving what is cached: listing falls back
   to the cached series, each failure is logged once with the URL, and the PACS is asked again after
   ``RETRY_DOWN_S``. An uncached series then answers :class:`PacsUnavailable` (HTTP 503).
@@ -23,6 +25,7 @@ URL) makes :class:`PacsDatastore` the site's datastore (docs/design.md, "PACS si
 from __future__ import annotations
 
 import json
+import os
 import logging
 import re
 import shutil
@@ -152,11 +155,13 @@ class PacsDatastore(ValidatedLabels, DICOMWebDatastore):
         labels: the task's labels, name -> index.
         cache_path: where series, volumes and labels are cached (a folder per PACS URL under it).
         search_filter: QIDO filter for the site's image series (MONAI Label's setting by default).
+        max_cache_bytes: the cache's bound (:meth:`evict` after each fetch); ``None``: unbounded.
     """
 
     def __init__(self, client, labels: Mapping[str, int], cache_path: str | Path,
-                 search_filter: dict[str, Any] | None = None):
+                 search_filter: dict[str, Any] | None = None, max_cache_bytes: int | None = None):
         self.task_labels = dict(labels)
+        self.max_cache_bytes = max_cache_bytes
         self.url = client.base_url
         self._health_lock = threading.Lock()
         self._down_since: float | None = None
@@ -244,15 +249,83 @@ class PacsDatastore(ValidatedLabels, DICOMWebDatastore):
         """
         if not isinstance(image_id, str) or len(image_id) > 64 or not _UID.fullmatch(image_id):
             return ""
-        cached = LocalDatastore.get_image_uri(self, image_id)
+        cached = self._cached(image_id)
         if cached or image_id in self.skipped():
             return cached
         with self._fetch_lock:  # one fetch per series, across the server and the training process
             self._init_from_datastore_file()  # another process may have cached it meanwhile
-            cached = LocalDatastore.get_image_uri(self, image_id)
+            cached = self._cached(image_id)
             if cached:
                 return cached
-            return self._fetch(image_id)
+            uri = self._fetch(image_id)
+            if self.max_cache_bytes:
+                self.evict(self.max_cache_bytes, keep=image_id)
+            return uri
+
+    def _cached(self, image_id: str) -> str:
+        """The cached volume's path, its access time set to now (the eviction order); ``""`` if not cached
+        (or evicted). Only the access time changes: the content memo keys on the modification time."""
+        uri = LocalDatastore.get_image_uri(self, image_id)
+        if not uri:
+            return ""
+        try:
+            st = os.stat(uri)
+            os.utime(uri, ns=(time.time_ns(), st.st_mtime_ns))
+        except FileNotFoundError:
+            return ""
+        return uri
+
+    def evict(self, max_bytes: int, keep: str | None = None) -> dict[str, Any]:
+        """Bring the cache under ``max_bytes`` (``store.pacs_cache_max_gb``), least recently used series first.
+
+        First the series' DICOM instances go (the NIfTI volume holds the image; a SEG upload fetches the
+        instances again), then the volumes of *unlabelled* series (fetched again on next use). Labels,
+        labelled series' volumes and the SEG map are never evicted: they are what rounds train on.
+
+        Returns:
+            ``{"evicted_instances": [uids], "evicted_volumes": [uids], "bytes": n}`` (the cache's size after).
+        """
+        from gcml_app.site.disk import folder_bytes
+
+        with self._fetch_lock:
+            total = folder_bytes(self.cache)
+            uids = [u for u in LocalDatastore.list_images(self) if u != keep]
+            labelled = {u for u in uids if self._datastore.objects.get(u) and self._datastore.objects[u].labels}
+
+            def atime(uid: str) -> float:
+                try:
+                    return os.stat(LocalDatastore.get_image_uri(self, uid)).st_atime
+                except (FileNotFoundError, TypeError):
+                    return 0.0
+
+            order = sorted(uids, key=atime)
+            done: dict[str, list[str]] = {"evicted_instances": [], "evicted_volumes": []}
+            for uid in order:
+                folder = self.cache / uid
+                if total <= max_bytes:
+                    break
+                if folder.is_dir():
+                    n = folder_bytes(folder)
+                    shutil.rmtree(folder, ignore_errors=True)
+                    total -= n
+                    done["evicted_instances"].append(uid)
+            for uid in order:
+                if total <= max_bytes:
+                    break
+                if uid in labelled:
+                    continue
+                path = Path(LocalDatastore.get_image_uri(self, uid))
+                if path.is_file():
+                    total -= path.stat().st_size
+                    LocalDatastore.remove_image(self, uid)
+                    done["evicted_volumes"].append(uid)
+            if total > max_bytes:
+                logger.warning(f"PACS cache: {total / 2**30:.1f} GB after eviction, over store.pacs_cache_max_gb "
+                               f"({max_bytes / 2**30:.1f} GB): the labelled series alone take that; raise the bound")
+            if done["evicted_instances"] or done["evicted_volumes"]:
+                logger.info(f"PACS cache: evicted the instances of {len(done['evicted_instances'])} series and "
+                            f"{len(done['evicted_volumes'])} unlabelled volumes; {total / 2**30:.2f} GB now")
+        return {**done, "bytes": total}
 
     def _fetch(self, image_id: str) -> str:
         if image_id not in self._pacs_series():
@@ -364,7 +437,7 @@ class PacsDatastore(ValidatedLabels, DICOMWebDatastore):
                 return f"not used: series {image_id} is not a usable image of this site"
             nii = Path(tmp) / "label.nii.gz"
             sitk.WriteImage(label, str(nii), useCompression=True)
-            conformed = conform_label(image, nii, self.task_labels)
+            conformed = conform_label(image, nii, self.task_labels, other_values=self.other_values)
             sitk.WriteImage(conformed, str(nii), useCompression=True)
             LocalDatastore.save_label(self, image_id, str(nii), DefaultLabelTag.FINAL.value,
                                       {"SeriesInstanceUID": seg_uid, "source": "pacs"})

@@ -41,14 +41,14 @@ def labelled_cases(datastore: Datastore, cfg: SiteConfig) -> list[dict[str, str]
     Returns:
         ``[{"id", "image", "label"}]`` sorted by id.
     """
-    passed = PassedLabels(cache_root(cfg), cfg.labels)
+    passed = PassedLabels(cache_root(cfg), cfg.labels, cfg.other_values)
     cases = []
     for image_id in sorted(datastore.get_labeled_images(DefaultLabelTag.FINAL.value)):
         image = datastore.get_image_uri(image_id)
         label = datastore.get_label_uri(image_id, DefaultLabelTag.FINAL.value)
         try:
             if (image, label) not in passed:
-                conform_label(image, label, cfg.labels)
+                conform_label(image, label, cfg.labels, other_values=cfg.other_values)
                 passed.add(image, label)
         except (LabelRejected, OSError) as e:
             logger.warning(f"skipping case {image_id}: its final label is unusable: {e}")

@@ -272,3 +272,29 @@ def test_the_rounds_memory_by_phase_is_in_time_order_and_never_steps_back(monkey
     for name, peak in phases:
         lap(name, peak)
     assert lap.peak_mb == expected and list(lap.peak_mb) == list(expected)
+
+
+def test_the_first_working_model_is_the_bundles_and_its_lineage_starts_there(tmp_path, studies):
+    from monai.networks.nets import UNet
+
+    from gcml_app.config import SiteConfig
+    from gcml_app.ml.bundle import write_bundle
+    from gcml_app.rounds.producers import Produced, Producer
+
+    class Untrained(Producer):  # the round's start, scored and committed unchanged
+        def produce(self, inputs):
+            return Produced("local", {"local": inputs.model.state_dict()}, "local")
+
+    net_def = {"spatial_dims": 3, "in_channels": 1, "out_channels": 3, "channels": [4, 8, 16], "strides": [2, 2],
+               "num_res_units": 1, "norm": "batch"}
+    torch.manual_seed(11)
+    net = UNet(**net_def)
+    bundle = write_bundle(tmp_path / "b", {"_target_": "UNet", **net_def}, net.state_dict(), name="b", version="2.0")
+    cfg = SiteConfig.model_validate({**TINY, "state_dir": str(tmp_path / "state"),
+                                     "network": {"name": "bundle", "init_from": str(bundle)}})
+    store = ModelStore(cfg.state_dir / "models")
+    rec = run_round(cfg, store, cases_of(studies[0]), producer=Untrained())
+    assert rec["published"] and rec["working"]["from"] == "init"
+    working, info = store.working()
+    assert all(torch.equal(working[f"backbone.{k}"], v) for k, v in net.state_dict().items())
+    assert info["start"]["bundle"] == "b" and store.served().lineage[-1]["bundle_version"] == "2.0"

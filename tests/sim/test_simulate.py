@@ -281,3 +281,33 @@ def test_bench_quick_writes_every_key(tmp_path, capsys):
     assert (tmp_path / "b" / "bench.png").stat().st_size > 10_000
     assert all(v["ratio"] > 1.0 for v in r["dcml_step"].values())
     assert "DCML step vs supervised step" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_simulate_data_takes_any_valid_site_yaml_and_a_pretrained_start(tmp_path, capsys):
+    """The README's way to compare on your own data with your own settings: a deployment YAML's peers,
+    adoption, tokens and serving are replaced, not validated against the simulator's site names."""
+    import yaml
+
+    sample = yaml.safe_load(open("sample_configs/site_a.yaml"))
+    sample["train"] = {**sample["train"], "epochs": 1}
+    path = tmp_path / "site_a.yaml"
+    path.write_text(yaml.safe_dump(sample))
+    data, out = _layout(tmp_path, sites=("x", "y"), cases=5), tmp_path / "sim"
+    assert main(["simulate", "--data", str(data), "--config", str(path), "--out", str(out), "--seeds", "1",
+                 "--rounds", "1", "--epochs", "1", "--warmup-epochs", "1", "--methods", "local",
+                 "--init", "pretrained", "--pretrain-epochs", "1"]) == 0, capsys.readouterr().err
+    res = json.loads((out / "results.json").read_text())
+    assert res["config"]["init"] == "pretrained" and {r["site"] for r in res["rows"]} == {"x", "y"}
+    served = ModelStore(out / "runs" / "seed0" / "local" / "x" / "models").served()
+    assert served.lineage[-1]["mode"] == "init" and served.start["bundle"].startswith("gcml-sim pretrained")
+
+
+def test_a_bad_init_from_is_a_one_line_error_not_a_traceback(tmp_path, capsys):
+    from helpers import write_config
+
+    cfg = write_config(tmp_path / "c", network={**TINY["network"], "init_from": str(tmp_path / "missing.pt")})
+    assert main(["simulate", "--data", str(_layout(tmp_path, sites=("x", "y"), cases=5)), "--config", str(cfg),
+                 "--out", str(tmp_path / "o"), "--seeds", "1", "--rounds", "1", "--methods", "local"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith("missing.pt: file not found") and "Traceback" not in err and len(err.splitlines()) == 1

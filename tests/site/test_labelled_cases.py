@@ -17,9 +17,9 @@ def counted(monkeypatch):
     calls = []
     real = trainer.conform_label
 
-    def conform(image, label, labels, *a):
+    def conform(image, label, labels, *a, **kw):
         calls.append(label)
-        return real(image, label, labels, *a)
+        return real(image, label, labels, *a, **kw)
 
     monkeypatch.setattr(trainer, "conform_label", conform)
     return calls
@@ -52,3 +52,22 @@ def test_an_upload_is_recorded_as_checked_so_the_round_does_not_check_it_again(c
     ds.save_label("case_002", str(truth / "case_002.nii.gz"), "final", {})
     assert [c["id"] for c in trainer.labelled_cases(ds, cfg)] == ["case_000", "case_001", "case_002"]
     assert counted == [c["label"] for c in trainer.labelled_cases(ds, cfg)][:2]  # only the two placed by hand
+
+
+@pytest.mark.parametrize("policy, ids", [("refuse", ["case_001", "case_002"]),
+                                         ("background", ["case_000", "case_001", "case_002"])])
+def test_a_label_map_with_an_extra_class_trains_only_with_background(cfg, tmp_path, policy, ids):
+    import numpy as np
+    import SimpleITK as sitk
+
+    studies, _ = make_studies(tmp_path / "s", cases=3, labelled=3)
+    path = studies / "labels" / "final" / "case_000.nii.gz"
+    lab = sitk.ReadImage(str(path))
+    arr = sitk.GetArrayFromImage(lab)
+    arr[0] = 5  # a third organ the task does not train
+    extra = sitk.GetImageFromArray(arr)
+    extra.CopyInformation(lab)
+    sitk.WriteImage(extra, str(path))
+    site = cfg.model_copy(update={"other_values": policy})
+    ds = GCMLDatastore(str(studies), labels=cfg.labels, auto_reload=False)
+    assert [c["id"] for c in trainer.labelled_cases(ds, site)] == ids

@@ -101,3 +101,28 @@ def test_small_float_rounding_in_geometry_is_accepted(tmp_path):
 def test_unsafe_tags(tag):
     with pytest.raises(LabelRejected, match="label tag .* rejected"):
         check_tag(tag)
+
+
+OTHER_VALUES = [
+    # (label values, label_info, what the stored result holds)
+    ((0, 1, 2, 7), None, {0, 1, 2, 7}),  # a 10-organ map training 2: accepted as it is; rounds read 7 as 0
+    ((0, 1, 300), None, {0, 1, 300}),  # uint16 maps keep their values
+    ((0, 1, 2), [{"name": "organ", "idx": 1}, {"name": "liver", "idx": 2}], {0, 1}),  # an extra segment -> 0
+]
+
+
+@pytest.mark.parametrize("vals, info, stored", OTHER_VALUES)
+def test_other_values_background_accepts_label_maps_with_more_classes(tmp_path, vals, info, stored):
+    out = conform_label(image(tmp_path), label(tmp_path, values(*vals)), TASK, info, other_values="background")
+    assert set(np.unique(sitk.GetArrayFromImage(out)).tolist()) == stored
+    with pytest.raises(LabelRejected, match=r"not (task labels|a label of this task)"):
+        conform_label(image(tmp_path), label(tmp_path, values(*vals)), TASK, info)  # refuse, the default
+
+
+def test_extra_values_are_background_in_network_channels():
+    import torch
+
+    from gcml_app.ml.transforms import TaskChannels
+
+    lab = torch.tensor([[0, 1, 4, 7, 300]])
+    assert TaskChannels("label", [1, 4])({"label": lab})["label"].tolist() == [[0, 1, 2, 0, 0]]

@@ -97,12 +97,19 @@ def _made_by(made_by: dict[str, Any] | None, produced_by: str) -> tuple[str, str
 
 
 def served_text(status: dict[str, Any], history: list[dict[str, Any]] | None = None) -> str:
-    """The serving model in two lines: version and how, then validation Dice per label."""
+    """The serving model in two or three lines: version and how, what the site started from (a bundle),
+    then validation Dice per label."""
     site, served = status.get("site", "?"), status.get("served")
     if not served:
         return f"{site}: no model published yet (auto-segmentation answers 'no trained model yet')"
     how = published_how(served.get("produced_by", ""), history, served.get("version"), served.get("made_by"))
     head = f"{site} serves v{served['version']}, published {served.get('created', '?')} by {how}"
+    start = served.get("start") or {}
+    if start.get("bundle") or start.get("checkpoint"):
+        origin = (f"bundle {start['bundle']} {start.get('bundle_version') or ''}".rstrip() if start.get("bundle")
+                  else f"checkpoint {start['checkpoint']}")
+        head += f"
+started from {origin}"
     if not served.get("validated", True) or not served.get("val_dice"):
         return head + "\nnot validated on this site's labels yet"
     return head + f"\nvalidation Dice: {_dice(served['val_dice'])} (mean {_mean(served['val_dice']):.3f}, " \
