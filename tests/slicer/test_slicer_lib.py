@@ -64,6 +64,17 @@ def test_served_text_says_version_how_and_dice(status, history):
     )
 
 
+@pytest.mark.parametrize("start, line", [
+    ({"mode": "init", "bundle": "spleen_ct_segmentation", "bundle_version": "0.5.7"},
+     "started from bundle spleen_ct_segmentation 0.5.7"),
+    ({"mode": "init", "checkpoint": "site_model.pt"}, "started from checkpoint site_model.pt"),
+    ({"mode": "fresh"}, None),
+])
+def test_served_text_says_which_bundle_the_site_started_from(status, history, start, line):
+    lines = served_text({**status, "served": {**status["served"], "start": start}}, history).splitlines()
+    assert (lines[1] == line) if line else (len(lines) == 2 and lines[1].startswith("validation Dice"))
+
+
 def test_served_text_before_any_model_and_when_unvalidated(status):
     assert served_text({"site": "site-x", "served": None}) == (
         "site-x: no model published yet (auto-segmentation answers 'no trained model yet')")

@@ -108,8 +108,7 @@ def served_text(status: dict[str, Any], history: list[dict[str, Any]] | None = N
     if start.get("bundle") or start.get("checkpoint"):
         origin = (f"bundle {start['bundle']} {start.get('bundle_version') or ''}".rstrip() if start.get("bundle")
                   else f"checkpoint {start['checkpoint']}")
-        head += f"
-started from {origin}"
+        head += f"\nstarted from {origin}"
     if not served.get("validated", True) or not served.get("val_dice"):
         return head + "\nnot validated on this site's labels yet"
     return head + f"\nvalidation Dice: {_dice(served['val_dice'])} (mean {_mean(served['val_dice']):.3f}, " \
