@@ -62,9 +62,27 @@ def _serve(args: argparse.Namespace) -> int:
     from gcml_app.site.launch import server_command
 
     cfg = load_config(args.config)  # fail here, with the key path, rather than inside the server
+    _check_network(cfg)
     cmd = server_command(args.config, args.studies, args.host or cfg.serve.host, args.port or cfg.serve.port)
     os.environ.setdefault("MONAI_LABEL_TRACKING_ENABLED", "false")
     os.execv(cmd[0], cmd)
+
+
+def _check_network(cfg) -> None:
+    """Build the site's network, and before its first model, its initial weights (``network.init_from``), so a
+    bad bundle or checkpoint is a one-line error here rather than a traceback in the server's log.
+
+    Raises:
+        InitError: what is wrong, naming the file.
+    """
+    from gcml_app.ml.network import build_network
+    from gcml_app.rounds.loop import initial_state
+    from gcml_app.store import ModelStore
+
+    build_network(cfg)
+    store = ModelStore(cfg.state_dir / "models")
+    if cfg.network.init_from is not None and store.served_version() is None and not store.working_path.exists():
+        initial_state(cfg)
 
 
 def _status(args: argparse.Namespace) -> int:

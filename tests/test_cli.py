@@ -1,3 +1,4 @@
+import re
 import subprocess
 import sys
 
@@ -48,6 +49,24 @@ def test_bad_config_exits_2_with_the_key_path(tmp_path, capsys):
     path = write_config(tmp_path, roi_size=[31, 32, 32])
     assert main(["status", "--config", str(path)]) == 2
     assert "roi_size: found [31, 32, 32]; expected positive sizes divisible by 4" in capsys.readouterr().err
+
+
+BAD_STARTS = [
+    # (network settings, the one line gcml serve prints)
+    ({"init_from": "missing.pt"}, r"^network\.init_from: .*missing\.pt: file not found$"),
+    ({"name": "bundle", "init_from": "no_bundle"}, r"^network\.init_from: .*no_bundle: not a bundle folder$"),
+    ({"feature_layer": "model.7"}, r"^network\.feature_layer: found 'model\.7'; expected a module of the network"),
+]
+
+
+@pytest.mark.parametrize("network, message", BAD_STARTS)
+def test_serve_refuses_a_bad_start_in_one_line_before_launching(tmp_path, capsys, network, message):
+    from helpers import TINY
+
+    config = write_config(tmp_path, network=network if "name" in network else {**TINY["network"], **network})
+    assert main(["serve", "--config", str(config), "--studies", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and re.match(message, err), err
 
 
 def test_status_before_any_model(tmp_path, capsys):

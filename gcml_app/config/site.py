@@ -132,20 +132,12 @@ class SiteConfig(_Strict):
         """Network output channels: background plus one per label, in index order."""
         return len(self.labels) + 1
 
-    def yaml_dump(self) -> dict[str, Any]:
-        """The config as its YAML would write it (``other_values`` back under ``labels``)."""
-        raw = self.model_dump(mode="json")
-        policy = raw.pop("other_values")
-        if policy != "refuse":
-            raw["labels"] = {**raw["labels"], "other_values": policy}
-        return raw
-
 
 def format_errors(err: ValidationError) -> list[str]:
     lines = []
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"] if not str(p).startswith("function-after"))
-        loc = re.sub(r"\.(UNet|SegResNet)\b", "", loc)
+        loc = re.sub(r"\.(UNet|SegResNet|bundle)\b", "", loc)
         msg = e["msg"].removeprefix("Value error, ")
         found = e.get("input")
         if e["type"] == "extra_forbidden":

@@ -316,3 +316,32 @@ def test_site_on_orthanc_serves_labels_trains_gossips_and_survives_the_pacs_goin
         with capsys.disabled():
             print(f"\n[pacs] first round (cache fill from Orthanc + 2 epochs) {first_round_s:.1f} s; "
                   f"second round {second_round_s:.1f} s")
+
+
+def test_the_cache_bound_evicts_instances_then_unlabelled_volumes_and_never_labels(pacs, dicom, tmp_path):
+    from pathlib import Path
+
+    from gcml_app.site.disk import folder_bytes
+
+    ds = _datastore(pacs, tmp_path)
+    labelled, unlabelled = dicom["labelled"], dicom["uids"][LABELLED:LABELLED + 3]
+    assert sorted(ds.get_labeled_images("final")) == sorted(labelled)
+    order = [*labelled, *unlabelled]
+    for uid in order:  # use every series once, in this order: the first is the least recently used
+        ds.get_image_uri(uid)
+        time.sleep(0.01)
+    assert all((ds.cache / uid).is_dir() for uid in order)
+    oldest = folder_bytes(ds.cache / order[0])
+    out = ds.evict(folder_bytes(ds.cache) - oldest + 1)  # room for all but one series' instances
+    assert out == {"evicted_instances": [order[0]], "evicted_volumes": [], "bytes": out["bytes"]}
+    out = ds.evict(0)  # nothing may stay that can be fetched again
+    assert sorted(out["evicted_instances"]) == sorted(order[1:]) and sorted(out["evicted_volumes"]) == sorted(unlabelled)
+    for uid in labelled:  # what rounds train on stays: volume and label
+        assert Path(ds.get_image_uri(uid)).is_file() and Path(ds.get_label_uri(uid, "final")).is_file()
+    assert sorted(ds.get_labeled_images("final")) == sorted(labelled)
+    again = ds.get_image_uri(unlabelled[0])  # an evicted series is fetched again on use
+    assert Path(again).is_file() and (ds.cache / unlabelled[0]).is_dir()
+    bounded = PacsDatastore(pacs_client(pacs.url, auth=pacs.auth), LABELS, cache_path=tmp_path / "cache",
+                            search_filter={"Modality": "CT"}, max_cache_bytes=1)
+    bounded.get_image_uri(unlabelled[1])  # a fetch evicts down to the bound, except what it fetched
+    assert Path(bounded.get_image_uri(unlabelled[1])).is_file() and not (bounded.cache / unlabelled[0]).exists()

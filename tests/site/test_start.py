@@ -2,6 +2,7 @@
 sweep, and partners whose task differs (swapped label order) refusing each other before any download."""
 
 import numpy as np
+import requests
 import pytest
 import SimpleITK as sitk
 import torch
@@ -97,3 +98,24 @@ def test_partners_with_swapped_label_order_refuse_each_other_before_any_download
     finally:
         for srv in servers.values():
             srv.stop()
+
+
+def test_a_site_prunes_old_versions_and_every_rollback_target_stays(tmp_path):
+    studies, _ = make_studies(tmp_path, cases=6, labelled=5)
+    config = write_config(tmp_path, validation={"fraction": 0.2, "min_cases": 1, "gate": False},  # publish each round
+                          store={"keep_versions": 1})
+    with SiteServer(config, studies, log=tmp_path / "server.log") as server:
+        client, site = MONAILabelClient(server.url), SiteClient(server.url)
+        for _ in range(4):
+            assert train(client, epochs=1)["status"] == "DONE"
+        status = site.status()
+        # served v4, its ancestor v3, and the first: the rest freed
+        assert status["versions"] == [1, 3, 4] and status["served"]["version"] == 4
+        store = ModelStore(load_config(config).state_dir / "models")
+        assert not (store.root / "v000002.safetensors").exists()
+        for v in (3, 1):
+            r = requests.post(f"{server.url}/gcml/rollback/{v}", timeout=30)
+            assert r.status_code == 200, r.text
+        r = requests.post(f"{server.url}/gcml/rollback/2", timeout=30)
+        assert r.status_code == 404 and "version 2 does not exist; known versions: [1, 3, 4]" in r.json()["detail"]
+        assert site.status()["disk"]["models"]["versions"] == 3
