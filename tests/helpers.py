@@ -109,6 +109,25 @@ def write_federation(root: Path, styles: str = "abc", cases: int = 8, labelled: 
     return sites
 
 
+@contextlib.contextmanager
+def running(sites: dict[str, dict], logs: Path):
+    """Every site of :func:`write_federation` served at once (started together, then waited for):
+    ``{site: SiteServer}``; all stopped on exit."""
+    from gcml_app.site.launch import SiteServer
+
+    servers = {n: SiteServer(s["config"], s["studies"], port=s["port"], log=logs / f"{n}.log")
+               for n, s in sites.items()}
+    try:
+        for srv in servers.values():
+            srv.spawn()
+        for srv in servers.values():
+            srv.wait_ready()
+        yield servers
+    finally:
+        for srv in servers.values():
+            srv.stop()
+
+
 def until(check, timeout: float = 10.0, what: str = "the condition"):
     """Poll ``check()`` every 0.2 s until it returns something truthy, and return that."""
     import time

@@ -16,14 +16,14 @@ import time
 import pytest
 import requests
 import SimpleITK as sitk
-from helpers import TINY, write_federation
+from helpers import TINY, running, write_federation
 from hostile import PAYLOAD_CASES, HostilePeer, valid_weights
 from monailabel.client import MONAILabelClient
 
 from gcml_app.config import SiteConfig, load_config
 from gcml_app.federation.state import GossipState
 from gcml_app.site.client import SiteClient
-from gcml_app.site.launch import SiteServer, free_port
+from gcml_app.site.launch import free_port
 from gcml_app.store import ModelStore
 
 pytestmark = pytest.mark.slow
@@ -48,22 +48,13 @@ def fed(tmp_path_factory):
         for s in sites.values():  # the scheduler starts paused; the last test resumes it
             s["cfg"] = load_config(s["config"])
             GossipState(s["cfg"].state_dir).set_paused(True)
-        servers = {n: SiteServer(s["config"], s["studies"], port=s["port"], log=root / f"{n}.log")
-                   for n, s in sites.items()}
-        try:
-            for srv in servers.values():
-                srv.spawn()
-            for srv in servers.values():
-                srv.wait_ready()
+        with running(sites, root) as servers:
             for n, s in sites.items():
                 s["site"] = SiteClient(s["url"])
                 s["client"] = MONAILabelClient(s["url"])
                 s["store"] = ModelStore(s["cfg"].state_dir / "models")
                 s["server"] = servers[n]
             yield {"sites": sites, "evil": evil, "root": root}
-        finally:
-            for srv in servers.values():
-                srv.stop()
 
 
 def _served_bytes(store: ModelStore) -> tuple[int | None, str | None, bytes]:

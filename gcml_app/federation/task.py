@@ -51,8 +51,8 @@ def task_differences(ours: dict[str, Any], theirs: dict[str, Any] | None, peer: 
         accept: the keys of :data:`ACCEPTABLE` the site allows to differ (``gossip.accept``).
     """
     if not theirs:
-        return [f"task: {peer} does not say what its model segments (a gcml app older than ours); "
-                "expected a manifest with 'task'"]
+        return [(f"task: {peer} does not say what its model segments (a gcml app older than ours); "
+                 "expected a manifest with 'task'")]
     out = []
     for key in ("labels", "input_channels", "spacing", "intensity", "roi_size"):
         a, b = ours.get(key), theirs.get(key)

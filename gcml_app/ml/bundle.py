@@ -260,7 +260,7 @@ def start_of(init_from: Path) -> dict[str, Any]:
 
 def _network_class(target: str, where: Path) -> type:
     """The ``monai.networks.nets`` class a bundle's ``_target_`` names (``UNet`` or ``monai.networks.nets.UNet``)."""
-    import monai.networks.nets as nets
+    from monai.networks import nets
 
     name = target.removeprefix("monai.networks.nets.")
     cls = getattr(nets, name, None) if name.isidentifier() else None
@@ -276,7 +276,7 @@ def _literal(parser, value: Any, where: str, config_file: Path, depth: int = 0) 
     if depth > 16:
         raise InitError(f"network.init_from: {config_file}: {where}: references nest too deep")
     if isinstance(value, str):
-        if value.startswith("$") or value.startswith("%"):
+        if value.startswith(("$", "%")):
             raise InitError(f"network.init_from: {config_file}: {where} is an expression or macro ({value[:60]!r}); "
                             "expected plain values (a bundle's expressions are never evaluated)")
         if value.startswith("@"):

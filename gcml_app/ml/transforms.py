@@ -10,10 +10,10 @@ from __future__ import annotations
 import torch
 from monai.transforms import (
     Compose,
-    MapTransform,
     EnsureChannelFirstd,
     EnsureTyped,
     LoadImaged,
+    MapTransform,
     NormalizeIntensityd,
     Orientationd,
     RandCropByPosNegLabeld,

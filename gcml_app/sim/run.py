@@ -13,13 +13,12 @@ from pathlib import Path
 import torch
 from monai.data import CacheDataset, DataLoader
 from monai.utils import set_determinism
-
 from pydantic import ValidationError
 
 from gcml_app.config import ConfigError, SiteConfig
 from gcml_app.config.site import format_errors
-from gcml_app.ml.evaluate import dice_per_case, mean_over_cases
 from gcml_app.ml.device import precision, sw_batch_size, train_device
+from gcml_app.ml.evaluate import dice_per_case, mean_over_cases
 from gcml_app.ml.network import build_network
 from gcml_app.ml.supervised import proximal, supervised_train
 from gcml_app.ml.transforms import train_transforms, val_transforms

@@ -25,8 +25,8 @@ URL) makes :class:`PacsDatastore` the site's datastore (docs/design.md, "PACS si
 from __future__ import annotations
 
 import json
-import os
 import logging
+import os
 import re
 import shutil
 import tempfile

@@ -68,7 +68,7 @@ def test_a_bundle_for_other_classes_is_refused_by_name_unless_strict_is_false(tm
     with pytest.raises(InitError, match=r"does not fit this network: 8 mis-shaped: model\.2\.0\.conv\.weight: "
                                         r"theirs \[8, 6, 3, 3, 3\] vs ours \[8, 3, 3, 3, 3\].*strict: false"):
         initial_state(config(tmp_path, net))
-    state, start = initial_state(config(tmp_path, {**net, "strict": False}))
+    _, start = initial_state(config(tmp_path, {**net, "strict": False}))
     assert start["loaded"] > 0 and len(start["mismatched"]) == 8
 
 

@@ -1,13 +1,12 @@
 """Real servers: a site that starts from a local MONAI bundle, label maps with more classes, the start-up
 sweep, and partners whose task differs (swapped label order) refusing each other before any download."""
 
-import numpy as np
-import requests
 import pytest
+import requests
 import SimpleITK as sitk
 import torch
 import yaml
-from helpers import make_studies, train, write_config, write_federation
+from helpers import make_studies, running, train, write_config, write_federation
 from monai.networks.nets import UNet
 from monailabel.client import MONAILabelClient
 from monailabel.client.client import MONAILabelClientException
@@ -70,13 +69,7 @@ def _rewrite(config, **keys):
 def test_partners_with_swapped_label_order_refuse_each_other_before_any_download(tmp_path):
     sites = write_federation(tmp_path, styles="ab", cases=6, labelled=5)
     _rewrite(sites["site-b"]["config"], labels={"lesion": 1, "organ": 2})
-    servers = {n: SiteServer(s["config"], s["studies"], port=s["port"], log=tmp_path / f"{n}.log")
-               for n, s in sites.items()}
-    try:
-        for srv in servers.values():
-            srv.spawn()
-        for srv in servers.values():
-            srv.wait_ready()
+    with running(sites, tmp_path):
         a, b = (SiteClient(sites[n]["url"]) for n in ("site-a", "site-b"))
         stores = {n: ModelStore(load_config(s["config"]).state_dir / "models") for n, s in sites.items()}
         for site, peer in ((b, "site-a"), (a, "site-b")):
@@ -95,9 +88,6 @@ def test_partners_with_swapped_label_order_refuse_each_other_before_any_download
         assert "labels: ours [organ, lesion], site-b [lesion, organ]" in row["last_error"]
         rec = b.round(peers=["site-a"])
         assert rec["gossip"]["attempts"][0]["reason"] == "task differs: labels: ours [lesion, organ], site-a [organ, lesion]"
-    finally:
-        for srv in servers.values():
-            srv.stop()
 
 
 def test_a_site_prunes_old_versions_and_every_rollback_target_stays(tmp_path):
