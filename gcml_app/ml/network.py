@@ -8,7 +8,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -43,7 +42,6 @@ class GCMLNet(torch.nn.Module):
             torch.nn.ReLU(),
             torch.nn.Conv3d(feature_channels, embed_dim, kernel_size=1),
         )
-
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, C_in, D, H, W)`` -> logits ``(B, C_out, D, H, W)``."""
@@ -112,19 +110,19 @@ def default_feature_layer(backbone: torch.nn.Module) -> str | None:
     return None
 
 
-def build_backbone(cfg: SiteConfig) -> tuple[torch.nn.Module, dict | None]:
-    """The MONAI network ``cfg.network`` names, and for ``name: bundle`` the bundle's checked definition."""
+def build_backbone(cfg: SiteConfig) -> torch.nn.Module:
+    """The MONAI network ``cfg.network`` names (for ``name: bundle``, the bundle's own), freshly initialised."""
     net = cfg.network
     if isinstance(net, UNetConfig):
         return UNet(spatial_dims=3, in_channels=cfg.input_channels, out_channels=cfg.out_channels,
                     channels=net.channels, strides=net.strides, num_res_units=net.num_res_units,
-                    dropout=net.dropout, **net.monai_kwargs()), None
+                    dropout=net.dropout, **net.monai_kwargs())
     if isinstance(net, SegResNetConfig):
         return SegResNet(spatial_dims=3, in_channels=cfg.input_channels, out_channels=cfg.out_channels,
                          init_filters=net.init_filters, blocks_down=net.blocks_down, blocks_up=net.blocks_up,
-                         dropout_prob=net.dropout or None, **net.monai_kwargs()), None
+                         dropout_prob=net.dropout or None, **net.monai_kwargs())
     if isinstance(net, BundleNetConfig):
-        return read_bundle(net.init_from).network(net.net_key, cfg.input_channels, cfg.out_channels)
+        return read_bundle(net.init_from).network(net.net_key, cfg.input_channels, cfg.out_channels)[0]
     raise ValueError(f"network.name: found {net.name!r}; expected 'UNet', 'SegResNet' or 'bundle'")
 
 
@@ -161,7 +159,7 @@ def _probe(cfg: SiteConfig, backbone: torch.nn.Module) -> tuple[str, int]:
 
 def feature_channels(cfg: SiteConfig) -> int:
     """Channels ``F`` of the tapped decoder features for ``cfg.network``."""
-    return _probe(cfg, build_backbone(cfg)[0])[1]
+    return _probe(cfg, build_backbone(cfg))[1]
 
 
 def build_network(cfg: SiteConfig) -> GCMLNet:
@@ -185,7 +183,7 @@ def build_network(cfg: SiteConfig) -> GCMLNet:
         >>> net(torch.zeros(1, 1, 32, 32, 32)).shape
         torch.Size([1, 3, 32, 32, 32])
     """
-    backbone, _ = build_backbone(cfg)
+    backbone = build_backbone(cfg)
     layer, channels = _probe(cfg, backbone)
     return GCMLNet(backbone, channels, cfg.dcml.embed_dim, layer)
 
@@ -215,10 +213,7 @@ def _arch_desc(cfg: SiteConfig) -> dict:
     for a bundle, its checked network definition instead of its path."""
     net = cfg.network
     if isinstance(net, BundleNetConfig):
-        return {**net.arch_desc(), "net_key": None, "network_def": _bundle_def(net.init_from, net.net_key,
-                                                                               cfg.input_channels, cfg.out_channels)}
+        desc = {k: v for k, v in net.arch_desc().items() if k != "net_key"}
+        return {**desc, "network_def": read_bundle(net.init_from).network_def(net.net_key, cfg.input_channels,
+                                                                               cfg.out_channels)}
     return net.arch_desc()
-
-
-def _bundle_def(path: Path, key: str, in_channels: int, out_channels: int) -> dict:
-    return read_bundle(path).network_def(key, in_channels, out_channels)

@@ -229,9 +229,9 @@ def run_round(
                              "(incoming is DCML's shorthand)")
         producer = DCML.from_file(incoming, cfg, arch, origin)
     producer = producer or Local()
-    start, working = _start_state(cfg, store, arch)
     phase = "prepare"
     try:
+        start, working = _start_state(cfg, store, arch)  # a bad init_from or another task: a failed round
         model.load_state_dict(start)
         model.to(device)
         data = _Data.prepare(cfg, cases, train_ids, val_ids, producer.trains, device, amp)

@@ -302,13 +302,14 @@ def test_the_first_working_model_is_the_bundles_and_its_lineage_starts_there(tmp
 
 def test_a_site_whose_labels_were_reordered_does_not_go_on_from_its_served_model(tmp_path, studies):
     from gcml_app.config import SiteConfig
-    from gcml_app.store import StoreError
+    from gcml_app.errors import RoundFailed
 
     cfg = SiteConfig.model_validate({**TINY, "state_dir": str(tmp_path / "state"), "train": {**TINY["train"], "epochs": 1}})
     store = ModelStore(cfg.state_dir / "models")
     run_round(cfg, store, cases_of(studies[0]))
     swapped = cfg.model_copy(update={"labels": {"lesion": 1, "organ": 2}})  # same shapes: the same architecture
-    with pytest.raises(StoreError, match=r"served v1 was trained for labels \[\['organ', 1\], \['lesion', 2\]\]; "
-                                         r"the config now gives \[\['lesion', 1\], \['organ', 2\]\]"):
+    with pytest.raises(RoundFailed, match=r"while prepare: StoreError: served v1 was trained for labels "
+                                          r"\[\['organ', 1\], \['lesion', 2\]\]; the config now gives \[\['lesion', 1\], "
+                                          r"\['organ', 2\]\]"):
         run_round(swapped, store, cases_of(studies[0]))
-    assert store.served_version() == 1
+    assert store.served_version() == 1 and store.history()[-1]["outcome"] == "failed"
