@@ -61,27 +61,28 @@ def _pacs_load(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     from gcml_app.site.launch import server_command
 
+    from gcml_app.store import ModelStore
+
     cfg = load_config(args.config)  # fail here, with the key path, rather than inside the server
-    _check_network(cfg)
+    store = ModelStore(cfg.state_dir / "models")
+    _check_network(cfg, first_model=store.served_version() is None and not store.working_path.exists())
     cmd = server_command(args.config, args.studies, args.host or cfg.serve.host, args.port or cfg.serve.port)
     os.environ.setdefault("MONAI_LABEL_TRACKING_ENABLED", "false")
     os.execv(cmd[0], cmd)
 
 
-def _check_network(cfg) -> None:
-    """Build the site's network, and before its first model, its initial weights (``network.init_from``), so a
-    bad bundle or checkpoint is a one-line error here rather than a traceback in the server's log.
+def _check_network(cfg, first_model: bool) -> None:
+    """Build the site's network and, for a site's first model, its initial weights (``network.init_from``),
+    so a bad bundle or checkpoint is a one-line error here, not a traceback in a server log or a sim run.
 
     Raises:
         InitError: what is wrong, naming the file.
     """
     from gcml_app.ml.network import build_network
     from gcml_app.rounds.loop import initial_state
-    from gcml_app.store import ModelStore
 
     build_network(cfg)
-    store = ModelStore(cfg.state_dir / "models")
-    if cfg.network.init_from is not None and store.served_version() is None and not store.working_path.exists():
+    if cfg.network.init_from is not None and first_model:
         initial_state(cfg)
 
 
@@ -163,6 +164,10 @@ def _simulate(args: argparse.Namespace) -> int:
         sites_of_seed = partial(scenario_sites, out / "data", args.scenario)
         scenario = args.scenario
     methods = args.methods.split(",") if args.methods else None
+    if args.data and args.init == "pretrained":
+        raise ConfigError("--init pretrained: its bundle is trained on phantoms of the simulator's task; on your own "
+                          "data, set network.init_from in --config to your bundle or checkpoint")
+    _check_network(cfg, first_model=True)
     pretrain = args.pretrain_epochs if args.init == "pretrained" else 0
     res = simulate(cfg, sites_of_seed, out, methods=methods, rounds=args.rounds, epochs=args.epochs,
                    warmup_epochs=args.warmup_epochs, seeds=args.seeds, transport=args.transport,

@@ -109,7 +109,8 @@ class Bundle:
 
         net_def = self.network_def(key, in_channels, out_channels)
         try:
-            net = ConfigParser({"network_def": copy.deepcopy(net_def)}).get_parsed_content("network_def")
+            full = {**copy.deepcopy(net_def), "_target_": f"monai.networks.nets.{net_def['_target_']}"}  # no lookup by name
+            net = ConfigParser({"network_def": full}).get_parsed_content("network_def")
         except Exception as e:
             raise InitError(f"network.init_from: {self.config_file}: {key} does not build ({type(e).__name__}: "
                             f"{str(e).splitlines()[0] if str(e) else ''})") from None

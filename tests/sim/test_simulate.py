@@ -18,6 +18,7 @@ from gcml_app.federation.payload import encode_weights, verify_weights
 from gcml_app.ml.network import build_network
 from gcml_app.rounds.loop import run_round
 from gcml_app.sim.data import SiteDataError, load_sites, scenario_sites
+from gcml_app.ml.bundle import write_bundle
 from gcml_app.store import ModelStore
 
 
@@ -284,23 +285,47 @@ def test_bench_quick_writes_every_key(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_simulate_data_takes_any_valid_site_yaml_and_a_pretrained_start(tmp_path, capsys):
+def test_simulate_data_takes_any_valid_site_yaml_and_its_bundle(tmp_path, capsys):
     """The README's way to compare on your own data with your own settings: a deployment YAML's peers,
-    adoption, tokens and serving are replaced, not validated against the simulator's site names."""
+    adoption, tokens and serving are replaced, not validated against the simulator's site names; its
+    network.init_from is every site's start."""
     import yaml
 
+    from gcml_app.ml.network import build_network
+    from gcml_app.sim.pretrain import network_def
+
     sample = yaml.safe_load(open("sample_configs/site_a.yaml"))
+    torch.manual_seed(2)
+    cfg = SiteConfig.model_validate({**sample, "state_dir": str(tmp_path / "unused")})
+    backbone = build_network(cfg).backbone.state_dict()
+    bundle = write_bundle(tmp_path / "zoo", network_def(cfg), backbone, name="my bundle", version="3.1")
     sample["train"] = {**sample["train"], "epochs": 1}
+    sample["network"] = {"name": "bundle", "init_from": str(bundle)}
     path = tmp_path / "site_a.yaml"
     path.write_text(yaml.safe_dump(sample))
     data, out = _layout(tmp_path, sites=("x", "y"), cases=5), tmp_path / "sim"
     assert main(["simulate", "--data", str(data), "--config", str(path), "--out", str(out), "--seeds", "1",
-                 "--rounds", "1", "--epochs", "1", "--warmup-epochs", "1", "--methods", "local",
-                 "--init", "pretrained", "--pretrain-epochs", "1"]) == 0, capsys.readouterr().err
+                 "--rounds", "1", "--epochs", "1", "--warmup-epochs", "1", "--methods", "local"]) == 0, capsys.readouterr().err
     res = json.loads((out / "results.json").read_text())
-    assert res["config"]["init"] == "pretrained" and {r["site"] for r in res["rows"]} == {"x", "y"}
+    assert {r["site"] for r in res["rows"]} == {"x", "y"}
     served = ModelStore(out / "runs" / "seed0" / "local" / "x" / "models").served()
-    assert served.lineage[-1]["mode"] == "init" and served.start["bundle"].startswith("gcml-sim pretrained")
+    assert served.lineage[-1]["mode"] == "init" and served.start["bundle"] == "my bundle"
+    assert main(["simulate", "--data", str(data), "--config", str(path), "--out", str(out), "--init", "pretrained"]) == 2
+    assert "on your own data, set network.init_from" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_the_pretrained_bundle_is_a_bundle_a_site_starts_from(tmp_path):
+    from gcml_app.ml.bundle import read_bundle, read_weights
+    from gcml_app.rounds.loop import initial_state
+    from gcml_app.sim.pretrain import pretrained_bundle
+
+    cfg = SiteConfig.model_validate({**TINY, "state_dir": str(tmp_path / "s")})
+    bundle = pretrained_bundle(cfg, tmp_path / "pre", seed=0, epochs=1)
+    assert read_bundle(bundle).version == "0.1.0"
+    state, start = initial_state(cfg.model_copy(update={"network": cfg.network.model_copy(update={"init_from": bundle})}))
+    assert all(torch.equal(state[f"backbone.{k}"], v) for k, v in read_weights(read_bundle(bundle).weights).items())
+    assert start["bundle"].startswith("gcml-sim pretrained") and not start["missing"]
 
 
 def test_a_bad_init_from_is_a_one_line_error_not_a_traceback(tmp_path, capsys):
