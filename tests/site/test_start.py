@@ -7,7 +7,7 @@ import SimpleITK as sitk
 import torch
 import yaml
 from helpers import make_studies, running, train, write_config, write_federation
-from monai.networks.nets import UNet
+from monai.networks import nets
 from monailabel.client import MONAILabelClient
 from monailabel.client.client import MONAILabelClientException
 
@@ -20,14 +20,20 @@ from gcml_app.store import ModelStore
 
 pytestmark = pytest.mark.slow
 
-NET_DEF = {"_target_": "UNet", "spatial_dims": 3, "in_channels": 1, "out_channels": 3, "channels": [4, 8, 16],
-           "strides": [2, 2], "num_res_units": 1, "norm": "batch"}
+NET_DEFS = {  # the bundles' networks: a UNet with batch norm (the spleen bundle's kind) and a SegResNet
+    "UNet": {"spatial_dims": 3, "in_channels": 1, "out_channels": 3, "channels": [4, 8, 16], "strides": [2, 2],
+             "num_res_units": 1, "norm": "batch"},
+    "SegResNet": {"spatial_dims": 3, "in_channels": 1, "out_channels": 3, "init_filters": 8, "blocks_down": [1, 1, 1],
+                  "blocks_up": [1, 1]},
+}
 
 
-def test_a_site_starts_from_a_bundle_serves_only_after_validation_and_sweeps_crash_leftovers(tmp_path):
+@pytest.mark.parametrize("kind", sorted(NET_DEFS))
+def test_a_site_starts_from_a_bundle_serves_only_after_validation_and_sweeps_crash_leftovers(tmp_path, kind):
     torch.manual_seed(5)
-    net = UNet(**{k: v for k, v in NET_DEF.items() if k != "_target_"})
-    bundle = write_bundle(tmp_path / "spleenish", NET_DEF, net.state_dict(), name="test spleen-like", version="0.5.1")
+    net = getattr(nets, kind)(**NET_DEFS[kind])
+    bundle = write_bundle(tmp_path / "spleenish", {"_target_": kind, **NET_DEFS[kind]}, net.state_dict(),
+                          name="test spleen-like", version="0.5.1")
     studies, _ = make_studies(tmp_path, cases=8, labelled=6)
     first = studies / "labels" / "final" / "case_000.nii.gz"  # a label map with a class the task does not train
     lab = sitk.ReadImage(str(first))
