@@ -184,8 +184,15 @@ def build_network(cfg: SiteConfig) -> GCMLNet:
         torch.Size([1, 3, 32, 32, 32])
     """
     backbone = build_backbone(cfg)
-    layer, channels = _probe(cfg, backbone)
+    # the dry run depends only on the architecture and the crop size: once per process (a round builds 3-4 networks)
+    key = json.dumps([_arch_desc(cfg), cfg.input_channels, cfg.out_channels, list(cfg.roi_size)], sort_keys=True)
+    if key not in _PROBED:
+        _PROBED[key] = _probe(cfg, backbone)
+    layer, channels = _PROBED[key]
     return GCMLNet(backbone, channels, cfg.dcml.embed_dim, layer)
+
+
+_PROBED: dict[str, tuple[str, int]] = {}  # architecture -> (feature layer, its channels), see build_network
 
 
 def arch_fingerprint(cfg: SiteConfig, state_dict: dict[str, torch.Tensor]) -> str:
