@@ -16,7 +16,8 @@ from monai.networks.nets import SegResNet, UNet
 from gcml_app.config import BundleNetConfig, SegResNetConfig, SiteConfig, UNetConfig
 from gcml_app.ml.bundle import InitError, read_bundle
 
-__all__ = ["GCMLNet", "arch_fingerprint", "build_backbone", "build_network", "default_feature_layer", "feature_channels"]
+__all__ = ["GCMLNet", "arch_fingerprint", "build_backbone", "build_network", "default_feature_layer", "feature_channels",
+           "network_def"]
 
 
 class GCMLNet(torch.nn.Module):
@@ -110,20 +111,29 @@ def default_feature_layer(backbone: torch.nn.Module) -> str | None:
     return None
 
 
+def network_def(cfg: SiteConfig) -> dict:
+    """``cfg.network`` as MONAI constructor arguments, in a bundle's ``network_def`` form
+    (``{"_target_": "UNet", "spatial_dims": 3, ...}``); for ``name: bundle``, the bundle's own, checked."""
+    net = cfg.network
+    io = {"spatial_dims": 3, "in_channels": cfg.input_channels, "out_channels": cfg.out_channels}
+    if isinstance(net, UNetConfig):
+        return {"_target_": "UNet", **io, "channels": list(net.channels), "strides": list(net.strides),
+                "num_res_units": net.num_res_units, "dropout": net.dropout, **net.monai_kwargs()}
+    if isinstance(net, SegResNetConfig):
+        return {"_target_": "SegResNet", **io, "init_filters": net.init_filters, "blocks_down": list(net.blocks_down),
+                "blocks_up": list(net.blocks_up), "dropout_prob": net.dropout or None, **net.monai_kwargs()}
+    if isinstance(net, BundleNetConfig):
+        return read_bundle(net.init_from).network_def(net.net_key, cfg.input_channels, cfg.out_channels)
+    raise ValueError(f"network.name: found {net.name!r}; expected 'UNet', 'SegResNet' or 'bundle'")
+
+
 def build_backbone(cfg: SiteConfig) -> torch.nn.Module:
     """The MONAI network ``cfg.network`` names (for ``name: bundle``, the bundle's own), freshly initialised."""
     net = cfg.network
-    if isinstance(net, UNetConfig):
-        return UNet(spatial_dims=3, in_channels=cfg.input_channels, out_channels=cfg.out_channels,
-                    channels=net.channels, strides=net.strides, num_res_units=net.num_res_units,
-                    dropout=net.dropout, **net.monai_kwargs())
-    if isinstance(net, SegResNetConfig):
-        return SegResNet(spatial_dims=3, in_channels=cfg.input_channels, out_channels=cfg.out_channels,
-                         init_filters=net.init_filters, blocks_down=net.blocks_down, blocks_up=net.blocks_up,
-                         dropout_prob=net.dropout or None, **net.monai_kwargs())
     if isinstance(net, BundleNetConfig):
         return read_bundle(net.init_from).network(net.net_key, cfg.input_channels, cfg.out_channels)[0]
-    raise ValueError(f"network.name: found {net.name!r}; expected 'UNet', 'SegResNet' or 'bundle'")
+    kwargs = network_def(cfg)
+    return {"UNet": UNet, "SegResNet": SegResNet}[kwargs.pop("_target_")](**kwargs)
 
 
 def _probe(cfg: SiteConfig, backbone: torch.nn.Module) -> tuple[str, int]:
@@ -221,6 +231,5 @@ def _arch_desc(cfg: SiteConfig) -> dict:
     net = cfg.network
     if isinstance(net, BundleNetConfig):
         desc = {k: v for k, v in net.arch_desc().items() if k != "net_key"}
-        return {**desc, "network_def": read_bundle(net.init_from).network_def(net.net_key, cfg.input_channels,
-                                                                               cfg.out_channels)}
+        return {**desc, "network_def": network_def(cfg)}
     return net.arch_desc()

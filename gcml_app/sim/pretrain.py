@@ -12,30 +12,16 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from gcml_app.config import BundleNetConfig, SegResNetConfig, SiteConfig, UNetConfig
+from gcml_app.config import BundleNetConfig, SiteConfig
 from gcml_app.ml.bundle import write_bundle
+from gcml_app.ml.network import network_def
 from gcml_app.rounds.loop import run_round
 from gcml_app.sim.phantoms import write_studies
 from gcml_app.store import ModelStore
 
-__all__ = ["network_def", "pretrained_bundle"]
+__all__ = ["pretrained_bundle"]
 
 PRETRAIN_CASES = 24
-
-
-def network_def(cfg: SiteConfig) -> dict:
-    """``cfg.network`` as a bundle's ``network_def`` (MONAI's constructor arguments)."""
-    net = cfg.network
-    io = {"spatial_dims": 3, "in_channels": cfg.input_channels, "out_channels": cfg.out_channels}
-    if isinstance(net, UNetConfig):
-        return {"_target_": "UNet", **io, "channels": list(net.channels), "strides": list(net.strides),
-                "num_res_units": net.num_res_units, "dropout": net.dropout, **net.monai_kwargs()}
-    if isinstance(net, SegResNetConfig):
-        return {"_target_": "SegResNet", **io, "init_filters": net.init_filters, "blocks_down": list(net.blocks_down),
-                "blocks_up": list(net.blocks_up), "dropout_prob": net.dropout or None, **net.monai_kwargs()}
-    if isinstance(net, BundleNetConfig):
-        raise ValueError("--init pretrained: network is already a bundle (network.name: bundle); expected UNet or SegResNet")
-    raise ValueError(f"network.name: {net.name!r} cannot be exported")
 
 
 def pretrained_bundle(cfg: SiteConfig, root: Path, seed: int, epochs: int) -> Path:
@@ -44,6 +30,8 @@ def pretrained_bundle(cfg: SiteConfig, root: Path, seed: int, epochs: int) -> Pa
     Returns:
         the bundle folder (``configs/``, ``models/model.pt``).
     """
+    if isinstance(cfg.network, BundleNetConfig):
+        raise ValueError("--init pretrained: network is already a bundle (network.name: bundle); expected UNet or SegResNet")
     root = Path(root)
     shutil.rmtree(root, ignore_errors=True)
     data = write_studies(root / "data", "p", cases=PRETRAIN_CASES, seed=seed * 1000 + 999)

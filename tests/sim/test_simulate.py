@@ -292,7 +292,7 @@ def test_simulate_data_takes_any_valid_site_yaml_and_its_bundle(tmp_path, capsys
     import yaml
 
     from gcml_app.ml.network import build_network
-    from gcml_app.sim.pretrain import network_def
+    from gcml_app.ml.network import network_def
 
     sample = yaml.safe_load(open("sample_configs/site_a.yaml"))
     torch.manual_seed(2)
