@@ -178,23 +178,29 @@ def _simulate(args: argparse.Namespace) -> int:
 
 
 def format_summary(res: dict) -> str:
-    """The comparison as a table: test Dice per site (mean +- std over seeds), mean, MB received, and vs local."""
+    """The comparison as a table: test Dice per site (mean +- std over seeds), mean, MB received, training cost
+    (crop passes, as a multiple of local's), then each method against local2x and local per site."""
     c = res["config"]
     names = c["sites"]
+    summary = res["summary"]
     lines = [f"{c['scenario']}: served test Dice after round {c['rounds']} ({len(names)} sites, {c['seeds']} seeds, "
              f"{c['epochs']} epochs per round, warm-up {c['warmup_epochs']}, gate {'on' if c['gate'] else 'off'})",
-             f"  {'method':<14}" + "".join(f"{n:>15}" for n in names) + f"{'mean':>15}{'MB/seed':>9}"]
-    for m, row in res["summary"].items():
+             f"  {'method':<14}" + "".join(f"{n:>15}" for n in names) + f"{'mean':>15}{'MB/seed':>9}{'compute':>9}"]
+    for m, row in summary.items():
         ps = row["per_site"]
+        compute = row["cost"].get("vs_local")
         lines.append(f"  {m:<14}" + "".join(f"{ps[n]['mean']:>8.3f} +-{ps[n]['std']:.3f}" for n in names)
-                     + f"{row['mean']:>8.3f} +-{row['std']:.3f}{row['bytes_received_per_seed'] / 1e6:>9.2f}")
-    if "local" in res["summary"]:
-        lines.append("  paired vs local (mean difference, seeds won):")
-        for m, row in res["summary"].items():
-            if m != "local":
+                     + f"{row['mean']:>8.3f} +-{row['std']:.3f}{row['bytes_received_per_seed'] / 1e6:>9.2f}"
+                     + (f"{compute:>8.2f}x" if compute is not None else f"{'':>9}"))
+    for rival, what in (("local2x", "the same compute alone"), ("local", "the site alone")):
+        if rival not in summary:
+            continue
+        lines.append(f"  paired vs {rival}, {what} (mean difference, seeds won):")
+        for m, row in summary.items():
+            if m != rival:
                 ps = row["per_site"]
                 lines.append(f"  {m:<14}" + "".join(
-                    f"{ps[n]['vs_local']['mean']:>+9.3f} {ps[n]['vs_local']['wins']}/{ps[n]['vs_local']['n']:<3}"
+                    f"{ps[n][f'vs_{rival}']['mean']:>+9.3f} {ps[n][f'vs_{rival}']['wins']}/{ps[n][f'vs_{rival}']['n']:<3}"
                     for n in names))
     return "\n".join(lines)
 

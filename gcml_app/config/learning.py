@@ -185,6 +185,11 @@ class TrainConfig(_Strict):
     epochs: int = Field(20, ge=1)
     batch_size: int = Field(2, ge=1)
     samples_per_case: int = Field(2, ge=1, description="random ROI crops drawn from each case per epoch")
+    augment: Literal["scanner", "flip", "none"] = Field(
+        "scanner", description="training crop augmentation: scanner = nnU-Net's intensity and mild spatial recipe "
+        "(what differs between scanners: noise, blur, brightness, contrast, bias field, resolution, gamma and "
+        "inverted gamma; small rotations and scaling; a flip), flip = a left-right flip only, none "
+        "(gcml_app.ml.transforms.augment_transforms)")
     lr: float = Field(1e-3, gt=0.0)
     weight_decay: float = Field(1e-5, ge=0.0)
     seed: int = 0
@@ -258,6 +263,14 @@ class DCMLConfig(_Strict):
       pulls proportionally less.
     - Foreground voxels (labels > 0, dilated by ``dilation``) weigh ``min(n_bg / n_fg, fg_weight_max)``
       times a background voxel: balanced, but bounded.
+    - ``batch_size``: labelled images per step, by default half of ``train.batch_size``: a round
+      then takes twice the steps of a local round with two models, so each model makes as many
+      optimizer steps as ``local2x``'s one model for the same compute (:func:`~gcml_app.ml.dcml.step_budget`).
+    - ``lambda_unl`` (off by default): the same mutual KL on crops of the site's *unlabelled* images,
+      where the teacher is at least ``confidence`` sure (:func:`~gcml_app.ml.losses.unlabelled_kl`),
+      scaled by the teacher's Dice on the step's labelled crops, under the same ramp. A step then sees
+      ``unlabelled_batch`` unlabelled images beside its labelled ones, and a round takes
+      proportionally fewer steps, so it still costs what ``local2x`` costs.
     """
 
     lambda_kl: float = Field(0.25, ge=0.0)
@@ -271,6 +284,21 @@ class DCMLConfig(_Strict):
         128, ge=1, description="anchor voxels sampled per class per volume (128: the setting gcml simulate validates)")
     dilation: int = Field(2, ge=0, description="voxels the foreground region is dilated by for the KL balance")
     embed_dim: int = Field(32, ge=2, description="projection head output size")
+    batch_size: int | None = Field(
+        None, ge=1, description="labelled images per DCML step; default half of train.batch_size (at least 1), so "
+        "that each of the two models takes as many optimizer steps as local2x's one model, at the same compute")
+    lambda_unl: float = Field(
+        0.0, ge=0.0, description="weight of the mutual KL on the site's unlabelled images; 0 (the default): labelled "
+        "crops only, because at equal compute an unlabelled crop displaces a labelled one (docs/design.md, DCML); "
+        "0.25 = lambda_kl makes a confident unlabelled voxel weigh as much as a trusted labelled one")
+    confidence: float = Field(0.9, ge=0.0, lt=1.0, description="unlabelled voxels distil where the teacher's top "
+                              "class probability is at least this (FixMatch's pseudo-label threshold)")
+    unlabelled_batch: int = Field(1, ge=1, description="unlabelled images per step (each gives "
+                                  "train.samples_per_case crops), beside train.batch_size labelled ones")
+    unlabelled_max_cases: int = Field(32, ge=1, description="unlabelled images one round draws from the site's "
+                                      "pool (a random subset): bounds a round's preprocessing and cache growth")
+    train_incoming: bool = Field(True, description="false: the partner's model is a frozen teacher (forward "
+                                 "passes only; one candidate, dcml_local)")
 
 
 

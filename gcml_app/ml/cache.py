@@ -10,6 +10,9 @@ safetensors file under ``train.cache_dir`` (default ``<state_dir>/cache``)::
                                   to roi_size: the crop centres RandCropByPosNegLabeld draws from
                                   (transforms.CropCentres: at most MAX_INDICES each)
 
+An unlabelled image (a case without ``"label"``, for DCML's unlabelled term) is an entry with
+``image`` alone.
+
 Rounds read entries through memory maps (:meth:`CaseCache.load`): a training crop touches only its
 pages, and a validation case is in memory only while it is scored. So a round's memory does not grow
 with the number of cases; the OS page cache is the in-memory cache, bounded by the machine.
@@ -41,12 +44,13 @@ from typing import Any
 
 import monai
 import torch
+from monai.transforms import Compose
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 from gcml_app.config import SiteConfig
 from gcml_app.ml import transforms
-from gcml_app.ml.transforms import CropCentres, case_transforms
+from gcml_app.ml.transforms import CropCentres, case_transforms, image_transforms
 from gcml_app.util.files import ContentHashes, fsync_dir
 
 __all__ = ["CACHE_FORMAT", "CacheStats", "CachedCases", "CaseCache", "cache_root", "load_entry"]
@@ -111,21 +115,25 @@ class CaseCache:
         self.hashes = ContentHashes(self.root / "hashes.json")
         self._settings = json.dumps(_settings(cfg), sort_keys=True)
         self._build = case_transforms(cfg)
+        self._build_image = Compose(image_transforms(cfg))
         self._pinned: set[Path] = set()
         self.stats = CacheStats()
 
     def key(self, case: dict[str, str]) -> str:
-        """The entry name of ``case`` (``{"image", "label"}`` paths): content and settings."""
-        blob = json.dumps([self.hashes.of(case["image"]), self.hashes.of(case["label"]), self._settings])
+        """The entry name of ``case`` (``{"image", "label"}`` paths, or ``{"image"}``): content and settings."""
+        label = self.hashes.of(case["label"]) if "label" in case else "unlabelled"
+        blob = json.dumps([self.hashes.of(case["image"]), label, self._settings])
         return hashlib.sha256(blob.encode()).hexdigest()
 
     def prepare(self, cases: Sequence[dict[str, str]], progress: Callable[[int, int], None] | None = None
-                ) -> list[Path]:
+                ) -> list[Path | None]:
         """The entries of ``cases`` (in order), building each that is missing or torn, then evicting to the bound.
 
         The returned entries are pinned: eviction leaves them alone for the life of this object (a round).
+        An unlabelled image (no ``"label"``) that cannot be read is ``None``, with a warning: it is not
+        worth a round. A labelled case that cannot be read raises.
         """
-        out = []
+        out: list[Path | None] = []
         for i, case in enumerate(cases):
             path = self.root / f"{self.key(case)}{_SUFFIX}"
             if path.exists() and self._intact(path):
@@ -133,7 +141,14 @@ class CaseCache:
                 os.utime(path)  # least recently used: a read is a use
             else:
                 t = time.perf_counter()
-                self._write(path, case)
+                try:
+                    self._write(path, case)
+                except Exception as e:  # noqa: BLE001 - MONAI's readers raise many types; see below
+                    if "label" in case:
+                        raise
+                    logger.warning(f"unlabelled image {case.get('id')} left out: unreadable ({e})")
+                    out.append(None)
+                    continue
                 self.stats.build_s += time.perf_counter() - t
                 self.stats.misses += 1
             self._pinned.add(path)
@@ -148,7 +163,9 @@ class CaseCache:
         """Whether ``path`` parses whole and names its own key; a torn or foreign entry is deleted."""
         try:
             with safe_open(str(path), "pt") as f:
-                ok = (f.metadata() or {}).get("key") == path.stem and {"image", "label", "fg", "bg"} <= set(f.keys())
+                meta = f.metadata() or {}
+                need = {"image"} if meta.get("kind") == "image" else {"image", "label", "fg", "bg"}
+                ok = meta.get("key") == path.stem and need <= set(f.keys())
                 if ok:
                     for k in f.keys():
                         f.get_slice(k)  # sizes against the file: a short file fails here
@@ -161,17 +178,22 @@ class CaseCache:
         return ok
 
     def _write(self, path: Path, case: dict[str, str]) -> None:
-        d = self._build({"image": case["image"], "label": case["label"]})
-        image = d["image"].as_tensor() if hasattr(d["image"], "as_tensor") else d["image"]
-        label = d["label"].as_tensor() if hasattr(d["label"], "as_tensor") else d["label"]
-        centres = CropCentres(self.cfg.roi_size, seed=int(path.stem[:8], 16))({"label": label})
-        fg, bg = centres["fg"], centres["bg"]
-        tensors = {"image": image.float().contiguous(), "label": label.to(torch.uint8).contiguous(),
-                   "fg": fg.to(torch.int32).contiguous(), "bg": bg.to(torch.int32).contiguous()}
+        if "label" not in case:  # an unlabelled image: the image alone
+            d = self._build_image({"image": case["image"]})
+            tensors = {"image": _plain(d["image"]).float().contiguous()}
+            kind = "image"
+        else:
+            d = self._build({"image": case["image"], "label": case["label"]})
+            image, label = _plain(d["image"]), _plain(d["label"])
+            centres = CropCentres(self.cfg.roi_size, seed=int(path.stem[:8], 16))({"label": label})
+            fg, bg = centres["fg"], centres["bg"]
+            tensors = {"image": image.float().contiguous(), "label": label.to(torch.uint8).contiguous(),
+                       "fg": fg.to(torch.int32).contiguous(), "bg": bg.to(torch.int32).contiguous()}
+            kind = "case"
         fd, tmp = tempfile.mkstemp(dir=self.root, prefix=".entry.", suffix=".tmp")
         os.close(fd)
         try:
-            save_file(tensors, tmp, metadata={"key": path.stem, "format": str(CACHE_FORMAT)})
+            save_file(tensors, tmp, metadata={"key": path.stem, "format": str(CACHE_FORMAT), "kind": kind})
             with open(tmp, "rb") as f:
                 os.fsync(f.fileno())
             os.replace(tmp, path)
@@ -205,12 +227,19 @@ class CaseCache:
 
 def load_entry(path: Path, indices: bool = False) -> dict[str, torch.Tensor]:
     """One entry, memory-mapped: ``image (C, D, H, W)`` float32, ``label (1, D, H, W)`` uint8
-    (and with ``indices``, ``fg``/``bg`` ``(K,)`` int64 crop centres)."""
+    (and with ``indices``, ``fg``/``bg`` ``(K,)`` int64 crop centres); an unlabelled image's entry
+    has ``image`` alone."""
     with safe_open(str(path), "pt") as f:
-        out = {k: f.get_tensor(k) for k in (("image", "label", "fg", "bg") if indices else ("image", "label"))}
-    if indices:
+        have = set(f.keys())
+        out = {k: f.get_tensor(k) for k in (("image", "label", "fg", "bg") if indices else ("image", "label"))
+               if k in have}
+    if indices and "fg" in out:
         out["fg"], out["bg"] = out["fg"].long(), out["bg"].long()
     return out
+
+
+def _plain(t) -> torch.Tensor:
+    return t.as_tensor() if hasattr(t, "as_tensor") else t
 
 
 class CachedCases(Sequence):

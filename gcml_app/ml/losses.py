@@ -20,7 +20,7 @@ from gcml_app.config import DCMLConfig
 from gcml_app.ml.network import GCMLNet
 
 __all__ = ["KL_MASKS", "foreground_region", "kl_ramp", "labels_at", "mutual_infonce", "mutual_kl", "sample_voxels",
-           "voxel_weights"]
+           "teacher_dice", "unlabelled_kl", "voxel_weights"]
 
 
 def _check_pair(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
@@ -107,6 +107,71 @@ def mutual_kl(
     w = voxel_weights(labels, dilation, fg_weight_max)
     return (_weighted_kl(log_l, log_i, labels, w, temperature, mask),
             _weighted_kl(log_i, log_l, labels, w, temperature, mask))
+
+
+def unlabelled_kl(
+    z_l: torch.Tensor,
+    z_i: torch.Tensor,
+    temperature: float = 2.0,
+    confidence: float = 0.9,
+    dilation: int = 2,
+    fg_weight_max: float = 3.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The mutual KL of :func:`mutual_kl` on images *without* a label, where each teacher is confident.
+
+    No label says where a teacher is right, so its confidence does: a voxel distils only where the
+    teacher's top class probability (at temperature 1) is at least ``confidence`` (FixMatch's
+    pseudo-label threshold, Sohn et al. 2020; 0.9 as in semi-supervised segmentation). The region
+    balance of :func:`voxel_weights` uses the two models' mean prediction in place of the label
+    (both detached). As in :func:`mutual_kl`, the unconfident voxels stay in the denominator, so a
+    teacher that is unsure of our images pulls in proportion to how sure it is. Two models that agree
+    give 0.
+
+    Args:
+        z_l, z_i: logits ``(B, C, D, H, W)`` of the local and the incoming model on the same unlabelled crops.
+        temperature: softening temperature T > 0 of the KL.
+        confidence: in ``[0, 1)``; 0 distils everywhere.
+
+    Returns:
+        ``(KL(L <- I), KL(I <- L))``, each teacher detached.
+    """
+    _check_pair(z_l, z_i, "unlabelled_kl logits")
+    _check_kl(temperature, dilation, "none", fg_weight_max, "unlabelled_kl")
+    if not 0.0 <= confidence < 1.0:
+        raise ValueError(f"unlabelled_kl: found confidence={confidence}; expected 0 <= confidence < 1")
+    log_l = F.log_softmax(z_l / temperature, dim=1)
+    log_i = F.log_softmax(z_i / temperature, dim=1)
+    with torch.no_grad():
+        p_l, p_i = F.softmax(z_l.detach(), dim=1), F.softmax(z_i.detach(), dim=1)
+        pseudo = (p_l + p_i).argmax(1, keepdim=True)
+        w = voxel_weights(pseudo, dilation, fg_weight_max)
+        sure_l = (p_l.amax(1) >= confidence).to(w.dtype)  # where L may teach I
+        sure_i = (p_i.amax(1) >= confidence).to(w.dtype)
+
+    def kl(log_s, log_t, sure):
+        log_t = log_t.detach()
+        return temperature**2 * ((log_t.exp() * (log_t - log_s)).sum(1) * w * sure).sum() / w.sum()
+
+    return kl(log_l, log_i, sure_i), kl(log_i, log_l, sure_l)
+
+
+def teacher_dice(z: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """How right a model is on the labelled crops: the mean hard Dice of its argmax over the foreground classes
+    present in ``labels`` (a scalar in [0, 1], no gradient; 1 when no foreground class is present).
+
+    DCML's unlabelled term scales each teacher's pull by this: its Dice on our labelled crops estimates how
+    right it is on our unlabelled images (the same scanner and patients), where a confident teacher can be
+    confidently wrong (a partner's model on a contrast it has never seen).
+
+    Args:
+        z: logits ``(B, C, D, H, W)``.
+        labels: ``(B, 1, D, H, W)`` class indices.
+    """
+    with torch.no_grad():
+        pred, y = z.argmax(1), labels[:, 0]
+        dice = [2 * ((pred == c) & (y == c)).sum() / ((pred == c).sum() + (y == c).sum())
+                for c in range(1, z.shape[1]) if bool((y == c).any())]
+        return torch.stack(dice).mean().float() if dice else z.new_ones((), dtype=torch.float32)
 
 
 def kl_ramp(step: int, total: int, rampup: float) -> float:

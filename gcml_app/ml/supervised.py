@@ -84,7 +84,7 @@ def supervised_train(
         amp: mixed precision (default fp32); float16 gets a gradient scaler.
 
     Returns:
-        ``[{"seg_l": mean loss}]`` per epoch.
+        ``[{"seg_l": mean loss, "steps", "crop_passes"}]`` per epoch (crops trained on: the cost).
     """
     if epochs < 1:
         raise ValueError(f"supervised_train: found epochs={epochs}; expected >= 1")
@@ -95,15 +95,16 @@ def supervised_train(
     history, done = [], 0
     for epoch in range(1, epochs + 1):
         model.train()
-        steps = []
+        steps, crops = [], 0
         for b in batches:
             if max_steps is not None and done >= max_steps:
                 break
             steps.append(supervised_step(model, opt, b["image"].to(device, non_blocking=True),
                                          b["label"].to(device, non_blocking=True).long(), loss_fn, penalty, amp,
                                          scaler))
+            crops += len(b["image"])
             done += 1
-        history.append({"seg_l": sum(steps) / max(len(steps), 1)})
+        history.append({"seg_l": sum(steps) / max(len(steps), 1), "steps": len(steps), "crop_passes": crops})
         if progress:
             progress({"epoch": epoch, "total_epochs": epochs, "loss": history[-1]["seg_l"]})
     return history

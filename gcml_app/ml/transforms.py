@@ -3,6 +3,9 @@
 Images are loaded channel-first, reoriented to RAS, resampled to ``cfg.spacing`` and normalised per
 ``cfg.intensity``; labels are uint8. Labels are mapped from task indices (e.g. ``{organ: 1, lesion: 4}``) to network
 channels ``1..n`` in index order, so any index set trains the same ``n + 1``-channel network.
+
+Training crops are augmented per ``train.augment`` (:func:`augment_transforms`): ``scanner`` (the
+default) varies what differs between scanners and partners, nnU-Net's recipe with MONAI's transforms.
 """
 
 from __future__ import annotations
@@ -10,6 +13,16 @@ from __future__ import annotations
 import torch
 from monai.transforms import (
     Compose,
+    RandAdjustContrastd,
+    RandAffined,
+    RandBiasFieldd,
+    RandGaussianNoised,
+    RandGaussianSmoothd,
+    RandScaleIntensityd,
+    RandScaleIntensityFixedMeand,
+    RandShiftIntensityd,
+    RandSimulateLowResolutiond,
+    RandSpatialCropSamplesd,
     EnsureChannelFirstd,
     EnsureTyped,
     LoadImaged,
@@ -27,7 +40,8 @@ from monai.transforms.utils import map_binary_to_indices
 
 from gcml_app.config import SiteConfig
 
-__all__ = ["MAX_INDICES", "CropCentres", "TaskChannels", "case_transforms", "crop_transforms", "image_transforms", "train_transforms", "val_transforms"]
+__all__ = ["MAX_INDICES", "CropCentres", "TaskChannels", "augment_transforms", "case_transforms", "crop_transforms",
+           "image_transforms", "train_transforms", "unlabelled_crop_transforms", "val_transforms"]
 
 
 def _intensity(cfg: SiteConfig, key: str = "image"):
@@ -123,8 +137,57 @@ def _subset(indices: torch.Tensor, seed: int) -> torch.Tensor:
     return indices[torch.randperm(indices.numel(), generator=g)[:MAX_INDICES].sort().values]
 
 
+def augment_transforms(cfg: SiteConfig, keys: tuple[str, ...] = ("image", "label")) -> list:
+    """The training augmentation ``train.augment`` names, on crops in network input space (after normalisation).
+
+    ``scanner`` (the default) is nnU-Net's recipe (Isensee et al. 2021, its default probabilities) with
+    MONAI's transforms, because what it varies is what differs between hospitals' scanners, and so
+    between a site and its partners:
+
+    - spatial, on image and label (nearest for the label), mild: rotations up to 15 degrees and
+      scaling by up to 10 % about every axis (p 0.2; nnU-Net's 30 degrees and 0.7-1.4 are for patches
+      cropped larger first), and a left-right flip (p 0.5);
+    - intensity, on the image only: Gaussian noise (std up to 0.3, p 0.1), Gaussian blur (sigma
+      0.5-1 voxel, p 0.2), brightness (x 0.75-1.25, p 0.15) and offset (+-0.1, p 0.15), contrast about
+      the mean (x 0.75-1.25, p 0.15), a smooth multiplicative bias field (MONAI's default, p 0.15),
+      simulated low resolution (down to half, p 0.25), and gamma 0.7-1.5 (p 0.3) and of the inverted
+      image (p 0.1, which makes dark structures bright: an inverted contrast such as T1 against T2).
+
+    ``flip`` is the left-right flip alone; ``none`` leaves crops as they are (ablations).
+
+    Args:
+        keys: ``(image, label)``, or ``(image,)`` for unlabelled crops.
+    """
+    mode = cfg.train.augment
+    if mode == "none":
+        return []
+    flip = [RandFlipd(list(keys), prob=0.5, spatial_axis=0)]
+    if mode == "flip":
+        return flip  # exactly the chain before train.augment existed
+    image = keys[0]
+    rot = 15 * torch.pi / 180
+    return [
+        RandAffined(list(keys), prob=0.2, rotate_range=(rot, rot, rot), scale_range=(0.1, 0.1, 0.1),
+                    mode=("bilinear", "nearest")[:len(keys)], padding_mode="zeros", cache_grid=True,
+                    spatial_size=cfg.roi_size),
+        *flip,
+        RandGaussianNoised(image, prob=0.1, std=0.3),
+        RandGaussianSmoothd(image, prob=0.2, sigma_x=(0.5, 1.0), sigma_y=(0.5, 1.0), sigma_z=(0.5, 1.0)),
+        RandScaleIntensityd(image, prob=0.15, factors=0.25),
+        RandShiftIntensityd(image, prob=0.15, offsets=0.1),
+        RandScaleIntensityFixedMeand(image, prob=0.15, factors=0.25),
+        RandBiasFieldd(image, prob=0.15),
+        RandSimulateLowResolutiond(image, prob=0.25, zoom_range=(0.5, 1.0)),
+        RandAdjustContrastd(image, prob=0.1, gamma=(0.7, 1.5), invert_image=True, retain_stats=True),
+        RandAdjustContrastd(image, prob=0.3, gamma=(0.7, 1.5), retain_stats=True),
+        # plain tensors again, the label back to uint8 (the affine resamples it as float)
+        EnsureTyped(list(keys), dtype=(torch.float32, torch.uint8)[:len(keys)], track_meta=False),
+    ]
+
+
 def crop_transforms(cfg: SiteConfig) -> Compose:
-    """Random ROI crops (half centred on foreground) with flips: ``samples_per_case`` crops of a preprocessed case.
+    """Random ROI crops (half centred on foreground), augmented (:func:`augment_transforms`):
+    ``samples_per_case`` crops of a preprocessed case.
 
     The case carries its crop centres (``fg``/``bg``, :class:`CropCentres`): nothing scans the volume per crop.
     """
@@ -135,7 +198,18 @@ def crop_transforms(cfg: SiteConfig) -> Compose:
             keys, label_key="label", spatial_size=cfg.roi_size, pos=1, neg=1,
             num_samples=cfg.train.samples_per_case, fg_indices_key="fg", bg_indices_key="bg",
         ),
-        RandFlipd(keys, prob=0.5, spatial_axis=0),
+        *augment_transforms(cfg, keys),
+    ])
+
+
+def unlabelled_crop_transforms(cfg: SiteConfig) -> Compose:
+    """Uniformly placed ROI crops of a preprocessed unlabelled image (``{"image"}``), augmented alike:
+    ``samples_per_case`` crops, each ``{"image": (C, *roi_size)}``."""
+    return Compose([
+        SpatialPadd("image", spatial_size=cfg.roi_size),
+        RandSpatialCropSamplesd("image", roi_size=cfg.roi_size, num_samples=cfg.train.samples_per_case,
+                                random_size=False),
+        *augment_transforms(cfg, ("image",)),
     ])
 
 

@@ -77,6 +77,7 @@ def gossip_round(
     rng: random.Random | None = None,
     connect: Connect | None = None,
     seed: int | None = None,
+    unlabelled: list[dict[str, str]] | None = None,
 ) -> RoundRecord:
     """Run one gossip round (docs/design.md, "The round"):
 
@@ -105,6 +106,8 @@ def gossip_round(
         rng: random source for the partner order.
         connect: how to reach a partner by name (default: HTTP to its configured URL).
         seed: the training seed, as in :func:`~gcml_app.rounds.loop.run_round`.
+        unlabelled: the site's images without a label (``[{"id", "image"}]``), for DCML's unlabelled
+            term (``dcml.lambda_unl``), as in :func:`~gcml_app.rounds.loop.run_round`.
 
     Returns:
         the round record, as appended to the store's history. Attempts and bytes pulled are under
@@ -172,7 +175,7 @@ def gossip_round(
         logger.info(f"gossip[{cfg.site}] no new partner model: DCML with the cached model of {reuse} v{rec.last_version}")
         producer = DCML.from_file(state.cached_model(reuse), cfg, ours, origin)
         return _train_with(cfg, store, cases, book, state, reuse, producer, {**base, "gossip": gossip},
-                           request.epochs, progress, seed)
+                           request.epochs, progress, seed, unlabelled)
 
     man = got.manifest
     origin = {"peer": got.peer, "peer_site": man.site, "peer_version": man.version, "peer_sha256": man.sha256}
@@ -184,16 +187,16 @@ def gossip_round(
     # the weights were checked once, as they arrived (check_payload): the round trains on them as they are
     producer = DCML(got.pulled.state, man.sha256, origin, file=got.path.name)
     return _train_with(cfg, store, cases, book, state, got.peer, producer, {**base, "gossip": gossip},
-                       request.epochs, progress, seed)
+                       request.epochs, progress, seed, unlabelled)
 
 
 def _train_with(cfg: SiteConfig, store: ModelStore, cases: list[dict[str, str]], book: PeerBook, state: GossipState,
                 peer: str, producer: DCML, extra: dict[str, Any], epochs: int | None, progress: Progress | None,
-                seed: int | None) -> dict[str, Any]:
+                seed: int | None, unlabelled: list[dict[str, str]] | None) -> dict[str, Any]:
     """DCML with partner ``peer``'s model, then credit the partner with what it brought."""
     with state.training(c["id"] for c in cases):  # only a round that trains learns from the pending labels
         record = run_round(cfg, store, cases, producer, epochs=epochs or cfg.gossip.epochs, progress=progress,
-                           extra=extra, seed=seed)
+                           extra=extra, seed=seed, unlabelled=unlabelled)
     book.credit(peer, partner_gain(record), cfg.gossip)
     book.save()
     return record
@@ -207,8 +210,10 @@ def labels_round(
     epochs: int | None = None,
     progress: Progress | None = None,
     round_id: str | None = None,
+    unlabelled: list[dict[str, str]] | None = None,
 ) -> dict[str, Any]:
-    """The round new labels trigger: DCML with the last partner model we pulled, else supervised."""
+    """The round new labels trigger: DCML with the last partner model we pulled (and the site's
+    ``unlabelled`` images), else supervised."""
     state = GossipState(cfg.state_dir)
     extra = {"trigger": "labels", "round_id": round_id or uuid.uuid4().hex[:12]}
     train_ids, val_ids, enough = split_of(cfg, cases)
@@ -227,4 +232,4 @@ def labels_round(
         origin = {"peer": latest.stem, "peer_site": rec.last_site, "peer_version": rec.last_version,
                   "peer_sha256": rec.last_sha256, "cached": True}
         return run_round(cfg, store, cases, epochs=epochs, incoming=latest, origin=origin, progress=progress,
-                         extra=extra)
+                         extra=extra, unlabelled=unlabelled)

@@ -18,6 +18,7 @@ loses neither: the next round goes on from the new working model and gates it ag
 from __future__ import annotations
 
 import logging
+import random
 import resource
 import time
 from collections.abc import Callable
@@ -40,7 +41,8 @@ from gcml_app.ml.evaluate import dice_per_case
 from gcml_app.ml.gate import SERVED, GateDecision, select
 from gcml_app.ml.network import GCMLNet, arch_fingerprint, build_network
 from gcml_app.ml.split import FixedSplit, labels_for_validation
-from gcml_app.ml.transforms import crop_transforms
+from gcml_app.ml.dcml import step_budget
+from gcml_app.ml.transforms import crop_transforms, unlabelled_crop_transforms
 from gcml_app.rounds.producers import DCML, Local, Produced, Producer, RoundInputs
 from gcml_app.rounds.record import RoundRecord, provenance
 from gcml_app.store import Manifest, ModelStore, StoreError
@@ -116,7 +118,8 @@ class _Data:
 
     ``val`` holds one validation case in memory at a time; ``loader`` draws the training crops from the
     cached entries (precomputed crop centres) in a background thread, or in ``train.num_workers``
-    worker processes, while the model trains.
+    worker processes, while the model trains. ``unlabelled`` draws crops of a random subset of the
+    site's unlabelled images, for a producer that learns from them (DCML with ``dcml.lambda_unl``).
     """
 
     cfg: SiteConfig
@@ -125,29 +128,56 @@ class _Data:
     device: torch.device
     amp: Precision
     cache: dict[str, Any]
+    unlabelled: DataLoader | None = None
 
     @classmethod
     def prepare(cls, cfg: SiteConfig, cases: list[dict[str, str]], train_ids: list[str], val_ids: list[str],
-                trains: bool, device: torch.device, amp: Precision) -> _Data:
+                producer: Producer, device: torch.device, amp: Precision, epochs: int, seed: int,
+                pool: list[dict[str, str]]) -> _Data:
         by_id = {c["id"]: c for c in cases}
+        trains = producer.trains
+        t, pin, batch = cfg.train, device.type == "cuda", producer.batch_size(cfg)
+        unl = _unlabelled_draw(cfg, pool, -(-len(train_ids) // batch), batch, epochs, seed) if (
+            trains and producer.unlabelled) else []
         cache = CaseCache(cfg)
         # one call: every case of the round is pinned before anything is evicted
-        entries = cache.prepare([by_id[i] for i in [*val_ids, *(train_ids if trains else [])]])
-        val = CachedCases(entries[:len(val_ids)])
-        loader = None
+        entries = cache.prepare([by_id[i] for i in [*val_ids, *(train_ids if trains else [])]] + unl)
+        labelled, unl = entries[:len(entries) - len(unl)], [e for e in entries[len(entries) - len(unl):] if e]
+        val = CachedCases(labelled[:len(val_ids)])
+        loader = unlabelled = None
         if trains:  # built after the round's seed is set: MONAI's DataLoader seeds the random crops from it
-            train = Dataset(CachedCases(entries[len(val_ids):], indices=True), crop_transforms(cfg))
-            t, pin = cfg.train, device.type == "cuda"
-            loader = (DataLoader(train, batch_size=t.batch_size, shuffle=True, num_workers=t.num_workers,
-                                 pin_memory=pin) if t.num_workers else
-                      ThreadDataLoader(train, batch_size=t.batch_size, shuffle=True, num_workers=0, pin_memory=pin))
-        return cls(cfg, val, loader, device, amp, cache.stats.as_record())
+            train = Dataset(CachedCases(labelled[len(val_ids):], indices=True), crop_transforms(cfg))
+            loader = _loader(train, batch, t.num_workers, pin)
+            if unl:
+                unlabelled = _loader(Dataset(CachedCases(unl), unlabelled_crop_transforms(cfg)),
+                                     cfg.dcml.unlabelled_batch, 0, pin)
+        return cls(cfg, val, loader, device, amp, {**cache.stats.as_record(), "unlabelled": len(unl)}, unlabelled)
 
     def score(self, model: GCMLNet) -> list[dict[str, float]]:
         """Dice per label of every validation case (sliding window)."""
         v = self.cfg.validation
         return dice_per_case(model, self.val, list(self.cfg.labels), self.cfg.roi_size,
                              sw_batch_size(self.cfg, self.device), v.overlap, self.device, self.amp)
+
+
+def _loader(data: Dataset, batch_size: int, workers: int, pin: bool) -> DataLoader:
+    """Shuffled batches of ``data``: in ``workers`` processes, or (0) in one background thread."""
+    if workers:
+        return DataLoader(data, batch_size=batch_size, shuffle=True, num_workers=workers, pin_memory=pin)
+    return ThreadDataLoader(data, batch_size=batch_size, shuffle=True, num_workers=0, pin_memory=pin)
+
+
+def _unlabelled_draw(cfg: SiteConfig, pool: list[dict[str, str]], batches: int, batch: int, epochs: int,
+                     seed: int) -> list[dict[str, str]]:
+    """The unlabelled images a round trains on: a random subset (by the round's seed) of ``pool``, as many
+    as its steps use (one ``dcml.unlabelled_batch`` per step), at most ``dcml.unlabelled_max_cases``."""
+    d = cfg.dcml
+    if not pool or d.lambda_unl <= 0:
+        return []
+    steps = step_budget(epochs, batches, batch, d.unlabelled_batch, d.train_incoming)
+    k = min(len(pool), d.unlabelled_max_cases, steps * d.unlabelled_batch)
+    pool = sorted(pool, key=lambda c: c["id"])
+    return [{"id": c["id"], "image": c["image"]} for c in random.Random(seed).sample(pool, k)]
 
 
 def run_round(
@@ -162,6 +192,7 @@ def run_round(
     progress: Progress | None = None,
     extra: dict[str, Any] | None = None,
     seed: int | None = None,
+    unlabelled: list[dict[str, str]] | None = None,
 ) -> RoundRecord:
     """One round: prepare, score the served model, produce candidates, score them, decide, commit.
 
@@ -186,6 +217,8 @@ def run_round(
         extra: more fields for the round record (trigger, round id, gossip attempts, ...).
         seed: the round's random seed (batches, crops, voxel sampling); default ``train.seed`` plus
             the number of decisions in the history, so successive rounds draw different batches.
+        unlabelled: the site's images without a final label (``[{"id", "image"}]``): a producer that
+            learns from them (DCML with ``dcml.lambda_unl``) trains on crops of a random subset.
 
     Returns:
         the round record (mode, split sizes, per-epoch losses, every candidate's per-case Dice, the
@@ -234,7 +267,7 @@ def run_round(
         start, working = _start_state(cfg, store, arch)  # a bad init_from or another task: a failed round
         model.load_state_dict(start)
         model.to(device)
-        data = _Data.prepare(cfg, cases, train_ids, val_ids, producer.trains, device, amp)
+        data = _Data.prepare(cfg, cases, train_ids, val_ids, producer, device, amp, epochs, seed, unlabelled or [])
         lap("load_s")
 
         # score the served model
@@ -249,7 +282,8 @@ def run_round(
 
         # produce and score the candidates
         phase = "train"
-        produced = producer.produce(RoundInputs(cfg, model, data.loader, epochs, device, seed, report, amp))
+        produced = producer.produce(RoundInputs(cfg, model, data.loader, epochs, device, seed, report, amp,
+                                                data.unlabelled))
         lap("train_s")
         phase = "validate"
         probe = probe or build_network(cfg).to(device)

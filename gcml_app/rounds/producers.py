@@ -25,7 +25,7 @@ from monai.data import DataLoader
 from gcml_app.config import SiteConfig
 from gcml_app.errors import IncomingModelRejected
 from gcml_app.federation.payload import verify_weights
-from gcml_app.ml.dcml import dcml_train
+from gcml_app.ml.dcml import dcml_train, step_budget
 from gcml_app.ml.device import Precision
 from gcml_app.ml.network import GCMLNet, build_network
 from gcml_app.ml.supervised import average_state, supervised_train
@@ -51,6 +51,7 @@ class RoundInputs:
     seed: int
     report: Callable[[dict[str, Any]], None]
     amp: Precision | None = None  # mixed precision of the training passes (gcml_app.ml.device); None = fp32
+    unlabelled: DataLoader | None = None  # crops of the site's unlabelled images, for a producer that uses them
 
 
 @dataclass
@@ -76,6 +77,7 @@ class Producer(ABC):
 
     Attributes:
         trains: whether the round must build its training batches for this producer.
+        unlabelled: whether it learns from the site's unlabelled images too (the round then draws them).
         origin: where an incoming model came from (``{"peer", "peer_site", "peer_version", ...}``): it
             goes into the round record and the published model's lineage. ``None``: no incoming model.
         incoming_sha256: the incoming model's sha256, when there is one.
@@ -83,6 +85,7 @@ class Producer(ABC):
     """
 
     trains: bool = True
+    unlabelled: bool = False
     origin: dict[str, Any] | None = None
     incoming_sha256: str | None = None
     incoming_file: str | None = None
@@ -90,6 +93,10 @@ class Producer(ABC):
     @abstractmethod
     def produce(self, inputs: RoundInputs) -> Produced:
         """Train (or fetch) the candidates; ``inputs.model`` may be trained in place."""
+
+    def batch_size(self, cfg: SiteConfig) -> int:
+        """Labelled images per training step (the round's loader): ``train.batch_size``."""
+        return cfg.train.batch_size
 
 
 class Local(Producer):
@@ -103,7 +110,10 @@ class Local(Producer):
 
 
 class DCML(Producer):
-    """The working model and a partner's model trained together (DCML, :func:`~gcml_app.ml.dcml.dcml_train`).
+    """The working model and a partner's model trained together (DCML, :func:`~gcml_app.ml.dcml.dcml_train`),
+    on the labelled crops and on crops of the site's unlabelled images, for a budget of steps that costs
+    what two models' labelled passes cost (:func:`~gcml_app.ml.dcml.step_budget`). With
+    ``dcml.train_incoming: false`` the partner's model only teaches: one candidate, ``dcml_local``.
 
     Args:
         state: the partner's weights, already checked (:func:`load_incoming`, or the gossip client's
@@ -123,15 +133,28 @@ class DCML(Producer):
         state, sha256 = load_incoming(path, cfg, ours)
         return cls(state, sha256, origin, Path(path).name)
 
+    unlabelled = True
+
+    def batch_size(self, cfg: SiteConfig) -> int:
+        """``dcml.batch_size``, default half of ``train.batch_size`` (at least 1): each of the two models then
+        makes as many optimizer steps as ``local2x``'s one model, for the same compute."""
+        return cfg.dcml.batch_size or max(1, cfg.train.batch_size // 2)
+
     def produce(self, inputs: RoundInputs) -> Produced:
-        cfg, t = inputs.cfg, inputs.cfg.train
+        cfg, t, d = inputs.cfg, inputs.cfg.train, inputs.cfg.dcml
         other = build_network(cfg)
         other.load_state_dict(self.state)
         other.to(inputs.device)
-        local, other, losses = dcml_train(inputs.model, other, inputs.loader, cfg.dcml, inputs.epochs, t.lr,
-                                          t.weight_decay, inputs.device, inputs.report, inputs.seed, inputs.amp)
-        states = {"dcml_local": local.state_dict(), "dcml_incoming": other.state_dict()}
-        states["average"] = average_state(states["dcml_local"], states["dcml_incoming"])
+        unl = inputs.unlabelled if d.lambda_unl > 0 else None
+        steps = step_budget(inputs.epochs, len(inputs.loader), self.batch_size(cfg), d.unlabelled_batch if unl else 0,
+                            d.train_incoming)
+        local, other, losses = dcml_train(inputs.model, other, inputs.loader, d, inputs.epochs, t.lr,
+                                          t.weight_decay, inputs.device, inputs.report, inputs.seed, inputs.amp,
+                                          unl, steps)
+        states = {"dcml_local": local.state_dict()}
+        if d.train_incoming:
+            states["dcml_incoming"] = other.state_dict()
+            states["average"] = average_state(states["dcml_local"], states["dcml_incoming"])
         return Produced("dcml", states, "dcml_local", losses)
 
 

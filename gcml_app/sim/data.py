@@ -4,9 +4,12 @@ Real data uses the layout users already know::
 
     DIR/<site>/imagesTr/<case>.nii.gz    DIR/<site>/labelsTr/<case>.nii.gz
     DIR/<site>/imagesTs/<case>.nii.gz    DIR/<site>/labelsTs/<case>.nii.gz   (optional test set)
+    DIR/<site>/imagesUn/<case>.nii.gz                                         (optional unlabelled pool)
 
 Without a test set, the last ``test_fraction`` of a site's sorted cases are held out for testing.
 Of the rest, the last ``val_fraction`` (at least one) are the site's validation cases; the others train.
+The unlabelled pool stands for the images of a site's datastore that nobody has labelled: DCML's
+unlabelled term trains on them (``dcml.lambda_unl``); no other method can use them.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ class SimSite:
     train: list[Case] = field(default_factory=list)
     val: list[Case] = field(default_factory=list)
     test: list[Case] = field(default_factory=list)
+    unlabelled: list[Case] = field(default_factory=list)  # images without a label: {"id", "image"}
     settings: dict = field(default_factory=dict)  # per-site config keys (intensity, spacing) from site.yaml
 
 
@@ -76,8 +80,22 @@ def _pairs(folder: Path, images: str, labels: str) -> list[Case]:
     return cases
 
 
+def _images(folder: Path) -> list[Case]:
+    """The unlabelled pool ``folder`` (``imagesUn/``): every readable ``*.nii*``, by name."""
+    cases = []
+    for img in sorted(folder.glob("*.nii*")):
+        try:
+            r = sitk.ImageFileReader()
+            r.SetFileName(str(img))
+            r.ReadImageInformation()
+        except RuntimeError as e:
+            raise SiteDataError(f"{img}: not a readable image ({str(e).splitlines()[0]})") from None
+        cases.append({"id": "un_" + img.name.split(".")[0], "image": str(img)})
+    return cases
+
+
 def load_sites(data: str | Path, test_fraction: float = 0.25, val_fraction: float = 0.2) -> list[SimSite]:
-    """Read ``DIR/<site>/imagesTr|labelsTr[/imagesTs|labelsTs]`` for every site folder in ``data``.
+    """Read ``DIR/<site>/imagesTr|labelsTr[/imagesTs|labelsTs][/imagesUn]`` for every site folder in ``data``.
 
     Raises:
         SiteDataError: no site folders, a missing label, a label whose shape differs from its image,
@@ -112,6 +130,8 @@ def _load_site(folder: Path, test_fraction: float, val_fraction: float) -> SimSi
     test = _pairs(folder, "imagesTs", "labelsTs") if (folder / "imagesTs").is_dir() else None
     site = _split(folder.name, _pairs(folder, "imagesTr", "labelsTr"), test, test_fraction, val_fraction)
     site.settings = _site_settings(folder)
+    if (folder / "imagesUn").is_dir():
+        site.unlabelled = _images(folder / "imagesUn")
     return site
 
 
@@ -126,20 +146,28 @@ def site_names(styles: list[str]) -> list[str]:
 
 
 SCENARIOS: dict[str, list[tuple[str, int, int, int]]] = {
-    # (style, train, validation, test cases) per site
+    # (style, train, validation, test cases) per site; each site also gets an unlabelled pool of
+    # UNLABELLED_PER_TRAIN times its training cases
     "few-labels": [("s1", 12, 4, 20), ("s2", 2, 4, 20), ("s3", 3, 4, 20), ("s4", 4, 4, 20), ("s5", 3, 4, 20)],
     "semantic-shift": [("a", 9, 3, 4), ("b", 9, 3, 4), ("c", 9, 3, 4)],
+    "modality-shift": [("s1", 12, 4, 20), ("s2", 4, 4, 20), ("t2", 4, 4, 20), ("ct", 4, 4, 20)],
 }
 """Named synthetic federations (see the README):
 
 - ``few-labels``: five scanners, one anatomy and label meaning; one data-rich site and four with
   2-4 labelled training cases; 4 validation and 20 test cases each.
 - ``semantic-shift``: the first sample federation; style b's lesion is darker than its organ.
+- ``modality-shift``: a data-rich and an ordinary site beside an inverted-contrast (T2-like) site and
+  a CT-range site with half the z-resolution: a shift no intensity normalisation bridges.
 """
+UNLABELLED_PER_TRAIN = 3  # a datastore holds more images than labels: 3 unlabelled per labelled training case
 
 
 def scenario_sites(out: str | Path, scenario: str, seed: int = 0) -> list[SimSite]:
     """Write (once per seed) and split the sites of a named scenario under ``out/<scenario>-seed<seed>/``.
+
+    Each site's cases are drawn first (``imagesTr``/``labelsTr``), then its unlabelled pool
+    (``imagesUn``) from the same random stream: the labelled cases do not depend on the pool.
 
     Raises:
         ValueError: an unknown scenario.
@@ -150,18 +178,22 @@ def scenario_sites(out: str | Path, scenario: str, seed: int = 0) -> list[SimSit
     root = Path(out) / f"{scenario}-seed{seed}"
     sites = []
     for i, ((style, n_train, n_val, n_test), name) in enumerate(zip(plan, site_names([p[0] for p in plan]))):
-        n = n_train + n_val + n_test
+        n, n_un = n_train + n_val + n_test, UNLABELLED_PER_TRAIN * n_train
         folder = root / name
-        if not (folder / "imagesTr").is_dir() or len(list((folder / "imagesTr").glob("*.nii.gz"))) != n:
+        if (len(list((folder / "imagesTr").glob("*.nii.gz"))) != n
+                or len(list((folder / "imagesUn").glob("*.nii.gz"))) != n_un):
             shutil.rmtree(folder, ignore_errors=True)
-            tmp = write_studies(root / f".tmp-{name}", style, cases=n, seed=seed * 1000 + i)
-            (folder / "imagesTr").mkdir(parents=True)
-            (folder / "labelsTr").mkdir()
-            for img in sorted(tmp.glob("*.nii.gz")):
-                shutil.move(str(img), folder / "imagesTr" / img.name)
-                shutil.move(str(tmp / "labels" / "final" / img.name), folder / "labelsTr" / img.name)
+            tmp = write_studies(root / f".tmp-{name}", style, cases=n + n_un, labelled=n, seed=seed * 1000 + i)
+            for sub in ("imagesTr", "labelsTr", "imagesUn"):
+                (folder / sub).mkdir(parents=True)
+            for k, img in enumerate(sorted(tmp.glob("*.nii.gz"))):
+                if k < n:
+                    shutil.move(str(img), folder / "imagesTr" / img.name)
+                    shutil.move(str(tmp / "labels" / "final" / img.name), folder / "labelsTr" / img.name)
+                else:
+                    shutil.move(str(img), folder / "imagesUn" / img.name)
             shutil.rmtree(tmp)
         cases = _pairs(folder, "imagesTr", "labelsTr")
         sites.append(SimSite(name, train=cases[:n_train], val=cases[n_train:n_train + n_val],
-                             test=cases[n_train + n_val:]))
+                             test=cases[n_train + n_val:], unlabelled=_images(folder / "imagesUn")))
     return sites

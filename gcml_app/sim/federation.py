@@ -63,7 +63,7 @@ def _run_method(run: Run, name: str, rounds: int, warm: Path, emit) -> None:
     shutil.rmtree(folder, ignore_errors=True)
     nodes = {}
     for s in run.sites:
-        cfg = run.site_cfg(s, folder, method.epochs, method.gate, method.policy, method.dcml)
+        cfg = run.site_cfg(s, folder, method.epochs, method.gate, method.policy, method.dcml, method.train)
         if method.shares_warmup:  # the shared warm-up: store, working model, split
             shutil.copytree(warm / s.name, cfg.state_dir)
         nodes[s.name] = Node(s, cfg)
@@ -101,10 +101,11 @@ def run_seed(cfg: SiteConfig, sites: list[SimSite], out: Path, seed: int, method
 
     def emit(method, r, per_site):
         now = time.perf_counter()
-        for n, (dice, sent, received, published) in per_site.items():
+        for n, (dice, sent, received, published, cost) in per_site.items():
             rows.append({"seed": seed, "method": method, "round": r, "site": n,
                          "test_mean": round(mean_dice(dice), 4), **{f"test_{k}": round(v, 4) for k, v in dice.items()},
                          "bytes_sent": sent, "bytes_received": received, "published": published,
+                         "train_steps": cost["steps"], "crop_passes": cost["crop_passes"],
                          "seconds": round((now - t[0]) / len(per_site), 2)})
         t[0] = now
         if r > 0:

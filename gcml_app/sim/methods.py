@@ -34,10 +34,21 @@ from gcml_app.sim.partner import MemoryPartner
 from gcml_app.sim.run import Node, Run
 
 __all__ = ["ARMS", "DEFAULT_METHODS", "Central", "Ditto", "FedAvg", "Gossip", "Method", "Offered", "Pooled",
-           "ServerLocal"]
+           "ServerLocal", "cost_of"]
 
-Emit = Callable[[str, int, dict[str, tuple[dict[str, float], int, int, bool]]], None]
-"""``emit(method, round, {site: (test Dice per label, bytes sent, bytes received, published)})``."""
+Emit = Callable[[str, int, dict[str, tuple[dict[str, float], int, int, bool, dict[str, float]]]], None]
+"""``emit(method, round, {site: (test Dice per label, bytes sent, bytes received, published, cost)})``; the cost
+is the round's training at that site, ``{"steps", "crop_passes"}`` (:func:`cost_of`; 0 at round 0, the warm-up
+every method spends alike)."""
+NO_COST = {"steps": 0, "crop_passes": 0.0}
+
+
+def cost_of(*histories: list[dict[str, float]]) -> dict[str, float]:
+    """What training histories spent: optimizer steps and crop passes (one crop through one model forward and
+    backward; :func:`~gcml_app.ml.dcml.dcml_train` counts both of its models)."""
+    epochs = [h for hist in histories for h in hist or []]
+    return {"steps": sum(int(h.get("steps", 0)) for h in epochs),
+            "crop_passes": round(sum(float(h.get("crop_passes", 0)) for h in epochs), 2)}
 DITTO_LAMBDA = 0.1  # Ditto's proximal weight (Li et al. 2021 tune it in {0.01, 0.1, 1, 2}; 0.1 is their common pick)
 
 
@@ -65,6 +76,7 @@ class Method(ABC):
     Args:
         epochs: multiple of ``--epochs`` per round (``local2x``: 2).
         dcml: DCML settings changed for this method (ablations).
+        train: training settings changed for this method (``augment``: the augmentation ablation).
         policy: partner choice of gossip methods (``None``: the config's, by default ``performance``).
         gate: ``False`` serves every round's model unchecked whatever ``--gate`` says.
 
@@ -76,6 +88,7 @@ class Method(ABC):
 
     epochs: int = 1
     dcml: dict = field(default_factory=dict)
+    train: dict = field(default_factory=dict)
     policy: str | None = None
     gate: bool | None = None
     kind = ""
@@ -93,13 +106,13 @@ class ServerLocal(Method):
     kind = "round"
 
     def run(self, run, name, nodes, rounds, emit):
-        emit(name, 0, {n: (run.test_dice(nd), 0, 0, True) for n, nd in nodes.items()})
+        emit(name, 0, {n: (run.test_dice(nd), 0, 0, True, NO_COST) for n, nd in nodes.items()})
         for r in range(1, rounds + 1):
             out = {}
             for i, (n, nd) in enumerate(nodes.items()):
                 rec = run_round(nd.cfg, nd.store, nd.cases, extra={"trigger": "simulate", "round_id": f"r{r}"},
                                 seed=run.seed_of(r, i))
-                out[n] = (run.test_dice(nd), 0, 0, rec["published"])
+                out[n] = (run.test_dice(nd), 0, 0, rec["published"], cost_of(rec.get("losses")))
             emit(name, r, out)
 
 
@@ -110,7 +123,7 @@ class Gossip(Method):
     kind = "gossip"
 
     def run(self, run, name, nodes, rounds, emit):
-        emit(name, 0, {n: (run.test_dice(nd), 0, 0, True) for n, nd in nodes.items()})
+        emit(name, 0, {n: (run.test_dice(nd), 0, 0, True, NO_COST) for n, nd in nodes.items()})
         rngs = {n: random.Random(run.seed * 1000 + i) for i, n in enumerate(nodes)}
         partner = {n: MemoryPartner(n, nd.store, run.transport) for n, nd in nodes.items()}
         for r in range(1, rounds + 1):
@@ -118,12 +131,12 @@ class Gossip(Method):
             got = {}
             for i, (n, nd) in enumerate(nodes.items()):
                 rec = gossip_round(nd.cfg, nd.store, nd.cases, trigger="simulate", round_id=f"r{r}", rng=rngs[n],
-                                   connect=partner.__getitem__, seed=run.seed_of(r, i))
+                                   connect=partner.__getitem__, seed=run.seed_of(r, i), unlabelled=nd.site.unlabelled)
                 g = rec.get("gossip") or {}
                 for a in g.get("attempts", []):
                     sent[a["peer"]] += a.get("bytes", 0)
-                got[n] = (g.get("bytes_pulled", 0), bool(rec.get("published")))
-            emit(name, r, {n: (run.test_dice(nd), sent[n], got[n][0], got[n][1]) for n, nd in nodes.items()})
+                got[n] = (g.get("bytes_pulled", 0), bool(rec.get("published")), cost_of(rec.get("losses")))
+            emit(name, r, {n: (run.test_dice(nd), sent[n], *got[n]) for n, nd in nodes.items()})
 
 
 @dataclass
@@ -157,12 +170,14 @@ class Central(Method):
         for w in range(warm_rounds):
             cands = self.fit(run, names, fed, -(w + 1), run.epochs)
         self._serve(run, name, nodes, cands, 0, {"stage": "warmup"})
-        emit(name, 0, {n: (run.test_dice(nd), 0, 0, True) for n, nd in nodes.items()})
+        emit(name, 0, {n: (run.test_dice(nd), 0, 0, True, NO_COST) for n, nd in nodes.items()})
         traffic = run.model_bytes[run.transport] if self.moves_models else 0
         for r in range(1, rounds + 1):
+            run.spent.clear()
             cands = self.fit(run, names, fed, r, run.epochs)
             published = self._serve(run, name, nodes, cands, r, {"round_id": f"r{r}"})
-            emit(name, r, {n: (run.test_dice(nd), traffic, traffic, published[n]) for n, nd in nodes.items()})
+            emit(name, r, {n: (run.test_dice(nd), traffic, traffic, published[n], cost_of(*run.spent.get(n, [])))
+                           for n, nd in nodes.items()})
 
     @staticmethod
     def _serve(run: Run, name: str, nodes: dict[str, Node], cands: dict[str, State], r: int,
@@ -228,8 +243,11 @@ class Pooled(Central):
         loader = run.loader(pooled)
         steps = round(sum(steps_per_epoch) / len(names)) * epochs if self.budget == "steps" else len(loader) * epochs
         t = run.base.train
-        supervised_train(net, loader, math.ceil(steps / len(loader)), t.lr, t.weight_decay, run.device, max_steps=steps,
-                         amp=precision(run.base, run.device))
+        hist = supervised_train(net, loader, math.ceil(steps / len(loader)), t.lr, t.weight_decay, run.device,
+                                max_steps=steps, amp=precision(run.base, run.device))
+        share = [{k: v / len(names) for k, v in cost_of(hist).items()}]  # one model for all: each site its share
+        for n in names:
+            run.spent.setdefault(n, []).append(share)
         fed.glob = {k: v.detach().cpu() for k, v in net.state_dict().items()}
         return dict.fromkeys(names, fed.glob)
 
@@ -247,6 +265,10 @@ ARMS: dict[str, Method] = {
     "gcml-nokl": Gossip(dcml={"lambda_kl": 0.0}),
     "gcml-nocon": Gossip(dcml={"lambda_con": 0.0}),
     "gcml-nogate": Gossip(gate=False),
+    "gcml-noaug": Gossip(train={"augment": "flip"}),  # the flip alone, as before train.augment
+    "gcml-unl": Gossip(dcml={"lambda_unl": 0.25}),  # and the unlabelled term, at the same compute
+    "gcml-fullbatch": Gossip(dcml={"batch_size": 2}),  # train.batch_size per step: half local2x's steps per model
+    "gcml-teacher": Gossip(dcml={"train_incoming": False}),  # the partner's model only teaches, 1.5x the steps
     "pooled": Pooled(),
     "pooled-epochs": Pooled(budget="epochs"),
 }

@@ -1,7 +1,8 @@
 """Synthetic multi-site 3D phantoms: an organ with a lesion, in a body, seen by different scanners.
 
 Each site style changes what real sites change (non-IID): intensity scale and offset, organ/lesion
-contrast, noise, a smooth multiplicative bias field, voxel spacing and the lesion size distribution.
+contrast, noise, a smooth multiplicative bias field, voxel spacing and the lesion size distribution;
+and, for ``modality-shift``, an inverted (T2-like) contrast and a CT-like range (air at -1000).
 Labels: ``organ`` = 1, ``lesion`` = 2 (the lesion lies inside the organ).
 """
 
@@ -28,8 +29,11 @@ class SiteStyle:
     lesion_contrast: float  # lesion intensity relative to organ (1.0 = invisible)
     noise: float  # Gaussian noise std, relative to ``scale``
     bias: float  # amplitude of the smooth multiplicative bias field
-    spacing: tuple[float, float, float]  # mm
+    spacing: tuple[float, float, float]  # mm, (z, y, x) as the arrays
     lesion_radius: tuple[float, float]  # voxels, uniform range
+    body: float = 0.35  # intensity of the body around the organ, relative to the organ (before scale)
+    background: float = 0.0  # intensity outside the body, likewise (CT's air: -10 with scale 100 is -1000)
+    invert: bool = False  # tissue contrast inverted inside the body: organ darker than body, lesion darker still
 
 
 # ``semantic-shift`` (the first sample federation): style b's lesion is *darker* than its organ while
@@ -58,6 +62,13 @@ STYLES: dict[str, SiteStyle] = {
     # public dataset of a Model Zoo bundle): the same anatomy, a scanner none of the sites has.
     "p": SiteStyle(scale=200.0, offset=50.0, lesion_contrast=1.5, noise=0.15, bias=0.10,
                    spacing=(1.0, 1.0, 1.2), lesion_radius=(3.0, 5.0)),
+    # ``modality-shift``: what no intensity rescaling bridges. ``t2``: tissue contrast inverted (body
+    # bright, organ darker, lesion darkest), as T2 against T1; ``ct``: a CT range (air -1000, body 40,
+    # organ 100, lesion 130 HU), little bias field, and half the z-resolution.
+    "t2": SiteStyle(scale=300.0, offset=0.0, lesion_contrast=1.2, noise=0.15, bias=0.15,
+                    spacing=(1.0, 1.0, 1.2), lesion_radius=(3.0, 5.0), invert=True),
+    "ct": SiteStyle(scale=100.0, offset=0.0, lesion_contrast=1.3, noise=0.15, bias=0.02,
+                    spacing=(2.0, 0.9, 0.9), lesion_radius=(3.0, 5.0), body=0.4, background=-10.0),
 }
 
 
@@ -87,9 +98,11 @@ def make_case(style: SiteStyle, rng: np.random.Generator, shape: tuple[int, int,
     label[organ] = LABELS["organ"]
     label[lesion] = LABELS["lesion"]
 
-    img = np.where(body, 0.35, 0.0).astype(np.float32)
+    img = np.where(body, style.body, style.background).astype(np.float32)
     img[organ] = 1.0
     img[lesion] = style.lesion_contrast
+    if style.invert:  # inside the body v -> 1 + body - v: body 1, organ `body`, lesion darker still
+        img = np.where(body, 1.0 + style.body - img, img)
     g = [np.linspace(-1, 1, s, dtype=np.float32) for s in shape]
     w = rng.normal(size=3).astype(np.float32)
     bias = 1.0 + style.bias * np.tanh(w[0] * g[0][:, None, None] + w[1] * g[1][None, :, None] + w[2] * g[2][None, None, :])

@@ -13,9 +13,24 @@ def _mean_std(xs: list[float]) -> tuple[float, float]:
     return (statistics.fmean(xs), statistics.stdev(xs) if len(xs) > 1 else 0.0)
 
 
+PAIRED = ("local", "local2x")
+"""The rivals every method is compared with per site, seed by seed: the site alone, and the site alone with
+the compute of two models (what DCML spends)."""
+
+
+def _paired(final: dict, m: str, rival: str, n: str, seeds: list[int]) -> dict[str, Any]:
+    d = [final[(m, n, s)] - final[(rival, n, s)] for s in seeds]
+    dm, ds = _mean_std(d)
+    return {"mean": round(dm, 4), "std": round(ds, 4), "wins": sum(x > 0 for x in d), "ties": sum(x == 0 for x in d),
+            "n": len(d)}
+
+
 def summarize_rows(rows: list[dict], methods: list[str], names: list[str], rounds: int) -> dict[str, Any]:
-    """Per method: final test Dice per site (mean, std over seeds), the site mean, bytes, and the paired
-    difference to ``local`` per site (mean, std, seeds won)."""
+    """Per method: final test Dice per site (mean, std over seeds), the site mean, bytes, the training cost,
+    and the paired difference to ``local`` and to ``local2x`` per site (mean, std, seeds won).
+
+    The cost is what a site's rounds 1..``rounds`` trained, per seed: optimizer steps and crop passes (a
+    crop through one model forward and backward), mean over sites, and as a multiple of ``local``'s."""
     final = {(r["method"], r["site"], r["seed"]): r["test_mean"] for r in rows if r["round"] == rounds}
     seeds = sorted({r["seed"] for r in rows})
     out = {}
@@ -25,11 +40,9 @@ def summarize_rows(rows: list[dict], methods: list[str], names: list[str], round
             xs = [final[(m, n, s)] for s in seeds]
             mu, sd = _mean_std(xs)
             per_site[n] = {"mean": round(mu, 4), "std": round(sd, 4), "values": xs}
-            if "local" in methods:
-                d = [final[(m, n, s)] - final[("local", n, s)] for s in seeds]
-                dm, ds = _mean_std(d)
-                per_site[n]["vs_local"] = {"mean": round(dm, 4), "std": round(ds, 4), "wins": sum(x > 0 for x in d),
-                                           "ties": sum(x == 0 for x in d), "n": len(d)}
+            for rival in PAIRED:
+                if rival in methods:
+                    per_site[n][f"vs_{rival}"] = _paired(final, m, rival, n, seeds)
         site_means = [statistics.fmean(final[(m, n, s)] for n in names) for s in seeds]
         mu, sd = _mean_std(site_means)
         moved = [sum(r["bytes_received"] for r in rows if r["method"] == m and r["seed"] == s and r["round"] > 0)
@@ -37,8 +50,23 @@ def summarize_rows(rows: list[dict], methods: list[str], names: list[str], round
         pub = [r["published"] for r in rows if r["method"] == m and r["round"] > 0]
         out[m] = {"mean": round(mu, 4), "std": round(sd, 4), "worst_site": min(names, key=lambda n: per_site[n]["mean"]),
                   "per_site": per_site, "bytes_received_per_seed": round(statistics.fmean(moved)),
-                  "published_fraction": round(sum(pub) / max(len(pub), 1), 3)}
+                  "published_fraction": round(sum(pub) / max(len(pub), 1), 3), "cost": _cost(rows, m, seeds, names)}
+        if "vs_local2x" in per_site[names[0]]:
+            d = [statistics.fmean(final[(m, n, s)] - final[("local2x", n, s)] for n in names) for s in seeds]
+            out[m]["vs_local2x"] = {"mean": round(statistics.fmean(d), 4), "wins": sum(x > 0 for x in d), "n": len(d),
+                                    "sites_at_or_above": sum(per_site[n]["vs_local2x"]["mean"] >= 0 for n in names)}
+    if "local" in out and out["local"]["cost"]["crop_passes"]:
+        for m in out:
+            out[m]["cost"]["vs_local"] = round(out[m]["cost"]["crop_passes"] / out["local"]["cost"]["crop_passes"], 3)
     return out
+
+
+def _cost(rows: list[dict], m: str, seeds: list[int], names: list[str]) -> dict[str, float]:
+    """A site's training over the rounds, per seed (mean over seeds and sites)."""
+    mine = [r for r in rows if r["method"] == m and r["round"] > 0]
+    per = len(seeds) * len(names)
+    return {"train_steps": round(sum(r.get("train_steps", 0) for r in mine) / per, 1),
+            "crop_passes": round(sum(r.get("crop_passes", 0) for r in mine) / per, 1)}
 
 
 def plot(rows, methods, names, rounds, summary, out: Path) -> None:

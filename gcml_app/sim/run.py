@@ -74,11 +74,12 @@ class Run:
             }
         self.model_bytes: dict[str, int] = {}  # what a partner downloads; set from the first published model
         self._test_dice: dict[tuple[str, str], dict[str, float]] = {}  # (site, weights sha256) -> test Dice
+        self.spent: dict[str, list[list[dict]]] = {}  # site -> training histories of a central round (its cost)
 
     def site_cfg(self, site: SimSite, folder: Path, epochs: int = 1, gate: bool | None = None,
-                 policy: str | None = None, dcml: dict | None = None) -> SiteConfig:
+                 policy: str | None = None, dcml: dict | None = None, train: dict | None = None) -> SiteConfig:
         """A site's config in ``folder`` for a method: ``epochs`` times ``--epochs`` per round, its gate
-        (``None``: ``--gate``), partner policy and DCML settings; the site's own ``site.yaml`` on top."""
+        (``None``: ``--gate``), partner policy, DCML and training settings; the site's own ``site.yaml`` on top."""
         raw = self.base.model_dump(mode="json")
         peers = [{"name": n, "url": f"http://127.0.0.1/simulated/{n}", "token": _TOKEN}
                  for n in self.names if n != site.name]
@@ -88,7 +89,7 @@ class Run:
         raw = _merge(raw, {
             "site": site.name, "state_dir": str(folder / site.name),
             # one preprocessed-case cache for every method of the seed: the phantoms are the same files
-            "train": {"epochs": self.epochs * epochs, "cache_dir": str(self.root / "cache")},
+            "train": {"epochs": self.epochs * epochs, "cache_dir": str(self.root / "cache"), **(train or {})},
             "validation": {"gate": self.gate if gate is None else gate, "min_cases": 1},
             "gossip": {"peers": peers, "policy": policy or self.base.gossip.policy, "transport": self.transport,
                        "epochs": self.epochs},
@@ -130,8 +131,9 @@ class Run:
         loader = self.loader(self.data[name]["train"])
         t = self.cfgs[name].train
         penalty = proximal(net, prox[0], prox[1], self.device) if prox is not None else None
-        supervised_train(net, loader, epochs, t.lr, t.weight_decay, self.device, penalty=penalty,
-                         amp=precision(self.cfgs[name], self.device))  # the precision site rounds train in
+        hist = supervised_train(net, loader, epochs, t.lr, t.weight_decay, self.device, penalty=penalty,
+                                amp=precision(self.cfgs[name], self.device))  # the precision site rounds train in
+        self.spent.setdefault(name, []).append(hist)
         return {k: v.detach().cpu() for k, v in net.state_dict().items()}
 
     def weights(self, names: list[str]) -> list[float]:

@@ -262,6 +262,12 @@ class PacsDatastore(ValidatedLabels, DICOMWebDatastore):
                 self.evict(self.max_cache_bytes, keep=image_id)
             return uri
 
+    def local_image_uri(self, image_id: str) -> str:
+        """The cached volume's path, or ``""``: never fetches, and leaves the eviction order alone (what a
+        round's unlabelled images are drawn from)."""
+        uri = LocalDatastore.get_image_uri(self, image_id)
+        return uri if uri and os.path.isfile(uri) else ""
+
     def _cached(self, image_id: str) -> str:
         """The cached volume's path, its access time set to now (the eviction order); ``""`` if not cached
         (or evicted). Only the access time changes: the content memo keys on the modification time."""

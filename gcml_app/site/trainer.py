@@ -27,7 +27,7 @@ from gcml_app.store import ModelStore
 from gcml_app.util.files import atomic_write
 from gcml_app.util.jsonl import finite
 
-__all__ = ["GCMLTrain", "labelled_cases"]
+__all__ = ["GCMLTrain", "labelled_cases", "unlabelled_images"]
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +56,21 @@ def labelled_cases(datastore: Datastore, cfg: SiteConfig) -> list[dict[str, str]
         cases.append({"id": image_id, "image": image, "label": label})
     passed.save()
     return cases
+
+
+def unlabelled_images(datastore: Datastore) -> list[dict[str, str]]:
+    """The datastore's images without a final label, for DCML's unlabelled term: ``[{"id", "image"}]`` by id.
+
+    Only images already on this server: a PACS datastore lists its cached series (``local_image_uri``)
+    and never fetches one for this. A round draws a random subset (``dcml.unlabelled_max_cases``).
+    """
+    local = getattr(datastore, "local_image_uri", datastore.get_image_uri)
+    out = []
+    for image_id in sorted(datastore.get_unlabeled_images(DefaultLabelTag.FINAL.value)):
+        uri = local(image_id)
+        if uri and os.path.isfile(uri):
+            out.append({"id": image_id, "image": uri})
+    return out
 
 
 MODES = ("local", "dcml", "gossip", "labels")
@@ -113,16 +128,18 @@ class GCMLTrain(TrainTask):
         partners = [p.name for p in self.cfg.gossip.peers]
         return mode, SyncRequest.parse({k: request[k] for k in ("peers", "epochs") if k in request}, partners)
 
-    def _round(self, mode: str, sync: SyncRequest, request: dict[str, Any], cases, progress) -> dict[str, Any]:
+    def _round(self, mode: str, sync: SyncRequest, request: dict[str, Any], cases, unlabelled,
+               progress) -> dict[str, Any]:
         round_id, epochs = request.get("round_id"), sync.epochs
         if mode == "gossip":
             return gossip_round(self.cfg, self.store, cases, trigger=str(request.get("trigger", "train")),
-                                round_id=round_id, request=sync, progress=progress)
+                                round_id=round_id, request=sync, progress=progress, unlabelled=unlabelled)
         if mode == "labels":
-            return labels_round(self.cfg, self.store, cases, epochs=epochs, progress=progress, round_id=round_id)
+            return labels_round(self.cfg, self.store, cases, epochs=epochs, progress=progress, round_id=round_id,
+                                unlabelled=unlabelled)
         extra = {"trigger": str(request.get("trigger", "train"))} | ({"round_id": round_id} if round_id else {})
         return run_round(self.cfg, self.store, cases, epochs=epochs or self.cfg.train.epochs,
-                         incoming=request.get("incoming"), progress=progress, extra=extra)
+                         incoming=request.get("incoming"), progress=progress, extra=extra, unlabelled=unlabelled)
 
     def __call__(self, request: dict[str, Any], datastore: Datastore) -> dict[str, Any]:
         mode, sync = self._parse(request)
@@ -144,7 +161,8 @@ class GCMLTrain(TrainTask):
 
         try:
             cases = labelled_cases(datastore, self.cfg)
-            record = {**startup, **self._round(mode, sync, request, cases, progress)}
+            unlabelled = unlabelled_images(datastore) if self.cfg.dcml.lambda_unl > 0 and mode != "local" else []
+            record = {**startup, **self._round(mode, sync, request, cases, unlabelled, progress)}
         except Exception as e:
             GossipState(self.cfg.state_dir).rearm()  # a failed round never swallows the new-labels trigger
             self._write_stats({**base, "epoch": 0, "total_epochs": epochs or 0,

@@ -147,7 +147,7 @@ def _scanning(cfg) -> Compose:
 @pytest.mark.parametrize("path", ["cache", "in_memory"])
 def test_precomputed_centres_draw_the_crops_monai_draws_by_scanning_the_label(studies, tmp_path, roi, path):
     """The same seed draws the same crops as MONAI scanning an int64 label, so learning results do not move."""
-    cfg = _cfg(tmp_path, roi_size=roi, train={**TINY["train"], "samples_per_case": 3})
+    cfg = _cfg(tmp_path, roi_size=roi, train={**TINY["train"], "samples_per_case": 3, "augment": "flip"})
     cases = cases_of(studies)[:2]
     cached = CachedCases(CaseCache(cfg).prepare(cases), indices=True)
     ref, new = _scanning(cfg), crop_transforms(cfg) if path == "cache" else train_transforms(cfg)
@@ -171,3 +171,25 @@ def test_content_hashes_are_memoised_until_the_file_changes(tmp_path):
     assert ContentHashes(tmp_path / "hashes.json")._memo[str(f.resolve())]["sha256"] == first
     f.write_bytes(b"two!")
     assert ContentHashes(tmp_path / "hashes.json").of(f) != first
+
+
+def test_an_unlabelled_image_is_an_entry_with_the_image_alone(studies, tmp_path):
+    cfg, case = _cfg(tmp_path), cases_of(studies)[0]
+    cache = CaseCache(cfg)
+    labelled, unlabelled = cache.prepare([case, {"id": case["id"], "image": case["image"]}])
+    assert labelled != unlabelled  # the same image with and without its label: two keys
+    entry = load_entry(unlabelled, indices=True)
+    assert set(entry) == {"image"}
+    assert torch.equal(entry["image"], load_entry(labelled)["image"])
+    again = CaseCache(cfg)
+    assert again.prepare([{"id": "x", "image": case["image"]}]) == [unlabelled] and again.stats.hits == 1
+
+
+def test_an_unreadable_unlabelled_image_is_left_out_but_a_labelled_one_fails(studies, tmp_path):
+    cfg, case = _cfg(tmp_path), cases_of(studies)[0]
+    bad = tmp_path / "bad.nii.gz"
+    bad.write_bytes(b"not a volume")
+    entries = CaseCache(cfg).prepare([case, {"id": "bad", "image": str(bad)}])
+    assert entries[0] is not None and entries[1] is None
+    with pytest.raises(Exception):
+        CaseCache(cfg).prepare([{**case, "image": str(bad)}])

@@ -251,7 +251,9 @@ def test_dcml_train_returns_loss_components_per_epoch():
     x, y = data()
     seen = []
     _, _, hist = dcml_train(a, b, [{"image": x, "label": y}] * 2, cfg.dcml, epochs=3, lr=1e-2, progress=seen.append)
-    assert len(hist) == 3 and set(hist[0]) == {"seg_l", "kl_l", "con_l", "seg_i", "kl_i", "con_i", "kl_weight"}
+    assert len(hist) == 3 and set(hist[0]) == {"seg_l", "kl_l", "con_l", "seg_i", "kl_i", "con_i", "unl_l", "unl_i",
+                                               "kl_weight", "steps", "crop_passes"}
+    assert [(h["steps"], h["crop_passes"]) for h in hist] == [(2, 8.0)] * 3  # 2 steps of 2 crops through 2 models
     assert hist[0]["kl_weight"] < hist[-1]["kl_weight"] == cfg.dcml.lambda_kl  # ramped up within the round
     assert [s["epoch"] for s in seen] == [1, 2, 3]
     assert hist[-1]["seg_l"] < hist[0]["seg_l"] and hist[-1]["seg_i"] < hist[0]["seg_i"]

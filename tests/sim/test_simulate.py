@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import SimpleITK as sitk
@@ -144,8 +145,50 @@ def test_scenarios_write_their_sites_once_per_seed(tmp_path):
     other = scenario_sites(tmp_path, "few-labels", seed=1)[1].train[0]["image"]
     assert sitk.GetArrayFromImage(sitk.ReadImage(other)).tolist() != sitk.GetArrayFromImage(
         sitk.ReadImage(sites[1].train[0]["image"])).tolist()
-    with pytest.raises(ValueError, match=r"scenario: found 'none'; expected one of \['few-labels', 'semantic-shift'\]"):
+    assert [len(s.unlabelled) for s in sites] == [36, 6, 9, 12, 9]  # 3 unlabelled per labelled training case
+    assert all(set(c) == {"id", "image"} and "imagesUn" in c["image"] for c in sites[0].unlabelled)
+    with pytest.raises(ValueError, match=r"scenario: found 'none'; expected one of \['few-labels', 'modality-shift', "
+                                         r"'semantic-shift'\]"):
         scenario_sites(tmp_path, "none")
+
+
+def test_a_scenarios_labelled_cases_do_not_depend_on_its_unlabelled_pool(tmp_path):
+    from gcml_app.sim.phantoms import write_studies
+
+    sites = scenario_sites(tmp_path, "modality-shift", seed=2)
+    assert [s.name for s in sites] == ["site-s1", "site-s2", "site-t2", "site-ct"]
+    alone = write_studies(tmp_path / "alone", "t2", cases=28, seed=2 * 1000 + 2)  # the same stream, no pool
+    for case in sites[2].train + sites[2].val + sites[2].test:
+        name = Path(case["image"]).name
+        assert sitk.GetArrayFromImage(sitk.ReadImage(case["image"])).tobytes() == sitk.GetArrayFromImage(
+            sitk.ReadImage(str(alone / name))).tobytes()
+    assert len(sites[2].unlabelled) == 12
+
+
+def test_the_modality_shift_styles_invert_the_contrast_and_take_a_ct_range():
+    import numpy as np
+
+    from gcml_app.sim.phantoms import STYLES, make_case
+
+    t2, lab = make_case(STYLES["t2"], np.random.default_rng(0))
+    body, organ, lesion = (t2[lab == k].mean() for k in (0, 1, 2))
+    assert lesion < organ < t2[(lab == 0) & (t2 > 0.5 * t2.max())].mean()  # body brighter than organ, lesion darkest
+    ct, lab = make_case(STYLES["ct"], np.random.default_rng(0))
+    assert ct.min() < -900 and 80 < ct[lab == 1].mean() < 120 and ct[lab == 2].mean() > ct[lab == 1].mean()
+    assert STYLES["ct"].spacing[0] == 2 * STYLES["s1"].spacing[0]  # (z, y, x): half the z-resolution
+
+
+def test_an_unlabelled_pool_is_read_when_there_and_is_optional(tmp_path):
+    data = _layout(tmp_path, cases=5)
+    assert [s.unlabelled for s in load_sites(data)] == [[], []]
+    (data / "x" / "imagesUn").mkdir()
+    for name in ("case_000", "case_001"):
+        shutil.copy(data / "x" / "imagesTr" / f"{name}.nii.gz", data / "x" / "imagesUn" / f"u{name}.nii.gz")
+    x, y = load_sites(data)
+    assert [c["id"] for c in x.unlabelled] == ["un_ucase_000", "un_ucase_001"] and y.unlabelled == []
+    (data / "x" / "imagesUn" / "bad.nii.gz").write_bytes(b"not nifti")
+    with pytest.raises(SiteDataError, match=r"x/imagesUn/bad.nii.gz: not a readable image"):
+        load_sites(data)
 
 
 def test_a_site_yaml_sets_that_sites_intensity_and_spacing(tmp_path):

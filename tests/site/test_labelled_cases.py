@@ -71,3 +71,11 @@ def test_a_label_map_with_an_extra_class_trains_only_with_background(cfg, tmp_pa
     site = cfg.model_copy(update={"other_values": policy})
     ds = GCMLDatastore(str(studies), labels=cfg.labels, auto_reload=False)
     assert [c["id"] for c in trainer.labelled_cases(ds, site)] == ids
+
+
+def test_the_unlabelled_images_are_those_without_a_final_label(cfg, tmp_path):
+    studies, _ = make_studies(tmp_path / "s", cases=5, labelled=3)
+    ds = GCMLDatastore(str(studies), labels=cfg.labels, auto_reload=False)
+    unl = trainer.unlabelled_images(ds)
+    assert [c["id"] for c in unl] == ["case_003", "case_004"]
+    assert all(set(c) == {"id", "image"} and c["image"].endswith(f"{c['id']}.nii.gz") for c in unl)
