@@ -143,7 +143,7 @@ class CaseCache:
                 t = time.perf_counter()
                 try:
                     self._write(path, case)
-                except Exception as e:  # noqa: BLE001 - MONAI's readers raise many types; see below
+                except Exception as e:  # any reader's error: an unlabelled image is left out, a case raises
                     if "label" in case:
                         raise
                     logger.warning(f"unlabelled image {case.get('id')} left out: unreadable ({e})")

@@ -36,12 +36,12 @@ from gcml_app.federation.client import PeerManifest
 from gcml_app.federation.task import task_of
 from gcml_app.ml.bundle import is_bundle, load_backbone, read_bundle, read_weights, start_of
 from gcml_app.ml.cache import CachedCases, CaseCache
+from gcml_app.ml.dcml import step_budget
 from gcml_app.ml.device import Precision, is_out_of_memory, precision, setup_device, sw_batch_size, train_device
 from gcml_app.ml.evaluate import dice_per_case
 from gcml_app.ml.gate import SERVED, GateDecision, select
 from gcml_app.ml.network import GCMLNet, arch_fingerprint, build_network
 from gcml_app.ml.split import FixedSplit, labels_for_validation
-from gcml_app.ml.dcml import step_budget
 from gcml_app.ml.transforms import crop_transforms, unlabelled_crop_transforms
 from gcml_app.rounds.producers import DCML, Local, Produced, Producer, RoundInputs
 from gcml_app.rounds.record import RoundRecord, provenance

@@ -255,6 +255,7 @@ class Pooled(Central):
 ARMS: dict[str, Method] = {
     "local": ServerLocal(),
     "local2x": ServerLocal(epochs=2),
+    "local2x-noaug": ServerLocal(epochs=2, train={"augment": "flip"}),  # the augmentation ablation of the rival
     "fedavg": FedAvg(),
     "fedavg-ft": FedAvg(serve="local"),
     "ditto": Ditto(),

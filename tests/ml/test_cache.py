@@ -191,5 +191,5 @@ def test_an_unreadable_unlabelled_image_is_left_out_but_a_labelled_one_fails(stu
     bad.write_bytes(b"not a volume")
     entries = CaseCache(cfg).prepare([case, {"id": "bad", "image": str(bad)}])
     assert entries[0] is not None and entries[1] is None
-    with pytest.raises(Exception):
+    with pytest.raises(RuntimeError, match="LoadImaged"):
         CaseCache(cfg).prepare([{**case, "image": str(bad)}])

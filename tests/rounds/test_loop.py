@@ -313,3 +313,28 @@ def test_a_site_whose_labels_were_reordered_does_not_go_on_from_its_served_model
                                           r"\['organ', 2\]\]"):
         run_round(swapped, store, cases_of(studies[0]))
     assert store.served_version() == 1 and store.history()[-1]["outcome"] == "failed"
+
+
+@pytest.mark.slow
+def test_a_dcml_round_learns_from_unlabelled_images_at_the_compute_of_a_labelled_round(cfg, studies):
+    from gcml_app.ml.dcml import step_budget
+
+    cfg = cfg.model_copy(update={"dcml": cfg.dcml.model_copy(update={"lambda_unl": 0.25, "confidence": 0.0})})
+    store = ModelStore(cfg.state_dir / "models")
+    cases = cases_of(studies[0])
+    run_round(cfg, store, cases, epochs=1)
+    peer = _peer_file(cfg)
+    broken = studies[0] / "broken.nii.gz"
+    broken.write_bytes(b"not a volume")
+    pool = [{"id": i, "image": str(studies[0] / f"{i}.nii.gz")} for i in ("case_006", "case_007", "broken")]
+    with_pool = run_round(cfg, store, cases, epochs=2, incoming=peer, unlabelled=pool)
+    alone = run_round(cfg, store, cases, epochs=2, incoming=peer)
+    n_train, batch = with_pool["n_train"], max(1, cfg.train.batch_size // 2)  # DCML's half batches
+    assert with_pool["cache"]["unlabelled"] == 2  # the unreadable image is left out, the round goes on
+    assert sum(h["steps"] for h in with_pool["losses"]) == step_budget(2, n_train // batch, batch, 1) < \
+        sum(h["steps"] for h in alone["losses"]) == step_budget(2, n_train // batch, batch, 0)
+    assert any(h["unl_l"] > 0 and h["unl_i"] > 0 for h in with_pool["losses"])
+    assert alone["cache"]["unlabelled"] == 0 and all(h["unl_l"] == 0 for h in alone["losses"])
+    # the same compute: crop passes within one step's worth of each other
+    cost = [sum(h["crop_passes"] for h in r["losses"]) for r in (with_pool, alone)]
+    assert abs(cost[0] - cost[1]) <= 2 * (batch + 1) * cfg.train.samples_per_case

@@ -171,7 +171,7 @@ def test_the_modality_shift_styles_invert_the_contrast_and_take_a_ct_range():
     from gcml_app.sim.phantoms import STYLES, make_case
 
     t2, lab = make_case(STYLES["t2"], np.random.default_rng(0))
-    body, organ, lesion = (t2[lab == k].mean() for k in (0, 1, 2))
+    organ, lesion = (t2[lab == k].mean() for k in (1, 2))
     assert lesion < organ < t2[(lab == 0) & (t2 > 0.5 * t2.max())].mean()  # body brighter than organ, lesion darkest
     ct, lab = make_case(STYLES["ct"], np.random.default_rng(0))
     assert ct.min() < -900 and 80 < ct[lab == 1].mean() < 120 and ct[lab == 2].mean() > ct[lab == 1].mean()
@@ -379,3 +379,33 @@ def test_a_bad_init_from_is_a_one_line_error_not_a_traceback(tmp_path, capsys):
                  "--out", str(tmp_path / "o"), "--seeds", "1", "--rounds", "1", "--methods", "local"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.endswith("missing.pt: file not found") and "Traceback" not in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("pool", [True, False], ids=["imagesUn", "no-imagesUn"])
+def test_simulate_data_trains_on_an_unlabelled_pool_only_when_there_is_one(tmp_path, capsys, pool):
+    from helpers import write_config
+
+    data = _layout(tmp_path, sites=("x", "y"), cases=5)
+    if pool:
+        for s in ("x", "y"):
+            (data / s / "imagesUn").mkdir()
+            for img in sorted((data / s / "imagesTr").glob("*.nii.gz"))[:3]:
+                shutil.copy(img, data / s / "imagesUn" / f"u{img.name}")
+    cfg = write_config(tmp_path / "cfg", validation={"fraction": 0.2, "min_cases": 1, "margin": 0.0},
+                       dcml={"lambda_unl": 0.25, "confidence": 0.0})
+    out = tmp_path / "sim"
+    assert main(["simulate", "--data", str(data), "--config", str(cfg), "--out", str(out), "--seeds", "1",
+                 "--rounds", "1", "--epochs", "2", "--warmup-epochs", "1", "--methods", "local,local2x,gcml"]) == 0
+    history = [json.loads(line) for line in
+               (out / "runs" / "seed0" / "gcml" / "x" / "models" / "history.jsonl").read_text().splitlines()]
+    (dcml,) = [h for h in history if h.get("mode") == "dcml"]
+    assert any(h["unl_l"] > 0 for h in dcml["losses"]) is pool
+    res = json.loads((out / "results.json").read_text())
+    rows = [r for r in res["rows"] if r["round"] == 1]
+    assert all(r["train_steps"] > 0 and r["crop_passes"] > 0 for r in rows)
+    cost = {m: res["summary"][m]["cost"] for m in ("local", "local2x", "gcml")}
+    assert cost["local2x"]["vs_local"] == 2.0 and 1.5 <= cost["gcml"]["vs_local"] <= 2.5  # two models' compute
+    assert set(res["summary"]["gcml"]["per_site"]["x"]["vs_local2x"]) == {"mean", "std", "wins", "ties", "n"}
+    printed = capsys.readouterr().out
+    assert "paired vs local2x, the same compute alone" in printed and "2.00x" in printed
