@@ -256,6 +256,10 @@ def _bench_scale(args: argparse.Namespace) -> int:
             pc = rd["per_case_s"]
             print(f"  N={rd['n']:3d} {rd['round']:6s} +{rd['above_start_mb']:6.0f} MB  load {pc['load']:.2f} s/case  "
                   f"train {pc['train']:.2f}  validate {pc['validate']:.2f}")
+    for a in r["augment"]:
+        print(f"augmentation (train.augment: scanner), one CPU thread, {a['roi']}^3 crop: {a['s_per_crop'] * 1e3:.0f} ms "
+              f"(p95 {a['p95_s'] * 1e3:.0f}, every transform at once {a['all_fire_s'] * 1e3:.0f}); train.num_workers "
+              "processes share it")
     for k, st in r.get("dcml_step", {}).items():  # on a GPU only
         print(f"DCML step, deployment network at 96^3, {k}: {st['step_s'] * 1e3:.1f} ms, peak GPU {st['peak_gpu_mb']} MB")
     print(f"wrote {Path(args.out) / 'scale.json'} and scale.png")

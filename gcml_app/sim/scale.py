@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -126,6 +127,43 @@ def _slope(xs: list[int], ys: list[float]) -> float:
     return round(float(np.polyfit(np.array(xs, float), np.array(ys, float), 1)[0]), 2) if len(xs) > 1 else 0.0
 
 
+def augment_cost(roi: int, draws: int) -> dict[str, float]:
+    """Seconds one training crop of ``roi``\ :sup:`3` spends in ``train.augment: scanner`` on one CPU thread (the
+    loader's background thread; ``train.num_workers`` processes divide it): the mean and p95 over ``draws``
+    crops at the recipe's probabilities, and every transform firing at once."""
+    from monai.transforms import Compose
+
+    from gcml_app.ml.transforms import augment_transforms
+
+    cfg = SiteConfig.model_validate({"site": "bench", "state_dir": "unused", "labels": {"organ": 1},
+                                     "roi_size": [roi] * 3})
+    g = torch.Generator().manual_seed(0)
+    crop = {"image": torch.randn(1, roi, roi, roi, generator=g),
+            "label": (torch.rand(1, roi, roi, roi, generator=g) > 0.8).to(torch.uint8)}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        def timed(chain: Compose, n: int) -> list[float]:
+            chain.set_random_state(0)
+            out = []
+            for _ in range(n):
+                t = time.perf_counter()
+                chain(dict(crop))
+                out.append(time.perf_counter() - t)
+            return out
+
+        recipe = timed(Compose(augment_transforms(cfg)), draws)
+        every = Compose(augment_transforms(cfg))
+        for t in every.transforms:
+            if hasattr(t, "prob"):
+                t.prob = 1.0
+        worst = timed(every, max(1, draws // 5))
+    finally:
+        torch.set_num_threads(threads)
+    return {"roi": roi, "s_per_crop": round(float(np.mean(recipe)), 4),
+            "p95_s": round(float(np.percentile(recipe, 95)), 4), "all_fire_s": round(float(np.mean(worst)), 4)}
+
+
 def scale_bench(out: str | Path, quick: bool = False) -> dict[str, Any]:
     """Run the scale rounds; write ``scale.json`` and ``scale.png`` in ``out``.
 
@@ -134,7 +172,7 @@ def scale_bench(out: str | Path, quick: bool = False) -> dict[str, Any]:
 
     Returns:
         ``{"sizes": {name: {"voxels", "rounds": [...], "mb_per_case_first", "mb_per_case_second",
-        "second_over_first_load"}}, ...}``.
+        "second_over_first_load"}}, "augment": [{"roi", "s_per_crop", "p95_s", "all_fire_s"}], ...}``.
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -167,6 +205,7 @@ def scale_bench(out: str | Path, quick: bool = False) -> dict[str, Any]:
             "cache_mb_per_case": round(second[-1]["cache"]["bytes"] / ns[-1] / 1e6, 1),
         }
     bar.close()
+    result["augment"] = [augment_cost(r, 5 if quick else 40) for r in ((32,) if quick else (96, 128))]
     if torch.cuda.is_available():  # the step at the deployment network and 96^3 crops, AMP on and off
         cfg = SiteConfig.model_validate(_site(out / "step", 96, DEPLOYMENT_NETWORK, 1))
         result["dcml_step"] = {k: step_check(cfg, on, 5) for k, on in (("amp_on", True), ("amp_off", False))}

@@ -34,7 +34,10 @@ def test_bench_scale_quick_writes_rounds_against_n(tmp_path, capsys):
         assert x["cache"]["misses" if x["round"] == "first" else "hits"] == x["n"]
         assert x["above_start_mb"] >= 0 and set(x["per_case_s"]) == {"load", "train", "validate"}
     assert {"mb_per_case_first", "mb_per_case_second", "second_over_first_load", "cache_mb_per_case"} <= set(s)
-    assert "round memory per added case" in capsys.readouterr().out
+    (aug,) = r["augment"]
+    assert aug["roi"] == 32 and 0 < aug["s_per_crop"] <= aug["p95_s"] and aug["all_fire_s"] > 0
+    printed = capsys.readouterr().out
+    assert "round memory per added case" in printed and "augmentation (train.augment: scanner)" in printed
 
 
 @pytest.mark.slow
