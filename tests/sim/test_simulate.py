@@ -57,12 +57,13 @@ def test_simulate_runs_every_method_through_the_servers_round_code(tmp_path, cap
     assert main(["simulate", "--data", str(data), "--config", str(_tiny_yaml(tmp_path)), "--out", str(out),
                  "--seeds", "2", "--rounds", "2", "--epochs", "1", "--warmup-epochs", "1"]) == 0
     gossip_ = [m for m, a in methods_.ARMS.items() if a.kind == "gossip"]
+    alone = [m for m, a in methods_.ARMS.items() if a.kind == "round"]  # local, local2x, local2x-noaug
     central = [m for m, a in methods_.ARMS.items() if not a.shares_warmup]
     sites, seeds, rounds_ = ["x", "y"], 2, 2
     # warm-up and local rounds via run_round; every gossip round via gossip_round (which trains via run_round);
     # every baseline round, round 0 included, gates its central step's candidates via run_round
     assert calls["gossip_round"] == seeds * len(gossip_) * rounds_ * len(sites)
-    assert calls["run_round"] == seeds * len(sites) * (1 + 2 * rounds_ + len(gossip_) * rounds_
+    assert calls["run_round"] == seeds * len(sites) * (1 + len(alone) * rounds_ + len(gossip_) * rounds_
                                                        + len(central) * (1 + rounds_))
 
     res = json.loads((out / "results.json").read_text())
@@ -81,7 +82,7 @@ def test_simulate_runs_every_method_through_the_servers_round_code(tmp_path, cap
         want = {"round": 0, "gossip": mb, "fedavg": mb, "ditto": mb, "pooled": 0}[methods_.ARMS[r["method"]].kind]
         assert r["bytes_received"] == want, r
     warm = {(r["seed"], r["site"]): r["test_mean"] for r in rows if r["round"] == 0 and r["method"] == "local"}
-    for m in ["local2x", *gossip_]:  # one shared warm-up for the servers' methods
+    for m in [*alone, *gossip_]:  # one shared warm-up for the servers' methods
         assert {(r["seed"], r["site"]): r["test_mean"] for r in rows if r["round"] == 0 and r["method"] == m} == warm
 
     # the sites are real site state folders: history, partner book, audit trail, working model
