@@ -268,7 +268,7 @@ ARMS: dict[str, Method] = {
     "gcml-nogate": Gossip(gate=False),
     "gcml-noaug": Gossip(train={"augment": "flip"}),  # the flip alone, as before train.augment
     "gcml-unl": Gossip(dcml={"lambda_unl": 0.25}),  # and the unlabelled term, at the same compute
-    "gcml-fullbatch": Gossip(dcml={"batch_size": 2}),  # train.batch_size per step: half local2x's steps per model
+    "gcml-fullbatch": Gossip(dcml={"batch_size": "train"}),  # train.batch_size per step: half local2x's steps
     "gcml-teacher": Gossip(dcml={"train_incoming": False}),  # the partner's model only teaches: 1.5x the crops
     "pooled": Pooled(),
     "pooled-epochs": Pooled(budget="epochs"),

@@ -43,6 +43,14 @@ def _merge(base: dict, update: dict) -> dict:
     return out
 
 
+def _resolve(dcml: dict, raw: dict) -> dict:
+    """A method's DCML settings with ``batch_size: "train"`` (``gcml-fullbatch``) read as the config's
+    ``train.batch_size``."""
+    if dcml.get("batch_size") == "train":
+        return {**dcml, "batch_size": raw.get("train", {}).get("batch_size", 2)}
+    return dcml
+
+
 class Node:
     """One site in one method: its config, state folder and store."""
 
@@ -93,7 +101,7 @@ class Run:
             "validation": {"gate": self.gate if gate is None else gate, "min_cases": 1},
             "gossip": {"peers": peers, "policy": policy or self.base.gossip.policy, "transport": self.transport,
                        "epochs": self.epochs},
-            "dcml": dcml or {}, **site.settings,
+            "dcml": _resolve(dcml or {}, raw), **site.settings,
         })
         try:
             return SiteConfig.model_validate(raw)
