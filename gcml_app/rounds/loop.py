@@ -36,7 +36,6 @@ from gcml_app.federation.client import PeerManifest
 from gcml_app.federation.task import task_of
 from gcml_app.ml.bundle import is_bundle, load_backbone, read_bundle, read_weights, start_of
 from gcml_app.ml.cache import CachedCases, CaseCache
-from gcml_app.ml.dcml import step_budget
 from gcml_app.ml.device import Precision, is_out_of_memory, precision, setup_device, sw_batch_size, train_device
 from gcml_app.ml.evaluate import dice_per_case
 from gcml_app.ml.gate import SERVED, GateDecision, select
@@ -137,8 +136,8 @@ class _Data:
         by_id = {c["id"]: c for c in cases}
         trains = producer.trains
         t, pin, batch = cfg.train, device.type == "cuda", producer.batch_size(cfg)
-        unl = _unlabelled_draw(cfg, pool, -(-len(train_ids) // batch), batch, epochs, seed) if (
-            trains and producer.unlabelled) else []
+        wanted = producer.unlabelled_images(cfg, epochs, -(-len(train_ids) // batch)) if trains else 0
+        unl = _unlabelled_draw(pool, wanted, seed)
         cache = CaseCache(cfg)
         # one call: every case of the round is pinned before anything is evicted
         entries = cache.prepare([by_id[i] for i in [*val_ids, *(train_ids if trains else [])]] + unl)
@@ -167,17 +166,12 @@ def _loader(data: Dataset, batch_size: int, workers: int, pin: bool) -> DataLoad
     return ThreadDataLoader(data, batch_size=batch_size, shuffle=True, num_workers=0, pin_memory=pin)
 
 
-def _unlabelled_draw(cfg: SiteConfig, pool: list[dict[str, str]], batches: int, batch: int, epochs: int,
-                     seed: int) -> list[dict[str, str]]:
-    """The unlabelled images a round trains on: a random subset (by the round's seed) of ``pool``, as many
-    as its steps use (one ``dcml.unlabelled_batch`` per step), at most ``dcml.unlabelled_max_cases``."""
-    d = cfg.dcml
-    if not pool or d.lambda_unl <= 0:
-        return []
-    steps = step_budget(epochs, batches, batch, d.unlabelled_batch, d.train_incoming)
-    k = min(len(pool), d.unlabelled_max_cases, steps * d.unlabelled_batch)
+def _unlabelled_draw(pool: list[dict[str, str]], k: int, seed: int) -> list[dict[str, str]]:
+    """The unlabelled images a round trains on: ``k`` of ``pool`` (as many as there are, if fewer), a
+    random subset by the round's seed."""
+    k = min(k, len(pool))
     pool = sorted(pool, key=lambda c: c["id"])
-    return [{"id": c["id"], "image": c["image"]} for c in random.Random(seed).sample(pool, k)]
+    return [{"id": c["id"], "image": c["image"]} for c in random.Random(seed).sample(pool, k)] if k else []
 
 
 def run_round(

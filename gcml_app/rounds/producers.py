@@ -77,7 +77,6 @@ class Producer(ABC):
 
     Attributes:
         trains: whether the round must build its training batches for this producer.
-        unlabelled: whether it learns from the site's unlabelled images too (the round then draws them).
         origin: where an incoming model came from (``{"peer", "peer_site", "peer_version", ...}``): it
             goes into the round record and the published model's lineage. ``None``: no incoming model.
         incoming_sha256: the incoming model's sha256, when there is one.
@@ -85,7 +84,6 @@ class Producer(ABC):
     """
 
     trains: bool = True
-    unlabelled: bool = False
     origin: dict[str, Any] | None = None
     incoming_sha256: str | None = None
     incoming_file: str | None = None
@@ -97,6 +95,10 @@ class Producer(ABC):
     def batch_size(self, cfg: SiteConfig) -> int:
         """Labelled images per training step (the round's loader): ``train.batch_size``."""
         return cfg.train.batch_size
+
+    def unlabelled_images(self, cfg: SiteConfig, epochs: int, batches: int) -> int:
+        """How many of the site's unlabelled images the round's steps use (the round draws that many): none."""
+        return 0
 
 
 class Local(Producer):
@@ -133,21 +135,31 @@ class DCML(Producer):
         state, sha256 = load_incoming(path, cfg, ours)
         return cls(state, sha256, origin, Path(path).name)
 
-    unlabelled = True
-
     def batch_size(self, cfg: SiteConfig) -> int:
         """``dcml.batch_size``, default half of ``train.batch_size`` (at least 1): each of the two models then
         makes as many optimizer steps as ``local2x``'s one model, for the same compute."""
         return cfg.dcml.batch_size or max(1, cfg.train.batch_size // 2)
+
+    def steps(self, cfg: SiteConfig, epochs: int, batches: int, unlabelled: bool) -> int:
+        """The round's steps (:func:`~gcml_app.ml.dcml.step_budget`), with or without unlabelled crops."""
+        d = cfg.dcml
+        return step_budget(epochs, batches, self.batch_size(cfg), d.unlabelled_batch if unlabelled else 0,
+                           d.train_incoming)
+
+    def unlabelled_images(self, cfg: SiteConfig, epochs: int, batches: int) -> int:
+        """One ``dcml.unlabelled_batch`` per step with ``dcml.lambda_unl > 0``, at most ``unlabelled_max_cases``."""
+        d = cfg.dcml
+        if d.lambda_unl <= 0:
+            return 0
+        return min(d.unlabelled_max_cases, self.steps(cfg, epochs, batches, True) * d.unlabelled_batch)
 
     def produce(self, inputs: RoundInputs) -> Produced:
         cfg, t, d = inputs.cfg, inputs.cfg.train, inputs.cfg.dcml
         other = build_network(cfg)
         other.load_state_dict(self.state)
         other.to(inputs.device)
-        unl = inputs.unlabelled if d.lambda_unl > 0 else None
-        steps = step_budget(inputs.epochs, len(inputs.loader), self.batch_size(cfg), d.unlabelled_batch if unl else 0,
-                            d.train_incoming)
+        unl = inputs.unlabelled  # the round drew some only if unlabelled_images() asked for them
+        steps = self.steps(cfg, inputs.epochs, len(inputs.loader), unl is not None)
         local, other, losses = dcml_train(inputs.model, other, inputs.loader, d, inputs.epochs, t.lr,
                                           t.weight_decay, inputs.device, inputs.report, inputs.seed, inputs.amp,
                                           unl, steps)
