@@ -24,8 +24,10 @@ from typing import Any
 from monailabel.config import settings
 from monailabel.interfaces.app import MONAILabelApp
 from monailabel.interfaces.tasks.infer_v2 import InferTask
+from monailabel.interfaces.tasks.scoring import ScoringMethod
 from monailabel.interfaces.tasks.strategy import Strategy
 from monailabel.interfaces.tasks.train import TrainTask
+from monailabel.tasks.activelearning.epistemic import Epistemic
 from monailabel.tasks.activelearning.first import First
 from monailabel.tasks.activelearning.random import Random
 
@@ -42,6 +44,8 @@ from gcml_app.site.datastore import GCMLDatastore
 from gcml_app.site.infer import GCMLSegInfer
 from gcml_app.site.disk import disk_usage, sweep_at_start
 from gcml_app.site.pacs import PacsDatastore, is_pacs_url, pacs_client
+from gcml_app.site.scoring import (DisagreementScoring, DisagreementStrategy, EpistemicScoring, ScoreBook,
+                                   ScoringWatcher, committee)
 from gcml_app.site.trainer import GCMLTrain
 from gcml_app.site.warm import WarmTrainer
 from gcml_app.store import ModelStore
@@ -77,6 +81,7 @@ class GCMLApp(MONAILabelApp):
         self.audit = AuditLog(self.cfg.state_dir / "audit.jsonl", self.cfg.security.audit_max_bytes)
         self.scheduler: Scheduler | None = None
         self.warm_trainer: WarmTrainer | None = None  # server process only (on_init_complete)
+        self.scoring_watcher: ScoringWatcher | None = None  # likewise
         self.guard_limiter = None  # set by gcml_app.site.server when the guard is first built
         self._start_lock = threading.Lock()
         super().__init__(
@@ -88,6 +93,9 @@ class GCMLApp(MONAILabelApp):
             version=gcml_app.__version__,
             labels=self.cfg.labels,
         )
+        # MONAI Label would start every scoring method after each train task, Next Sample and start-up;
+        # the scoring watcher starts one only when some score is stale (gcml_app.site.scoring)
+        self._auto_update_scoring = False
 
     def init_datastore(self) -> GCMLDatastore | PacsDatastore:
         """A studies folder (MONAI Label's local datastore) or, for an ``http(s)://.../dicom-web`` studies
@@ -113,6 +121,7 @@ class GCMLApp(MONAILabelApp):
             )
         ds.passed_root = cache_root(self.cfg)  # an upload is checked once: rounds find it there
         ds.other_values = self.cfg.other_values
+        ds.show_scores(ScoreBook(self.cfg.state_dir), lambda: committee(self.cfg, self.store))
         return ds
 
     def init_infers(self) -> dict[str, InferTask]:
@@ -122,7 +131,21 @@ class GCMLApp(MONAILabelApp):
         return {"gcml": GCMLTrain(self.cfg, self.store)}
 
     def init_strategies(self) -> dict[str, Strategy]:
-        return {"random": Random(), "first": First()}
+        # "random" first: the stock Slicer module's default until the site has scores (see info)
+        return {"random": Random(), "first": First(), "disagreement": DisagreementStrategy(self.cfg, self.store),
+                "epistemic": Epistemic()}
+
+    def init_scoring_methods(self) -> dict[str, ScoringMethod]:
+        return {"disagreement": DisagreementScoring(self.cfg, self.store), "epistemic": EpistemicScoring(self.cfg, self.store)}
+
+    def info(self):
+        """MONAI Label's ``/info``; once the site has current disagreement scores, ``disagreement`` is listed
+        first (the strategy the stock Slicer module's box starts on)."""
+        out = super().info()
+        if self._active_status()["disagreement"]["current"]:
+            s = out.get("strategies") or {}
+            out["strategies"] = {k: s[k] for k in sorted(s, key=lambda k: k != "disagreement")}
+        return out
 
     def infer(self, request, datastore=None):
         """Inference on datastore images (or a Slicer upload session) only, and never a label write.
@@ -199,6 +222,9 @@ class GCMLApp(MONAILabelApp):
 
             self.scheduler = Scheduler(g.interval_s, g.jitter, self.gossip_state, tick)
             self.scheduler.start()
+        if self.cfg.active.poll_s > 0 and self.cfg.active.methods:
+            self.scoring_watcher = ScoringWatcher(self)
+            self.scoring_watcher.start()
             state = "paused" if self.gossip_state.paused else "active"
             logger.info(f"gossip scheduler {state}: every {g.interval_s:g} s +- {g.jitter:.0%}, "
                         f"partners {[p.name for p in g.peers]}")
@@ -242,6 +268,28 @@ class GCMLApp(MONAILabelApp):
             self._disk_memo = memo
         return memo[1]
 
+    def _active_status(self) -> dict[str, Any]:
+        """What the scores stand on: per method, the last run, how many unlabelled images have a current
+        score and are stale; the top current disagreement cases with each partner's disagreement."""
+        ds = self.datastore()
+        unlabelled = set(ds.get_unlabeled_images())
+        com = committee(self.cfg, self.store)
+        book = ScoreBook(self.cfg.state_dir)
+        out: dict[str, Any] = {"methods": self.cfg.active.methods, "served_version": com.served,
+                               "partners": {k: v["version"] for k, v in com.partners.items()},
+                               "unlabelled": len(unlabelled),
+                               "watcher": {"running": bool(self.scoring_watcher and self.scoring_watcher.is_alive()),
+                                           "poll_s": self.cfg.active.poll_s,
+                                           "last_start": self.scoring_watcher.last if self.scoring_watcher else {}}}
+        for m in ("disagreement", "epistemic"):
+            cur = {i: s for i, s in book.current(m, com).items() if i in unlabelled}
+            out[m] = {"current": len(cur), "stale": len(unlabelled) - len(cur), "last_run": book.read()["runs"].get(m)}
+            if m == "disagreement":
+                top = sorted(cur.items(), key=lambda kv: (-kv[1]["score"], kv[0]))[: self.cfg.active.top]
+                out[m]["top"] = [{"id": i, "score": s["score"], "partners": s.get("partners", {}),
+                                  "entropy": s.get("entropy"), "computed": s.get("ts")} for i, s in top]
+        return out
+
     def gcml_status(self) -> dict[str, Any]:
         """What ``GET /gcml/status`` returns (the Slicer GCML Federation module shows it)."""
         served = self.store.served()
@@ -276,6 +324,8 @@ class GCMLApp(MONAILabelApp):
             "pacs": ds.pacs_status() if isinstance(ds := self.datastore(), PacsDatastore) else None,
             # bytes by part (models, working, partner models, case cache, PACS cache) with each bound
             "disk": self._disk_status(),
+            # active learning: scores for Next Sample, when computed, how many current, the top cases
+            "active": self._active_status(),
             "guard": {"tracked_clients": len(self.guard_limiter) if self.guard_limiter is not None else 0,
                       "max_tracked_clients": self.cfg.security.max_tracked_clients},
         }

@@ -16,6 +16,7 @@ Example:
 
 from gcml_app.config.base import CONFIG_ENV, SITE_NAME_PATTERN, ConfigError, check_site_name
 from gcml_app.config.learning import (
+    ActiveConfig,
     BundleNetConfig,
     DCMLConfig,
     FinetuneConfig,
@@ -30,6 +31,7 @@ from gcml_app.config.partners import GossipConfig, PeerConfig, PeerTokenConfig, 
 from gcml_app.config.site import SiteConfig, StoreConfig, load_config
 
 __all__ = [
+    "ActiveConfig",
     "BundleNetConfig",
     "CONFIG_ENV",
     "SITE_NAME_PATTERN",

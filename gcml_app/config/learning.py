@@ -309,3 +309,24 @@ class FinetuneConfig(_Strict):
     epochs: int | None = Field(None, ge=1, description="epochs of that round; default train.epochs")
 
 
+
+
+class ActiveConfig(_Strict):
+    """Which unlabelled images "Next Sample" offers first (docs/design.md, "Which case to label next").
+
+    In the background, at the training priority, the server scores the datastore's unlabelled images
+    whenever the served model or a cached partner model changed: ``disagreement`` (the served model
+    against the partners' models) and ``epistemic`` (MC dropout of the served model). A run scores at
+    most ``max_images`` images, newest first; images whose score is current are skipped.
+    """
+
+    methods: list[Literal["disagreement", "epistemic"]] = Field(
+        ["disagreement", "epistemic"], description="scores kept up to date in the background")
+    poll_s: float = Field(30.0, ge=0.0, description="how often the server looks for stale scores; 0 = never")
+    max_images: int = Field(20, ge=1, description="images scored per run (newest first); the next run goes on")
+    mc_samples: int = Field(5, ge=2, description="stochastic passes of epistemic scoring (MONAI Label's default)")
+    mc_dropout: float = Field(0.1, gt=0.0, lt=1.0, description="dropout rate of those passes where the "
+                              "network's own is lower (a network trained without dropout)")
+    reserve_s: float = Field(3600.0, ge=0.0, description="a case Next Sample handed out is not offered again "
+                             "by the same strategy for this long (two annotators, two cases)")
+    top: int = Field(5, ge=1, le=50, description="top-scored cases /gcml/status lists (the Slicer module shows them)")

@@ -12,6 +12,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 
 from gcml_app.config.base import CONFIG_ENV, ConfigError, IntTriple, SiteName, Triple, _Strict
 from gcml_app.config.learning import (
+    ActiveConfig,
     DCMLConfig,
     FinetuneConfig,
     IntensityConfig,
@@ -60,6 +61,7 @@ class SiteConfig(_Strict):
     gossip: GossipConfig = GossipConfig()
     security: SecurityConfig = SecurityConfig()
     finetune: FinetuneConfig = FinetuneConfig()
+    active: ActiveConfig = ActiveConfig()
     serve: ServeConfig = ServeConfig()
     store: StoreConfig = StoreConfig()
     state_dir: Path = Path("gcml_state")

@@ -2,7 +2,8 @@
 
 :class:`ValidatedLabels` is the check; :class:`GCMLDatastore` puts it in front of MONAI Label's
 :class:`LocalDatastore` (a studies folder), :class:`gcml_app.site.pacs.PacsDatastore` in front of its
-``DICOMWebDatastore`` (a PACS).
+``DICOMWebDatastore`` (a PACS). Both also show each image's current active-learning scores in its info
+(:class:`ScoredImages`, :mod:`gcml_app.site.scoring`).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import logging
 import shutil
 import tempfile
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -20,9 +22,31 @@ from monailabel.datastore.local import LocalDatastore
 from gcml_app.errors import LabelRejected
 from gcml_app.site.labels import PassedLabels, check_tag, conform_label
 
-__all__ = ["GCMLDatastore", "ValidatedLabels"]
+__all__ = ["GCMLDatastore", "ScoredImages", "ValidatedLabels"]
 
 logger = logging.getLogger(__name__)
+
+
+class ScoredImages:
+    """Mixin for a MONAI Label datastore: ``get_image_info`` adds the image's current scores
+    (:meth:`gcml_app.site.scoring.ScoreBook.info_of`) once :meth:`show_scores` is called."""
+
+    _scores = None  # (ScoreBook, committee function) after show_scores
+    _committee_memo: tuple[float, Any] | None = None
+
+    def show_scores(self, book, committee_of) -> None:
+        """``committee_of()`` gives the models scores must come from (read at most once a second)."""
+        self._scores = (book, committee_of)
+
+    def get_image_info(self, image_id: str) -> dict[str, Any]:
+        info = super().get_image_info(image_id)
+        if self._scores is None or not info:
+            return info
+        book, committee_of = self._scores
+        now = time.monotonic()
+        if self._committee_memo is None or now - self._committee_memo[0] > 1.0:
+            self._committee_memo = (now, committee_of())
+        return {**info, **book.info_of(image_id, self._committee_memo[1])}
 
 
 class ValidatedLabels:
@@ -80,7 +104,7 @@ class ValidatedLabels:
         return super().save_label(image_id, label_path, label_tag, info)
 
 
-class GCMLDatastore(ValidatedLabels, LocalDatastore):
+class GCMLDatastore(ScoredImages, ValidatedLabels, LocalDatastore):
     """MONAI Label's :class:`LocalDatastore` (a studies folder) with validated label uploads.
 
     Args:

@@ -50,7 +50,7 @@ from monailabel.interfaces.datastore import DefaultLabelTag
 from urllib3.util.retry import Retry
 
 from gcml_app.errors import PacsUnavailable
-from gcml_app.site.datastore import ValidatedLabels
+from gcml_app.site.datastore import ScoredImages, ValidatedLabels
 from gcml_app.site.dicom import SeriesRejected, check_series, read_seg, write_seg
 from gcml_app.site.labels import conform_label
 from gcml_app.util.files import atomic_write
@@ -146,7 +146,7 @@ def _reason(e: BaseException) -> str:
     return clean(f"{type(e).__name__}: {e}", 160)
 
 
-class PacsDatastore(ValidatedLabels, DICOMWebDatastore):
+class PacsDatastore(ScoredImages, ValidatedLabels, DICOMWebDatastore):
     """MONAI Label's :class:`DICOMWebDatastore` with validated labels, series checks and a cache that
     keeps serving while the PACS is down (see the module docstring).
 

@@ -11,17 +11,22 @@ import time
 from itertools import pairwise
 from pathlib import Path
 
-__all__ = ["STARTED_ENV", "is_training_process", "lower_priority", "process_started", "started_at"]
+__all__ = ["STARTED_ENV", "is_background_process", "is_training_process", "lower_priority", "process_started", "started_at"]
 
 STARTED_ENV = "GCML_TRAIN_STARTED"  # in a round's child: when MONAI Label started the relay (epoch seconds)
 
 
 def is_training_process(argv: list[str] | None = None) -> bool:
     """Whether this process is MONAI Label's train subprocess (``... interfaces/utils/app.py -m train``)."""
+    return is_background_process(argv, ("train",))
+
+
+def is_background_process(argv: list[str] | None = None, methods: tuple[str, ...] = ("train", "scoring")) -> bool:
+    """Whether this process is one of MONAI Label's task subprocesses for ``methods`` (``... app.py -m scoring``)."""
     argv = sys.argv if argv is None else argv
     if not argv or not argv[0].replace(os.sep, "/").endswith("monailabel/interfaces/utils/app.py"):
         return False
-    return any(a == "-m" and b == "train" for a, b in pairwise(argv))
+    return any(a == "-m" and b in methods for a, b in pairwise(argv))
 
 
 def lower_priority(nice: int) -> None:

@@ -10,6 +10,9 @@ which loads the app's ``main.py``; ``main.py`` imports this module first. In tha
 2. otherwise (no warm trainer, or it declines) lowers its CPU priority to ``train.nice`` of the site
    YAML before those imports, so a cold start does not compete with radiologists' ``gcml_seg``
    requests either. Data loader workers inherit it.
+
+MONAI Label's scoring subprocess (``-m scoring``: active-learning scores, :mod:`gcml_app.site.scoring`)
+gets step 2 alone: it never goes through the warm trainer.
 """
 
 from __future__ import annotations
@@ -17,17 +20,17 @@ from __future__ import annotations
 import os
 import sys
 
-from gcml_app.site.process import is_training_process, lower_priority
+from gcml_app.site.process import is_background_process, is_training_process, lower_priority
 
 __all__: list[str] = []
 
 
 def _start() -> None:
-    if not is_training_process():
+    if not is_background_process():
         return
     from gcml_app.site import warm
 
-    if path := os.environ.get(warm.ENV):
+    if is_training_process() and (path := os.environ.get(warm.ENV)):
         rc = warm.relay(path, sys.argv)
         if rc is not None:
             warm.drained(sys.stdout)

@@ -1,0 +1,396 @@
+"""Active learning at a site: scores for "Next Sample", kept current in the background (docs/design.md,
+"Which case to label next").
+
+- :class:`DisagreementScoring` and :class:`EpistemicScoring` are MONAI Label scoring methods (as
+  upstream's ``EpistemicScoring``): they run in MONAI Label's scoring subprocess at the training
+  priority, score the datastore's unlabelled images (a PACS site: its cached series) newest first, at
+  most ``active.max_images`` a run, and skip images whose score is current.
+- A score is current while the models it was computed from are: the served version and, for
+  ``disagreement``, the sha256 of every cached partner model (:class:`Committee`). Anything else is
+  stale: never shown, never used, scored again.
+- Scores live in ``<state_dir>/active/scores.json`` (:class:`ScoreBook`), written by the scoring
+  process alone under a lock, and appear in the datastore's image info (``GET /datastore/image/info``,
+  what strategies read) through :meth:`ScoreBook.info_of`. They are not written into MONAI Label's
+  datastore JSON: the server rewrites that file whole on every label save, and a subprocess holding
+  an older copy would lose a label's record.
+- :class:`DisagreementStrategy` (``disagreement``): the highest current score first, ties by random;
+  MONAI Label's ``random`` when no image has a current score. MONAI Label's own ``Epistemic`` reads
+  ``epistemic_entropy``.
+- :class:`ScoringWatcher` (server process): every ``active.poll_s`` seconds, when some unlabelled image
+  lacks a current score and no training or scoring task runs, it starts one scoring task.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import random
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from monai.transforms import Compose
+from monailabel.interfaces.datastore import Datastore, DefaultLabelTag
+from monailabel.interfaces.tasks.scoring import ScoringMethod
+from monailabel.interfaces.tasks.strategy import Strategy
+from monailabel.tasks.activelearning.random import Random
+from safetensors.torch import load_file
+
+from gcml_app.config import SiteConfig
+from gcml_app.federation.peers import PeerBook
+from gcml_app.federation.state import GossipState
+from gcml_app.ml.acquisition import disagreement, epistemic_entropy, soft_predict
+from gcml_app.ml.device import precision, sw_batch_size, train_device
+from gcml_app.ml.network import build_network
+from gcml_app.ml.transforms import image_transforms
+from gcml_app.site.process import lower_priority
+from gcml_app.store import ModelStore
+from gcml_app.util.files import atomic_write
+from gcml_app.util.jsonl import clean
+
+__all__ = ["DISAGREEMENT_KEY", "EPISTEMIC_KEY", "Committee", "DisagreementScoring", "DisagreementStrategy",
+           "EpistemicScoring", "ScoreBook", "ScoringWatcher", "candidates", "committee", "load_models"]
+
+logger = logging.getLogger(__name__)
+
+DISAGREEMENT_KEY = "gcml_disagreement"  # {"score", "partners": {name: d}, "entropy", "served_version", ...}
+EPISTEMIC_KEY = "epistemic_entropy"  # MONAI Label's key (its Epistemic strategy reads it); "epistemic_ts" beside it
+METHODS = ("disagreement", "epistemic")
+
+
+# ---------------------------------------------------------------------------------------- what scores rest on
+@dataclass(frozen=True)
+class Committee:
+    """The models a score is computed from: the served version and each cached partner model's sha256.
+
+    Attributes:
+        served: the served version (``None``: nothing published, nothing to score with).
+        partners: ``{partner: {"version", "sha256"}}`` of the partner models cached by gossip.
+    """
+
+    served: int | None
+    partners: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def key(self, method: str) -> str:
+        """What a score of ``method`` must have been computed from to be current."""
+        if method == "epistemic":
+            return f"v{self.served}"
+        return json.dumps([self.served, {k: v["sha256"] for k, v in sorted(self.partners.items())}])
+
+
+def committee(cfg: SiteConfig, store: ModelStore) -> Committee:
+    """The site's served version and the partner models gossip cached (configured partners only)."""
+    state = GossipState(cfg.state_dir)
+    book = PeerBook.open(state.peers_path)
+    partners = {}
+    for p in cfg.gossip.peers:
+        rec = book.get(p.name)
+        if rec.last_sha256 and state.cached_model(p.name).is_file():
+            partners[p.name] = {"version": rec.last_version, "sha256": rec.last_sha256}
+    return Committee(store.served_version(), partners)
+
+
+def load_models(cfg: SiteConfig, store: ModelStore, com: Committee,
+                device: torch.device) -> tuple[torch.nn.Module, dict[str, torch.nn.Module], dict[str, str]]:
+    """The served network and each cached partner network, in eval mode on ``device``.
+
+    A partner file was verified when it was pulled (``gcml_app.federation.client.check_payload``);
+    one that no longer loads (replaced, torn) is left out, with its reason.
+
+    Returns:
+        ``(served, {partner: network}, {partner: why it was left out})``.
+    """
+    served = build_network(cfg)
+    served.load_state_dict(store.load(com.served))
+    state = GossipState(cfg.state_dir)
+    nets, skipped = {}, {}
+    for name in com.partners:
+        try:
+            net = build_network(cfg)
+            net.load_state_dict(load_file(state.cached_model(name)))
+            nets[name] = net.to(device).eval()
+        except Exception as e:  # a partner's file must never stop the site's own scoring
+            skipped[name] = clean(f"{type(e).__name__}: {e}", 200)
+            logger.warning(f"scoring: partner model {name} left out: {skipped[name]}")
+    return served.to(device).eval(), nets, skipped
+
+
+def candidates(datastore: Datastore) -> list[tuple[str, str]]:
+    """Unlabelled images held on this server, newest first: ``[(image id, local file)]``.
+
+    Newest is the latest added to the datastore, then the latest file. A PACS datastore lists its cached
+    series (``local_image_uri``) and never fetches one for scoring.
+    """
+    local = getattr(datastore, "local_image_uri", datastore.get_image_uri)
+    out = []
+    for image_id in datastore.get_unlabeled_images(DefaultLabelTag.FINAL.value):
+        uri = local(image_id)
+        if uri and os.path.isfile(uri):
+            # added to the datastore (MONAI Label's "ts", whole seconds), then the file's own time
+            out.append((-float(datastore.get_image_info(image_id).get("ts") or 0), -os.path.getmtime(uri), image_id, uri))
+    return [(i, u) for *_, i, u in sorted(out)]
+
+
+# ---------------------------------------------------------------------------------------- where scores live
+class ScoreBook:
+    """``<state_dir>/active/scores.json``: each image's scores and each method's last run.
+
+    Layout: ``{"images": {id: {method: {..., "key": committee key}}}, "runs": {method: {...}}}``.
+    Read-modify-write holds an ``fcntl`` lock; readers see the old file or the new one whole.
+    """
+
+    def __init__(self, state_dir: str | Path):
+        self.root = Path(state_dir) / "active"
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.path = self.root / "scores.json"
+        self._lock = self.root / ".lock"
+        self._memo: tuple[tuple[int, int], dict[str, Any]] | None = None
+
+    def read(self) -> dict[str, Any]:
+        """The whole book (memoised by the file's mtime and size); empty when missing or unreadable."""
+        try:
+            st = self.path.stat()
+        except FileNotFoundError:
+            return {"images": {}, "runs": {}}
+        stamp = (st.st_mtime_ns, st.st_size)
+        if self._memo is None or self._memo[0] != stamp:
+            try:
+                raw = json.loads(self.path.read_text())
+            except (OSError, json.JSONDecodeError) as e:
+                logger.warning(f"{self.path}: unreadable ({e}); scores start afresh")
+                raw = {}
+            self._memo = (stamp, {"images": raw.get("images") or {}, "runs": raw.get("runs") or {}})
+        return self._memo[1]
+
+    @contextlib.contextmanager
+    def edit(self) -> Iterator[dict[str, Any]]:
+        """The book to change in place; written back atomically on exit, under the lock."""
+        with open(self._lock, "a") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                self._memo = None
+                book = json.loads(json.dumps(self.read()))  # a copy: the memo stays what the file says
+                yield book
+                atomic_write(self.path, json.dumps(book, allow_nan=False).encode())
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+    def current(self, method: str, com: Committee) -> dict[str, dict[str, Any]]:
+        """``{image id: score record}`` of ``method`` computed from ``com`` (stale and failed ones left out)."""
+        key = com.key(method)
+        return {i: s[method] for i, s in self.read()["images"].items()
+                if (s.get(method) or {}).get("key") == key and "score" in s[method]}
+
+    def info_of(self, image_id: str, com: Committee) -> dict[str, Any]:
+        """What the image's datastore info shows: its current scores in MONAI Label's keys, or nothing."""
+        entry = self.read()["images"].get(image_id) or {}
+        out: dict[str, Any] = {}
+        d = entry.get("disagreement") or {}
+        if d.get("key") == com.key("disagreement") and "score" in d:
+            out[DISAGREEMENT_KEY] = {k: v for k, v in d.items() if k != "key"}
+        e = entry.get("epistemic") or {}
+        if e.get("key") == com.key("epistemic") and "score" in e:
+            out[EPISTEMIC_KEY], out["epistemic_ts"] = e["score"], e["served_version"]
+        return out
+
+    def stale(self, method: str, com: Committee, image_ids: list[str]) -> list[str]:
+        """Of ``image_ids``, those without a record of ``method`` from ``com`` (a failure counts as done)."""
+        key = com.key(method)
+        images = self.read()["images"]
+        return [i for i in image_ids if ((images.get(i) or {}).get(method) or {}).get("key") != key]
+
+
+# ---------------------------------------------------------------------------------------- scoring methods
+class _Scoring(ScoringMethod):
+    """One scoring run of ``method`` (see the module docstring); subclasses score one image."""
+
+    method = ""
+
+    def __init__(self, cfg: SiteConfig, store: ModelStore, description: str):
+        super().__init__(description)
+        self.cfg, self.store = cfg, store
+        self.book = ScoreBook(cfg.state_dir)
+
+    def info(self) -> dict[str, Any]:
+        return {**super().info(), "max_images": self.cfg.active.max_images}
+
+    def _score(self, models, image: torch.Tensor, com: Committee) -> dict[str, Any]:
+        """One image's record (``score`` and its parts) from ``models`` (:func:`load_models`)."""
+        raise NotImplementedError
+
+    def __call__(self, request: dict[str, Any], datastore: Datastore) -> dict[str, Any]:
+        """Score up to ``max_images`` unlabelled images whose score is stale; returns the run's summary."""
+        lower_priority(self.cfg.train.nice)  # MONAI Label's scoring subprocess: behind inference
+        if self.cfg.train.num_threads:
+            torch.set_num_threads(self.cfg.train.num_threads)
+        t0 = time.time()
+        com = committee(self.cfg, self.store)
+        pool = candidates(datastore)
+        todo = self.book.stale(self.method, com, [i for i, _ in pool])
+        cap = int(request.get("max_images") or self.cfg.active.max_images)
+        todo = todo[:cap]
+        summary: dict[str, Any] = {"method": self.method, "started": round(t0, 3), "unlabelled": len(pool),
+                                   "served_version": com.served, "partners": sorted(com.partners),
+                                   "scored": 0, "failed": 0, "skipped_current": len(pool) - len(
+                                       self.book.stale(self.method, com, [i for i, _ in pool]))}
+        if com.served is None or not todo:
+            summary["reason"] = "no served model yet" if com.served is None else "every score is current"
+            return self._finish(summary, pool, t0)
+        device = train_device(self.cfg)
+        models = load_models(self.cfg, self.store, com, device)
+        summary["partners_left_out"] = models[2]
+        uris = dict(pool)
+        load = Compose(image_transforms(self.cfg))
+        for image_id in todo:
+            t1 = time.time()
+            try:
+                image = load({"image": uris[image_id]})["image"]
+                rec = {**self._score(models, image.as_tensor() if hasattr(image, "as_tensor") else image, com),
+                       "served_version": com.served}
+                summary["scored"] += 1
+            except Exception as e:  # an unreadable image is recorded, not retried, until the models change
+                rec = {"error": clean(f"{type(e).__name__}: {e}", 300)}
+                summary["failed"] += 1
+                logger.warning(f"scoring {self.method}: {image_id}: {rec['error']}")
+            rec.update(key=com.key(self.method), ts=round(time.time(), 3), seconds=round(time.time() - t1, 3))
+            with self.book.edit() as book:
+                book["images"].setdefault(image_id, {})[self.method] = rec
+        return self._finish(summary, pool, t0)
+
+    def _finish(self, summary: dict[str, Any], pool: list[tuple[str, str]], t0: float) -> dict[str, Any]:
+        unlabelled = {i for i, _ in pool}
+        summary["seconds"] = round(time.time() - t0, 3)
+        with self.book.edit() as book:
+            # a score is for an unlabelled image: one labelled (or removed) since loses it
+            book["images"] = {i: s for i, s in book["images"].items() if i in unlabelled}
+            book["runs"][self.method] = summary
+        logger.info(f"scoring {self.method}: {summary}")
+        return summary
+
+    def _predict(self, net, image):
+        c, device = self.cfg, train_device(self.cfg)
+        return soft_predict(net, image, c.roi_size, sw_batch_size(c, device), c.validation.overlap, device,
+                            precision(c, device), c.out_channels)
+
+
+class DisagreementScoring(_Scoring):
+    """``disagreement``: the served model against every cached partner model (:func:`~gcml_app.ml.acquisition.disagreement`)."""
+
+    method = "disagreement"
+
+    def __init__(self, cfg: SiteConfig, store: ModelStore):
+        super().__init__(cfg, store, "Where the served model and the partners' models disagree (GCML)")
+
+    def _score(self, models, image, com):
+        served, partners, _ = models
+        p = self._predict(served, image)
+        d = disagreement(p, ((n, self._predict(net, image)) for n, net in partners.items()))
+        return {"score": d.score, "partners": d.partners, "entropy": d.entropy, "foreground": d.foreground,
+                "partner_versions": {n: com.partners[n]["version"] for n in partners}}
+
+
+class EpistemicScoring(_Scoring):
+    """``epistemic``: MONAI Label's MC-dropout entropy of the served model, for a site without partners."""
+
+    method = "epistemic"
+
+    def __init__(self, cfg: SiteConfig, store: ModelStore):
+        super().__init__(cfg, store, "Epistemic uncertainty of the served model by MC dropout (MONAI Label's score)")
+
+    def _score(self, models, image, com):
+        c, device = self.cfg, train_device(self.cfg)
+        score = epistemic_entropy(models[0], image, c.roi_size, c.active.mc_samples, c.active.mc_dropout,
+                                  sw_batch_size(c, device), c.validation.overlap, device, precision(c, device),
+                                  c.out_channels)
+        return {"score": score, "samples": c.active.mc_samples}
+
+
+# ---------------------------------------------------------------------------------------- the strategy
+class DisagreementStrategy(Strategy):
+    """``disagreement``: the unlabelled image with the highest current score, ties by random; an image this
+    strategy handed out within ``active.reserve_s`` waits; with no current score, MONAI Label's ``random``."""
+
+    def __init__(self, cfg: SiteConfig, store: ModelStore):
+        super().__init__("Where the site's model and its partners' models disagree most (GCML)")
+        self.cfg, self.store = cfg, store
+        self.book = ScoreBook(cfg.state_dir)
+        self.rng = random.Random()
+
+    def __call__(self, request: dict[str, Any], datastore: Datastore) -> dict[str, Any] | None:
+        images = datastore.get_unlabeled_images(request.get("label_tag"), request.get("labels"))
+        if not images:
+            return None
+        name = request.get("strategy", "disagreement")
+        now = time.time()
+        com = committee(self.cfg, self.store)
+        scores = self.book.current("disagreement", com)
+
+        def free(i: str) -> bool:
+            served_ts = ((datastore.get_image_info(i).get("strategy") or {}).get(name) or {}).get("ts", 0)
+            return now - served_ts >= self.cfg.active.reserve_s
+
+        scored = [i for i in images if i in scores and free(i)]
+        if not scored:
+            res = Random()(request, datastore) or {}
+            return {**res, "gcml_fallback": "random: no unlabelled image has a current disagreement score"}
+        best = max(scores[i]["score"] for i in scored)
+        pick = self.rng.choice(sorted(i for i in scored if scores[i]["score"] == best))
+        s = scores[pick]
+        return {"id": pick, DISAGREEMENT_KEY: s["score"], "partners": s.get("partners", {}),
+                "served_version": s.get("served_version")}
+
+
+# ---------------------------------------------------------------------------------------- the watcher
+class ScoringWatcher(threading.Thread):
+    """Server process: starts a scoring task when an unlabelled image lacks a current score and nothing
+    trains or scores (the round's models are the ones to score with, and inference keeps the CPU).
+
+    Args:
+        app: the :class:`~gcml_app.main.GCMLApp` (its datastore, store and task queue).
+    """
+
+    def __init__(self, app):
+        super().__init__(name="gcml-scoring-watcher", daemon=True)
+        self.app = app
+        self.stop_event = threading.Event()
+        self.last: dict[str, Any] = {}
+
+    def due(self) -> list[str]:
+        """Methods with stale scores for some unlabelled image (none while nothing is served)."""
+        cfg = self.app.cfg
+        com = committee(cfg, self.app.store)
+        if com.served is None:
+            return []
+        ds = self.app.datastore()
+        local = getattr(ds, "local_image_uri", ds.get_image_uri)
+        ids = [i for i in ds.get_unlabeled_images(DefaultLabelTag.FINAL.value) if local(i)]
+        book = ScoreBook(cfg.state_dir)
+        return [m for m in cfg.active.methods if book.stale(m, com, ids)]
+
+    def tick(self) -> str:
+        """One look: start one scoring task if due; returns what it did."""
+        from monailabel.utils.async_tasks.task import AsyncTask
+        from monailabel.utils.async_tasks.utils import processes
+
+        if self.app.training_busy() or processes("scoring"):
+            return "busy"
+        due = self.due()
+        if not due:
+            return "current"
+        task, why = AsyncTask.run("scoring", request={"method": due[0]}, enqueue=False)
+        self.last = {"ts": time.time(), "method": due[0], "task": task and task.get("id"), "why": why or ""}
+        return f"started {due[0]}" if task else f"not started: {why}"
+
+    def run(self) -> None:
+        while not self.stop_event.wait(self.app.cfg.active.poll_s):
+            try:
+                self.tick()
+            except Exception:  # the watcher must outlive any one look
+                logger.exception("scoring watcher")
