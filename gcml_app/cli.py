@@ -8,6 +8,7 @@
     gcml sync --config site.yaml [--peer NAME ...]   one gossip round on the running server (cron)
     gcml demo [--out gcml-demo --port 8001 --epochs 30 --gossip-epochs 5 --rounds 3 --no-wait --pacs]
     gcml simulate [--scenario few-labels --seeds 3 --rounds 8 --methods local,gcml,... --data DIR]
+    gcml simulate --active [--k 2 --start 2 --strategies random,epistemic,disagreement]
     gcml bench [--out gcml-bench --quick] [--scale | --gpu]
     gcml token new --peer site-b [--id site-b-2026q4]     a partner token, printed once, and its hash
     gcml certs --out pki --sites site-a,site-b,site-c     a trial CA and site certificates (mutual TLS)
@@ -168,6 +169,8 @@ def _simulate(args: argparse.Namespace) -> int:
         raise ConfigError("--init pretrained: its bundle is trained on phantoms of the simulator's task; on your own "
                           "data, set network.init_from in --config to your bundle or checkpoint")
     _check_network(cfg, first_model=True)
+    if args.active:
+        return _simulate_active(args, cfg, out)
     pretrain = args.pretrain_epochs if args.init == "pretrained" else 0
     res = simulate(cfg, sites_of_seed, out, methods=methods, rounds=args.rounds, epochs=args.epochs,
                    warmup_epochs=args.warmup_epochs, seeds=args.seeds, transport=args.transport,
@@ -175,6 +178,51 @@ def _simulate(args: argparse.Namespace) -> int:
     print(format_summary(res))
     print(f"wrote {out}/results.json, results.csv, dice_vs_round.png, dice_vs_bytes.png ({res['seconds']:.0f} s)")
     return 0
+
+
+def _simulate_active(args: argparse.Namespace, cfg, out: Path) -> int:
+    """``gcml simulate --active``: random, epistemic and disagreement labelling, test Dice against labels."""
+    from functools import partial
+
+    from gcml_app.sim.active import simulate_active
+    from gcml_app.sim.data import load_sites, scenario_sites
+
+    if args.init == "pretrained":
+        raise ConfigError("--active starts every site from its own warm-up; --init pretrained is not offered here")
+    pool = args.pool or 2 * args.k * args.rounds
+    if args.data:
+        fixed = load_sites(args.data)
+        sites_of_seed, scenario = (lambda seed: fixed), f"data:{args.data}"
+    else:
+        sites_of_seed = partial(scenario_sites, out / "data", args.scenario, train=args.start + pool)
+        scenario = args.scenario
+    res = simulate_active(cfg, sites_of_seed, out, strategies=args.strategies.split(",") if args.strategies else None,
+                          rounds=args.rounds, k=args.k, start=args.start, epochs=args.epochs,
+                          warmup_epochs=args.warmup_epochs, seeds=args.seeds, transport=args.transport,
+                          gate=args.gate == "on", jobs=args.jobs, scenario=scenario)
+    print(format_active(res))
+    print(f"wrote {out}/active.json, active.csv, active.png ({res['seconds']:.0f} s)")
+    return 0
+
+
+def format_active(res: dict) -> str:
+    """Test Dice against labels per strategy (mean over sites and seeds), then the labels each needs to reach
+    random's final Dice and its worst shortfall against random at any site."""
+    c, s = res["config"], res["summary"]
+    labels = s["labels"]
+    lines = [f"{c['scenario']} --active: served test Dice against labelled cases per site ({len(c['sites'])} sites, "
+             f"{c['seeds']} seeds, {c['k']} labelled per round from a pool of {max(c['pool'].values())})",
+             f"  {'labels':<14}" + "".join(f"{x:>8.0f}" for x in labels)]
+    for m in c["strategies"]:
+        lines.append(f"  {m:<14}" + "".join(f"{d:>8.3f}" for d in s[m]["mean"]))
+    if "random" in s:
+        lines.append(f"  to reach random's final {s['random']['mean'][-1]:.3f} (of {labels[-1]:.0f} labels):")
+        for m in c["strategies"]:
+            need, frac = s[m].get("labels_to_reach_random_final"), s[m].get("label_fraction_of_random")
+            worst = s[m].get("worst_vs_random_in_std")
+            lines.append(f"  {m:<14}" + (f"{need:>8.1f} labels ({frac:.0%})" if need is not None else "   never")
+                         + (f"; worst site vs random at equal labels {min(worst.values()):+.2f} seed-std" if worst else ""))
+    return "\n".join(lines)
 
 
 def format_summary(res: dict) -> str:
@@ -386,6 +434,12 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--init", default="random", choices=["random", "pretrained"],
                    help="sites start from random weights, or from a bundle trained at a separate synthetic site")
     s.add_argument("--pretrain-epochs", type=int, default=40, help="--init pretrained: that site's training epochs")
+    s.add_argument("--active", action="store_true",
+                   help="which cases to label: each site starts with --start labels and labels --k per round")
+    s.add_argument("--strategies", default=None, help="--active: comma-separated; default random,epistemic,disagreement")
+    s.add_argument("--k", type=int, default=2, help="--active: cases each site labels per round")
+    s.add_argument("--start", type=int, default=2, help="--active: labelled training cases each site starts with")
+    s.add_argument("--pool", type=int, default=0, help="--active: pool of unlabelled cases per site; 0 = 2 k rounds")
     s.set_defaults(func=_simulate)
 
     s = sub.add_parser("certs", help="a trial CA and per-site certificates (HTTPS and mutual TLS between sites)")

@@ -163,11 +163,15 @@ SCENARIOS: dict[str, list[tuple[str, int, int, int]]] = {
 UNLABELLED_PER_TRAIN = 3  # a datastore holds more images than labels: 3 unlabelled per labelled training case
 
 
-def scenario_sites(out: str | Path, scenario: str, seed: int = 0) -> list[SimSite]:
+def scenario_sites(out: str | Path, scenario: str, seed: int = 0, train: int | None = None) -> list[SimSite]:
     """Write (once per seed) and split the sites of a named scenario under ``out/<scenario>-seed<seed>/``.
 
     Each site's cases are drawn first (``imagesTr``/``labelsTr``), then its unlabelled pool
     (``imagesUn``) from the same random stream: the labelled cases do not depend on the pool.
+
+    Args:
+        train: every site gets this many training cases instead of the scenario's (``gcml simulate
+            --active``: 2 labelled and a pool to label from); its own folder, ``<scenario>-train<N>-seed<seed>``.
 
     Raises:
         ValueError: an unknown scenario.
@@ -175,10 +179,12 @@ def scenario_sites(out: str | Path, scenario: str, seed: int = 0) -> list[SimSit
     if scenario not in SCENARIOS:
         raise ValueError(f"scenario: found {scenario!r}; expected one of {sorted(SCENARIOS)}")
     plan = SCENARIOS[scenario]
-    root = Path(out) / f"{scenario}-seed{seed}"
+    if train is not None:
+        plan = [(style, train, n_val, n_test) for style, _, n_val, n_test in plan]
+    root = Path(out) / (f"{scenario}-seed{seed}" if train is None else f"{scenario}-train{train}-seed{seed}")
     sites = []
     for i, ((style, n_train, n_val, n_test), name) in enumerate(zip(plan, site_names([p[0] for p in plan]))):
-        n, n_un = n_train + n_val + n_test, UNLABELLED_PER_TRAIN * n_train
+        n, n_un = n_train + n_val + n_test, (UNLABELLED_PER_TRAIN * n_train if train is None else 0)
         folder = root / name
         if (len(list((folder / "imagesTr").glob("*.nii.gz"))) != n
                 or len(list((folder / "imagesUn").glob("*.nii.gz"))) != n_un):
