@@ -175,7 +175,7 @@ def labels_to_reach(curve: list[tuple[float, float]], target: float) -> float | 
 def summarize_active(rows: list[dict[str, Any]], strategies: list[str], names: list[str], rounds: int) -> dict[str, Any]:
     """Per strategy: Dice against labels (mean over sites and seeds, and per site), the labels each needs to
     reach ``random``'s final mean Dice, and per site its worst shortfall against ``random`` at equal labels
-    (in units of ``random``'s seed-std there)."""
+    (in units of the two strategies' pooled seed-std there, ``sqrt((std_s^2 + std_random^2) / 2)``)."""
 
     def cell(s, r, site=None):
         xs = [x["test_mean"] for x in rows if x["strategy"] == s and x["round"] == r and (site is None or x["site"] == site)]
@@ -208,9 +208,10 @@ def summarize_active(rows: list[dict[str, Any]], strategies: list[str], names: l
             for n in names:
                 margins = []
                 for r in range(1, rounds + 1):
-                    mean_s, _ = cell(s, r, n)
+                    mean_s, std_s = cell(s, r, n)
                     mean_r, std_r = cell("random", r, n)
-                    margins.append((mean_s - mean_r) / std_r if std_r > 0 else (0.0 if mean_s >= mean_r else -math.inf))
+                    pooled = math.sqrt((std_s ** 2 + std_r ** 2) / 2)  # the two strategies' seed-std at that site
+                    margins.append((mean_s - mean_r) / pooled if pooled > 0 else (0.0 if mean_s >= mean_r else -math.inf))
                 worst[n] = round(min(margins), 3)
             row["worst_vs_random_in_std"] = worst
             row["never_below_random_by_one_std"] = all(v >= -1.0 for v in worst.values())

@@ -13,6 +13,9 @@
 - ``infer_under_training``: ``gcml_seg`` latency over HTTP, back to back for a whole training round
   (its process start-up included) vs idle (p50 and p95; target p95 ratio <= 1.5), also split into
   the round's start-up and its epochs;
+- ``infer_under_scoring``: the same, while MONAI Label's scoring subprocess scores ``SCORED_POOL``
+  unlabelled images by disagreement (with the cached partner model) and then by MC dropout
+  (target p95 ratio <= 1.5);
 - ``pacs``: a PACS site's cache on a private Orthanc (when installed): STOW of the sample data, the
   first fill (every labelled series and its DICOM SEG), one uncached series, a cached one, a re-sync.
 
@@ -53,6 +56,7 @@ from gcml_app.store import ModelStore
 __all__ = ["TARGET_OVERHEAD_S", "StockSegInfer", "bench", "plot"]
 
 TARGET_OVERHEAD_S = 2.0  # seconds a round may pay before its first step
+SCORED_POOL = 20  # unlabelled images at site-a that infer_under_scoring scores
 
 
 class StockSegInfer(GCMLSegInfer):
@@ -187,6 +191,41 @@ def _latency_under_training(url: str, case: str, n: int, epochs: int) -> dict[st
             "p50_ratio": round(_pct(busy, 0.5) / _pct(idle, 0.5), 3), "target_p95_ratio": 1.5}
 
 
+def _latency_under_scoring(url: str, case: str, n: int, methods: tuple[str, ...] = ("disagreement", "epistemic"),
+                           ) -> dict[str, Any]:
+    """``gcml_seg`` latency over HTTP: ``5 n`` requests idle, then back to back while MONAI Label's scoring
+    subprocess scores every unlabelled image with each of ``methods`` in turn (``POST /scoring/<method>``)."""
+    client = MONAILabelClient(url)
+    site = SiteClient(url)
+    client.infer("gcml_seg", case, {})
+    idle = []
+    for _ in range(5 * n):
+        t0 = time.perf_counter()
+        client.infer("gcml_seg", case, {})
+        idle.append(time.perf_counter() - t0)
+    busy, runs = [], {}
+    for method in methods:
+        asked = time.time()
+        requests.post(f"{url}/scoring/{method}", json={"max_images": 1000}, timeout=30).raise_for_status()
+        deadline = time.monotonic() + 1800
+        while time.monotonic() < deadline:
+            run = (site.status()["active"].get(method) or {}).get("last_run") or {}
+            if (run.get("started") or 0) >= asked - 1:
+                break
+            t0 = time.perf_counter()
+            client.infer("gcml_seg", case, {})
+            busy.append(time.perf_counter() - t0)
+        else:
+            raise RuntimeError(f"scoring {method} did not finish in 30 min")
+        runs[method] = {k: run.get(k) for k in ("unlabelled", "scored", "failed", "seconds", "partners")}
+    if len(busy) < 3:
+        raise RuntimeError(f"only {len(busy)} requests overlapped the scoring runs; score more images")
+    p95 = _pct(idle, 0.95)
+    return {"idle": _lat(idle), "scoring": _lat(busy), "runs": runs,
+            "p95_ratio": round(_pct(busy, 0.95) / p95, 3), "p50_ratio": round(_pct(busy, 0.5) / _pct(idle, 0.5), 3),
+            "target_p95_ratio": 1.5}
+
+
 def _tail(path: Path, lines: int = 40) -> str:
     try:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
@@ -242,13 +281,19 @@ def bench(out: str | Path, quick: bool = False) -> dict[str, Any]:
     work = out / "work"
     warmup, gossip_epochs, n, bg_epochs, repeats = (2, 1, 6, 4, 3) if quick else (20, 5, 40, 40, 10)
     ports = {s: free_port() for s in ("site-a", "site-b", "site-c")}
-    configs = site_yamls(work, ports, warmup, gossip_epochs)
+    configs = site_yamls(work, ports, warmup, gossip_epochs, active={"poll_s": 0})  # scored when measured
     servers = {}
     for i, s in enumerate(("site-a", "site-b")):
         shutil.rmtree(work / s / "state", ignore_errors=True)  # every run measures from untrained sites
         studies = work / s / "studies"
         if not studies.exists():
             write_studies(studies, s[-1], cases=10, labelled=8, seed=i)
+        if s == "site-a" and len(list(studies.glob("pool_*.nii.gz"))) != SCORED_POOL - 2:
+            # unlabelled images to score: with case_008 and case_009, SCORED_POOL of them
+            pool = write_studies(work / "pool", "a", cases=SCORED_POOL - 2, labelled=0, seed=7)
+            for k, img in enumerate(sorted(pool.glob("case_*.nii.gz"))):
+                shutil.move(str(img), studies / f"pool_{k:03d}.nii.gz")
+            shutil.rmtree(pool)
         servers[s] = SiteServer(configs[s], studies, port=ports[s], log=work / s / "server.log")
     result: dict[str, Any] = {"quick": quick, "torch_threads": torch.get_num_threads()}
     try:
@@ -291,6 +336,7 @@ def bench(out: str | Path, quick: bool = False) -> dict[str, Any]:
                              "float16": len(encode_weights(state, "float16", arch=store.served().arch))}
         result["payload"]["float16_ratio"] = round(result["payload"]["float16"] / result["payload"]["float32"], 4)
         result["infer_under_training"] = _latency_under_training(servers["site-a"].url, "case_009", n, bg_epochs)
+        result["infer_under_scoring"] = _latency_under_scoring(servers["site-a"].url, "case_009", n)
     except requests.HTTPError as e:  # a server's own error: its log says why
         tails = "\n".join(f"--- {srv.log_path} (last lines) ---\n{_tail(srv.log_path)}" for srv in servers.values())
         raise RuntimeError(f"{e}\n{tails}") from e
@@ -323,6 +369,8 @@ def plot(result: dict[str, Any], path: Path) -> None:
                 **{f"DCML step, {k}": (v["ratio"], v["target_ratio"]) for k, v in result["dcml_step"].items()},
                 "infer p95 while training": (result["infer_under_training"]["p95_ratio"],
                                              result["infer_under_training"]["target_p95_ratio"]),
+                "infer p95 while scoring": (result["infer_under_scoring"]["p95_ratio"],
+                                            result["infer_under_scoring"]["target_p95_ratio"]),
                 "round overhead (s)": (result["gossip_round"]["overhead_s"], result["gossip_round"]["target_overhead_s"])}
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5), gridspec_kw={"width_ratios": [3, 2]})
     names = list(measures)

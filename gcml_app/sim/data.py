@@ -151,6 +151,8 @@ SCENARIOS: dict[str, list[tuple[str, int, int, int]]] = {
     "few-labels": [("s1", 12, 4, 20), ("s2", 2, 4, 20), ("s3", 3, 4, 20), ("s4", 4, 4, 20), ("s5", 3, 4, 20)],
     "semantic-shift": [("a", 9, 3, 4), ("b", 9, 3, 4), ("c", 9, 3, 4)],
     "modality-shift": [("s1", 12, 4, 20), ("s2", 4, 4, 20), ("t2", 4, 4, 20), ("ct", 4, 4, 20)],
+    # "A+B": one case in MIX_EVERY from scanner B, the rest from A (train, validation and test alike)
+    "mixed-scanners": [("s1+t2", 12, 4, 20), ("s2+ct", 4, 4, 20), ("t2+s1", 4, 4, 20), ("ct+s2", 4, 4, 20)],
 }
 """Named synthetic federations (see the README):
 
@@ -159,7 +161,11 @@ SCENARIOS: dict[str, list[tuple[str, int, int, int]]] = {
 - ``semantic-shift``: the first sample federation; style b's lesion is darker than its organ.
 - ``modality-shift``: a data-rich and an ordinary site beside an inverted-contrast (T2-like) site and
   a CT-range site with half the z-resolution: a shift no intensity normalisation bridges.
+- ``mixed-scanners``: the sites of ``modality-shift``, but each site's datastore also holds images of a
+  second scanner, one case in :data:`MIX_EVERY` (a hospital with two scanners, or outside studies), and
+  that scanner is a partner's main one. Its test cases have the same mix.
 """
+MIX_EVERY = 4
 UNLABELLED_PER_TRAIN = 3  # a datastore holds more images than labels: 3 unlabelled per labelled training case
 
 
@@ -183,22 +189,29 @@ def scenario_sites(out: str | Path, scenario: str, seed: int = 0, train: int | N
         plan = [(style, train, n_val, n_test) for style, _, n_val, n_test in plan]
     root = Path(out) / (f"{scenario}-seed{seed}" if train is None else f"{scenario}-train{train}-seed{seed}")
     sites = []
-    for i, ((style, n_train, n_val, n_test), name) in enumerate(zip(plan, site_names([p[0] for p in plan]))):
+    names = site_names([p[0].split("+")[0] for p in plan])
+    for i, ((style, n_train, n_val, n_test), name) in enumerate(zip(plan, names)):
         n, n_un = n_train + n_val + n_test, (UNLABELLED_PER_TRAIN * n_train if train is None else 0)
         folder = root / name
         if (len(list((folder / "imagesTr").glob("*.nii.gz"))) != n
                 or len(list((folder / "imagesUn").glob("*.nii.gz"))) != n_un):
             shutil.rmtree(folder, ignore_errors=True)
-            tmp = write_studies(root / f".tmp-{name}", style, cases=n + n_un, labelled=n, seed=seed * 1000 + i)
+            main, _, second = style.partition("+")
+            tmp = write_studies(root / f".tmp-{name}", main, cases=n + n_un, labelled=n, seed=seed * 1000 + i)
+            other = second and write_studies(root / f".tmp-{name}-2", second, cases=n + n_un, labelled=n,
+                                             seed=seed * 1000 + 500 + i)
             for sub in ("imagesTr", "labelsTr", "imagesUn"):
                 (folder / sub).mkdir(parents=True)
             for k, img in enumerate(sorted(tmp.glob("*.nii.gz"))):
+                src = other if other and k % MIX_EVERY == MIX_EVERY - 1 else tmp  # every 4th case: the second scanner
                 if k < n:
-                    shutil.move(str(img), folder / "imagesTr" / img.name)
-                    shutil.move(str(tmp / "labels" / "final" / img.name), folder / "labelsTr" / img.name)
+                    shutil.move(str(src / img.name), folder / "imagesTr" / img.name)
+                    shutil.move(str(src / "labels" / "final" / img.name), folder / "labelsTr" / img.name)
                 else:
-                    shutil.move(str(img), folder / "imagesUn" / img.name)
+                    shutil.move(str(src / img.name), folder / "imagesUn" / img.name)
             shutil.rmtree(tmp)
+            if other:
+                shutil.rmtree(other)
         cases = _pairs(folder, "imagesTr", "labelsTr")
         sites.append(SimSite(name, train=cases[:n_train], val=cases[n_train:n_train + n_val],
                              test=cases[n_train + n_val:], unlabelled=_images(folder / "imagesUn")))

@@ -15,8 +15,10 @@ SAMPLE_CONFIGS = Path(__file__).resolve().parents[2] / "sample_configs"
 STYLES = ("a", "b", "c")
 
 
-def site_yamls(out: Path, ports: dict[str, int], warmup_epochs: int, gossip_epochs: int) -> dict[str, Path]:
-    """Write each site's YAML: the sample config with this run's state folder, ports and epochs."""
+def site_yamls(out: Path, ports: dict[str, int], warmup_epochs: int, gossip_epochs: int,
+               active: dict | None = None) -> dict[str, Path]:
+    """Write each site's YAML: the sample config with this run's state folder, ports and epochs
+    (and ``active`` settings: the bench scores on demand, ``{"poll_s": 0}``)."""
     paths = {}
     for style in STYLES:
         raw = yaml.safe_load((SAMPLE_CONFIGS / f"site_{style}.yaml").read_text())
@@ -25,6 +27,8 @@ def site_yamls(out: Path, ports: dict[str, int], warmup_epochs: int, gossip_epoc
         raw["serve"] = {"host": "127.0.0.1", "port": ports[site]}
         g = raw.setdefault("gossip", {})
         g.update(epochs=gossip_epochs, warmup_epochs=warmup_epochs, interval_s=0)
+        if active:
+            raw["active"] = {**raw.get("active", {}), **active}
         for peer in g.get("peers", []):
             peer["url"] = f"http://127.0.0.1:{ports[peer['name']]}"
         path = out / site / "site.yaml"

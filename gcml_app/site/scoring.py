@@ -377,9 +377,11 @@ class ScoringWatcher(threading.Thread):
     def tick(self) -> str:
         """One look: start one scoring task if due; returns what it did."""
         from monailabel.utils.async_tasks.task import AsyncTask
-        from monailabel.utils.async_tasks.utils import processes
+        from monailabel.utils.async_tasks.utils import processes, tasks
 
-        if self.app.training_busy() or processes("scoring"):
+        # a task submitted a moment ago is not a process yet: its status says it is coming
+        scoring = bool(processes("scoring")) or any(t.get("status") in ("SUBMITTED", "RUNNING") for t in tasks("scoring"))
+        if self.app.training_busy() or scoring:
             return "busy"
         due = self.due()
         if not due:

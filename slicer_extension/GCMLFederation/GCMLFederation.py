@@ -15,6 +15,8 @@ import vtk
 from GCMLFederationLib import (
     FederationClient,
     Poller,
+    active_rows,
+    active_text,
     dice_series,
     labels_text,
     partner_rows,
@@ -46,8 +48,9 @@ class GCMLFederation(ScriptedLoadableModule):
         self.parent.helpText = (
             "Shows this site's federated segmentation model: the version served and its validation Dice on "
             "this site's own labels, recent gossip rounds, partners, and labels not yet learned from. "
-            "Sync now, pause or resume gossip, or roll back to an earlier version. Annotate with the "
-            "MONAI Label module as usual; this module uses the same server."
+            "Sync now, pause or resume gossip, or roll back to an earlier version. The cases where this "
+            "site's model and its partners' models disagree most are listed: label those first (Next Sample, "
+            "strategy disagreement). Annotate with the MONAI Label module as usual; this module uses the same server."
         )
         self.parent.acknowledgementText = (
             "Gossip contrastive mutual learning: Chen and Yuan, IEEE TMI 2025 (arXiv 2503.03883). "
@@ -82,7 +85,8 @@ class GCMLFederationWidget(ScriptedLoadableModuleWidget):
         self.ui.pauseButton.clicked.connect(self.onPause)
         self.ui.resumeButton.clicked.connect(self.onResume)
         self.ui.rollbackButton.clicked.connect(self.onRollback)
-        for table in (self.ui.roundsTable, self.ui.partnersTable):
+        self.ui.openTopButton.clicked.connect(self.onOpenTop)
+        for table in (self.ui.roundsTable, self.ui.partnersTable, self.ui.activeTable):
             table.horizontalHeader().setStretchLastSection(True)
             table.verticalHeader().setVisible(False)
         self._setActionsEnabled(False)
@@ -165,6 +169,23 @@ class GCMLFederationWidget(ScriptedLoadableModuleWidget):
             self.ui.statusLabel.text = f"Now serving version {result['version']}."
             self.poller.tick(force=True)
 
+    def onOpenTop(self):
+        """The top case through the MONAI Label module's own Next Sample (its download, scene and labels),
+        with the ``disagreement`` strategy selected there."""
+        with slicer.util.tryWithErrorDisplay("Could not open the top case in the MONAI Label module.", waitCursor=True):
+            module = getattr(slicer.modules, "monailabel", None)
+            if module is None:
+                raise RuntimeError("the MONAI Label module is not installed; install the MONAILabel extension")
+            stock = module.widgetRepresentation().self()  # the MONAI Label module's widget
+            slicer.util.selectModule("MONAILabel")
+            box = stock.ui.strategyBox
+            index = box.findText("disagreement")
+            if index < 0:
+                raise RuntimeError("the MONAI Label module lists no 'disagreement' strategy: press its refresh "
+                                   "button (the server must run the GCML app)")
+            box.setCurrentIndex(index)
+            stock.onNextSampleButton()
+
     # ------------------------------------------------------------------ display
     def showState(self, status, history):
         """Fill every section from one ``/gcml/status`` and ``/gcml/history`` answer."""
@@ -175,6 +196,10 @@ class GCMLFederationWidget(ScriptedLoadableModuleWidget):
         self._fillTable(self.ui.partnersTable, partner_rows(status),
                         ["name", "reachable", "last_exchange", "score", "note"])
         self.ui.labelsLabel.text = labels_text(status)
+        self.ui.activeLabel.text = active_text(status)
+        top = active_rows(status)
+        self._fillTable(self.ui.activeTable, top, ["case", "score", "partners"])
+        self.ui.openTopButton.enabled = bool(top)
         text, percent = training_text(status)
         self.ui.trainingLabel.text = text
         self.ui.trainingProgressBar.visible = percent is not None
@@ -191,7 +216,8 @@ class GCMLFederationWidget(ScriptedLoadableModuleWidget):
         self._updatePlot(dice_series(history))
 
     def _setActionsEnabled(self, enabled):
-        for b in (self.ui.syncButton, self.ui.pauseButton, self.ui.resumeButton, self.ui.rollbackButton):
+        for b in (self.ui.syncButton, self.ui.pauseButton, self.ui.resumeButton, self.ui.rollbackButton,
+                  self.ui.openTopButton):
             b.enabled = enabled
 
     @staticmethod

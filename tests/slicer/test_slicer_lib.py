@@ -30,6 +30,8 @@ from GCMLFederationLib import (  # noqa: E402
     FederationClient,
     FederationError,
     Poller,
+    active_rows,
+    active_text,
     dice_series,
     labels_text,
     partner_rows,
@@ -347,3 +349,34 @@ def test_client_against_a_real_site(tmp_path):
             assert client.pause() == {"paused": True} and client.status()["gossip"]["paused"] is True
             assert training_text(client.status())[0] == "idle; gossip paused (Resume restarts scheduled rounds)"
             assert client.resume() == {"paused": False} and client.status()["gossip"]["paused"] is False
+
+
+# ---------------------------------------------------------------- what to label next
+ACTIVE = {"served_version": 4, "partners": {"site-c": 1, "site-b": 3}, "unlabelled": 20,
+          "disagreement": {"current": 18, "stale": 2, "last_run": {"started": NOW - 180},
+                           "top": [{"id": "case_017", "score": 0.8123, "partners": {"site-b": 0.31, "site-c": 0.72}},
+                                   {"id": "case_003", "score": 0.4, "partners": {}}]},
+          "epistemic": {"current": 0, "stale": 20, "last_run": None}}
+
+
+@pytest.mark.parametrize("active, rows", [
+    (ACTIVE, [{"case": "case_017", "score": "0.812", "partners": "site-c 0.72, site-b 0.31"},
+              {"case": "case_003", "score": "0.400", "partners": "none yet (the model's own doubt)"}]),
+    ({**ACTIVE, "disagreement": {"current": 0, "stale": 20, "top": []}}, []),
+    (None, []),  # a server from before active learning
+])
+def test_active_rows_list_the_top_cases_with_the_partners_that_disagree_most_first(active, rows):
+    assert active_rows({"active": active} if active else {}) == rows
+
+
+@pytest.mark.parametrize("active, lines", [
+    (ACTIVE, ["scores from v4 and site-b v3, site-c v1",
+              "disagreement: 18 of 20 unlabelled cases scored, 2 waiting; last run 3 min ago",
+              "epistemic: 0 of 20 unlabelled cases scored, 20 waiting; last run never"]),
+    ({**ACTIVE, "served_version": None, "partners": {}}, ["no model served yet: Next Sample picks at random"]),
+    ({**ACTIVE, "partners": {}}, ["scores from v4 and no partner model yet"]),
+    (None, ["this server does not rank cases for labelling (GCML app before active learning)"]),
+])
+def test_active_text_says_how_current_the_scores_are(active, lines):
+    text = active_text({"active": active} if active else {}, now=NOW).splitlines()
+    assert text[:len(lines)] == lines

@@ -7,6 +7,8 @@
 
 from .client import FederationClient, FederationError, server_url_from_settings
 from .model import (
+    active_rows,
+    active_text,
     dice_series,
     labels_text,
     partner_rows,
@@ -23,6 +25,8 @@ __all__ = [
     "FederationClient",
     "FederationError",
     "Poller",
+    "active_rows",
+    "active_text",
     "dice_series",
     "labels_text",
     "partner_rows",

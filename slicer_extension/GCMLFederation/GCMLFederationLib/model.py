@@ -10,6 +10,8 @@ import time
 from typing import Any
 
 __all__ = [
+    "active_rows",
+    "active_text",
     "dice_series",
     "labels_text",
     "partner_rows",
@@ -262,3 +264,34 @@ def rollback_choices(status: dict[str, Any], history: list[dict[str, Any]]) -> l
         dice = f"mean Dice {mean:.3f}" if mean is not None else "not validated"
         out.append((v, f"v{v}: {dice}, {published_how(rec.get('produced_by', ''), made_by=rec.get('made_by'))}"))
     return out
+
+
+def active_rows(status: dict[str, Any]) -> list[dict[str, str]]:
+    """The top unlabelled cases by disagreement (``/gcml/status`` ``active.disagreement.top``), one row each:
+    ``case``, ``score`` and ``partners`` (those that disagree most first, with their ``1 - soft Dice``)."""
+    top = (((status.get("active") or {}).get("disagreement") or {}).get("top")) or []
+    rows = []
+    for t in top:
+        parts = sorted((t.get("partners") or {}).items(), key=lambda kv: -kv[1])
+        rows.append({"case": str(t.get("id", "?")), "score": f"{float(t.get('score', 0.0)):.3f}",
+                     "partners": ", ".join(f"{n} {d:.2f}" for n, d in parts) or "none yet (the model's own doubt)"})
+    return rows
+
+
+def active_text(status: dict[str, Any], now: float | None = None) -> str:
+    """How current the Next Sample scores are: images scored and stale per method, when, from which models."""
+    now = time.time() if now is None else now
+    a = status.get("active")
+    if not a:
+        return "this server does not rank cases for labelling (GCML app before active learning)"
+    lines = []
+    partners = ", ".join(f"{n} v{v}" for n, v in sorted((a.get("partners") or {}).items())) or "no partner model yet"
+    for m in ("disagreement", "epistemic"):
+        s = a.get(m) or {}
+        run = s.get("last_run") or {}
+        when = _ago(run.get("started"), now) if run else "never"
+        lines.append(f"{m}: {s.get('current', 0)} of {a.get('unlabelled', 0)} unlabelled cases scored, "
+                     f"{s.get('stale', 0)} waiting; last run {when}")
+    head = f"scores from v{a.get('served_version')} and {partners}" if a.get("served_version") else \
+        "no model served yet: Next Sample picks at random"
+    return head + "\n" + "\n".join(lines)
