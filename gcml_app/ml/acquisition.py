@@ -6,7 +6,8 @@ volumes are in memory whatever the number of partners.
 
 - :func:`disagreement`: the site's served model against each partner model (docs/design.md, "Which
   case to label next"): ``1 - soft Dice`` per label inside the pair's union foreground, averaged over
-  partners, plus the served model's normalised entropy inside everyone's union foreground.
+  partners weighted by their :func:`competence` on the site's own labelled cases, plus the served
+  model's normalised entropy inside everyone's union foreground.
 - :func:`epistemic_entropy`: MONAI Label's ``epistemic_entropy`` (its ``EpistemicScoring``): the
   entropy of the mean of ``T`` dropout passes, averaged over the volume.
 """
@@ -15,15 +16,16 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 import torch
 from monai.inferers import sliding_window_inference
 
 from gcml_app.ml.device import Precision, stitch_device
+from gcml_app.ml.evaluate import dice_of
 
-__all__ = ["Disagreement", "disagreement", "epistemic_entropy", "mc_dropout", "pair_disagreement",
+__all__ = ["Disagreement", "competence", "disagreement", "epistemic_entropy", "mc_dropout", "pair_disagreement",
            "served_entropy", "soft_predict"]
 
 _EPS = 1e-6
@@ -95,7 +97,7 @@ class Disagreement:
     """One image's disagreement score and its parts.
 
     Attributes:
-        score: ``mean(partners) + entropy`` (``entropy`` alone without partners); higher teaches more.
+        score: ``sum_j c_j partners[j] / J + entropy`` (``entropy`` alone without partners); higher teaches more.
         partners: ``{partner: 1 - soft Dice against the served model}``.
         entropy: the served model's normalised entropy inside the union foreground of every model.
         foreground: voxels in that union (0: no model sees anything there).
@@ -107,14 +109,21 @@ class Disagreement:
     foreground: int = 0
 
 
-def disagreement(served: torch.Tensor, partners: Iterable[tuple[str, torch.Tensor]]) -> Disagreement:
+def disagreement(served: torch.Tensor, partners: Iterable[tuple[str, torch.Tensor]],
+                 competence: Mapping[str, float] | None = None) -> Disagreement:
     """Score one image from the served model's and each partner's prediction of it.
+
+    ``score = sum_j c_j d_j / J + entropy``: each partner's disagreement counts as much as that partner
+    segments this site's own labelled cases correctly (``c_j``, its mean Dice there, in ``[0, 1]``); a
+    partner that fails on this site's scanner disagrees by noise and counts for little.
 
     Args:
         served: ``(C, D, H, W)`` probabilities of the served model.
         partners: ``(name, (C, D, H, W) probabilities)``, consumed one at a time (a generator that
             predicts lazily keeps only two volumes in memory).
+        competence: ``{partner: c_j}``; a partner not in it counts fully (1).
     """
+    competence = competence or {}
     region = served.argmax(0) > 0
     per: dict[str, float] = {}
     for name, q in partners:
@@ -122,8 +131,31 @@ def disagreement(served: torch.Tensor, partners: Iterable[tuple[str, torch.Tenso
         region |= q.argmax(0) > 0
         del q
     entropy = served_entropy(served, region)
-    mean = sum(per.values()) / len(per) if per else 0.0
+    mean = sum(competence.get(n, 1.0) * d for n, d in per.items()) / len(per) if per else 0.0
     return Disagreement(round(mean + entropy, 6), per, round(entropy, 6), int(region.sum()))
+
+
+def competence(models: Mapping[str, torch.nn.Module], cases: Iterable[Mapping[str, torch.Tensor]], n_labels: int,
+               roi_size: tuple[int, int, int], sw_batch_size: int = 1, overlap: float = 0.25,
+               device: str | torch.device = "cpu", amp: Precision | None = None) -> dict[str, float]:
+    """Each model's mean Dice (over labels, then cases) on this site's labelled cases: how far its
+    disagreement with the served model can be trusted here (:func:`disagreement`).
+
+    Args:
+        cases: dicts with ``image (C_in, D, H, W)`` and ``label (1, D, H, W)`` (channels ``0..n_labels``),
+            read once for all models.
+
+    Returns:
+        ``{name: c}`` in ``[0, 1]``; every model 1.0 when there is no case (nothing to judge by).
+    """
+    sums = dict.fromkeys(models, 0.0)
+    n = 0
+    for case in cases:
+        n += 1
+        for name, net in models.items():
+            pred = soft_predict(net, case["image"], roi_size, sw_batch_size, overlap, device, amp, n_labels + 1)
+            sums[name] += sum(dice_of(pred.argmax(0, keepdim=True), case["label"].to(pred.device), n_labels)) / n_labels
+    return {k: round(v / n, 6) if n else 1.0 for k, v in sums.items()}
 
 
 def mc_dropout(model: torch.nn.Module, rate: float) -> torch.nn.Module:

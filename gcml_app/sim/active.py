@@ -10,8 +10,8 @@ Strategies, scored exactly as the servers score (:mod:`gcml_app.ml.acquisition`)
 - ``random``: MONAI Label's default, a uniform draw from the pool;
 - ``epistemic``: MONAI Label's MC-dropout entropy of the served model (``active.mc_samples`` passes);
 - ``disagreement``: the served model against the partner models gossip cached in the site's own state
-  folder (:func:`~gcml_app.site.scoring.load_models`); before any partner model is cached, the served
-  model's entropy alone.
+  folder (:func:`~gcml_app.site.scoring.load_models`), each weighted by its Dice on the site's validation
+  cases; before any partner model is cached, the served model's entropy alone.
 
 Controls: every strategy starts from the same per-site warm-up on the same ``start`` cases, the same
 validation and test cases, the same round seeds and partner-choice seeds; only the cases labelled differ.
@@ -36,7 +36,7 @@ from monai.transforms import Compose
 from tqdm import tqdm
 
 from gcml_app.config import SiteConfig
-from gcml_app.ml.acquisition import disagreement, epistemic_entropy, soft_predict
+from gcml_app.ml.acquisition import competence, disagreement, epistemic_entropy, soft_predict
 from gcml_app.ml.device import precision, sw_batch_size
 from gcml_app.ml.evaluate import mean_dice
 from gcml_app.ml.transforms import image_transforms
@@ -53,14 +53,16 @@ __all__ = ["STRATEGIES", "choose", "labels_to_reach", "simulate_active", "summar
 STRATEGIES = ("random", "epistemic", "disagreement")
 
 
-def _score(strategy: str, node: Node, images: dict[str, torch.Tensor], device: torch.device) -> dict[str, float]:
-    """Each pool image's score under ``strategy`` with the site's served model (and cached partner models)."""
+def _score(strategy: str, node: Node, images: dict[str, torch.Tensor], val, device: torch.device) -> dict[str, float]:
+    """Each pool image's score under ``strategy`` with the site's served model (and cached partner models,
+    weighted by their competence on the site's validation cases ``val``, as the server's scoring does)."""
     cfg = node.cfg
     com = committee(cfg, node.store)
     served, partners, _ = load_models(cfg, node.store, com if strategy == "disagreement" else replace(com, partners={}),
                                       device)
     args = (cfg.roi_size, sw_batch_size(cfg, device), cfg.validation.overlap, device, precision(cfg, device),
             cfg.out_channels)
+    weights = competence(partners, val, len(cfg.labels), *args[:-1]) if partners else {}
     out = {}
     for cid, image in images.items():
         if strategy == "epistemic":
@@ -68,7 +70,8 @@ def _score(strategy: str, node: Node, images: dict[str, torch.Tensor], device: t
                                          *args[1:])
         else:
             p = soft_predict(served, image, *args)
-            out[cid] = disagreement(p, ((n, soft_predict(net, image, *args)) for n, net in partners.items())).score
+            out[cid] = disagreement(p, ((n, soft_predict(net, image, *args)) for n, net in partners.items()),
+                                    weights).score
     return out
 
 
@@ -107,7 +110,7 @@ def _run_strategy(run: Run, strategy: str, pools: dict[str, list[dict]], k: int,
         for n, nd in nodes.items():
             t0 = time.perf_counter()
             scores = None if strategy == "random" else _score(strategy, nd, {c: images[n][c] for c in left[n]},
-                                                               run.device)
+                                                               run.data[n]["val"], run.device)
             chosen = choose(strategy, left[n], k, picks[n], scores)
             scoring_s[n] = time.perf_counter() - t0
             left[n] = [c for c in left[n] if c not in chosen]

@@ -46,10 +46,10 @@ from safetensors.torch import load_file
 from gcml_app.config import SiteConfig
 from gcml_app.federation.peers import PeerBook
 from gcml_app.federation.state import GossipState
-from gcml_app.ml.acquisition import disagreement, epistemic_entropy, soft_predict
+from gcml_app.ml.acquisition import competence, disagreement, epistemic_entropy, soft_predict
 from gcml_app.ml.device import precision, sw_batch_size, train_device
 from gcml_app.ml.network import build_network
-from gcml_app.ml.transforms import image_transforms
+from gcml_app.ml.transforms import image_transforms, val_transforms
 from gcml_app.site.process import lower_priority
 from gcml_app.store import ModelStore
 from gcml_app.util.files import atomic_write
@@ -142,7 +142,8 @@ def candidates(datastore: Datastore) -> list[tuple[str, str]]:
 class ScoreBook:
     """``<state_dir>/active/scores.json``: each image's scores and each method's last run.
 
-    Layout: ``{"images": {id: {method: {..., "key": committee key}}}, "runs": {method: {...}}}``.
+    Layout: ``{"images": {id: {method: {..., "key": committee key}}}, "runs": {method: {...}},
+    "competence": {partner: {"dice", "n_val", "key"}}}`` (a partner's Dice on the validation cases).
     Read-modify-write holds an ``fcntl`` lock; readers see the old file or the new one whole.
     """
 
@@ -158,7 +159,7 @@ class ScoreBook:
         try:
             st = self.path.stat()
         except FileNotFoundError:
-            return {"images": {}, "runs": {}}
+            return {"images": {}, "runs": {}, "competence": {}}
         stamp = (st.st_mtime_ns, st.st_size)
         if self._memo is None or self._memo[0] != stamp:
             try:
@@ -166,7 +167,8 @@ class ScoreBook:
             except (OSError, json.JSONDecodeError) as e:
                 logger.warning(f"{self.path}: unreadable ({e}); scores start afresh")
                 raw = {}
-            self._memo = (stamp, {"images": raw.get("images") or {}, "runs": raw.get("runs") or {}})
+            self._memo = (stamp, {"images": raw.get("images") or {}, "runs": raw.get("runs") or {},
+                                  "competence": raw.get("competence") or {}})
         return self._memo[1]
 
     @contextlib.contextmanager
@@ -225,6 +227,9 @@ class _Scoring(ScoringMethod):
         """One image's record (``score`` and its parts) from ``models`` (:func:`load_models`)."""
         raise NotImplementedError
 
+    def _prepare(self, models, com: Committee, datastore: Datastore) -> None:
+        """Anything a run needs once before its images (default: nothing)."""
+
     def __call__(self, request: dict[str, Any], datastore: Datastore) -> dict[str, Any]:
         """Score up to ``max_images`` unlabelled images whose score is stale; returns the run's summary."""
         lower_priority(self.cfg.train.nice)  # MONAI Label's scoring subprocess: behind inference
@@ -246,6 +251,7 @@ class _Scoring(ScoringMethod):
         device = train_device(self.cfg)
         models = load_models(self.cfg, self.store, com, device)
         summary["partners_left_out"] = models[2]
+        self._prepare(models, com, datastore)
         uris = dict(pool)
         load = Compose(image_transforms(self.cfg))
         for image_id in todo:
@@ -288,11 +294,40 @@ class DisagreementScoring(_Scoring):
     def __init__(self, cfg: SiteConfig, store: ModelStore):
         super().__init__(cfg, store, "Where the served model and the partners' models disagree (GCML)")
 
+    competence: dict[str, float] = {}
+
+    def _prepare(self, models, com, datastore):
+        """Each partner's competence on this site's validation cases (the gate's held-out labels), computed
+        once per partner model and validation set and kept in the score book."""
+        from gcml_app.ml.split import FixedSplit
+        from gcml_app.site.trainer import labelled_cases
+
+        split = FixedSplit(self.cfg.state_dir / "split.json", self.cfg.validation).assigned()
+        val = [c for c in labelled_cases(datastore, self.cfg) if split.get(c["id"]) == "val"]
+        val_key = ",".join(sorted(c["id"] for c in val))
+        known = self.book.read().get("competence") or {}
+        todo = {n: net for n, net in models[1].items()
+                if (known.get(n) or {}).get("key") != f"{com.partners[n]['sha256']}|{val_key}"}
+        if todo:
+            load = val_transforms(self.cfg)
+            c, device = self.cfg, train_device(self.cfg)
+            cases = ({"image": torch.as_tensor(x["image"]), "label": torch.as_tensor(x["label"])}
+                     for x in (load({"image": v["image"], "label": v["label"]}) for v in val))
+            got = competence(todo, cases, len(c.labels), c.roi_size, sw_batch_size(c, device), c.validation.overlap,
+                             device, precision(c, device))
+            with self.book.edit() as book:
+                comp = book.setdefault("competence", {})
+                for n, value in got.items():
+                    comp[n] = {"dice": value, "n_val": len(val), "key": f"{com.partners[n]['sha256']}|{val_key}"}
+            known = self.book.read().get("competence") or {}
+        self.competence = {n: known[n]["dice"] for n in models[1]}
+
     def _score(self, models, image, com):
         served, partners, _ = models
         p = self._predict(served, image)
-        d = disagreement(p, ((n, self._predict(net, image)) for n, net in partners.items()))
+        d = disagreement(p, ((n, self._predict(net, image)) for n, net in partners.items()), self.competence)
         return {"score": d.score, "partners": d.partners, "entropy": d.entropy, "foreground": d.foreground,
+                "competence": {n: self.competence.get(n, 1.0) for n in partners},
                 "partner_versions": {n: com.partners[n]["version"] for n in partners}}
 
 

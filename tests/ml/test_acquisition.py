@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from gcml_app.ml.acquisition import (disagreement, epistemic_entropy, mc_dropout, pair_disagreement, served_entropy,
+from gcml_app.ml.acquisition import (competence, disagreement, epistemic_entropy, mc_dropout, pair_disagreement, served_entropy,
                                      soft_predict)
 
 
@@ -53,6 +53,9 @@ def test_disagreement_is_the_partners_mean_plus_the_served_entropy_in_the_union_
     assert d.foreground == 2  # the union of every model's foreground
     assert d.entropy == pytest.approx(served_entropy(unsure, torch.tensor([1, 1, 0, 0], dtype=bool)[None, None]), abs=1e-5)
     assert d.score == pytest.approx((d.partners["b"] + 1.0) / 2 + d.entropy, abs=1e-5)
+    weighted = disagreement(unsure, [("b", ORGAN), ("c", NOTHING)], competence={"b": 0.8, "c": 0.1})
+    assert weighted.partners == d.partners  # what each partner says is unchanged; how much it counts is not
+    assert weighted.score == pytest.approx((0.8 * d.partners["b"] + 0.1 * 1.0) / 2 + d.entropy, abs=1e-5)
     alone = disagreement(unsure, [])  # no partner yet: the served model's own entropy
     assert alone.partners == {} and alone.score == pytest.approx(alone.entropy)
 
@@ -118,3 +121,25 @@ def test_soft_predict_gives_probabilities_of_the_whole_volume():
     out = soft_predict(net, torch.randn(1, 12, 10, 8), (8, 8, 8))
     assert out.shape == (3, 12, 10, 8) and out.dtype == torch.float32
     assert torch.allclose(out.sum(0), torch.ones(12, 10, 8), atol=1e-5)
+
+
+def test_competence_is_each_models_mean_dice_on_the_labelled_cases():
+    label = torch.zeros(1, 8, 8, 8, dtype=torch.uint8)
+    label[:, :4] = 1  # organ in the first half, no lesion
+    cases = [{"image": torch.zeros(1, 8, 8, 8), "label": label}]
+
+    class Fixed(torch.nn.Module):
+        def __init__(self, organ):
+            super().__init__()
+            self.organ = organ
+
+        def forward(self, x):
+            out = torch.zeros(x.shape[0], 3, *x.shape[2:])
+            out[:, 0] = 1.0
+            out[:, 1, : self.organ] = 5.0  # organ in the first `organ` slices
+            return out
+
+    got = competence({"right": Fixed(4), "half": Fixed(2), "none": Fixed(0)}, cases, 2, (8, 8, 8))
+    # lesion absent from both prediction and truth counts 1.0, as the gate's Dice does
+    assert got == pytest.approx({"right": 1.0, "half": (2 * 2 / (2 + 4) + 1.0) / 2, "none": 0.5}, abs=1e-5)
+    assert competence({"x": Fixed(4)}, [], 2, (8, 8, 8)) == {"x": 1.0}

@@ -5,6 +5,7 @@ and what the ``disagreement`` strategy hands out. The server path (the watcher, 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import time
@@ -81,6 +82,7 @@ def test_scores_are_written_for_unlabelled_images_only_with_the_models_they_came
         d = site.ds.get_image_info(i)[DISAGREEMENT_KEY]  # the datastore's image info, as a strategy reads it
         assert set(d["partners"]) == set(PARTNERS) and all(0 <= v <= 1 for v in d["partners"].values())
         assert d["served_version"] == 1 and d["partner_versions"] == {"site-b": 1, "site-c": 1}
+        assert d["competence"] == {"site-b": 1.0, "site-c": 1.0}  # no validation case yet: every partner counts
         assert d["score"] == pytest.approx(sum(d["partners"].values()) / 2 + d["entropy"], abs=1e-5)
     for i in site.labelled:
         assert DISAGREEMENT_KEY not in site.ds.get_image_info(i)
@@ -193,7 +195,7 @@ def test_a_malformed_score_file_is_read_as_empty_and_rewritten_whole(site, caplo
     book = ScoreBook(site.cfg.state_dir)
     book.path.write_text("{ torn")
     with caplog.at_level(logging.WARNING):
-        assert book.read() == {"images": {}, "runs": {}}
+        assert book.read() == {"images": {}, "runs": {}, "competence": {}}
     assert "unreadable" in caplog.text
     assert site.score()["scored"] == 3
     assert set(ScoreBook(site.cfg.state_dir).read()["images"]) == set(site.unlabelled)
@@ -204,3 +206,20 @@ def test_nothing_is_scored_before_a_model_is_served(tmp_path):
     (site.store.root / "served.json").unlink()
     run = site.score()
     assert run["scored"] == 0 and run["reason"] == "no served model yet"
+
+
+def test_each_partner_counts_as_much_as_it_segments_the_validation_cases_computed_once_per_model(site):
+    split = {i: "val" for i in site.labelled[:2]} | {site.labelled[2]: "train"}
+    (site.cfg.state_dir / "split.json").write_text(json.dumps(split))
+    site.score()
+    comp = ScoreBook(site.cfg.state_dir).read()["competence"]
+    assert set(comp) == set(PARTNERS) and all(c["n_val"] == 2 and 0.0 <= c["dice"] <= 1.0 for c in comp.values())
+    for i in site.unlabelled:
+        d = site.ds.get_image_info(i)[DISAGREEMENT_KEY]
+        assert d["competence"] == {n: comp[n]["dice"] for n in PARTNERS}
+        weighted = sum(d["competence"][n] * d["partners"][n] for n in PARTNERS) / 2
+        assert d["score"] == pytest.approx(weighted + d["entropy"], abs=1e-5)
+    site.cache_partner("site-c", seed=99, version=2)  # a new partner model is judged again; the other is not
+    site.score()
+    again = ScoreBook(site.cfg.state_dir).read()["competence"]
+    assert again["site-b"] == comp["site-b"] and again["site-c"]["key"] != comp["site-c"]["key"]
