@@ -189,6 +189,8 @@ def _simulate_active(args: argparse.Namespace, cfg, out: Path) -> int:
 
     if args.init == "pretrained":
         raise ConfigError("--active starts every site from its own warm-up; --init pretrained is not offered here")
+    if args.selection:
+        cfg = cfg.model_copy(update={"active": cfg.active.model_copy(update={"selection": args.selection})})
     pool = args.pool or 2 * args.k * args.rounds
     if args.data:
         fixed = load_sites(args.data)
@@ -347,6 +349,10 @@ def _bench(args: argparse.Namespace) -> int:
     print(f"infer p95 during a whole round vs idle: {bg['p95_ratio']:.2f}x (target <= 1.5; {bg['training']['n']} "
           f"requests; the round's start-up {bg['p95_ratio_startup'] or 0:.2f}x, "
           f"its epochs {bg['p95_ratio_epochs']:.2f}x)")
+    sc = r["infer_under_scoring"]
+    print(f"infer p95 while scoring every unlabelled image vs idle: {sc['p95_ratio']:.2f}x (target <= 1.5; "
+          f"{sc['scoring']['n']} requests; " + ", ".join(f"{m} {x['scored']} images in {x['seconds'] or 0:.1f} s"
+                                                        for m, x in sc["runs"].items()) + ")")
     print(f"gossip round {g['wall_s']:.1f} s: fetch {g['fetch_s']:.3f}, verify {g['verify_s']:.3f}, "
           f"train {g.get('train_s', 0):.1f}, validate {g.get('validate_s', 0):.1f}, publish {g.get('publish_s', 0):.3f} s; "
           f"peak RSS {g['peak_rss_mb']:.0f} MB")
@@ -440,6 +446,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--k", type=int, default=2, help="--active: cases each site labels per round")
     s.add_argument("--start", type=int, default=2, help="--active: labelled training cases each site starts with")
     s.add_argument("--pool", type=int, default=0, help="--active: pool of unlabelled cases per site; 0 = 2 k rounds")
+    s.add_argument("--selection", default=None, choices=["top", "proportional"],
+                   help="--active: how scored strategies pick (default: the config's active.selection)")
     s.set_defaults(func=_simulate)
 
     s = sub.add_parser("certs", help="a trial CA and per-site certificates (HTTPS and mutual TLS between sites)")

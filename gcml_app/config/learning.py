@@ -327,6 +327,9 @@ class ActiveConfig(_Strict):
     mc_samples: int = Field(5, ge=2, description="stochastic passes of epistemic scoring (MONAI Label's default)")
     mc_dropout: float = Field(0.1, gt=0.0, lt=1.0, description="dropout rate of those passes where the "
                               "network's own is lower (a network trained without dropout)")
+    selection: Literal["top", "proportional"] = Field(
+        "top", description="disagreement hands out the highest score (top) or draws a case with probability "
+        "proportional to its score (proportional: Kirsch et al. 2023's stochastic acquisition)")
     reserve_s: float = Field(3600.0, ge=0.0, description="a case Next Sample handed out is not offered again "
                              "by the same strategy for this long (two annotators, two cases)")
     top: int = Field(5, ge=1, le=50, description="top-scored cases /gcml/status lists (the Slicer module shows them)")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import math
+import random
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
@@ -25,7 +26,7 @@ from monai.inferers import sliding_window_inference
 from gcml_app.ml.device import Precision, stitch_device
 from gcml_app.ml.evaluate import dice_of
 
-__all__ = ["Disagreement", "competence", "disagreement", "epistemic_entropy", "mc_dropout", "pair_disagreement",
+__all__ = ["Disagreement", "competence", "disagreement", "draw_proportional", "epistemic_entropy", "mc_dropout", "pair_disagreement",
            "served_entropy", "soft_predict"]
 
 _EPS = 1e-6
@@ -193,3 +194,16 @@ def epistemic_entropy(model: torch.nn.Module, image: torch.Tensor, roi_size: tup
         mean = p if mean is None else mean.add_(p)
     mean = mean / samples
     return round(float((-torch.special.xlogy(mean, mean).sum(0)).mean()), 6)
+
+
+def draw_proportional(items: list[str], scores: list[float], rng: random.Random) -> str:
+    """One of ``items``, drawn with probability proportional to its score (uniform when every score is 0).
+
+    Top-k over noisy scores concentrates labels on whatever the scores over-rate; drawing in proportion
+    keeps the preference and some of random sampling's coverage (Kirsch et al. 2023, "Stochastic
+    batch acquisition", power acquisition with exponent 1).
+    """
+    weights = [max(0.0, float(s)) for s in scores]
+    if not any(weights):
+        return rng.choice(items)
+    return rng.choices(items, weights=weights)[0]

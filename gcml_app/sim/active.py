@@ -36,7 +36,7 @@ from monai.transforms import Compose
 from tqdm import tqdm
 
 from gcml_app.config import SiteConfig
-from gcml_app.ml.acquisition import competence, disagreement, epistemic_entropy, soft_predict
+from gcml_app.ml.acquisition import competence, disagreement, draw_proportional, epistemic_entropy, soft_predict
 from gcml_app.ml.device import precision, sw_batch_size
 from gcml_app.ml.evaluate import mean_dice
 from gcml_app.ml.transforms import image_transforms
@@ -75,8 +75,10 @@ def _score(strategy: str, node: Node, images: dict[str, torch.Tensor], val, devi
     return out
 
 
-def choose(strategy: str, pool: list[str], k: int, rng: random.Random, scores: dict[str, float] | None = None) -> list[str]:
-    """``k`` case ids of ``pool``: at random, or the ``k`` highest ``scores`` (ties at random).
+def choose(strategy: str, pool: list[str], k: int, rng: random.Random, scores: dict[str, float] | None = None,
+           selection: str = "top") -> list[str]:
+    """``k`` case ids of ``pool``: at random, the ``k`` highest ``scores`` (ties at random), or drawn one by
+    one with probability proportional to their scores (``selection="proportional"``).
 
     Example:
         >>> choose("disagreement", ["a", "b", "c"], 2, random.Random(0), {"a": 0.1, "b": 0.9, "c": 0.5})
@@ -84,6 +86,12 @@ def choose(strategy: str, pool: list[str], k: int, rng: random.Random, scores: d
     """
     if strategy == "random" or scores is None:
         return rng.sample(pool, min(k, len(pool)))
+    if selection == "proportional":
+        left, out = list(pool), []
+        while left and len(out) < k:
+            out.append(draw_proportional(left, [scores[c] for c in left], rng))
+            left.remove(out[-1])
+        return out
     jitter = {c: rng.random() for c in pool}  # ties broken at random, as the server's strategy does
     return sorted(pool, key=lambda c: (-scores[c], jitter[c]))[:k]
 
@@ -111,7 +119,7 @@ def _run_strategy(run: Run, strategy: str, pools: dict[str, list[dict]], k: int,
             t0 = time.perf_counter()
             scores = None if strategy == "random" else _score(strategy, nd, {c: images[n][c] for c in left[n]},
                                                                run.data[n]["val"], run.device)
-            chosen = choose(strategy, left[n], k, picks[n], scores)
+            chosen = choose(strategy, left[n], k, picks[n], scores, nd.cfg.active.selection)
             scoring_s[n] = time.perf_counter() - t0
             left[n] = [c for c in left[n] if c not in chosen]
             new = [by_id[n][c] for c in chosen]

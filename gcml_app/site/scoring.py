@@ -46,7 +46,7 @@ from safetensors.torch import load_file
 from gcml_app.config import SiteConfig
 from gcml_app.federation.peers import PeerBook
 from gcml_app.federation.state import GossipState
-from gcml_app.ml.acquisition import competence, disagreement, epistemic_entropy, soft_predict
+from gcml_app.ml.acquisition import competence, disagreement, draw_proportional, epistemic_entropy, soft_predict
 from gcml_app.ml.device import precision, sw_batch_size, train_device
 from gcml_app.ml.network import build_network
 from gcml_app.ml.transforms import image_transforms, val_transforms
@@ -349,8 +349,9 @@ class EpistemicScoring(_Scoring):
 
 # ---------------------------------------------------------------------------------------- the strategy
 class DisagreementStrategy(Strategy):
-    """``disagreement``: the unlabelled image with the highest current score, ties by random; an image this
-    strategy handed out within ``active.reserve_s`` waits; with no current score, MONAI Label's ``random``."""
+    """``disagreement``: the unlabelled image with the highest current score, ties by random (or, with
+    ``active.selection: proportional``, one drawn with probability proportional to its score); an image
+    this strategy handed out within ``active.reserve_s`` waits; with no current score, MONAI Label's ``random``."""
 
     def __init__(self, cfg: SiteConfig, store: ModelStore):
         super().__init__("Where the site's model and its partners' models disagree most (GCML)")
@@ -375,8 +376,11 @@ class DisagreementStrategy(Strategy):
         if not scored:
             res = Random()(request, datastore) or {}
             return {**res, "gcml_fallback": "random: no unlabelled image has a current disagreement score"}
-        best = max(scores[i]["score"] for i in scored)
-        pick = self.rng.choice(sorted(i for i in scored if scores[i]["score"] == best))
+        if self.cfg.active.selection == "proportional":
+            pick = draw_proportional(sorted(scored), [scores[i]["score"] for i in sorted(scored)], self.rng)
+        else:
+            best = max(scores[i]["score"] for i in scored)
+            pick = self.rng.choice(sorted(i for i in scored if scores[i]["score"] == best))
         s = scores[pick]
         return {"id": pick, DISAGREEMENT_KEY: s["score"], "partners": s.get("partners", {}),
                 "served_version": s.get("served_version")}

@@ -302,8 +302,8 @@ def test_dcml_round_runs_with_a_float16_payload(cfg, studies):
 def test_bench_quick_writes_every_key(tmp_path, capsys):
     assert main(["bench", "--out", str(tmp_path / "b"), "--quick"]) == 0
     r = json.loads((tmp_path / "b" / "bench.json").read_text())
-    assert set(r) == {"quick", "torch_threads", "gossip_round", "payload", "infer_under_training", "infer", "dcml_step",
-                      "pacs"}
+    assert set(r) == {"quick", "torch_threads", "gossip_round", "payload", "infer_under_training",
+                      "infer_under_scoring", "infer", "dcml_step", "pacs"}
     assert r["pacs"]["first_fill_cases"] == 2 and r["pacs"]["instances"] == 4 * 32 + 2  # Orthanc: make system-deps
     assert set(r["gossip_round"]) >= {"wall_s", "fetch_s", "verify_s", "load_s", "train_s", "validate_s", "publish_s",
                                       "peak_rss_mb", "bytes_pulled"}
@@ -317,6 +317,12 @@ def test_bench_quick_writes_every_key(tmp_path, capsys):
     assert r["payload"]["float16"] < 0.55 * r["payload"]["float32"]
     assert r["infer"]["gcml_seg"]["n"] == r["infer"]["stock"]["n"] == 3 and r["infer"]["ratio_median"] > 0
     assert r["infer_under_training"]["training"]["n"] >= 3 and r["infer_under_training"]["p95_ratio"] > 0
+    # every unlabelled image of the site scored by both methods while inference ran
+    scoring = r["infer_under_scoring"]
+    assert scoring["scoring"]["n"] >= 3 and scoring["p95_ratio"] > 0 and scoring["target_p95_ratio"] == 1.5
+    assert {m: (x["unlabelled"], x["scored"], x["failed"]) for m, x in scoring["runs"].items()} == {
+        "disagreement": (20, 20, 0), "epistemic": (20, 20, 0)}
+    assert scoring["runs"]["disagreement"]["partners"] == ["site-b"]
     assert set(r["dcml_step"]) == {"site", "unet_16_64_roi_48", "unet_16_128_roi_64"}
     params = [v["params"] for v in r["dcml_step"].values()]
     assert params == sorted(params) and len(set(params)) == 3  # three network sizes, growing

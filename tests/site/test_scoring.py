@@ -223,3 +223,14 @@ def test_each_partner_counts_as_much_as_it_segments_the_validation_cases_compute
     site.score()
     again = ScoreBook(site.cfg.state_dir).read()["competence"]
     assert again["site-b"] == comp["site-b"] and again["site-c"]["key"] != comp["site-c"]["key"]
+
+
+def test_proportional_selection_hands_out_cases_in_proportion_to_their_scores(tmp_path):
+    site = Site(tmp_path, selection="proportional")
+    key = committee(site.cfg, site.store).key("disagreement")
+    with ScoreBook(site.cfg.state_dir).edit() as b:
+        for i, score in zip(site.unlabelled, (0.0, 1.0, 3.0)):
+            b["images"][i] = {"disagreement": {"score": score, "key": key}}
+    picks = [site.next_sample()["id"] for _ in range(800)]
+    assert site.unlabelled[0] not in picks
+    assert abs(picks.count(site.unlabelled[2]) / 800 - 0.75) < 0.06
