@@ -45,7 +45,7 @@ from gcml_app.site.infer import GCMLSegInfer
 from gcml_app.site.disk import disk_usage, sweep_at_start
 from gcml_app.site.pacs import PacsDatastore, is_pacs_url, pacs_client
 from gcml_app.site.scoring import (DisagreementScoring, DisagreementStrategy, EpistemicScoring, ScoreBook,
-                                   ScoringWatcher, committee)
+                                   ScoringWatcher, committee, scorable)
 from gcml_app.site.trainer import GCMLTrain
 from gcml_app.site.warm import WarmTrainer
 from gcml_app.store import ModelStore
@@ -269,10 +269,10 @@ class GCMLApp(MONAILabelApp):
         return memo[1]
 
     def _active_status(self) -> dict[str, Any]:
-        """What the scores stand on: per method, the last run, how many unlabelled images have a current
-        score and are stale; the top current disagreement cases with each partner's disagreement."""
-        ds = self.datastore()
-        unlabelled = set(ds.get_unlabeled_images())
+        """What the scores stand on: per method, the last run, how many unlabelled images held here have a
+        current score and how many are stale; the top current disagreement cases with each partner's
+        disagreement."""
+        unlabelled = set(scorable(self.datastore()))  # held here: a PACS site's cached series
         com = committee(self.cfg, self.store)
         book = ScoreBook(self.cfg.state_dir)
         out: dict[str, Any] = {"methods": self.cfg.active.methods, "served_version": com.served,

@@ -119,7 +119,9 @@ def _run_strategy(run: Run, strategy: str, pools: dict[str, list[dict]], k: int,
             t0 = time.perf_counter()
             scores = None if strategy == "random" else _score(strategy, nd, {c: images[n][c] for c in left[n]},
                                                                run.data[n]["val"], run.device)
-            chosen = choose(strategy, left[n], k, picks[n], scores, nd.cfg.active.selection)
+            # active.selection is the disagreement strategy's; MONAI Label's Epistemic takes the top score
+            chosen = choose(strategy, left[n], k, picks[n], scores,
+                            nd.cfg.active.selection if strategy == "disagreement" else "top")
             scoring_s[n] = time.perf_counter() - t0
             left[n] = [c for c in left[n] if c not in chosen]
             new = [by_id[n][c] for c in chosen]

@@ -50,13 +50,13 @@ from gcml_app.ml.acquisition import competence, disagreement, draw_proportional,
 from gcml_app.ml.device import precision, sw_batch_size, train_device
 from gcml_app.ml.network import build_network
 from gcml_app.ml.transforms import image_transforms, val_transforms
-from gcml_app.site.process import lower_priority
+from gcml_app.site.process import is_background_process, lower_priority
 from gcml_app.store import ModelStore
 from gcml_app.util.files import atomic_write
 from gcml_app.util.jsonl import clean
 
 __all__ = ["DISAGREEMENT_KEY", "EPISTEMIC_KEY", "Committee", "DisagreementScoring", "DisagreementStrategy",
-           "EpistemicScoring", "ScoreBook", "ScoringWatcher", "candidates", "committee", "load_models"]
+           "EpistemicScoring", "ScoreBook", "ScoringWatcher", "candidates", "committee", "load_models", "scorable"]
 
 logger = logging.getLogger(__name__)
 
@@ -122,19 +122,23 @@ def load_models(cfg: SiteConfig, store: ModelStore, com: Committee,
     return served.to(device).eval(), nets, skipped
 
 
-def candidates(datastore: Datastore) -> list[tuple[str, str]]:
-    """Unlabelled images held on this server, newest first: ``[(image id, local file)]``.
-
-    Newest is the latest added to the datastore, then the latest file. A PACS datastore lists its cached
-    series (``local_image_uri``) and never fetches one for scoring.
-    """
+def scorable(datastore: Datastore) -> dict[str, str]:
+    """Unlabelled images held on this server: ``{image id: local file}``. A PACS datastore lists its cached
+    series (``local_image_uri``) and never fetches one for scoring."""
     local = getattr(datastore, "local_image_uri", datastore.get_image_uri)
-    out = []
+    out = {}
     for image_id in datastore.get_unlabeled_images(DefaultLabelTag.FINAL.value):
         uri = local(image_id)
         if uri and os.path.isfile(uri):
-            # added to the datastore (MONAI Label's "ts", whole seconds), then the file's own time
-            out.append((-float(datastore.get_image_info(image_id).get("ts") or 0), -os.path.getmtime(uri), image_id, uri))
+            out[image_id] = uri
+    return out
+
+
+def candidates(datastore: Datastore) -> list[tuple[str, str]]:
+    """:func:`scorable` images newest first: ``[(image id, local file)]``; newest is the latest added to
+    the datastore (MONAI Label's ``ts``, whole seconds), then the latest file."""
+    out = [(-float(datastore.get_image_info(i).get("ts") or 0), -os.path.getmtime(u), i, u)
+           for i, u in scorable(datastore).items()]
     return [(i, u) for *_, i, u in sorted(out)]
 
 
@@ -232,9 +236,10 @@ class _Scoring(ScoringMethod):
 
     def __call__(self, request: dict[str, Any], datastore: Datastore) -> dict[str, Any]:
         """Score up to ``max_images`` unlabelled images whose score is stale; returns the run's summary."""
-        lower_priority(self.cfg.train.nice)  # MONAI Label's scoring subprocess: behind inference
-        if self.cfg.train.num_threads:
-            torch.set_num_threads(self.cfg.train.num_threads)
+        if is_background_process():  # MONAI Label's scoring subprocess: behind inference (never the server
+            lower_priority(self.cfg.train.nice)  # itself, which runs a scoring request with run_sync=true)
+            if self.cfg.train.num_threads:
+                torch.set_num_threads(self.cfg.train.num_threads)
         t0 = time.time()
         com = committee(self.cfg, self.store)
         pool = candidates(datastore)
@@ -407,9 +412,7 @@ class ScoringWatcher(threading.Thread):
         com = committee(cfg, self.app.store)
         if com.served is None:
             return []
-        ds = self.app.datastore()
-        local = getattr(ds, "local_image_uri", ds.get_image_uri)
-        ids = [i for i in ds.get_unlabeled_images(DefaultLabelTag.FINAL.value) if local(i)]
+        ids = list(scorable(self.app.datastore()))
         book = ScoreBook(cfg.state_dir)
         return [m for m in cfg.active.methods if book.stale(m, com, ids)]
 

@@ -8,6 +8,7 @@ site, and Orthanc stopped mid-session.
 
 import logging
 import time
+from pathlib import Path
 
 import numpy as np
 import pydicom
@@ -296,6 +297,16 @@ def test_site_on_orthanc_serves_labels_trains_gossips_and_survives_the_pacs_goin
         assert rec["gossip"]["bytes_pulled"] > 0
         rec = site_b.round(peers=["site-a"])
         assert rec["event"] in ("publish", "keep") and rec["gossip"]["bytes_pulled"] > 0
+
+        # Scores for Next Sample: the cached series without a label only; nothing is fetched to score it
+        cached_before = sorted(p.name for p in Path(cache).glob("*.nii.gz"))
+        run = srv_a.session.post(srv_a.url + "/scoring/disagreement?run_sync=true", json={}, timeout=300).json()
+        assert run["partners"] == ["site-b"] and run["scored"] + run["skipped_current"] == run["unlabelled"] == 1
+        assert sorted(p.name for p in Path(cache).glob("*.nii.gz")) == cached_before
+        active = srv_a.session.get(srv_a.url + "/gcml/status", timeout=10).json()["active"]
+        assert active["unlabelled"] == 1 and active["disagreement"]["current"] == 1
+        assert [t["id"] for t in active["disagreement"]["top"]] == [other]
+        assert client.next_sample("disagreement", {})["id"] == other
 
         # Orthanc stops mid-session: /info and inference on cached series still answer; an uncached
         # series gets a clear 503 naming the PACS.
