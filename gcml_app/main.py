@@ -79,6 +79,7 @@ class GCMLApp(MONAILabelApp):
         self.store = ModelStore(self.cfg.state_dir / "models", keep_versions=self.cfg.store.keep_versions)
         self.gossip_state = GossipState(self.cfg.state_dir)
         self.audit = AuditLog(self.cfg.state_dir / "audit.jsonl", self.cfg.security.audit_max_bytes)
+        self.scores = ScoreBook(self.cfg.state_dir)  # active-learning scores (gcml_app.site.scoring)
         self.scheduler: Scheduler | None = None
         self.warm_trainer: WarmTrainer | None = None  # server process only (on_init_complete)
         self.scoring_watcher: ScoringWatcher | None = None  # likewise
@@ -121,7 +122,7 @@ class GCMLApp(MONAILabelApp):
             )
         ds.passed_root = cache_root(self.cfg)  # an upload is checked once: rounds find it there
         ds.other_values = self.cfg.other_values
-        ds.show_scores(ScoreBook(self.cfg.state_dir), lambda: committee(self.cfg, self.store))
+        ds.show_scores(self.scores, lambda: committee(self.cfg, self.store))
         return ds
 
     def init_infers(self) -> dict[str, InferTask]:
@@ -222,12 +223,12 @@ class GCMLApp(MONAILabelApp):
 
             self.scheduler = Scheduler(g.interval_s, g.jitter, self.gossip_state, tick)
             self.scheduler.start()
-        if self.cfg.active.poll_s > 0 and self.cfg.active.methods:
-            self.scoring_watcher = ScoringWatcher(self)
-            self.scoring_watcher.start()
             state = "paused" if self.gossip_state.paused else "active"
             logger.info(f"gossip scheduler {state}: every {g.interval_s:g} s +- {g.jitter:.0%}, "
                         f"partners {[p.name for p in g.peers]}")
+        if self.cfg.active.poll_s > 0 and self.cfg.active.methods:
+            self.scoring_watcher = ScoringWatcher(self)
+            self.scoring_watcher.start()
 
     def on_save_label(self, image_id, label_id):
         """Runs on the event loop: only notes the label and, at ``finetune.min_new_labels``, enqueues a round."""
@@ -274,7 +275,7 @@ class GCMLApp(MONAILabelApp):
         disagreement."""
         unlabelled = set(scorable(self.datastore()))  # held here: a PACS site's cached series
         com = committee(self.cfg, self.store)
-        book = ScoreBook(self.cfg.state_dir)
+        book = self.scores
         out: dict[str, Any] = {"methods": self.cfg.active.methods, "served_version": com.served,
                                "partners": {k: v["version"] for k, v in com.partners.items()},
                                "unlabelled": len(unlabelled),

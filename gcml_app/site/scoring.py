@@ -242,14 +242,15 @@ class _Scoring(ScoringMethod):
                 torch.set_num_threads(self.cfg.train.num_threads)
         t0 = time.time()
         com = committee(self.cfg, self.store)
+        cap = request.get("max_images") or self.cfg.active.max_images
+        if isinstance(cap, bool) or not isinstance(cap, int) or cap < 1:
+            raise ValueError(f"scoring request 'max_images': found {clean(cap, 40)!r}; expected a positive integer")
         pool = candidates(datastore)
-        todo = self.book.stale(self.method, com, [i for i, _ in pool])
-        cap = int(request.get("max_images") or self.cfg.active.max_images)
-        todo = todo[:cap]
+        stale = self.book.stale(self.method, com, [i for i, _ in pool])
+        todo = stale[:cap]
         summary: dict[str, Any] = {"method": self.method, "started": round(t0, 3), "unlabelled": len(pool),
                                    "served_version": com.served, "partners": sorted(com.partners),
-                                   "scored": 0, "failed": 0, "skipped_current": len(pool) - len(
-                                       self.book.stale(self.method, com, [i for i, _ in pool]))}
+                                   "scored": 0, "failed": 0, "skipped_current": len(pool) - len(stale)}
         if com.served is None or not todo:
             summary["reason"] = "no served model yet" if com.served is None else "every score is current"
             return self._finish(summary, pool, t0)

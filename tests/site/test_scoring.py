@@ -234,3 +234,10 @@ def test_proportional_selection_hands_out_cases_in_proportion_to_their_scores(tm
     picks = [site.next_sample()["id"] for _ in range(800)]
     assert site.unlabelled[0] not in picks
     assert abs(picks.count(site.unlabelled[2]) / 800 - 0.75) < 0.06
+
+
+@pytest.mark.parametrize("bad", ["20", -1, 2.5, True, [3]])
+def test_a_malformed_max_images_is_refused_with_a_message_and_nothing_is_scored(site, bad):
+    with pytest.raises(ValueError, match="'max_images': found .*expected a positive integer"):
+        site.score(max_images=bad)
+    assert ScoreBook(site.cfg.state_dir).read()["images"] == {}
