@@ -387,9 +387,8 @@ class DisagreementStrategy(Strategy):
         else:
             best = max(scores[i]["score"] for i in scored)
             pick = self.rng.choice(sorted(i for i in scored if scores[i]["score"] == best))
-        s = scores[pick]
-        return {"id": pick, DISAGREEMENT_KEY: s["score"], "partners": s.get("partners", {}),
-                "served_version": s.get("served_version")}
+        # as in the image's info, which MONAI Label's /activelearning answer carries too
+        return {"id": pick, DISAGREEMENT_KEY: {k: v for k, v in scores[pick].items() if k != "key"}}
 
 
 # ---------------------------------------------------------------------------------------- the watcher

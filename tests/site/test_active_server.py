@@ -38,6 +38,7 @@ def test_before_any_model_next_sample_falls_back_to_random(fed):
     unlabelled = set(requests.get(a["url"] + "/datastore/?output=all", timeout=10).json()["objects"]) - {
         p.name.split(".")[0] for p in (a["studies"] / "labels" / "final").glob("*.nii.gz")}
     assert sample["id"] in unlabelled and sample["gcml_fallback"].startswith("random")
+    a["handed_out"] = [sample["id"]]  # reserved for the next hour, like any case this strategy hands out
 
 
 def test_scores_from_two_partners_rank_next_sample_and_show_in_status_info_and_image_info(fed):
@@ -63,13 +64,16 @@ def test_scores_from_two_partners_rank_next_sample_and_show_in_status_info_and_i
     assert list(info["strategies"])[0] == "disagreement" and "epistemic" in info["strategies"]
     assert {"disagreement", "epistemic"} <= set(info["scoring"])
 
+    free = [t for t in top if t["id"] not in a["handed_out"]]
     sample = a["client"].next_sample("disagreement", {})  # what Slicer's Next Sample sends
-    assert sample["id"] == top[0]["id"] and "gcml_fallback" not in sample
-    assert sample["gcml_disagreement"] == top[0]["score"] and set(sample["partners"]) == {"site-b", "site-c"}
+    assert sample["id"] == free[0]["id"] and "gcml_fallback" not in sample
+    d = sample["gcml_disagreement"]
+    assert d["score"] == free[0]["score"] and set(d["partners"]) == {"site-b", "site-c"}
+    assert d["served_version"] == act["served_version"] and set(d["competence"]) == {"site-b", "site-c"}
     # the next one: the top case is reserved for the annotator who got it
-    assert a["client"].next_sample("disagreement", {})["id"] == top[1]["id"]
+    assert a["client"].next_sample("disagreement", {})["id"] == free[1]["id"]
 
-    image_info = requests.get(a["url"] + "/datastore/image/info", params={"image": top[0]["id"]}, timeout=10).json()
+    image_info = requests.get(a["url"] + "/datastore/image/info", params={"image": free[0]["id"]}, timeout=10).json()
     assert image_info["gcml_disagreement"]["served_version"] == act["served_version"]
     labelled = requests.get(a["url"] + "/datastore/image/info", params={"image": "case_000"}, timeout=10).json()
     assert "gcml_disagreement" not in labelled

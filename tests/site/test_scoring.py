@@ -140,8 +140,8 @@ def test_the_strategy_hands_out_the_highest_score_then_the_next_one_while_it_is_
     scores = {i: site.ds.get_image_info(i)[DISAGREEMENT_KEY]["score"] for i in site.unlabelled}
     order = sorted(scores, key=lambda i: -scores[i])
     first = site.next_sample()
-    assert first["id"] == order[0] and first[DISAGREEMENT_KEY] == scores[order[0]]
-    assert set(first["partners"]) == set(PARTNERS)
+    assert first["id"] == order[0] and first[DISAGREEMENT_KEY]["score"] == scores[order[0]]
+    assert set(first[DISAGREEMENT_KEY]["partners"]) == set(PARTNERS)
     # what MONAI Label's /activelearning endpoint records for the case it handed out
     site.ds.update_image_info(first["id"], {"strategy": {"disagreement": {"ts": int(time.time())}}})
     assert site.next_sample()["id"] == order[1]
