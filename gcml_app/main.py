@@ -132,21 +132,13 @@ class GCMLApp(MONAILabelApp):
         return {"gcml": GCMLTrain(self.cfg, self.store)}
 
     def init_strategies(self) -> dict[str, Strategy]:
-        # "random" first: the stock Slicer module's default until the site has scores (see info)
+        # "random" first, the stock Slicer module's default: disagreement did not beat it in gcml simulate
+        # --active (docs/design.md, "Which case to label next"); a radiologist picks it in the box
         return {"random": Random(), "first": First(), "disagreement": DisagreementStrategy(self.cfg, self.store),
                 "epistemic": Epistemic()}
 
     def init_scoring_methods(self) -> dict[str, ScoringMethod]:
         return {"disagreement": DisagreementScoring(self.cfg, self.store), "epistemic": EpistemicScoring(self.cfg, self.store)}
-
-    def info(self):
-        """MONAI Label's ``/info``; once the site has current disagreement scores, ``disagreement`` is listed
-        first (the strategy the stock Slicer module's box starts on)."""
-        out = super().info()
-        if self._active_status()["disagreement"]["current"]:
-            s = out.get("strategies") or {}
-            out["strategies"] = {k: s[k] for k in sorted(s, key=lambda k: k != "disagreement")}
-        return out
 
     def infer(self, request, datastore=None):
         """Inference on datastore images (or a Slicer upload session) only, and never a label write.

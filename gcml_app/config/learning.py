@@ -328,7 +328,7 @@ class ActiveConfig(_Strict):
     mc_dropout: float = Field(0.1, gt=0.0, lt=1.0, description="dropout rate of those passes where the "
                               "network's own is lower (a network trained without dropout)")
     selection: Literal["top", "proportional"] = Field(
-        "top", description="disagreement hands out the highest score (top) or draws a case with probability "
+        "proportional", description="disagreement hands out the highest score (top) or draws a case with probability "
         "proportional to its score (proportional: Kirsch et al. 2023's stochastic acquisition)")
     reserve_s: float = Field(3600.0, ge=0.0, description="a case Next Sample handed out is not offered again "
                              "by the same strategy for this long (two annotators, two cases)")

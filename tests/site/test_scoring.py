@@ -135,7 +135,8 @@ def test_a_run_scores_at_most_max_images_newest_first_and_the_next_run_goes_on(t
     assert run["scored"] == 1 and run["skipped_current"] == 2
 
 
-def test_the_strategy_hands_out_the_highest_score_then_the_next_one_while_it_is_reserved(site):
+def test_the_strategy_hands_out_the_highest_score_then_the_next_one_while_it_is_reserved(tmp_path):
+    site = Site(tmp_path, selection="top")
     site.score()
     scores = {i: site.ds.get_image_info(i)[DISAGREEMENT_KEY]["score"] for i in site.unlabelled}
     order = sorted(scores, key=lambda i: -scores[i])
@@ -147,7 +148,8 @@ def test_the_strategy_hands_out_the_highest_score_then_the_next_one_while_it_is_
     assert site.next_sample()["id"] == order[1]
 
 
-def test_ties_are_broken_at_random(site):
+def test_ties_are_broken_at_random(tmp_path):
+    site = Site(tmp_path, selection="top")
     book = ScoreBook(site.cfg.state_dir)
     key = committee(site.cfg, site.store).key("disagreement")
     with book.edit() as b:
