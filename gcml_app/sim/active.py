@@ -41,7 +41,6 @@ from gcml_app.ml.device import precision, sw_batch_size
 from gcml_app.ml.evaluate import mean_dice
 from gcml_app.ml.transforms import image_transforms
 from gcml_app.rounds.gossip import gossip_round
-from gcml_app.rounds.loop import run_round
 from gcml_app.sim.data import SimSite
 from gcml_app.sim.partner import MemoryPartner
 from gcml_app.sim.run import Node, Run
@@ -146,12 +145,7 @@ def run_active_seed(cfg: SiteConfig, sites: list[SimSite], out: Path, seed: int,
     pools = {s.name: s.train[start:] for s in sites}
     sites = [replace(s, train=s.train[:start], unlabelled=[]) for s in sites]
     run = Run(cfg, sites, out / "runs" / f"seed{seed}", seed, epochs, warmup_epochs, transport, gate)
-    warm = run.root / "warmup"
-    shutil.rmtree(warm, ignore_errors=True)
-    for i, s in enumerate(sites):
-        nd = Node(s, run.cfgs[s.name])
-        run_round(nd.cfg, nd.store, nd.cases, epochs=warmup_epochs, extra={"trigger": "simulate", "stage": "warmup"},
-                  seed=run.seed_of(0, i))
+    warm, _ = run.warm_up()
     rows: list[dict[str, Any]] = []
     bar = tqdm(total=len(strategies) * rounds, desc=f"seed {seed}", unit="round", position=position, leave=True)
 

@@ -42,7 +42,6 @@ from tqdm import tqdm
 from gcml_app.config import SiteConfig
 from gcml_app.federation.payload import encode_weights
 from gcml_app.ml.evaluate import mean_dice
-from gcml_app.rounds.loop import run_round
 from gcml_app.sim.data import SimSite
 from gcml_app.sim.methods import ARMS, DEFAULT_METHODS
 from gcml_app.sim.pretrain import pretrained_bundle
@@ -86,12 +85,7 @@ def run_seed(cfg: SiteConfig, sites: list[SimSite], out: Path, seed: int, method
         bundle = pretrained_bundle(cfg, out / "runs" / f"seed{seed}" / "pretrain", seed, pretrain_epochs)
         cfg = cfg.model_copy(update={"network": cfg.network.model_copy(update={"init_from": bundle})})
     run = Run(cfg, sites, out / "runs" / f"seed{seed}", seed, epochs, warmup_epochs, transport, gate)
-    warm = run.root / "warmup"
-    shutil.rmtree(warm, ignore_errors=True)
-    for i, s in enumerate(sites):
-        nd = Node(s, run.cfgs[s.name])
-        run_round(nd.cfg, nd.store, nd.cases, epochs=warmup_epochs, extra={"trigger": "simulate", "stage": "warmup"},
-                  seed=run.seed_of(0, i))
+    warm, nd = run.warm_up()
     served = nd.store.served()  # the payload sizes of the servers' peer surface (float32: the stored file)
     run.model_bytes = {"float32": served.bytes,
                        "float16": len(encode_weights(nd.store.load(served.version), "float16", arch=served.arch))}

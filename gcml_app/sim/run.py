@@ -8,6 +8,7 @@ validation and test cases are the same in every method.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import torch
@@ -22,7 +23,7 @@ from gcml_app.ml.evaluate import dice_per_case, mean_over_cases
 from gcml_app.ml.network import build_network
 from gcml_app.ml.supervised import proximal, supervised_train
 from gcml_app.ml.transforms import train_transforms, val_transforms
-from gcml_app.rounds.loop import initial_state
+from gcml_app.rounds.loop import initial_state, run_round
 from gcml_app.rounds.producers import State
 from gcml_app.sim.data import SimSite
 from gcml_app.store import ModelStore
@@ -108,6 +109,17 @@ class Run:
         except ValidationError as e:
             lines = "; ".join(format_errors(e))
             raise ConfigError(f"site {site.name} of the simulation: {lines}") from None
+
+    def warm_up(self) -> tuple[Path, Node]:
+        """Every site's round 0 (``warmup_epochs`` alone, from the round's seed) in ``<root>/warmup``: the
+        start the servers' methods copy. Returns that folder and the last site's node."""
+        warm = self.root / "warmup"
+        shutil.rmtree(warm, ignore_errors=True)
+        for i, s in enumerate(self.sites):
+            nd = Node(s, self.cfgs[s.name])
+            run_round(nd.cfg, nd.store, nd.cases, epochs=self.warmup_epochs,
+                      extra={"trigger": "simulate", "stage": "warmup"}, seed=self.seed_of(0, i))
+        return warm, nd
 
     def seed_of(self, r: int, i: int) -> int:
         return self.seed * 100_003 + r * 101 + i

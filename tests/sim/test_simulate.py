@@ -33,11 +33,11 @@ def _tiny_yaml(tmp_path):
 def test_simulate_runs_every_method_through_the_servers_round_code(tmp_path, capsys, monkeypatch):
     import gcml_app.rounds.gossip as gossip
     import gcml_app.rounds.loop as loop
-    import gcml_app.sim.federation as federation
     import gcml_app.sim.methods as methods_
+    import gcml_app.sim.run as run_
 
     # the simulator's rounds are the servers' functions themselves, not copies
-    assert methods_.run_round is federation.run_round is gossip.run_round is loop.run_round
+    assert methods_.run_round is run_.run_round is gossip.run_round is loop.run_round
     assert methods_.gossip_round is gossip.gossip_round
     calls = {"run_round": 0, "gossip_round": 0}
 
@@ -48,7 +48,7 @@ def test_simulate_runs_every_method_through_the_servers_round_code(tmp_path, cap
         return wrapped
 
     real_run, real_gossip = loop.run_round, gossip.gossip_round
-    for module in (gossip, federation, methods_):  # every place that calls run_round
+    for module in (gossip, run_, methods_):  # every place that calls run_round (run_: the warm-up)
         monkeypatch.setattr(module, "run_round", spy("run_round", real_run))
     monkeypatch.setattr(methods_, "gossip_round", spy("gossip_round", real_gossip))
 
