@@ -205,18 +205,22 @@ def _latency_under_scoring(url: str, case: str, n: int, methods: tuple[str, ...]
         idle.append(time.perf_counter() - t0)
     busy, runs = [], {}
     for method in methods:
-        asked = time.time()
-        requests.post(f"{url}/scoring/{method}", json={"max_images": 1000}, timeout=30).raise_for_status()
+        started = requests.post(f"{url}/scoring/{method}", json={"max_images": 1000}, timeout=30)
+        started.raise_for_status()
+        task = started.json()["id"]
         deadline = time.monotonic() + 1800
-        while time.monotonic() < deadline:
-            run = (site.status()["active"].get(method) or {}).get("last_run") or {}
-            if (run.get("started") or 0) >= asked - 1:
+        while time.monotonic() < deadline:  # until MONAI Label's scoring task (its process) has ended
+            last = requests.get(f"{url}/scoring/", timeout=30).json()
+            if last.get("id") == task and last.get("status") in ("DONE", "ERROR"):
                 break
             t0 = time.perf_counter()
             client.infer("gcml_seg", case, {})
             busy.append(time.perf_counter() - t0)
         else:
             raise RuntimeError(f"scoring {method} did not finish in 30 min")
+        if last["status"] != "DONE":
+            raise RuntimeError(f"scoring {method} failed: {last.get('details', [])[-5:]}")
+        run = (site.status()["active"].get(method) or {}).get("last_run") or {}
         runs[method] = {k: run.get(k) for k in ("unlabelled", "scored", "failed", "seconds", "partners")}
     if len(busy) < 3:
         raise RuntimeError(f"only {len(busy)} requests overlapped the scoring runs; score more images")
