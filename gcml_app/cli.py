@@ -306,6 +306,11 @@ def _bench_scale(args: argparse.Namespace) -> int:
             pc = rd["per_case_s"]
             print(f"  N={rd['n']:3d} {rd['round']:6s} +{rd['above_start_mb']:6.0f} MB  load {pc['load']:.2f} s/case  "
                   f"train {pc['train']:.2f}  validate {pc['validate']:.2f}")
+    sc = r["scoring"]
+    print(f"scoring one unlabelled {sc['size']} image ({sc['voxels'] / 1e6:.1f} M voxels at 1 mm, CPU, "
+          f"{sc['torch_threads']} threads): disagreement with {sc['partners']} partners {sc['disagreement_s']:.1f} s "
+          f"(+{sc['disagreement_peak_above_mb']} MB), epistemic {sc['epistemic_s']:.1f} s "
+          f"(+{sc['epistemic_peak_above_mb']} MB)")
     for a in r["augment"]:
         print(f"augmentation (train.augment: scanner), one CPU thread, {a['roi']}^3 crop: {a['s_per_crop'] * 1e3:.0f} ms "
               f"(p95 {a['p95_s'] * 1e3:.0f}, every transform at once {a['all_fire_s'] * 1e3:.0f}); train.num_workers "

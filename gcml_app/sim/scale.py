@@ -122,6 +122,51 @@ def _run_round(site: dict[str, Any], cases: list[dict[str, str]]) -> dict[str, A
     return rec
 
 
+_SCORE = """
+import json, resource, sys, time, torch
+from monai.transforms import Compose
+from gcml_app.config import SiteConfig
+from gcml_app.ml.acquisition import disagreement, epistemic_entropy, soft_predict
+from gcml_app.ml.network import build_network
+from gcml_app.ml.transforms import image_transforms
+cfg = SiteConfig.model_validate(json.loads(sys.argv[1]))
+nets = []
+for seed in range(1 + int(sys.argv[3])):  # the served model and the partners
+    torch.manual_seed(seed)
+    nets.append(build_network(cfg).eval())
+mb = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+start = mb()  # the process's peak before the image: imports and networks
+t0 = time.perf_counter()
+image = torch.as_tensor(Compose(image_transforms(cfg))({"image": sys.argv[2]})["image"])
+load_s, load_mb = time.perf_counter() - t0, mb() - start
+args = (cfg.roi_size, 1, cfg.validation.overlap, "cpu", None, cfg.out_channels)
+t0 = time.perf_counter()
+p = soft_predict(nets[0], image, *args)
+disagreement(p, ((str(i), soft_predict(n, image, *args)) for i, n in enumerate(nets[1:])))
+dis_s, dis_mb = time.perf_counter() - t0, mb() - start
+del p
+t0 = time.perf_counter()
+epistemic_entropy(nets[0], image, cfg.roi_size, cfg.active.mc_samples, cfg.active.mc_dropout, *args[1:])
+print("SCORE " + json.dumps({"voxels": int(image[0].numel()), "load_s": round(load_s, 2), "load_peak_above_mb": round(load_mb),
+                             "disagreement_s": round(dis_s, 2), "disagreement_peak_above_mb": round(dis_mb),
+                             "epistemic_s": round(time.perf_counter() - t0, 2),
+                             "epistemic_peak_above_mb": round(mb() - start)}))
+"""
+
+
+def scoring_cost(site: dict[str, Any], image: str, partners: int = 3) -> dict[str, Any]:
+    """One unlabelled image scored as the site's scoring process does, on the CPU in a fresh process: its
+    load, ``disagreement`` against ``partners`` partner models and ``epistemic`` (seconds, and the process's
+    peak memory above its start, imports and networks: the scores hold two probability volumes, whatever
+    the number of partners; a peak is a running maximum, so each includes the ones before it)."""
+    done = subprocess.run([sys.executable, "-c", _SCORE, json.dumps(site), image, str(partners)],
+                          capture_output=True, text=True, timeout=7200)
+    line = next((ln for ln in done.stdout.splitlines() if ln.startswith("SCORE ")), None)
+    if done.returncode or line is None:
+        raise RuntimeError(f"scale scoring failed (exit {done.returncode}): {done.stderr[-2000:]}")
+    return {"partners": partners, "torch_threads": torch.get_num_threads(), **json.loads(line[6:])}
+
+
 def _slope(xs: list[int], ys: list[float]) -> float:
     """Least-squares MB per added case."""
     return round(float(np.polyfit(np.array(xs, float), np.array(ys, float), 1)[0]), 2) if len(xs) > 1 else 0.0
@@ -172,7 +217,8 @@ def scale_bench(out: str | Path, quick: bool = False) -> dict[str, Any]:
 
     Returns:
         ``{"sizes": {name: {"voxels", "rounds": [...], "mb_per_case_first", "mb_per_case_second",
-        "second_over_first_load"}}, "augment": [{"roi", "s_per_crop", "p95_s", "all_fire_s"}], ...}``.
+        "second_over_first_load"}}, "scoring": {"voxels", "disagreement_s", ...}, "augment": [{"roi",
+        "s_per_crop", "p95_s", "all_fire_s"}], ...}``.
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -205,6 +251,10 @@ def scale_bench(out: str | Path, quick: bool = False) -> dict[str, Any]:
             "cache_mb_per_case": round(second[-1]["cache"]["bytes"] / ns[-1] / 1e6, 1),
         }
     bar.close()
+    # the largest size: what the background scoring of one unlabelled image costs there
+    name = next(iter(sizes))
+    image = write_ct_studies(out / "data" / name, sizes[name], 1)[0]["image"]  # written above: read back
+    result["scoring"] = {"size": name, **scoring_cost(_site(out / "runs" / "scoring", roi, network, 1), image)}
     result["augment"] = [augment_cost(r, 5 if quick else 40) for r in ((32,) if quick else (96, 128))]
     if torch.cuda.is_available():  # the step at the deployment network and 96^3 crops, AMP on and off
         cfg = SiteConfig.model_validate(_site(out / "step", 96, DEPLOYMENT_NETWORK, 1))

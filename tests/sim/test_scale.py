@@ -36,8 +36,12 @@ def test_bench_scale_quick_writes_rounds_against_n(tmp_path, capsys):
     assert {"mb_per_case_first", "mb_per_case_second", "second_over_first_load", "cache_mb_per_case"} <= set(s)
     (aug,) = r["augment"]
     assert aug["roi"] == 32 and 0 < aug["s_per_crop"] <= aug["p95_s"] and aug["all_fire_s"] > 0
+    sc = r["scoring"]
+    assert sc["size"] == name and sc["partners"] == 3 and sc["voxels"] > 0
+    assert sc["disagreement_s"] > 0 and sc["epistemic_s"] > 0 and sc["disagreement_peak_above_mb"] >= 0
     printed = capsys.readouterr().out
     assert "round memory per added case" in printed and "augmentation (train.augment: scanner)" in printed
+    assert "scoring one unlabelled" in printed
 
 
 @pytest.mark.slow
