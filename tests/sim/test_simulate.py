@@ -148,8 +148,8 @@ def test_scenarios_write_their_sites_once_per_seed(tmp_path):
         sitk.ReadImage(sites[1].train[0]["image"])).tolist()
     assert [len(s.unlabelled) for s in sites] == [36, 6, 9, 12, 9]  # 3 unlabelled per labelled training case
     assert all(set(c) == {"id", "image"} and "imagesUn" in c["image"] for c in sites[0].unlabelled)
-    with pytest.raises(ValueError, match=r"scenario: found 'none'; expected one of \['few-labels', 'modality-shift', "
-                                         r"'semantic-shift'\]"):
+    with pytest.raises(ValueError, match=r"scenario: found 'none'; expected one of \['few-labels', 'mixed-scanners', "
+                                         r"'modality-shift', 'semantic-shift'\]"):
         scenario_sites(tmp_path, "none")
 
 
