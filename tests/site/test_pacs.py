@@ -234,7 +234,8 @@ def test_wrong_geometry_is_refused_before_the_pacs_sees_it(pacs, dicom, tmp_path
 @pytest.mark.slow
 def test_site_on_orthanc_serves_labels_trains_gossips_and_survives_the_pacs_going_down(
         pacs, dicom, tmp_path, capsys):
-    fed = write_federation(tmp_path / "fed", styles="ab", cases=6, labelled=5)
+    # scoring on request only: a background run would hold the scoring task when the test asks for one
+    fed = write_federation(tmp_path / "fed", styles="ab", cases=6, labelled=5, active={"poll_s": 0})
     a, b = fed["site-a"], fed["site-b"]
     store_a = ModelStore(load_config(a["config"]).state_dir / "models")
     with SiteServer(a["config"], pacs.url, port=a["port"], log=tmp_path / "a.log", env=pacs.env) as srv_a, \
@@ -300,8 +301,10 @@ def test_site_on_orthanc_serves_labels_trains_gossips_and_survives_the_pacs_goin
 
         # Scores for Next Sample: the cached series without a label only; nothing is fetched to score it
         cached_before = sorted(p.name for p in Path(cache).glob("*.nii.gz"))
-        run = srv_a.session.post(srv_a.url + "/scoring/disagreement?run_sync=true", json={}, timeout=300).json()
-        assert run["partners"] == ["site-b"] and run["scored"] + run["skipped_current"] == run["unlabelled"] == 1
+        answer = srv_a.session.post(srv_a.url + "/scoring/disagreement?run_sync=true", json={}, timeout=300)
+        assert answer.status_code == 200, answer.text
+        run = answer.json()
+        assert run["partners"] == ["site-b"] and run["scored"] == run["unlabelled"] == 1
         assert sorted(p.name for p in Path(cache).glob("*.nii.gz")) == cached_before
         active = srv_a.session.get(srv_a.url + "/gcml/status", timeout=10).json()["active"]
         assert active["unlabelled"] == 1 and active["disagreement"]["current"] == 1
