@@ -46,6 +46,7 @@ from gcml_app.site.disk import disk_usage, sweep_at_start
 from gcml_app.site.pacs import PacsDatastore, is_pacs_url, pacs_client
 from gcml_app.site.scoring import (DisagreementScoring, DisagreementStrategy, EpistemicScoring, ScoreBook,
                                    ScoringWatcher, committee, scorable)
+from gcml_app.site.scoring import METHODS as SCORING_METHODS
 from gcml_app.site.trainer import GCMLTrain
 from gcml_app.site.warm import WarmTrainer
 from gcml_app.store import ModelStore
@@ -274,7 +275,7 @@ class GCMLApp(MONAILabelApp):
                                "watcher": {"running": bool(self.scoring_watcher and self.scoring_watcher.is_alive()),
                                            "poll_s": self.cfg.active.poll_s,
                                            "last_start": self.scoring_watcher.last if self.scoring_watcher else {}}}
-        for m in ("disagreement", "epistemic"):
+        for m in SCORING_METHODS:
             cur = {i: s for i, s in book.current(m, com).items() if i in unlabelled}
             out[m] = {"current": len(cur), "stale": len(unlabelled) - len(cur), "last_run": book.read()["runs"].get(m)}
             if m == "disagreement":
