@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 __all__ = [
+    "ClickRejected",
     "InitError",
     "GCMLError",
     "ImageRejected",
@@ -24,6 +25,11 @@ class LabelRejected(ValueError):
 
 class GCMLError(RuntimeError):
     """Base of the app's own runtime errors."""
+
+
+class ClickRejected(ValueError):
+    """A ``gcml_edit`` request whose clicks cannot be placed (outside the image, not integer voxels, an unknown
+    label, too many); the message names the click. Nothing is stored and nothing served changes (HTTP 422)."""
 
 
 class ImageRejected(GCMLError):

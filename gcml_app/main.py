@@ -41,6 +41,7 @@ from gcml_app.federation.state import GossipState
 from gcml_app.ml.split import FixedSplit, labels_for_validation
 from gcml_app.ml.cache import cache_root
 from gcml_app.site.datastore import GCMLDatastore
+from gcml_app.site.edit import GCMLEditInfer, PredictionCache, parse_clicks, warm_writer
 from gcml_app.site.infer import GCMLSegInfer
 from gcml_app.site.disk import disk_usage, sweep_at_start
 from gcml_app.site.pacs import PacsDatastore, is_pacs_url, pacs_client
@@ -127,7 +128,11 @@ class GCMLApp(MONAILabelApp):
         return ds
 
     def init_infers(self) -> dict[str, InferTask]:
-        return {"gcml_seg": GCMLSegInfer(self.cfg, self.store)}
+        if not self.cfg.interactive.enabled:
+            return {"gcml_seg": GCMLSegInfer(self.cfg, self.store)}
+        # one network, two tasks: gcml_seg (zero guidance) leaves its prediction where gcml_edit's clicks start
+        cache = PredictionCache(self.cfg.interactive.cache_images)
+        return {"gcml_seg": GCMLSegInfer(self.cfg, self.store, cache), "gcml_edit": GCMLEditInfer(self.cfg, self.store, cache)}
 
     def init_trainers(self) -> dict[str, TrainTask]:
         return {"gcml": GCMLTrain(self.cfg, self.store)}
@@ -152,7 +157,11 @@ class GCMLApp(MONAILabelApp):
         Raises:
             ImageRejected: ``image`` is not a string naming a datastore image or a file of an upload
                 session, or the request asks to store anything.
+            ClickRejected: a ``gcml_edit`` click that is not three finite integers, of an unknown label, or
+                one too many (the bounds are checked once the image is read).
         """
+        if request.get("model") == "gcml_edit" and self.cfg.interactive.enabled:
+            parse_clicks(request, self.cfg.guidance_names, self.cfg.interactive.max_clicks)
         stored = sorted(k for k in _STORAGE_PARAMS if k in request and request[k] not in (None, False, ""))
         if stored:
             raise ImageRejected(f"infer parameters {stored} refused: inference never stores labels; submit a "
@@ -202,6 +211,8 @@ class GCMLApp(MONAILabelApp):
     def on_init_complete(self):
         super().on_init_complete()
         sweep_at_start(self.cfg, self.store)  # the server process, before any round of its own runs
+        # the result writer's first use imports ITK's IO (2.5 s): done now, so the first request is as quick as the rest
+        threading.Thread(target=warm_writer, name="gcml-warm-writer", daemon=True).start()
         if self.cfg.train.warm:
             # the environment setting MONAI Label gives its train subprocess
             self.warm_trainer = WarmTrainer(self.cfg.train.nice, env={"MONAI_LABEL_DATASTORE_AUTO_RELOAD": "false"})
@@ -262,6 +273,17 @@ class GCMLApp(MONAILabelApp):
             self._disk_memo = memo
         return memo[1]
 
+    def _interactive_status(self, rounds: list[dict[str, Any]]) -> dict[str, Any]:
+        it = self.cfg.interactive
+        last = next((r for r in reversed(rounds) if r.get("click_dice")), None)
+        out: dict[str, Any] = {"enabled": it.enabled, "gate_clicks": it.gate_clicks,
+                               "guidance": self.cfg.guidance_names}
+        if last is not None:
+            out["last_round"] = {"round_id": last.get("round_id"), "winner": last.get("winner"),
+                                 "published": last.get("published"), "zero_click_dice": last.get("mean"),
+                                 "click_dice": last["click_dice"]}
+        return out
+
     def _active_status(self) -> dict[str, Any]:
         """What the scores stand on: per method, the last run, how many unlabelled images held here have a
         current score and how many are stale; the top current disagreement cases with each partner's
@@ -320,6 +342,8 @@ class GCMLApp(MONAILabelApp):
             "disk": self._disk_status(),
             # active learning: scores for Next Sample, when computed, how many current, the top cases
             "active": self._active_status(),
+            # click-to-correct: the models' zero-click and k-click validation Dice of the last round that scored them
+            "interactive": self._interactive_status(rounds),
             "guard": {"tracked_clients": len(self.guard_limiter) if self.guard_limiter is not None else 0,
                       "max_tracked_clients": self.cfg.security.max_tracked_clients},
         }

@@ -14,6 +14,7 @@ __all__ = [
     "DCMLConfig",
     "FinetuneConfig",
     "IntensityConfig",
+    "InteractiveConfig",
     "NetworkConfig",
     "SegResNetConfig",
     "TrainConfig",
@@ -300,6 +301,33 @@ class DCMLConfig(_Strict):
     train_incoming: bool = Field(True, description="false: the partner's model is a frozen teacher (forward "
                                  "passes only; one candidate, dcml_local)")
 
+
+
+class InteractiveConfig(_Strict):
+    """Click-to-correct (docs/design.md, "Clicks"): one network serves ``gcml_seg`` and ``gcml_edit``.
+
+    With ``enabled`` the network takes the image plus one guidance channel per output channel
+    (background first, then the labels in index order); zero guidance is the auto-segmentation. Every
+    training crop carries simulated clicks with probability ``click_probability`` (seeds from the
+    label, then ``train_clicks`` rounds of clicks on the model's own errors), zero guidance otherwise.
+    Off, the network, its fingerprint and every round are exactly as without this section.
+    """
+
+    enabled: bool = Field(False, description="serve gcml_edit (type deepedit) beside gcml_seg; adds guidance "
+                          "channels to the network (a partner without them still gossips: docs/design.md)")
+    click_probability: float = Field(
+        0.5, ge=0.0, le=1.0, description="share of training crops that carry simulated clicks (DeepEdit: 0.4); "
+        "the rest train the auto-segmentation with zero guidance")
+    train_clicks: int = Field(1, ge=0, le=10, description="rounds of simulated clicks on the model's own errors "
+                              "after the seed clicks (each costs a forward pass without gradient)")
+    sigma: float = Field(3.0, gt=0.0, description="Gaussian radius of a click's guidance signal, in voxels at "
+                         "network spacing (DeepEdit's sigma)")
+    gate_clicks: int = Field(3, ge=0, le=20, description="simulated clicks per validation case for the gate's "
+                             "click Dice (0: zero-click Dice only)")
+    max_clicks: int = Field(200, ge=1, le=10000, description="clicks one gcml_edit request may carry; more is "
+                            "refused (422)")
+    cache_images: int = Field(16, ge=0, description="zero-click predictions gcml_edit keeps in memory (per image "
+                              "and served version), so a click costs only the windows around the clicks")
 
 
 class FinetuneConfig(_Strict):

@@ -16,6 +16,7 @@ from gcml_app.config.learning import (
     DCMLConfig,
     FinetuneConfig,
     IntensityConfig,
+    InteractiveConfig,
     NetworkConfig,
     TrainConfig,
     UNetConfig,
@@ -62,6 +63,7 @@ class SiteConfig(_Strict):
     security: SecurityConfig = SecurityConfig()
     finetune: FinetuneConfig = FinetuneConfig()
     active: ActiveConfig = ActiveConfig()
+    interactive: InteractiveConfig = InteractiveConfig()
     serve: ServeConfig = ServeConfig()
     store: StoreConfig = StoreConfig()
     state_dir: Path = Path("gcml_state")
@@ -128,6 +130,16 @@ class SiteConfig(_Strict):
             problems.append(f"serve.host: found {self.serve.host!r} (every interface) with no partner tokens; "
                             "expected the annotation network's address")
         return problems
+
+    @property
+    def guidance_names(self) -> list[str]:
+        """The guidance channels' names in order (``background`` then the labels); empty when not interactive."""
+        return ["background", *self.labels] if self.interactive.enabled else []
+
+    @property
+    def net_in_channels(self) -> int:
+        """Network input channels: the image's plus, when interactive, one guidance channel per output channel."""
+        return self.input_channels + len(self.guidance_names)
 
     @property
     def out_channels(self) -> int:

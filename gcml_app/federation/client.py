@@ -50,7 +50,7 @@ from urllib3.util.retry import Retry
 import gcml_app
 from gcml_app.config import SITE_NAME_PATTERN, GossipConfig, PeerConfig, SiteConfig
 from gcml_app.errors import NothingToShare, PayloadRejected, PeerUnavailable
-from gcml_app.federation.payload import verify_weights
+from gcml_app.federation.payload import accepted_archs, verify_weights
 from gcml_app.federation.task import task_differences, task_of
 
 __all__ = ["PeerClient", "PeerManifest", "Pulled", "check_manifest", "check_payload"]
@@ -352,7 +352,7 @@ def check_manifest(peer: str, manifest: PeerManifest, cfg: SiteConfig, ours: str
     diffs = task_differences(task_of(cfg), manifest.task, peer, cfg.gossip.accept)
     if diffs:
         raise PayloadRejected(peer, "task differs: " + "; ".join(diffs))
-    if manifest.arch != ours:
+    if manifest.arch != ours and manifest.arch not in accepted_archs(cfg, ours):
         raise PayloadRejected(peer, f"manifest architecture {manifest.arch[:19]}... differs from ours {ours[:19]}... "
                                     "(same task, another network: network settings differ)")
 

@@ -22,9 +22,9 @@ from safetensors.torch import load_file as st_load_file
 from safetensors.torch import save as st_save
 
 from gcml_app.config import SiteConfig
-from gcml_app.ml.network import arch_fingerprint, build_network
+from gcml_app.ml.network import arch_fingerprint, build_network, convert_guidance, toggled_interactive
 
-__all__ = ["TRANSPORTS", "encode_weights", "manifest_body", "our_arch", "verify_weights"]
+__all__ = ["TRANSPORTS", "accepted_archs", "encode_weights", "manifest_body", "our_arch", "verify_weights"]
 
 TRANSPORTS = ("float32", "float16")
 
@@ -69,6 +69,12 @@ def our_arch(cfg: SiteConfig) -> str:
     return arch_fingerprint(cfg, build_network(cfg).state_dict())
 
 
+def accepted_archs(cfg: SiteConfig, ours: str | None = None) -> tuple[str, str]:
+    """Our fingerprint and that of the same network with the other guidance layout (interactive or not): a
+    partner on either side of an ``interactive.enabled`` rollout converts exactly (:func:`convert_guidance`)."""
+    return ours or our_arch(cfg), our_arch(toggled_interactive(cfg))
+
+
 def verify_weights(data: bytes | Path, cfg: SiteConfig, ours: str | None = None) -> dict[str, torch.Tensor]:
     """Parse and check a weights payload.
 
@@ -102,7 +108,10 @@ def verify_weights(data: bytes | Path, cfg: SiteConfig, ours: str | None = None)
     ours = ours or our_arch(cfg)
     theirs = arch_fingerprint(cfg, state)
     if theirs != ours:
-        raise ValueError(f"architecture {theirs[:19]}... differs from ours {ours[:19]}...")
+        alt = toggled_interactive(cfg)
+        if arch_fingerprint(alt, state) != our_arch(alt):
+            raise ValueError(f"architecture {theirs[:19]}... differs from ours {ours[:19]}...")
+        state = convert_guidance(state, cfg)  # the other guidance layout: exact (gcml_app.ml.network)
     bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:
         raise ValueError(f"non-finite values (NaN/Inf) in {bad[:3]}")

@@ -25,9 +25,12 @@ def task_of(cfg: SiteConfig) -> dict[str, Any]:
 
     Labels are in channel order (by value), so a swapped order is a difference.
     """
-    return {"labels": [[k, v] for k, v in cfg.labels.items()], "input_channels": cfg.input_channels,
+    task = {"labels": [[k, v] for k, v in cfg.labels.items()], "input_channels": cfg.input_channels,
             "spacing": [float(s) for s in cfg.spacing], "intensity": cfg.intensity.model_dump(mode="json"),
             "roi_size": list(cfg.roi_size)}
+    if cfg.guidance_names:  # interactive: the click guidance channels after the image's, in order
+        task["guidance"] = cfg.guidance_names
+    return task
 
 
 def _fmt(key: str, value: Any) -> str:
@@ -65,4 +68,7 @@ def task_differences(ours: dict[str, Any], theirs: dict[str, Any] | None, peer: 
         if a != b and key not in accept:
             hint = f" (gossip.accept: [{key}] allows it)" if key in ACCEPTABLE else ""
             out.append(f"{key}: ours {_fmt(key, a)}, {peer} {_fmt(key, b)}{hint}")
+    a, b = ours.get("guidance") or [], theirs.get("guidance") or []
+    if a and b and a != b:  # with and without guidance convert exactly; two different layouts do not
+        out.append(f"guidance: ours {a}, {peer} {b}")
     return out

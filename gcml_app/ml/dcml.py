@@ -181,6 +181,7 @@ def dcml_train(
     amp: Precision | None = None,
     unlabelled: Iterable[Mapping[str, torch.Tensor]] | None = None,
     steps: int | None = None,
+    clicks: Callable[[torch.nn.Module, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[GCMLNet, GCMLNet, list[dict[str, float]]]:
     """Train ``local`` and ``incoming`` together for ``steps`` steps (default ``epochs`` passes over ``batches``).
 
@@ -196,6 +197,8 @@ def dcml_train(
         unlabelled: re-iterable of ``{"image": (B_u, C_in, D, H, W)}``, cycled: one batch beside each
             labelled batch (``cfg.lambda_unl``); ``None``: labelled crops only.
         steps: the round's steps (:func:`step_budget`); the last pass over ``batches`` may stop early.
+        clicks: an interactive site's :class:`~gcml_app.ml.clicks.ClickSimulator`: each batch gets its guidance
+            channels from the local model's errors, and both models train on the same guided input.
 
     Returns:
         both models (trained in place; ``incoming`` unchanged with ``cfg.train_incoming`` false) and, per
@@ -225,9 +228,11 @@ def dcml_train(
                 break
             w = kl_ramp(step, total, cfg.kl_rampup)
             x_u = next(unl)["image"].to(device, non_blocking=True) if unl is not None else None
-            done.append(dcml_step(local, incoming, opt_l, opt_i, b["image"].to(device, non_blocking=True),
-                                  b["label"].to(device, non_blocking=True).long(), cfg, seg_loss, generator, w,
-                                  amp, scaler, x_u))
+            x, y = b["image"].to(device, non_blocking=True), b["label"].to(device, non_blocking=True).long()
+            if clicks is not None:
+                x = clicks(local, x, y)
+                x_u = local.with_guidance(x_u) if x_u is not None else None  # unlabelled crops: zero guidance
+            done.append(dcml_step(local, incoming, opt_l, opt_i, x, y, cfg, seg_loss, generator, w, amp, scaler, x_u))
             crops += (len(b["image"]) + (len(x_u) if x_u is not None else 0)) * per_crop
             step += 1
         mean = {k: sum(getattr(d, k) for d in done) / max(len(done), 1) for k in DCMLStep.__dataclass_fields__}

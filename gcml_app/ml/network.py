@@ -16,8 +16,8 @@ from monai.networks.nets import SegResNet, UNet
 from gcml_app.config import BundleNetConfig, SegResNetConfig, SiteConfig, UNetConfig
 from gcml_app.ml.bundle import InitError, read_bundle
 
-__all__ = ["GCMLNet", "arch_fingerprint", "build_backbone", "build_network", "default_feature_layer", "feature_channels",
-           "network_def"]
+__all__ = ["GCMLNet", "arch_fingerprint", "build_backbone", "build_network", "convert_guidance", "default_feature_layer",
+           "feature_channels", "fit_state", "other_layout_arch", "network_def", "toggled_interactive"]
 
 
 class GCMLNet(torch.nn.Module):
@@ -32,12 +32,18 @@ class GCMLNet(torch.nn.Module):
         feature_channels: channels ``F`` of the tapped decoder features.
         embed_dim: embedding size ``E`` of the projection head.
         feature_layer: dotted name of the backbone module whose output is the tapped features.
+        guidance_channels: ``G`` click guidance channels after the image's (``interactive.enabled``; 0: none).
+            An input of the image's channels alone gets ``G`` zero channels appended: zero guidance, the
+            auto-segmentation, so every whole-volume path (validation, ``gcml_seg``, scoring) runs unchanged.
     """
 
-    def __init__(self, backbone: torch.nn.Module, feature_channels: int, embed_dim: int, feature_layer: str):
+    def __init__(self, backbone: torch.nn.Module, feature_channels: int, embed_dim: int, feature_layer: str,
+                 guidance_channels: int = 0, in_channels: int | None = None):
         super().__init__()
         self.backbone = backbone
         self.feature_layer = feature_layer
+        self.guidance_channels = guidance_channels
+        self.in_channels = in_channels
         self.head = torch.nn.Sequential(
             torch.nn.Conv3d(feature_channels, feature_channels, kernel_size=1),
             torch.nn.ReLU(),
@@ -45,8 +51,14 @@ class GCMLNet(torch.nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``(B, C_in, D, H, W)`` -> logits ``(B, C_out, D, H, W)``."""
-        return self.backbone(x)
+        """``(B, C_in, D, H, W)`` (or ``(B, C_in - G, D, H, W)``: zero guidance) -> logits ``(B, C_out, D, H, W)``."""
+        return self.backbone(self.with_guidance(x))
+
+    def with_guidance(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` with ``G`` zero guidance channels appended when it holds the image's channels only."""
+        if self.guidance_channels and self.in_channels is not None and x.shape[1] == self.in_channels - self.guidance_channels:
+            return torch.cat([x, x.new_zeros((x.shape[0], self.guidance_channels, *x.shape[2:]))], dim=1)
+        return x
 
     def forward_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Logits, decoder features and embeddings in one pass.
@@ -87,7 +99,7 @@ class GCMLNet(torch.nn.Module):
         handle = self.backbone.get_submodule(self.feature_layer).register_forward_hook(
             lambda _m, _args, out: box.append(_first_tensor(out)))
         try:
-            logits = self.backbone(x)
+            logits = self.backbone(self.with_guidance(x))
         finally:
             handle.remove()
         return logits, box[-1]
@@ -115,7 +127,7 @@ def network_def(cfg: SiteConfig) -> dict:
     """``cfg.network`` as MONAI constructor arguments, in a bundle's ``network_def`` form
     (``{"_target_": "UNet", "spatial_dims": 3, ...}``); for ``name: bundle``, the bundle's own, checked."""
     net = cfg.network
-    io = {"spatial_dims": 3, "in_channels": cfg.input_channels, "out_channels": cfg.out_channels}
+    io = {"spatial_dims": 3, "in_channels": cfg.net_in_channels, "out_channels": cfg.out_channels}
     if isinstance(net, UNetConfig):
         return {"_target_": "UNet", **io, "channels": list(net.channels), "strides": list(net.strides),
                 "num_res_units": net.num_res_units, "dropout": net.dropout, **net.monai_kwargs()}
@@ -123,7 +135,7 @@ def network_def(cfg: SiteConfig) -> dict:
         return {"_target_": "SegResNet", **io, "init_filters": net.init_filters, "blocks_down": list(net.blocks_down),
                 "blocks_up": list(net.blocks_up), "dropout_prob": net.dropout or None, **net.monai_kwargs()}
     if isinstance(net, BundleNetConfig):
-        return read_bundle(net.init_from).network_def(net.net_key, cfg.input_channels, cfg.out_channels)
+        return read_bundle(net.init_from).network_def(net.net_key, cfg.net_in_channels, cfg.out_channels)
     raise ValueError(f"network.name: found {net.name!r}; expected 'UNet', 'SegResNet' or 'bundle'")
 
 
@@ -131,7 +143,7 @@ def build_backbone(cfg: SiteConfig) -> torch.nn.Module:
     """The MONAI network ``cfg.network`` names (for ``name: bundle``, the bundle's own), freshly initialised."""
     net = cfg.network
     if isinstance(net, BundleNetConfig):
-        return read_bundle(net.init_from).network(net.net_key, cfg.input_channels, cfg.out_channels)[0]
+        return read_bundle(net.init_from).network(net.net_key, cfg.net_in_channels, cfg.out_channels)[0]
     kwargs = network_def(cfg)
     return {"UNet": UNet, "SegResNet": SegResNet}[kwargs.pop("_target_")](**kwargs)
 
@@ -152,7 +164,7 @@ def _probe(cfg: SiteConfig, backbone: torch.nn.Module) -> tuple[str, int]:
     probe = copy.deepcopy(backbone).to("meta").eval()
     box: list[torch.Tensor] = []
     probe.get_submodule(layer).register_forward_hook(lambda _m, _a, out: box.append(_first_tensor(out)))
-    x = torch.empty(1, cfg.input_channels, *cfg.roi_size, device="meta")
+    x = torch.empty(1, cfg.net_in_channels, *cfg.roi_size, device="meta")
     try:
         with torch.no_grad():
             y = _first_tensor(probe(x))
@@ -195,11 +207,11 @@ def build_network(cfg: SiteConfig) -> GCMLNet:
     """
     backbone = build_backbone(cfg)
     # the dry run depends only on the architecture and the crop size: once per process (a round builds 3-4 networks)
-    key = json.dumps([_arch_desc(cfg), cfg.input_channels, cfg.out_channels, list(cfg.roi_size)], sort_keys=True)
+    key = json.dumps([_arch_desc(cfg), cfg.net_in_channels, cfg.out_channels, list(cfg.roi_size)], sort_keys=True)
     if key not in _PROBED:
         _PROBED[key] = _probe(cfg, backbone)
     layer, channels = _PROBED[key]
-    return GCMLNet(backbone, channels, cfg.dcml.embed_dim, layer)
+    return GCMLNet(backbone, channels, cfg.dcml.embed_dim, layer, len(cfg.guidance_names), cfg.net_in_channels)
 
 
 _PROBED: dict[str, tuple[str, int]] = {}  # architecture -> (feature layer, its channels), see build_network
@@ -221,8 +233,73 @@ def arch_fingerprint(cfg: SiteConfig, state_dict: dict[str, torch.Tensor]) -> st
         "out": cfg.out_channels,
         "params": [[k, list(v.shape), str(v.dtype)] for k, v in sorted(state_dict.items())],
     }
+    if cfg.guidance_names:  # only when interactive: a non-interactive site keeps its fingerprint exactly
+        desc["guidance"] = cfg.guidance_names
     blob = json.dumps(desc, sort_keys=True, separators=(",", ":")).encode()
     return "sha256:" + hashlib.sha256(blob).hexdigest()
+
+
+def toggled_interactive(cfg: SiteConfig) -> SiteConfig:
+    """``cfg`` with ``interactive.enabled`` flipped: the layout a partner on the other side of a rollout has."""
+    return cfg.model_copy(update={"interactive": cfg.interactive.model_copy(update={"enabled": not cfg.interactive.enabled})})
+
+
+def convert_guidance(state: dict[str, torch.Tensor], cfg: SiteConfig) -> dict[str, torch.Tensor]:
+    """A partner's weights of the other guidance layout (:func:`toggled_interactive`) in ours, exactly.
+
+    The network's first layer (a convolution; for MONAI's residual UNet also its residual convolution) is
+    linear in its input channels, so a model without guidance channels *is* the interactive model whose
+    guidance weights are zero, and an interactive model given zero guidance *is* that model with its guidance
+    weights removed. Each weight whose input dimension (dim 1) holds the image channels on one side and
+    image plus guidance on the other is padded with zeros or cut to the image channels; every other weight
+    must have our shape.
+
+    Args:
+        state: weights with the other layout (their fingerprint is ``arch_fingerprint(toggled_interactive(cfg), state)``).
+        cfg: our config.
+
+    Returns:
+        the weights in our layout; zero-guidance outputs equal theirs to float tolerance.
+
+    Raises:
+        ValueError: a weight that differs from ours in another way (another architecture).
+    """
+    ours = build_network(cfg).state_dict()
+    c, g = cfg.input_channels, len(cfg.guidance_names) or len(toggled_interactive(cfg).guidance_names)
+    out = {}
+    for k, v in state.items():
+        want = ours.get(k)
+        if want is None:
+            raise ValueError(f"guidance conversion: weight {k} is not in our network")
+        if tuple(v.shape) == tuple(want.shape):
+            out[k] = v
+        elif v.dim() >= 2 and v.shape[0] == want.shape[0] and v.shape[2:] == want.shape[2:] \
+                and {v.shape[1], want.shape[1]} == {c, c + g}:
+            if want.shape[1] > v.shape[1]:
+                out[k] = torch.cat([v, v.new_zeros((v.shape[0], g, *v.shape[2:]))], dim=1)
+            else:
+                out[k] = v[:, :c].clone()
+        else:
+            raise ValueError(f"guidance conversion: weight {k} has shape {list(v.shape)}; expected {list(want.shape)}")
+    return out
+
+
+def other_layout_arch(cfg: SiteConfig) -> str:
+    """The fingerprint of our network with the other guidance layout (a site's own model from before it turned
+    ``interactive.enabled`` on or off, or a partner's on the other side of that rollout)."""
+    alt = toggled_interactive(cfg)
+    return arch_fingerprint(alt, build_network(alt).state_dict())
+
+
+def fit_state(state: dict[str, torch.Tensor], cfg: SiteConfig, arch: str | None = None) -> dict[str, torch.Tensor]:
+    """``state`` in our guidance layout: as it is when ``arch`` (its fingerprint) is ours or unknown and the shapes
+    fit, else converted exactly (:func:`convert_guidance`)."""
+    if arch is not None and arch != other_layout_arch(cfg):
+        return state
+    ours = build_network(cfg).state_dict()
+    if all(k in ours and tuple(v.shape) == tuple(ours[k].shape) for k, v in state.items()):
+        return state
+    return convert_guidance(state, cfg)
 
 
 def _arch_desc(cfg: SiteConfig) -> dict:

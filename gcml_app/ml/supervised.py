@@ -73,6 +73,7 @@ def supervised_train(
     max_steps: int | None = None,
     penalty: Callable[[], torch.Tensor] | None = None,
     amp: Precision | None = None,
+    clicks: Callable[[torch.nn.Module, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> list[dict[str, float]]:
     """Plain DiceCE training of one model for ``epochs`` passes over ``batches`` (AdamW).
 
@@ -82,6 +83,8 @@ def supervised_train(
         max_steps: stop after this many steps (the pooled baseline's step budget), even mid-epoch.
         penalty: added to every step's loss (see :func:`supervised_step`).
         amp: mixed precision (default fp32); float16 gets a gradient scaler.
+        clicks: an interactive site's :class:`~gcml_app.ml.clicks.ClickSimulator`, which appends each batch's
+            guidance channels (simulated clicks on the model's own errors, or zero guidance).
 
     Returns:
         ``[{"seg_l": mean loss, "steps", "crop_passes"}]`` per epoch (crops trained on: the cost).
@@ -99,9 +102,10 @@ def supervised_train(
         for b in batches:
             if max_steps is not None and done >= max_steps:
                 break
-            steps.append(supervised_step(model, opt, b["image"].to(device, non_blocking=True),
-                                         b["label"].to(device, non_blocking=True).long(), loss_fn, penalty, amp,
-                                         scaler))
+            x, y = b["image"].to(device, non_blocking=True), b["label"].to(device, non_blocking=True).long()
+            if clicks is not None:
+                x = clicks(model, x, y)
+            steps.append(supervised_step(model, opt, x, y, loss_fn, penalty, amp, scaler))
             crops += len(b["image"])
             done += 1
         history.append({"seg_l": sum(steps) / max(len(steps), 1), "steps": len(steps), "crop_passes": crops})

@@ -39,7 +39,8 @@ from gcml_app.ml.cache import CachedCases, CaseCache
 from gcml_app.ml.device import Precision, is_out_of_memory, precision, setup_device, sw_batch_size, train_device
 from gcml_app.ml.evaluate import dice_per_case
 from gcml_app.ml.gate import SERVED, GateDecision, select
-from gcml_app.ml.network import GCMLNet, arch_fingerprint, build_network
+from gcml_app.ml.clicks import click_curve
+from gcml_app.ml.network import GCMLNet, arch_fingerprint, build_network, fit_state, other_layout_arch
 from gcml_app.ml.split import FixedSplit, labels_for_validation
 from gcml_app.ml.transforms import crop_transforms, unlabelled_crop_transforms
 from gcml_app.rounds.producers import DCML, Local, Produced, Producer, RoundInputs
@@ -63,7 +64,7 @@ def split_of(cfg: SiteConfig, cases: list[dict[str, str]]) -> tuple[list[str], l
 def _start_state(cfg: SiteConfig, store: ModelStore, arch: str) -> tuple[dict, dict[str, Any]]:
     """Where a round starts: the working model, else the served model, else the site's initial weights."""
     served = store.served()
-    if served is not None and served.arch != arch:
+    if served is not None and served.arch not in (arch, other_layout_arch(cfg)):
         raise StoreError(
             f"served v{served.version} was trained for another network (architecture {served.arch[:19]}...; "
             f"the config now gives {arch[:19]}...): restore the old network settings or use a new state_dir"
@@ -79,7 +80,8 @@ def _start_state(cfg: SiteConfig, store: ModelStore, arch: str) -> tuple[dict, d
                            "rounds_unpublished": int(info.get("rounds_unpublished", 0))}
         logger.warning(f"gcml[{cfg.site}] working model is for another network; starting from the served model")
     if served is not None:
-        return store.load(served.version), {"from": f"served v{served.version}", "start": served.start,
+        state = fit_state(store.load(served.version), cfg, served.arch)  # from before interactive changed: exact
+        return state, {"from": f"served v{served.version}", "start": served.start,
                                             "rounds_unpublished": 0}
     state, start = initial_state(cfg)
     return state, {"from": start["mode"], "start": start, "rounds_unpublished": 0}
@@ -157,6 +159,17 @@ class _Data:
         v = self.cfg.validation
         return dice_per_case(model, self.val, list(self.cfg.labels), self.cfg.roi_size,
                              sw_batch_size(self.cfg, self.device), v.overlap, self.device, self.amp)
+
+    def click_score(self, model: GCMLNet) -> float | None:
+        """Mean Dice over the validation cases after ``interactive.gate_clicks`` simulated clicks (the evaluation
+        protocol of :func:`~gcml_app.ml.clicks.click_curve`); ``None`` when the site is not interactive."""
+        it, v = self.cfg.interactive, self.cfg.validation
+        if not it.enabled or not it.gate_clicks:
+            return None
+        rows = click_curve(model, self.val, len(self.cfg.labels), self.cfg.roi_size, (it.gate_clicks,),
+                           sigma=it.sigma, sw_batch_size=sw_batch_size(self.cfg, self.device), overlap=v.overlap,
+                           device=self.device, amp=self.amp)
+        return sum(r["dice"][it.gate_clicks] for r in rows) / max(len(rows), 1)
 
 
 def _loader(data: Dataset, batch_size: int, workers: int, pin: bool) -> DataLoader:
@@ -267,11 +280,13 @@ def run_round(
         # score the served model
         phase = "validate"
         scores: dict[str, list[dict[str, float]]] = {}
+        clicked: dict[str, float | None] = {}  # mean Dice after interactive.gate_clicks clicks
         probe = None
         if served is not None:
             probe = build_network(cfg).to(device)
-            probe.load_state_dict(store.load(served.version))
+            probe.load_state_dict(fit_state(store.load(served.version), cfg, served.arch))
             scores[SERVED] = data.score(probe)
+            clicked[SERVED] = data.click_score(probe)
         lap("validate_s", peak="validate_served")
 
         # produce and score the candidates
@@ -284,18 +299,22 @@ def run_round(
         for name, state in produced.states.items():
             probe.load_state_dict(state)
             scores[name] = data.score(probe)
+            clicked[name] = data.click_score(probe)
         lap("validate_s", peak="validate_candidates")
     except Exception as e:
         raise _failed(cfg, store, served, e, phase, device, amp, extra) from e
 
     # decide and commit
-    decision = _decide(scores, served, cfg, produced.kept)
+    decision = _decide(scores, served, cfg, produced.kept, clicked)
     record = {
         "mode": produced.mode, "epochs": epochs, "seed": seed, "n_train": len(train_ids), "n_val": len(val_ids),
         "more_labels_for_strict": 0 if decision.strict else labels_for_validation(
             cfg.validation, len(train_ids), len(val_ids), cfg.validation.strict_cases),
         "losses": produced.losses, **decision.as_record(), **(extra or {}),
     }
+    if cfg.interactive.enabled and cfg.interactive.gate_clicks:
+        record["click_dice"] = {"clicks": cfg.interactive.gate_clicks,
+                                **{k: round(v, 6) for k, v in clicked.items() if v is not None}}
     if producer.incoming_sha256 is not None:
         record["incoming"] = {"file": producer.incoming_file, "sha256": producer.incoming_sha256,
                               **(producer.origin or {})}
@@ -335,9 +354,20 @@ def _failed(cfg: SiteConfig, store: ModelStore, served: Manifest | None, e: Exce
 
 
 def _decide(scores: dict[str, list[dict[str, float]]], served: Manifest | None, cfg: SiteConfig,
-            kept: str) -> GateDecision:
-    """The gate; with ``validation.gate: false`` (an ablation) the new working model is served unchecked."""
+            kept: str, clicked: dict[str, float | None] | None = None) -> GateDecision:
+    """The gate; with ``validation.gate: false`` (an ablation) the new working model is served unchecked.
+
+    The decision is on zero-click Dice, as without clicks: a served model never gets worse at auto-segmentation
+    because it learned clicks. An interactive site also refuses a winner whose mean Dice after
+    ``interactive.gate_clicks`` clicks drops by more than ``validation.max_label_drop`` (docs/design.md, "Clicks").
+    """
     decision = select(scores, SERVED if served is not None else None, cfg.validation)
+    clicked = clicked or {}
+    before, after = clicked.get(SERVED), clicked.get(decision.winner)
+    if decision.publish and before is not None and after is not None and after < before - cfg.validation.max_label_drop:
+        decision = replace(decision, publish=False, reason=(
+            f"{decision.winner} kept back: its Dice after {cfg.interactive.gate_clicks} clicks drops {before - after:.3f} "
+            f"({before:.3f} -> {after:.3f}), more than validation.max_label_drop {cfg.validation.max_label_drop}"))
     if not cfg.validation.gate and not decision.publish:
         decision = replace(decision, winner=kept, publish=True, reason=f"gate off: serving {kept} unchecked")
     return decision

@@ -25,6 +25,7 @@ from monai.data import DataLoader
 from gcml_app.config import SiteConfig
 from gcml_app.errors import IncomingModelRejected
 from gcml_app.federation.payload import verify_weights
+from gcml_app.ml.clicks import click_simulator
 from gcml_app.ml.dcml import dcml_train, step_budget
 from gcml_app.ml.device import Precision
 from gcml_app.ml.network import GCMLNet, build_network
@@ -107,7 +108,7 @@ class Local(Producer):
     def produce(self, inputs: RoundInputs) -> Produced:
         t = inputs.cfg.train
         losses = supervised_train(inputs.model, inputs.loader, inputs.epochs, t.lr, t.weight_decay, inputs.device,
-                                  inputs.report, amp=inputs.amp)
+                                  inputs.report, amp=inputs.amp, clicks=click_simulator(inputs.cfg, inputs.seed))
         return Produced("local", {"local": inputs.model.state_dict()}, "local", losses)
 
 
@@ -162,7 +163,7 @@ class DCML(Producer):
         steps = self.steps(cfg, inputs.epochs, len(inputs.loader), unl is not None)
         local, other, losses = dcml_train(inputs.model, other, inputs.loader, d, inputs.epochs, t.lr,
                                           t.weight_decay, inputs.device, inputs.report, inputs.seed, inputs.amp,
-                                          unl, steps)
+                                          unl, steps, click_simulator(cfg, inputs.seed))
         states = {"dcml_local": local.state_dict()}
         if d.train_incoming:
             states["dcml_incoming"] = other.state_dict()

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from monai.utils import set_determinism
 
+from gcml_app.ml.clicks import click_simulator
 from gcml_app.ml.device import precision
 from gcml_app.ml.supervised import average_state, supervised_train
 from gcml_app.rounds.gossip import gossip_round
@@ -244,7 +245,8 @@ class Pooled(Central):
         steps = round(sum(steps_per_epoch) / len(names)) * epochs if self.budget == "steps" else len(loader) * epochs
         t = run.base.train
         hist = supervised_train(net, loader, math.ceil(steps / len(loader)), t.lr, t.weight_decay, run.device,
-                                max_steps=steps, amp=precision(run.base, run.device))
+                                max_steps=steps, amp=precision(run.base, run.device),
+                                clicks=click_simulator(run.base, run.seed_of(r, 0)))
         share = [{k: v / len(names) for k, v in cost_of(hist).items()}]  # one model for all: each site its share
         for n in names:
             run.spent.setdefault(n, []).append(share)

@@ -18,6 +18,7 @@ from pydantic import ValidationError
 
 from gcml_app.config import ConfigError, SiteConfig
 from gcml_app.config.site import format_errors
+from gcml_app.ml.clicks import click_simulator
 from gcml_app.ml.device import precision, sw_batch_size, train_device
 from gcml_app.ml.evaluate import dice_per_case, mean_over_cases
 from gcml_app.ml.network import build_network
@@ -152,7 +153,7 @@ class Run:
         t = self.cfgs[name].train
         penalty = proximal(net, prox[0], prox[1], self.device) if prox is not None else None
         hist = supervised_train(net, loader, epochs, t.lr, t.weight_decay, self.device, penalty=penalty,
-                                amp=precision(self.cfgs[name], self.device))  # the precision site rounds train in
+                                amp=precision(self.cfgs[name], self.device), clicks=click_simulator(self.cfgs[name], seed))  # the precision site rounds train in
         self.spent.setdefault(name, []).append(hist)
         return {k: v.detach().cpu() for k, v in net.state_dict().items()}
 

@@ -16,7 +16,8 @@ from monailabel.transform.post import Restored
 from gcml_app.config import SiteConfig
 from gcml_app.errors import NoPublishedModel
 from gcml_app.ml.device import precision, stitch_device, sw_batch_size
-from gcml_app.ml.network import arch_fingerprint, build_network
+from gcml_app.ml.evaluate import predict
+from gcml_app.ml.network import arch_fingerprint, build_network, fit_state, other_layout_arch
 from gcml_app.ml.transforms import image_transforms
 from gcml_app.store import ModelStore, StoreError
 
@@ -35,13 +36,17 @@ class GCMLSegInfer(BasicInferTask):
     Args:
         cfg: site config (transforms, network, ROI, labels).
         store: the site's model store.
+        cache: an interactive site's zero-click predictions (:class:`gcml_app.site.edit.PredictionCache`): each
+            answer leaves its prediction there, so the first click on the case costs only the click's windows.
     """
 
-    def __init__(self, cfg: SiteConfig, store: ModelStore):
+    def __init__(self, cfg: SiteConfig, store: ModelStore, cache=None):
         self.cfg = cfg
         self.store = store
+        self.cache = cache
         self._template = build_network(cfg)
         self._arch = arch_fingerprint(cfg, self._template.state_dict())
+        self._other_arch = other_layout_arch(cfg)  # served before interactive.enabled changed: converts exactly
         self._lock = threading.Lock()
         self._loaded: dict[str, tuple[int, torch.nn.Module]] = {}
         super().__init__(
@@ -80,7 +85,27 @@ class GCMLSegInfer(BasicInferTask):
             device = f"cuda:{self.gpu()}"
             data["device"] = device
         with precision(self.cfg, torch.device(device)).autocast():
-            return super().run_inferer(data, convert_to_batch=convert_to_batch, device=device)
+            data = super().run_inferer(data, convert_to_batch=convert_to_batch, device=device)
+        if self.cache is not None and data.get("image_path") and data.get("gcml_model_version") is not None:
+            pred = data["pred"].argmax(0, keepdim=True).to("cpu", torch.uint8)
+            self.cache.put((str(data["image_path"]), int(data["gcml_model_version"])), pred.as_tensor()
+                           if hasattr(pred, "as_tensor") else pred)
+        return data
+
+    def base_prediction(self, data: dict[str, Any], network: torch.nn.Module, device) -> torch.Tensor:
+        """The zero-click prediction ``(1, D, H, W)`` uint8 of the request's image by the served version: cached,
+        else by the same sliding windows as ``gcml_seg``."""
+        key = (str(data.get("image_path")), int(data["gcml_model_version"]))
+        cached = self.cache.get(key) if self.cache is not None else None
+        if cached is not None and tuple(cached.shape[1:]) == tuple(data["image"].shape[1:]):
+            return cached
+        dev = torch.device(device)
+        image = data["image"].as_tensor() if hasattr(data["image"], "as_tensor") else data["image"]
+        pred = predict(network, image, self.cfg.roi_size, sw_batch_size(self.cfg, dev), self.cfg.validation.overlap,
+                       dev, precision(self.cfg, dev), self.cfg.out_channels).cpu()
+        if self.cache is not None:
+            self.cache.put(key, pred)
+        return pred
 
     def inferer(self, data=None) -> SlidingWindowInferer:
         """Windows on the request's device; the output is stitched there when it fits, else in host memory."""
@@ -112,13 +137,13 @@ class GCMLSegInfer(BasicInferTask):
             cached = self._loaded.get(device)
             if cached is None or cached[0] != version:
                 man = self.store.manifest(version)
-                if man.arch != self._arch:
+                if man.arch not in (self._arch, self._other_arch):
                     raise StoreError(
                         f"served version {version} was trained for another architecture ({man.arch[:19]}...) "
                         f"than this config builds ({self._arch[:19]}...); roll back or retrain"
                     )
                 net = build_network(self.cfg)
-                net.load_state_dict(self.store.load(version))
+                net.load_state_dict(fit_state(self.store.load(version), self.cfg, man.arch))
                 net.to(torch.device(device)).eval()
                 logger.info(f"gcml_seg: serving version {version} on {device}")
                 self._loaded = {device: (version, net)}

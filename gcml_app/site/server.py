@@ -25,7 +25,7 @@ from monailabel.app import app
 from monailabel.interfaces.utils.app import app_instance
 
 from gcml_app.config import ConfigError, load_config
-from gcml_app.errors import ImageRejected, LabelRejected, NoPublishedModel, NotEnoughLabels, PacsUnavailable
+from gcml_app.errors import ClickRejected, ImageRejected, LabelRejected, NoPublishedModel, NotEnoughLabels, PacsUnavailable
 from gcml_app.site.guard import Guard, GuardMiddleware
 from gcml_app.site.limits import FailureLimiter
 from gcml_app.site.routes import router
@@ -36,7 +36,7 @@ __all__ = ["app"]
 
 logger = logging.getLogger(__name__)
 
-_STATUS = {LabelRejected: 422, ImageRejected: 422, NoPublishedModel: 409, NotEnoughLabels: 409, StoreError: 500,
+_STATUS = {ClickRejected: 422, LabelRejected: 422, ImageRejected: 422, NoPublishedModel: 409, NotEnoughLabels: 409, StoreError: 500,
            PacsUnavailable: 503}
 
 
