@@ -1,0 +1,149 @@
+"""Clicks: the guidance signal, simulated clicks, refinement around clicks, the layout conversion (pure ML)."""
+
+import hashlib
+
+import numpy as np
+import pytest
+import torch
+from helpers import TINY
+
+from gcml_app.config import SiteConfig
+from gcml_app.ml.clicks import ClickSimulator, click_windows, guidance_signal, largest_error_click, refine
+from gcml_app.ml.network import arch_fingerprint, build_network, convert_guidance, fit_state, toggled_interactive
+
+
+def _cfg(enabled: bool, **net) -> SiteConfig:
+    network = net if net.get("name") == "SegResNet" else {**TINY["network"], **net}
+    return SiteConfig.model_validate({**TINY, "network": network, "interactive": {"enabled": enabled}})
+
+
+# ---------------------------------------------------------------- the guidance signal
+@pytest.mark.parametrize("clicks, channel, voxel, expected", [
+    ([(1, (5, 5, 5))], 1, (5, 5, 5), 1.0),                      # 1 at the click
+    ([(1, (5, 5, 5))], 0, (5, 5, 5), 0.0),                      # only in the click's channel
+    ([(1, (5, 5, 5))], 1, (5, 5, 8), float(np.exp(-9 / 18))),   # a Gaussian of sigma 3
+    ([(1, (5, 5, 5))], 1, (5, 5, 19), 0.0),                     # cut beyond 4 sigma
+    ([(2, (5, 5, 5)), (2, (5, 5, 7))], 2, (5, 5, 7), 1.0),      # the maximum over a channel's clicks
+    ([(0, (-3, 5, 5))], 0, (0, 5, 5), float(np.exp(-9 / 18))),  # a click outside the window reaches in
+])
+def test_guidance_signal(clicks, channel, voxel, expected):
+    g = guidance_signal(clicks, 3, (20, 20, 20), sigma=3.0)
+    assert g.shape == (3, 20, 20, 20) and float(g.max()) <= 1.0
+    assert float(g[(channel, *voxel)]) == pytest.approx(expected, abs=1e-6)
+
+
+def test_guidance_signal_refuses_an_unknown_channel():
+    with pytest.raises(ValueError, match="found channel 3; expected 0..2"):
+        guidance_signal([(3, (1, 1, 1))], 3, (4, 4, 4))
+
+
+def test_the_evaluation_click_is_at_the_centre_of_the_largest_error():
+    label = np.zeros((20, 20, 20), np.int64)
+    label[2:5, 2:5, 2:5] = 1          # a small missed organ (27 voxels)
+    label[10:17, 10:17, 10:17] = 1    # a large missed organ (343 voxels): the click goes here
+    pred = np.zeros_like(label)
+    pred[0, 0, 0:3] = 2               # a false positive: a background click, but smaller
+    assert largest_error_click(pred, label, 3) == (1, (13, 13, 13))
+    pred = label.copy()
+    pred[0:6, 0:6, 15:20] = 2         # now the largest error is a false positive (150 voxels)
+    assert largest_error_click(pred, label, 3)[0] == 0
+    assert largest_error_click(label, label, 3) is None
+
+
+def test_every_clicked_item_of_a_batch_gets_seeds_and_the_rest_zero_guidance():
+    net = build_network(_cfg(True))
+    x = torch.randn(4, 1, 32, 32, 32)
+    y = torch.zeros(4, 1, 32, 32, 32, dtype=torch.long)
+    y[:, :, 8:20, 8:20, 8:20] = 1
+    y[:, :, 12:15, 12:15, 12:15] = 2
+    xg = ClickSimulator(3, 1.0, 1, 3.0, seed=0)(net, x, y)
+    assert xg.shape == (4, 4, 32, 32, 32) and torch.equal(xg[:, :1], x)
+    assert (xg[:, 1:].amax(dim=(2, 3, 4)) == 1).all()  # every item, every class present got a seed click
+    assert torch.equal(ClickSimulator(3, 0.0, 1, 3.0)(net, x, y)[:, 1:], torch.zeros(4, 3, 32, 32, 32))
+    share = ClickSimulator(3, 0.5, 0, 3.0, seed=1)
+    clicked = [bool(share(net, x[:1], y[:1])[:, 1:].any()) for _ in range(200)]
+    assert 0.4 < np.mean(clicked) < 0.6
+
+
+# ---------------------------------------------------------------- refinement around clicks
+class _Follows(torch.nn.Module):
+    """A stand-in network for one piece (refine's merge): predicts the base segmentation of the *image* (a
+    threshold), and wherever a guidance channel exceeds 0.5, that channel's class."""
+
+    guidance_channels = 3
+
+    def forward(self, x):
+        logits = torch.stack([0.5 - x[:, 0], x[:, 0] - 0.5, torch.zeros_like(x[:, 0]) - 1], 1) * 4
+        g = x[:, 1:]
+        return torch.where(g > 0.5, g * 100, logits)
+
+
+def test_refine_adds_a_clicked_organ_removes_a_clicked_false_positive_and_leaves_the_rest():
+    image = torch.zeros(1, 48, 48, 48)
+    image[0, 30:40, 30:40, 30:40] = 1.0        # an organ the image shows: the base has it
+    base = (image > 0.5).to(torch.uint8)
+    base[0, 2:5, 2:5, 2:5] = 1                 # a false positive far away
+    model = _Follows()
+
+    out = refine(model, image, base, [(1, (10, 10, 40))], (32, 32, 32), sigma=3.0)
+    added = out[0] != base[0]
+    assert added[10, 10, 40] and int(added.sum()) > 0  # the clicked voxel's blob became organ
+    assert out[0, 2:5, 2:5, 2:5].eq(1).all()         # untouched far from the click (inside its window, too)
+
+    out = refine(model, image, base, [(0, (3, 3, 3))], (32, 32, 32), sigma=3.0)
+    assert out[0, 2:5, 2:5, 2:5].eq(0).all()          # the background click removed the false positive
+    assert torch.equal(out[0, 30:40, 30:40, 30:40], base[0, 30:40, 30:40, 30:40])
+    assert torch.equal(refine(model, image, base, [], (32, 32, 32)), base)
+
+
+@pytest.mark.parametrize("clicks, shape, roi, expected", [
+    ([(1, (20, 20, 20))], (64, 64, 64), (32, 32, 32), [(4, 4, 4)]),
+    ([(1, (20, 20, 20)), (1, (25, 20, 20))], (64, 64, 64), (32, 32, 32), [(4, 4, 4)]),  # in the first's centre
+    ([(1, (20, 20, 20)), (1, (50, 20, 20))], (64, 64, 64), (32, 32, 32), [(4, 4, 4), (32, 4, 4)]),
+    ([(1, (1, 1, 1))], (16, 64, 64), (32, 32, 32), [(0, 0, 0)]),  # a volume smaller than the ROI
+])
+def test_click_windows(clicks, shape, roi, expected):
+    assert click_windows(clicks, shape, roi) == expected
+
+
+# ---------------------------------------------------------------- layouts: with and without guidance
+@pytest.mark.parametrize("net", [{}, {"num_res_units": 0}, {"name": "SegResNet", "init_filters": 8,
+                                                            "blocks_down": [1, 1], "blocks_up": [1]}])
+def test_conversion_between_layouts_is_exact_on_the_zero_click_output(net):
+    plain, inter = _cfg(False, **net), _cfg(True, **net)
+    torch.manual_seed(0)
+    a = build_network(plain).eval()
+    b = build_network(inter).eval()
+    x = torch.randn(2, 1, 32, 32, 32)
+    with torch.no_grad():
+        b.load_state_dict(convert_guidance(a.state_dict(), inter))  # without guidance -> interactive
+        assert torch.allclose(a(x), b(x), atol=1e-5)
+        assert torch.allclose(b(x), b(torch.cat([x, torch.zeros(2, 3, 32, 32, 32)], 1)))  # padding is zero guidance
+        for p in b.parameters():  # a trained interactive model, with non-zero guidance weights
+            p.add_(torch.randn_like(p) * 0.01)
+        a.load_state_dict(convert_guidance(b.state_dict(), plain))  # interactive -> without guidance
+        assert torch.allclose(a(x), b(x), atol=1e-5)
+    assert fit_state(a.state_dict(), inter).keys() == b.state_dict().keys()
+
+
+def test_conversion_refuses_another_architecture_by_name():
+    other = build_network(_cfg(False, channels=[4, 8, 32])).state_dict()
+    with pytest.raises(ValueError, match=r"guidance conversion: weight backbone\..* has shape"):
+        convert_guidance(other, _cfg(True))
+
+
+def test_interactive_off_keeps_todays_network_and_fingerprint_exactly():
+    off = _cfg(False)
+    assert off == SiteConfig.model_validate(TINY).model_copy(update={"interactive": off.interactive})
+    state = build_network(off).state_dict()
+    # the fingerprint of TINY before interactive existed (commit 6ade86b), recomputed from scratch
+    assert arch_fingerprint(off, state) == "sha256:55ad8737d088abe0606014ca7b317ffe2e75f4827bf820488ce624bda9f95b09"
+    assert arch_fingerprint(SiteConfig.model_validate(TINY), state) == arch_fingerprint(off, state)
+    on = toggled_interactive(off)
+    assert arch_fingerprint(on, build_network(on).state_dict()) != arch_fingerprint(off, state)
+    torch.manual_seed(0)
+    w = hashlib.sha256(b"".join(v.numpy().tobytes() for _, v in sorted(build_network(off).state_dict().items())))
+    torch.manual_seed(0)
+    w2 = hashlib.sha256(b"".join(v.numpy().tobytes() for _, v in
+                                 sorted(build_network(SiteConfig.model_validate(TINY)).state_dict().items())))
+    assert w.hexdigest() == w2.hexdigest()
