@@ -148,6 +148,22 @@ def simulation_config(epochs: int) -> dict:
             "validation": {"sw_batch_size": 4}, "dcml": {"samples_per_class": 128}, "state_dir": "unused"}
 
 
+def format_clicks(res: dict) -> str:
+    """The --interactive table: per method and site, test Dice after k clicks and NoC (mean over seeds)."""
+    c = res["clicks"]
+    any_site = next(iter(next(iter(c.values())).values()))
+    ks = [k for k in any_site if k.startswith("clicks_")]
+    nocs = [k for k in any_site if k.startswith("noc")]
+    lines = ["test Dice after k simulated clicks (mean +- std over seeds) and NoC (clicks to reach a Dice, cap 20)",
+             f"{'method':10s} {'site':8s} " + " ".join(f"{k.replace('clicks_', 'k='):>13s}" for k in ks)
+             + " " + " ".join(f"{k:>11s}" for k in nocs)]
+    for m, per in c.items():
+        for n, v in per.items():
+            lines.append(f"{m:10s} {n:8s} " + " ".join(f"{v[k][0]:6.3f}+-{v[k][1]:5.3f}" for k in ks) + " "
+                         + " ".join(f"{v[k][0]:5.2f}+-{v[k][1]:4.2f}" for k in nocs))
+    return "\n".join(lines)
+
+
 def _simulate(args: argparse.Namespace) -> int:
     from functools import partial
 
@@ -168,6 +184,8 @@ def _simulate(args: argparse.Namespace) -> int:
     if args.data and args.init == "pretrained":
         raise ConfigError("--init pretrained: its bundle is trained on phantoms of the simulator's task; on your own "
                           "data, set network.init_from in --config to your bundle or checkpoint")
+    if args.interactive:
+        cfg = cfg.model_copy(update={"interactive": cfg.interactive.model_copy(update={"enabled": True})})
     _check_network(cfg, first_model=True)
     if args.active:
         return _simulate_active(args, cfg, out)
@@ -176,7 +194,10 @@ def _simulate(args: argparse.Namespace) -> int:
                    warmup_epochs=args.warmup_epochs, seeds=args.seeds, transport=args.transport,
                    gate=args.gate == "on", jobs=args.jobs, scenario=scenario, pretrain_epochs=pretrain)
     print(format_summary(res))
-    print(f"wrote {out}/results.json, results.csv, dice_vs_round.png, dice_vs_bytes.png ({res['seconds']:.0f} s)")
+    if "clicks" in res:
+        print(format_clicks(res))
+    print(f"wrote {out}/results.json, results.csv, dice_vs_round.png, dice_vs_bytes.png"
+          + (", dice_vs_clicks.png" if "clicks" in res else "") + f" ({res['seconds']:.0f} s)")
     return 0
 
 
@@ -445,6 +466,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--init", default="random", choices=["random", "pretrained"],
                    help="sites start from random weights, or from a bundle trained at a separate synthetic site")
     s.add_argument("--pretrain-epochs", type=int, default=40, help="--init pretrained: that site's training epochs")
+    s.add_argument("--interactive", action="store_true",
+                   help="interactive.enabled at every site: every method trains with simulated clicks, and the final "
+                   "models are scored after 0, 1, 3, 5, 10 clicks and by NoC@85/90 (dice_vs_clicks.png)")
     s.add_argument("--active", action="store_true",
                    help="which cases to label: each site starts with --start labels and labels --k per round")
     s.add_argument("--strategies", default=None, help="--active: comma-separated; default random,epistemic,disagreement")

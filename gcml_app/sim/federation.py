@@ -36,6 +36,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -45,8 +46,9 @@ from gcml_app.ml.evaluate import mean_dice
 from gcml_app.sim.data import SimSite
 from gcml_app.sim.methods import ARMS, DEFAULT_METHODS
 from gcml_app.sim.pretrain import pretrained_bundle
-from gcml_app.sim.report import plot, summarize_rows
-from gcml_app.sim.run import Node, Run
+from gcml_app.sim.report import plot, plot_clicks, summarize_clicks, summarize_rows
+from gcml_app.sim.run import CLICKS, NOC, Node, Run
+from gcml_app.store import ModelStore
 
 __all__ = ["ARMS", "run_seed", "simulate"]
 
@@ -108,6 +110,14 @@ def run_seed(cfg: SiteConfig, sites: list[SimSite], out: Path, seed: int, method
 
     for m in methods:
         _run_method(run, m, rounds, warm, emit)
+        if cfg.interactive.enabled:  # what a radiologist feels: the final served models, clicked
+            for s in sites:
+                store = ModelStore(run.root / m / s.name / "models")
+                curve = run.click_curve(s.name, store.load(store.served_version()))
+                rows.append({"seed": seed, "method": m, "round": "clicks", "site": s.name,
+                             **{f"clicks_{k}": round(float(np.mean([c["dice"][k] for c in curve])), 4) for k in CLICKS},
+                             **{f"noc{round(t * 100)}": round(float(np.mean([c["noc"][t] for c in curve])), 2)
+                                for t in NOC}})
     bar.close()
     return rows, run.model_bytes
 
@@ -149,6 +159,8 @@ def simulate(cfg: SiteConfig, sites_of_seed, out: str | Path, *, methods: list[s
     else:
         parts = [run_seed(*a, pretrain_epochs=pretrain_epochs) for a in args]
     rows = [r for p, _ in parts for r in p]
+    click_rows = [r for r in rows if r["round"] == "clicks"]
+    rows = [r for r in rows if r["round"] != "clicks"]
     model_bytes = parts[0][1]
     names = [s.name for s in site_lists[0]]
     result = {
@@ -164,6 +176,10 @@ def simulate(cfg: SiteConfig, sites_of_seed, out: str | Path, *, methods: list[s
         "summary": summarize_rows(rows, methods, names, rounds),
         "rows": rows,
     }
+    if click_rows:
+        result["clicks"] = summarize_clicks(click_rows, methods, names)
+        result["click_rows"] = click_rows
+        plot_clicks(result["clicks"], methods, names, out)
     (out / "results.json").write_text(json.dumps(result, indent=1))
     with open(out / "results.csv", "w", newline="") as f:
         keys = list(dict.fromkeys(k for x in rows for k in x))

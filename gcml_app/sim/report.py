@@ -6,7 +6,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-__all__ = ["plot", "summarize_rows"]
+__all__ = ["plot", "plot_clicks", "summarize_clicks", "summarize_rows"]
 
 
 def _mean_std(xs: list[float]) -> tuple[float, float]:
@@ -115,4 +115,50 @@ def plot(rows, methods, names, rounds, summary, out: Path) -> None:
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(out / "dice_vs_bytes.png", dpi=100)
+    plt.close(fig)
+
+
+def summarize_clicks(rows: list[dict], methods: list[str], names: list[str]) -> dict[str, Any]:
+    """``gcml simulate --interactive``: per method and site, test Dice after k clicks and NoC (mean, std over seeds),
+    and each method's Dice after 3 clicks against ``local2x``'s, paired by seed per site.
+
+    Args:
+        rows: one per seed, method and site, with ``clicks_<k>`` and ``noc<t>`` (means over the test cases).
+    """
+    keys = [k for k in rows[0] if k.startswith(("clicks_", "noc"))]
+    at = {(r["method"], r["site"], r["seed"]): r for r in rows}
+    seeds = sorted({r["seed"] for r in rows})
+    out: dict[str, Any] = {}
+    for m in methods:
+        per = {}
+        for n in names:
+            per[n] = {k: [round(v, 4) for v in _mean_std([at[(m, n, s)][k] for s in seeds])] for k in keys}
+            if m != "local2x" and "local2x" in methods:
+                per[n]["vs_local2x_clicks_3"] = _paired({(mm, nn, s): at[(mm, nn, s)]["clicks_3"] for (mm, nn, s) in at},
+                                                       m, "local2x", n, seeds)
+        out[m] = per
+    return out
+
+
+def plot_clicks(summary: dict[str, Any], methods: list[str], names: list[str], out: Path) -> None:
+    """``dice_vs_clicks.png``: test Dice against simulated clicks, one panel per site, one line per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ks = sorted(int(k.split("_")[1]) for k in summary[methods[0]][names[0]] if k.startswith("clicks_"))
+    fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names), 3.2), sharey=True, squeeze=False)
+    for ax, n in zip(axes[0], names):
+        for m in methods:
+            mean = [summary[m][n][f"clicks_{k}"][0] for k in ks]
+            std = [summary[m][n][f"clicks_{k}"][1] for k in ks]
+            ax.errorbar(ks, mean, yerr=std, marker="o", capsize=2, label=m)
+        ax.set_title(n)
+        ax.set_xlabel("simulated clicks")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("test Dice (mean over labels)")
+    axes[0][-1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "dice_vs_clicks.png", dpi=100)
     plt.close(fig)

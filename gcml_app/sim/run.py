@@ -18,7 +18,7 @@ from pydantic import ValidationError
 
 from gcml_app.config import ConfigError, SiteConfig
 from gcml_app.config.site import format_errors
-from gcml_app.ml.clicks import click_simulator
+from gcml_app.ml.clicks import click_curve, click_simulator
 from gcml_app.ml.device import precision, sw_batch_size, train_device
 from gcml_app.ml.evaluate import dice_per_case, mean_over_cases
 from gcml_app.ml.network import build_network
@@ -31,6 +31,10 @@ from gcml_app.store import ModelStore
 from gcml_app.util.files import atomic_write
 
 __all__ = ["Node", "Run"]
+
+CLICKS = (0, 1, 3, 5, 10)  # the clicks after which gcml simulate --interactive reports test Dice
+NOC = (0.85, 0.9)          # the Dice thresholds whose NoC (clicks needed) it reports
+NOC_CAP = 20               # NoC of a case that never reaches the threshold
 
 _TOKEN = "simulated-partner-token"
 # what only a deployment has (whom it talks to, how it serves and guards itself): the simulator's own
@@ -178,6 +182,14 @@ class Run:
         if key not in self._test_dice:
             self._test_dice[key] = mean_over_cases(self.scores(node.name, node.store.load(served.version), "test"))
         return self._test_dice[key]
+
+    def click_curve(self, name: str, state: State) -> list[dict]:
+        """Per test case of site ``name``: Dice after :data:`CLICKS` simulated clicks and NoC@85/90 (capped at
+        :data:`NOC_CAP`), by the DeepEdit/DeepGrow protocol (:func:`~gcml_app.ml.clicks.click_curve`)."""
+        c = self.cfgs[name]
+        return click_curve(self.net(state), self.data[name]["test"], len(c.labels), c.roi_size, CLICKS, NOC,
+                           NOC_CAP, c.interactive.sigma, sw_batch_size(c, self.device), c.validation.overlap,
+                           self.device, precision(c, self.device))
 
     def init_state(self) -> State:
         """The central methods' shared start: the seed's random weights, or ``network.init_from``'s."""
