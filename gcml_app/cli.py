@@ -9,7 +9,7 @@
     gcml demo [--out gcml-demo --port 8001 --epochs 30 --gossip-epochs 5 --rounds 3 --no-wait --pacs]
     gcml simulate [--scenario few-labels --seeds 3 --rounds 8 --methods local,gcml,... --data DIR]
     gcml simulate --active [--k 2 --start 2 --strategies random,epistemic,disagreement]
-    gcml bench [--out gcml-bench --quick] [--scale | --gpu]
+    gcml bench [--out gcml-bench --quick] [--scale | --clicks | --gpu]
     gcml token new --peer site-b [--id site-b-2026q4]     a partner token, printed once, and its hash
     gcml certs --out pki --sites site-a,site-b,site-c     a trial CA and site certificates (mutual TLS)
 """
@@ -360,9 +360,24 @@ def _bench_gpu(args: argparse.Namespace) -> int:
     return 0 if r["ok"] else 1
 
 
+def _bench_clicks(args: argparse.Namespace) -> int:
+    from gcml_app.sim.clickbench import click_bench
+
+    r = click_bench(args.out, quick=args.quick)
+    m, q = r["median_s"], r["ratio_to_gcml_seg"]
+    print(f"clicks on a {'x'.join(map(str, r['shape_xyz_1mm']))} volume (ROI {r['roi_size'][0]}): gcml_seg "
+          f"{m['gcml_seg']:.2f} s; a click {m['click_1']:.2f} s ({q['click_1']:.3f}x), five clicks {m['click_5']:.2f} s "
+          f"({q['click_5']:.3f}x), the first click on an uncached case {m['first_click_uncached']:.2f} s "
+          f"({q['first_click_uncached']:.3f}x); target <= {r['target_ratio']}x")
+    print(f"wrote {Path(args.out).resolve()}/clicks.json")
+    return 0
+
+
 def _bench(args: argparse.Namespace) -> int:
     if args.scale:
         return _bench_scale(args)
+    if args.clicks:
+        return _bench_clicks(args)
     if args.gpu:
         return _bench_gpu(args)
     from gcml_app.sim.bench import bench
@@ -499,6 +514,8 @@ def _parser() -> argparse.ArgumentParser:
     mode = s.add_mutually_exclusive_group()
     mode.add_argument("--scale", action="store_true", help="round memory and time against N on realistic-size "
                       "volumes -> scale.json, scale.png")
+    mode.add_argument("--clicks", action="store_true", help="a click's latency (gcml_edit) against a full gcml_seg "
+                      "of the same 192x192x160 volume -> clicks.json")
     mode.add_argument("--gpu", action="store_true", help="the GPU check (AMP DCML step, a round on 8 realistic "
                       "volumes, inference) -> gpu_check.json; on a CPU at reduced sizes")
     s.set_defaults(func=_bench)
