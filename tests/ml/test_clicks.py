@@ -147,3 +147,25 @@ def test_interactive_off_keeps_todays_network_and_fingerprint_exactly():
     w2 = hashlib.sha256(b"".join(v.numpy().tobytes() for _, v in
                                  sorted(build_network(SiteConfig.model_validate(TINY)).state_dict().items())))
     assert w.hexdigest() == w2.hexdigest()
+
+
+# ---------------------------------------------------------------- partners across the rollout
+def test_a_partner_without_guidance_is_accepted_and_converted_and_another_layout_refused_by_name():
+    from gcml_app.federation.payload import accepted_archs, encode_weights, verify_weights
+    from gcml_app.federation.task import task_differences, task_of
+
+    ours, theirs = _cfg(True), _cfg(False)
+    plain = build_network(theirs).state_dict()
+    fp = arch_fingerprint(theirs, plain)
+    assert fp in accepted_archs(ours)
+    state = verify_weights(encode_weights(plain, arch=fp), ours)
+    assert state.keys() == build_network(ours).state_dict().keys()
+    assert all(tuple(v.shape) == tuple(build_network(ours).state_dict()[k].shape) for k, v in state.items())
+    assert task_differences(task_of(ours), task_of(theirs), "site-b") == []  # with and without guidance convert
+    two = SiteConfig.model_validate({**TINY, "input_channels": 2, "interactive": {"enabled": True}})
+    with pytest.raises(ValueError, match="architecture .* differs from ours"):
+        verify_weights(encode_weights(build_network(two).state_dict()), ours)
+    assert task_differences(task_of(ours), task_of(two), "site-b") == ["input_channels: ours 1, site-b 2"]
+    other = {**task_of(ours), "guidance": ["background", "lesion", "organ"]}
+    assert "guidance: ours ['background', 'organ', 'lesion'], site-b ['background', 'lesion', 'organ']" in \
+        task_differences(task_of(ours), other, "site-b")

@@ -416,3 +416,28 @@ def test_simulate_data_trains_on_an_unlabelled_pool_only_when_there_is_one(tmp_p
     assert set(res["summary"]["gcml"]["per_site"]["x"]["vs_local2x"]) == {"mean", "std", "wins", "ties", "n"}
     printed = capsys.readouterr().out
     assert "paired vs local2x, the same compute alone" in printed and "2.00x" in printed
+
+
+def test_click_summary_pairs_against_local2x_and_plots(tmp_path):
+    from gcml_app.sim.report import plot_clicks, summarize_clicks
+
+    rows = [{"seed": s, "method": m, "round": "clicks", "site": n, "clicks_0": 0.5 + d, "clicks_3": 0.6 + d + s / 100,
+             "noc90": 10 - s}
+            for s in (0, 1) for m, d in (("local2x", 0.0), ("gcml", 0.05)) for n in ("a", "b")]
+    out = summarize_clicks(rows, ["local2x", "gcml"], ["a", "b"])
+    assert out["gcml"]["a"]["clicks_3"] == [0.655, pytest.approx(0.0071, abs=1e-4)]
+    assert out["gcml"]["a"]["vs_local2x_clicks_3"] == {"mean": 0.05, "std": 0.0, "wins": 2, "ties": 0, "n": 2}
+    assert "vs_local2x_clicks_3" not in out["local2x"]["a"] and out["local2x"]["b"]["noc90"] == [9.5, 0.7071]
+    plot_clicks(out, ["local2x", "gcml"], ["a", "b"], tmp_path)
+    assert (tmp_path / "dice_vs_clicks.png").stat().st_size > 1000
+
+
+@pytest.mark.slow
+def test_bench_clicks_quick_writes_the_ratios(tmp_path):
+    from gcml_app.sim.clickbench import click_bench
+
+    r = click_bench(tmp_path / "b", quick=True, repeats=1)
+    assert set(r["median_s"]) == {"gcml_seg", "first_click_uncached", "click_1", "click_5"}
+    assert all(v > 0 for v in r["median_s"].values()) and set(r["ratio_to_gcml_seg"]) == {
+        "first_click_uncached", "click_1", "click_5"}
+    assert (tmp_path / "b" / "clicks.json").exists()
