@@ -214,11 +214,14 @@ class LoadReport:
                 "mismatched": self.mismatched[:_SHOWN * 4]}
 
 
-def load_backbone(backbone: torch.nn.Module, state: dict[str, torch.Tensor], strict: bool, source: str) -> LoadReport:
+def load_backbone(backbone: torch.nn.Module, state: dict[str, torch.Tensor], strict: bool, source: str,
+                  guidance: int = 0) -> LoadReport:
     """Load ``state`` into ``backbone``: all of it (``strict``), or the keys whose names and shapes match.
 
     A state dict of a whole :class:`~gcml_app.ml.network.GCMLNet` (``backbone.*``, ``head.*``) gives its
-    backbone; its projection head is not used (the head starts fresh, as from a bundle).
+    backbone; its projection head is not used (the head starts fresh, as from a bundle). With ``guidance``
+    click channels (``interactive.enabled``), a bundle trained without them fits exactly: each weight whose
+    input dimension lacks exactly those channels gets them as zeros (zero guidance is the bundle's model).
 
     Raises:
         InitError: ``strict`` and any key missing, unexpected or mis-shaped (each named), or nothing matches.
@@ -226,6 +229,11 @@ def load_backbone(backbone: torch.nn.Module, state: dict[str, torch.Tensor], str
     if any(k.startswith("backbone.") for k in state):
         state = {k.removeprefix("backbone."): v for k, v in state.items() if not k.startswith("head.")}
     ours = backbone.state_dict()
+    if guidance:
+        state = {k: torch.cat([v, v.new_zeros((v.shape[0], guidance, *v.shape[2:]))], 1)
+                 if k in ours and v.dim() >= 2 and v.shape[1] + guidance == ours[k].shape[1]
+                 and v.shape[0] == ours[k].shape[0] and v.shape[2:] == ours[k].shape[2:] else v
+                 for k, v in state.items()}
     missing = [k for k in ours if k not in state]
     unexpected = [k for k in state if k not in ours]
     mismatched = [f"{k}: theirs {list(state[k].shape)} vs ours {list(v.shape)}" for k, v in ours.items()

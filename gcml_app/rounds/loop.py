@@ -106,7 +106,7 @@ def initial_state(cfg: SiteConfig) -> tuple[dict[str, torch.Tensor], dict[str, A
     if init is None:
         return net.state_dict(), {"mode": "fresh"}
     weights = read_bundle(init).weights if is_bundle(init) else init
-    report = load_backbone(net.backbone, read_weights(weights), cfg.network.strict, str(init))
+    report = load_backbone(net.backbone, read_weights(weights), cfg.network.strict, str(init), len(cfg.guidance_names))
     start = {**start_of(init), **report.as_record()}
     logger.info(f"gcml[{cfg.site}] first model from {start.get('bundle') or start.get('checkpoint')}: "
                 f"{report.loaded} weights loaded")

@@ -20,7 +20,7 @@ import SimpleITK as sitk
 import torch
 
 from gcml_app.config import SiteConfig
-from gcml_app.ml.network import arch_fingerprint, build_network
+from gcml_app.rounds.loop import run_round
 from gcml_app.sim.scale import ct_volume
 from gcml_app.site.edit import GCMLEditInfer, PredictionCache, warm_writer
 from gcml_app.site.infer import GCMLSegInfer
@@ -39,7 +39,7 @@ def _site(state: Path, quick: bool) -> SiteConfig:
         "site": "clicks", "labels": {"organ": 1, "lesion": 2}, "spacing": [1.0, 1.0, 1.0],
         "roi_size": [32] * 3 if quick else [96] * 3, "intensity": {"mode": "range", "a_min": -200, "a_max": 300},
         "network": net, "state_dir": str(state), "interactive": {"enabled": True},
-        "validation": {"overlap": 0.25}})
+        "validation": {"overlap": 0.25, "fraction": 0.5, "min_cases": 1}, "train": {"warm": False, "epochs": 1}})
 
 
 def click_bench(out: str | Path, quick: bool = False, repeats: int = 3) -> dict[str, Any]:
@@ -53,16 +53,19 @@ def click_bench(out: str | Path, quick: bool = False, repeats: int = 3) -> dict[
     out.mkdir(parents=True, exist_ok=True)
     cfg = _site(out / "work" / "state", quick)
     shape = (64, 64, 64) if quick else CLICK_SHAPE
+    cases = []
+    for seed in range(2):  # one to train a round on, one to validate it (the served model: a round's, gated)
+        image, label = ct_volume(shape, seed=seed)
+        path, lpath = out / "work" / f"ct_{seed}.nii.gz", out / "work" / f"ct_{seed}_label.nii.gz"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        sitk.WriteImage(image, str(path))
+        sitk.WriteImage(label, str(lpath))
+        cases.append({"id": f"ct_{seed}", "image": str(path), "label": str(lpath)})
     image, label = ct_volume(shape, seed=0)
-    path = out / "work" / "ct.nii.gz"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    sitk.WriteImage(image, str(path))
+    path = Path(cases[0]["image"])
     store = ModelStore(cfg.state_dir / "models")
     if store.served_version() is None:
-        torch.manual_seed(0)
-        net = build_network(cfg)
-        store.publish(net.state_dict(), arch=arch_fingerprint(cfg, net.state_dict()), val_dice={}, n_train=0,
-                      n_val=0, produced_by="bench", site=cfg.site)
+        run_round(cfg, store, cases, epochs=1)
     warm_writer()
     cache = PredictionCache(4)
     seg, edit = GCMLSegInfer(cfg, store, cache), GCMLEditInfer(cfg, store, cache)

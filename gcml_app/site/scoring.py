@@ -48,7 +48,7 @@ from gcml_app.federation.peers import PeerBook
 from gcml_app.federation.state import GossipState
 from gcml_app.ml.acquisition import competence, disagreement, draw_proportional, epistemic_entropy, soft_predict
 from gcml_app.ml.device import precision, sw_batch_size, train_device
-from gcml_app.ml.network import build_network
+from gcml_app.ml.network import build_network, fit_state
 from gcml_app.ml.transforms import image_transforms, val_transforms
 from gcml_app.site.process import is_background_process, lower_priority
 from gcml_app.store import ModelStore
@@ -108,13 +108,13 @@ def load_models(cfg: SiteConfig, store: ModelStore, com: Committee,
         ``(served, {partner: network}, {partner: why it was left out})``.
     """
     served = build_network(cfg)
-    served.load_state_dict(store.load(com.served))
+    served.load_state_dict(fit_state(store.load(com.served), cfg))  # from before interactive changed: exact
     state = GossipState(cfg.state_dir)
     nets, skipped = {}, {}
     for name in com.partners:
         try:
             net = build_network(cfg)
-            net.load_state_dict(load_file(state.cached_model(name)))
+            net.load_state_dict(fit_state(load_file(state.cached_model(name)), cfg))  # either guidance layout
             nets[name] = net.to(device).eval()
         except Exception as e:  # a partner's file must never stop the site's own scoring
             skipped[name] = clean(f"{type(e).__name__}: {e}", 200)

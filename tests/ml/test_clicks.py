@@ -169,3 +169,19 @@ def test_a_partner_without_guidance_is_accepted_and_converted_and_another_layout
     other = {**task_of(ours), "guidance": ["background", "lesion", "organ"]}
     assert "guidance: ours ['background', 'organ', 'lesion'], site-b ['background', 'lesion', 'organ']" in \
         task_differences(task_of(ours), other, "site-b")
+
+
+def test_a_bundle_without_guidance_starts_an_interactive_site_as_the_bundle_model():
+    from gcml_app.ml.bundle import load_backbone
+
+    plain, inter = _cfg(False), _cfg(True)
+    torch.manual_seed(1)
+    bundle = build_network(plain).backbone.eval()
+    net = build_network(inter).eval()
+    with pytest.raises(Exception, match="does not fit this network: 2 mis-shaped"):
+        load_backbone(net.backbone, bundle.state_dict(), True, "bundle")
+    report = load_backbone(net.backbone, bundle.state_dict(), True, "bundle", guidance=3)
+    assert report.complete
+    x = torch.randn(1, 1, 32, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(net(x), bundle(x), atol=1e-5)
