@@ -18,6 +18,7 @@ from GCMLFederationLib import (
     active_rows,
     active_text,
     dice_series,
+    interactive_text,
     labels_text,
     partner_rows,
     rollback_choices,
@@ -191,7 +192,8 @@ class GCMLFederationWidget(ScriptedLoadableModuleWidget):
         """Fill every section from one ``/gcml/status`` and ``/gcml/history`` answer."""
         self.status, self.history = status, history
         self.ui.connectionLabel.text = f"Connected to {self.logic.client.url} (site {status.get('site')})"
-        self.ui.servedLabel.text = served_text(status, history) + "\n" + working_text(status)
+        self.ui.servedLabel.text = (served_text(status, history) + "\n" + working_text(status) + "\n"
+                                    + interactive_text(status))
         self._fillTable(self.ui.roundsTable, round_rows(history), ["time", "trigger", "peer", "result", "bytes"])
         self._fillTable(self.ui.partnersTable, partner_rows(status),
                         ["name", "reachable", "last_exchange", "score", "note"])

@@ -33,6 +33,7 @@ from GCMLFederationLib import (  # noqa: E402
     active_rows,
     active_text,
     dice_series,
+    interactive_text,
     labels_text,
     partner_rows,
     published_how,
@@ -380,3 +381,19 @@ def test_active_rows_list_the_top_cases_with_the_partners_that_disagree_most_fir
 def test_active_text_says_how_current_the_scores_are(active, lines):
     text = active_text({"active": active} if active else {}, now=NOW).splitlines()
     assert text[:len(lines)] == lines
+
+
+@pytest.mark.parametrize("interactive, expected", [
+    (None, "click to correct: off (interactive.enabled in the site YAML turns on gcml_edit)"),
+    ({"enabled": True, "gate_clicks": 3}, "click to correct: on (gcml_edit); no round has scored clicks yet"),
+    ({"enabled": True, "gate_clicks": 3, "last_round": {"winner": "local", "zero_click_dice": {"served": 0.8, "local": 0.85},
+                                                          "click_dice": {"clicks": 3, "served": 0.86, "local": 0.9}}},
+     "click to correct: on (gcml_edit); the served model's validation mean Dice 0.800 with no click, 0.860 after 3 "
+     "simulated clicks"),
+    ({"enabled": True, "gate_clicks": 3, "last_round": {"winner": "local", "zero_click_dice": {"local": 0.5},
+                                                          "click_dice": {"clicks": 3, "local": 0.6}}},
+     "click to correct: on (gcml_edit); the local model's validation mean Dice 0.500 with no click, 0.600 after 3 "
+     "simulated clicks"),
+])
+def test_interactive_text(interactive, expected):
+    assert interactive_text({"interactive": interactive} if interactive else {}) == expected

@@ -13,6 +13,7 @@ __all__ = [
     "active_rows",
     "active_text",
     "dice_series",
+    "interactive_text",
     "labels_text",
     "partner_rows",
     "published_how",
@@ -232,6 +233,25 @@ def working_text(status: dict[str, Any]) -> str:
     score = f", validation mean Dice {mean:.3f}" if mean is not None else ""
     return (f"working model: {n} round{'s' if n != 1 else ''} of training not yet published{score}; "
             "it is served once it beats the served model on the held-out cases")
+
+
+def interactive_text(status: dict[str, Any]) -> str:
+    """Click to correct (``/gcml/status`` ``interactive``): off, or the served and candidate models' validation Dice
+    with no click and after the gate's simulated clicks, from the last round that scored them."""
+    it = status.get("interactive") or {}
+    if not it.get("enabled"):
+        return "click to correct: off (interactive.enabled in the site YAML turns on gcml_edit)"
+    last = it.get("last_round")
+    if not last:
+        return "click to correct: on (gcml_edit); no round has scored clicks yet"
+    k = (last.get("click_dice") or {}).get("clicks", it.get("gate_clicks"))
+    who = "served" if "served" in (last.get("click_dice") or {}) else last.get("winner")
+    zero = (last.get("zero_click_dice") or {}).get(who)
+    clicked = (last.get("click_dice") or {}).get(who)
+    if zero is None or clicked is None:
+        return "click to correct: on (gcml_edit)"
+    return (f"click to correct: on (gcml_edit); the {'served' if who == 'served' else who} model's validation mean "
+            f"Dice {zero:.3f} with no click, {clicked:.3f} after {k} simulated clicks")
 
 
 def training_text(status: dict[str, Any]) -> tuple[str, int | None]:
