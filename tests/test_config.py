@@ -53,6 +53,11 @@ BAD = [
     ({"gossip": {"max_abs_weight": -1}}, r"gossip.max_abs_weight: found -1; expected greater than 0"),
     ({"finetune": {"min_new_labels": -1}}, r"finetune.min_new_labels: found -1"),
     ({"serve": {"port": 70000}}, r"serve.port: found 70000; expected less than or equal to 65535"),
+    ({"interactive": {"click_probability": 1.5}}, r"interactive.click_probability: found 1.5; expected less than or equal to 1"),
+    ({"interactive": {"enabled": "sometimes"}}, r"interactive.enabled: found 'sometimes'; expected a valid boolean"),
+    ({"interactive": {"gate_clicks": 21}}, r"interactive.gate_clicks: found 21; expected less than or equal to 20"),
+    ({"interactive": {"sigma": 0}}, r"interactive.sigma: found 0; expected greater than 0"),
+    ({"interactive": {"clicks": 3}}, r"interactive.clicks: found unknown key"),
 ]
 
 

@@ -326,8 +326,9 @@ class InteractiveConfig(_Strict):
                              "click Dice (0: zero-click Dice only)")
     max_clicks: int = Field(200, ge=1, le=10000, description="clicks one gcml_edit request may carry; more is "
                             "refused (422)")
-    cache_images: int = Field(16, ge=0, description="zero-click predictions gcml_edit keeps in memory (per image "
-                              "and served version), so a click costs only the windows around the clicks")
+    cache_images: int = Field(4, ge=0, description="zero-click predictions gcml_edit keeps in memory (per image "
+                              "and served version; uint8, a 1 mm CT about 60 MB each), so a click costs only the windows "
+                              "around the clicks")
 
 
 class FinetuneConfig(_Strict):
