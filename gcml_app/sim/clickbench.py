@@ -11,6 +11,7 @@ Slicer waits for it. Ratios are measured in one run.
 from __future__ import annotations
 
 import json
+import resource
 import statistics
 import time
 from pathlib import Path
@@ -94,6 +95,9 @@ def click_bench(out: str | Path, quick: bool = False, repeats: int = 3) -> dict[
         "median_s": {k: round(v, 3) for k, v in med.items()},
         "ratio_to_gcml_seg": {k: round(v / med["gcml_seg"], 3) for k, v in med.items() if k != "gcml_seg"},
         "target_ratio": TARGET_RATIO,
+        # the whole process's peak (the round that trained the served model included): an upper bound
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "cache_entry_mb": round(next(iter(cache._items.values())).numel() / 2**20, 1) if cache._items else None,
     }
     (out / "clicks.json").write_text(json.dumps(result, indent=1))
     return result
