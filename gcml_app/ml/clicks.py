@@ -191,31 +191,17 @@ def click_windows(clicks: Sequence[Click], shape: Sequence[int], roi: Sequence[i
     return origins
 
 
-def _near_clicks(clicks: Sequence[Click], origin: Sequence[int], shape: Sequence[int], sigma: float,
-                 device: torch.device) -> torch.Tensor:
-    """``(D, H, W)`` bool: the voxels of a window within ``3 sigma`` (a box) of some click."""
-    near = torch.zeros(tuple(shape), dtype=torch.bool, device=device)
-    r = int(math.ceil(3 * sigma))
-    for _, p in clicks:
-        lo = [max(0, p[i] - origin[i] - r) for i in range(3)]
-        hi = [min(shape[i], p[i] - origin[i] + r + 1) for i in range(3)]
-        if all(a < b for a, b in zip(lo, hi)):
-            near[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]] = True
-    return near
-
-
 @torch.no_grad()
 def refine(model: torch.nn.Module, image: torch.Tensor, base: torch.Tensor, clicks: Sequence[Click],
            roi_size: Sequence[int], sigma: float = 3.0, device: str | torch.device = "cpu",
            amp: Precision | None = None) -> torch.Tensor:
     """The segmentation after ``clicks``: the network on windows around them, merged into ``base`` near them.
 
-    Each window (:func:`click_windows`) is ``roi_size`` at network spacing and is predicted twice in one
-    batch: with the guidance of *every* click, and with none. Only voxels where the two differ (the clicks'
-    effect, not the window's position), or that differ from ``base`` within ``3 sigma`` of a click, can change,
-    and a change is kept only if its connected region reaches
-    within ``3 sigma`` of a click: a foreground click in a missed organ adds the organ, a background click on
-    a false positive removes it, and far from every click the result equals ``base``.
+    Each window (:func:`click_windows`) is ``roi_size`` at network spacing, holds the image and the guidance
+    of *every* click, and is predicted in one forward pass. A voxel whose prediction differs from ``base`` is
+    kept only if its connected region of changes reaches within ``3 sigma`` of a click: a foreground click in
+    a missed organ adds the organ, a background click on a false positive removes it, and a change far from
+    every click (a window's edge) is dropped, so there the result equals ``base``.
 
     Args:
         model: an interactive network, ``(1, C_in + G, *roi)`` -> logits ``(1, G, *roi)``.
@@ -242,19 +228,14 @@ def refine(model: torch.nn.Module, image: torch.Tensor, base: torch.Tensor, clic
         hi = [min(shape[i], o[i] + roi[i]) for i in range(3)]
         sl = tuple(slice(o[i], hi[i]) for i in range(3))
         win = [hi[i] - o[i] for i in range(3)]
-        # the window with the clicks and without: only what the clicks change is the clicks' effect (the window's
-        # own position and padding also move a prediction a little, and that must not reach the answer)
-        x = torch.zeros((2, image.shape[0] + channels, *roi), dtype=torch.float32, device=device)
-        x[:, :image.shape[0], :win[0], :win[1], :win[2]] = image[(slice(None), *sl)].to(device, torch.float32)
+        x = torch.zeros((1, image.shape[0] + channels, *roi), dtype=torch.float32, device=device)
+        x[0, :image.shape[0], :win[0], :win[1], :win[2]] = image[(slice(None), *sl)].to(device, torch.float32)
         x[0, image.shape[0]:] = guidance_signal(clicks, channels, roi, o, sigma, device)
         with amp.autocast():
             z = model(x)
-        pred = z[:, :, :win[0], :win[1], :win[2]].argmax(1).to(base.device, torch.uint8)
-        # ... and beside a click, whatever differs from the auto-segmentation (a background click on a false
-        # positive that this window alone would not have predicted)
-        moved = (pred[0] != pred[1]) | ((pred[0] != base[0][sl]) & _near_clicks(clicks, o, win, sigma, base.device))
-        new[sl] = torch.where(moved, pred[0], new[sl])
-        touched[sl] |= moved
+        pred = z[0, :, :win[0], :win[1], :win[2]].argmax(0).to(base.device, torch.uint8)
+        new[sl] = pred
+        touched[sl] = True
         box_lo = [min(box_lo[i], o[i]) for i in range(3)]
         box_hi = [max(box_hi[i], hi[i]) for i in range(3)]
     box = tuple(slice(box_lo[i], box_hi[i]) for i in range(3))
