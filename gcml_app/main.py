@@ -273,9 +273,9 @@ class GCMLApp(MONAILabelApp):
             self._disk_memo = memo
         return memo[1]
 
-    def _interactive_status(self, rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    def _interactive_status(self, history: list[dict[str, Any]]) -> dict[str, Any]:
         it = self.cfg.interactive
-        last = next((r for r in reversed(rounds) if r.get("click_dice")), None)
+        last = next((r for r in reversed(history) if r.get("click_dice")), None)
         out: dict[str, Any] = {"enabled": it.enabled, "gate_clicks": it.gate_clicks,
                                "guidance": self.cfg.guidance_names}
         if last is not None:
@@ -343,7 +343,7 @@ class GCMLApp(MONAILabelApp):
             # active learning: scores for Next Sample, when computed, how many current, the top cases
             "active": self._active_status(),
             # click-to-correct: the models' zero-click and k-click validation Dice of the last round that scored them
-            "interactive": self._interactive_status(rounds),
+            "interactive": self._interactive_status(history),
             "guard": {"tracked_clients": len(self.guard_limiter) if self.guard_limiter is not None else 0,
                       "max_tracked_clients": self.cfg.security.max_tracked_clients},
         }

@@ -27,7 +27,7 @@ def site(tmp_path_factory):
         run_round(cfg, store, cases_of(studies), epochs=10)
     with SiteServer(config, studies, log=root / "server.log") as server:
         yield {"client": MONAILabelClient(server.url), "cfg": cfg, "studies": studies, "truth": truth,
-               "store": store}
+               "store": store, "url": server.url}
 
 
 def _array(path):
@@ -79,6 +79,17 @@ def test_info_lists_gcml_edit_as_deepedit_beside_gcml_seg(site):
     assert info["models"]["gcml_edit"]["labels"] == {"background": 0, "organ": 1, "lesion": 2}
     assert info["models"]["gcml_seg"]["type"] == "segmentation"
     assert "config" not in info
+
+
+def test_status_shows_zero_click_and_click_dice_of_the_last_round(site):
+    import requests
+
+    it = requests.get(site["url"] + "/gcml/status", timeout=30).json()["interactive"]
+    assert it["enabled"] and it["guidance"] == ["background", "organ", "lesion"] and it["gate_clicks"] == 3
+    last = it["last_round"]
+    assert last["click_dice"]["clicks"] == 3 and set(last["click_dice"]) == {"clicks", "served", "local"}
+    assert set(last["zero_click_dice"]) == {"served", "local"}
+    assert all(0 <= v <= 1 for k, v in last["click_dice"].items() if k != "clicks")
 
 
 def test_a_foreground_click_adds_the_missed_structure_and_nothing_far_from_it_changes(site):
