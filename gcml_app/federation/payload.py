@@ -22,7 +22,7 @@ from safetensors.torch import load_file as st_load_file
 from safetensors.torch import save as st_save
 
 from gcml_app.config import SiteConfig
-from gcml_app.ml.network import arch_fingerprint, build_network, convert_guidance, toggled_interactive
+from gcml_app.ml.network import arch_fingerprint, build_network, convert_guidance, other_layout_arch, toggled_interactive
 
 __all__ = ["TRANSPORTS", "accepted_archs", "encode_weights", "manifest_body", "our_arch", "verify_weights"]
 
@@ -72,7 +72,7 @@ def our_arch(cfg: SiteConfig) -> str:
 def accepted_archs(cfg: SiteConfig, ours: str | None = None) -> tuple[str, str]:
     """Our fingerprint and that of the same network with the other guidance layout (interactive or not): a
     partner on either side of an ``interactive.enabled`` rollout converts exactly (:func:`convert_guidance`)."""
-    return ours or our_arch(cfg), our_arch(toggled_interactive(cfg))
+    return ours or our_arch(cfg), other_layout_arch(cfg)
 
 
 def verify_weights(data: bytes | Path, cfg: SiteConfig, ours: str | None = None) -> dict[str, torch.Tensor]:
@@ -108,8 +108,7 @@ def verify_weights(data: bytes | Path, cfg: SiteConfig, ours: str | None = None)
     ours = ours or our_arch(cfg)
     theirs = arch_fingerprint(cfg, state)
     if theirs != ours:
-        alt = toggled_interactive(cfg)
-        if arch_fingerprint(alt, state) != our_arch(alt):
+        if arch_fingerprint(toggled_interactive(cfg), state) != other_layout_arch(cfg):
             raise ValueError(f"architecture {theirs[:19]}... differs from ours {ours[:19]}...")
         state = convert_guidance(state, cfg)  # the other guidance layout: exact (gcml_app.ml.network)
     bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]

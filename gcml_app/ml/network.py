@@ -291,11 +291,9 @@ def other_layout_arch(cfg: SiteConfig) -> str:
     return arch_fingerprint(alt, build_network(alt).state_dict())
 
 
-def fit_state(state: dict[str, torch.Tensor], cfg: SiteConfig, arch: str | None = None) -> dict[str, torch.Tensor]:
-    """``state`` in our guidance layout: as it is when ``arch`` (its fingerprint) is ours or unknown and the shapes
-    fit, else converted exactly (:func:`convert_guidance`)."""
-    if arch is not None and arch != other_layout_arch(cfg):
-        return state
+def fit_state(state: dict[str, torch.Tensor], cfg: SiteConfig) -> dict[str, torch.Tensor]:
+    """``state`` in our guidance layout: as it is when every shape fits, else converted exactly
+    (:func:`convert_guidance`, which refuses another architecture)."""
     ours = build_network(cfg).state_dict()
     if all(k in ours and tuple(v.shape) == tuple(ours[k].shape) for k, v in state.items()):
         return state

@@ -80,7 +80,7 @@ def _start_state(cfg: SiteConfig, store: ModelStore, arch: str) -> tuple[dict, d
                            "rounds_unpublished": int(info.get("rounds_unpublished", 0))}
         logger.warning(f"gcml[{cfg.site}] working model is for another network; starting from the served model")
     if served is not None:
-        state = fit_state(store.load(served.version), cfg, served.arch)  # from before interactive changed: exact
+        state = fit_state(store.load(served.version), cfg)  # from before interactive changed: exact
         return state, {"from": f"served v{served.version}", "start": served.start,
                                             "rounds_unpublished": 0}
     state, start = initial_state(cfg)
@@ -284,7 +284,7 @@ def run_round(
         probe = None
         if served is not None:
             probe = build_network(cfg).to(device)
-            probe.load_state_dict(fit_state(store.load(served.version), cfg, served.arch))
+            probe.load_state_dict(fit_state(store.load(served.version), cfg))
             scores[SERVED] = data.score(probe)
             clicked[SERVED] = data.click_score(probe)
         lap("validate_s", peak="validate_served")

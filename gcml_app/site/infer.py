@@ -143,7 +143,7 @@ class GCMLSegInfer(BasicInferTask):
                         f"than this config builds ({self._arch[:19]}...); roll back or retrain"
                     )
                 net = build_network(self.cfg)
-                net.load_state_dict(fit_state(self.store.load(version), self.cfg, man.arch))
+                net.load_state_dict(fit_state(self.store.load(version), self.cfg))
                 net.to(torch.device(device)).eval()
                 logger.info(f"gcml_seg: serving version {version} on {device}")
                 self._loaded = {device: (version, net)}
