@@ -85,11 +85,15 @@ class GCMLSegInfer(BasicInferTask):
             device = f"cuda:{self.gpu()}"
             data["device"] = device
         with precision(self.cfg, torch.device(device)).autocast():
-            data = super().run_inferer(data, convert_to_batch=convert_to_batch, device=device)
-        if self.cache is not None and data.get("image_path") and data.get("gcml_model_version") is not None:
-            pred = data["pred"].argmax(0, keepdim=True).to("cpu", torch.uint8)
-            self.cache.put((str(data["image_path"]), int(data["gcml_model_version"])), pred.as_tensor()
-                           if hasattr(pred, "as_tensor") else pred)
+            return super().run_inferer(data, convert_to_batch=convert_to_batch, device=device)
+
+    def _keep_zero_click(self, data: dict[str, Any]) -> dict[str, Any]:
+        """Post transform after the argmax: the prediction ``(1, D, H, W)`` in network space goes to the cache where
+        ``gcml_edit``'s clicks start (an interactive site), from the argmax the answer needs anyway."""
+        if data.get("image_path") and data.get("gcml_model_version") is not None:
+            pred = data["pred"]
+            pred = pred.as_tensor() if hasattr(pred, "as_tensor") else pred
+            self.cache.put((str(data["image_path"]), int(data["gcml_model_version"])), pred.to("cpu", torch.uint8))
         return data
 
     def base_prediction(self, data: dict[str, Any], network: torch.nn.Module, device) -> torch.Tensor:
@@ -122,6 +126,7 @@ class GCMLSegInfer(BasicInferTask):
             EnsureTyped("pred", device="cpu", dtype=torch.float32),  # logits of a mixed-precision pass
             Activationsd("pred", softmax=True),
             AsDiscreted("pred", argmax=True),
+            *([self._keep_zero_click] if self.cache is not None else []),
             # Back to the image's grid and orientation; channels 1..n -> the task's label indices.
             Restored("pred", ref_image="image", invert_orient=True, config_labels=self.cfg.labels),
         ]
