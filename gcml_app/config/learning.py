@@ -196,6 +196,14 @@ class TrainConfig(_Strict):
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     gpu: int = Field(0, ge=0, description="CUDA device index that trains and validates (device auto or cuda)")
+    gpus: list[int] | Literal["all"] | None = Field(
+        None, description="devices one round spreads over with torch.distributed: one process per device, "
+        "DistributedDataParallel, the validation cases split (docs/design.md, 'Several devices'); a list of CUDA "
+        "indices or all; none = one device (train.gpu). With train.device: cpu each entry is one CPU process "
+        "(gloo): CPU-only servers, the tests and gcml bench --ddp")
+    rank_timeout_s: float = Field(
+        300.0, gt=0.0, description="several devices: how long a rank waits at the rendezvous or in a collective "
+        "for the others before the round ends as failed (a rank that died or hangs)")
     gpu_memory_fraction: float | None = Field(
         None, gt=0.0, le=1.0, description="cap on the training process's share of that GPU's memory, when "
         "inference shares the GPU (torch.cuda.set_per_process_memory_fraction); none = no cap")
@@ -213,6 +221,18 @@ class TrainConfig(_Strict):
     nice: int = Field(10, ge=0, le=19, description="CPU niceness of the training process, so inference stays fast")
     warm: bool = Field(True, description="keep a warm trainer process (imports done) that rounds fork from, instead "
                        "of a fresh interpreter per round (gcml_app.site.warm); costs its resident memory")
+
+    @model_validator(mode="after")
+    def _gpus(self) -> TrainConfig:
+        if isinstance(self.gpus, list):
+            if not self.gpus:
+                raise ValueError("gpus: found []; expected a list of device indices, all, or none (one device)")
+            if any(g < 0 for g in self.gpus) or len(set(self.gpus)) != len(self.gpus):
+                raise ValueError(f"gpus: found {self.gpus}; expected distinct device indices >= 0")
+            if self.samples_per_case % len(self.gpus):
+                raise ValueError(f"samples_per_case: found {self.samples_per_case} with {len(self.gpus)} gpus; expected "
+                                 f"a multiple of {len(self.gpus)} (each case's crops are dealt out over the devices)")
+        return self
 
 
 class ValidationConfig(_Strict):

@@ -125,11 +125,12 @@ class CaseCache:
         blob = json.dumps([self.hashes.of(case["image"]), label, self._settings])
         return hashlib.sha256(blob.encode()).hexdigest()
 
-    def prepare(self, cases: Sequence[dict[str, str]], progress: Callable[[int, int], None] | None = None
-                ) -> list[Path | None]:
+    def prepare(self, cases: Sequence[dict[str, str]], progress: Callable[[int, int], None] | None = None,
+                evict: bool = True) -> list[Path | None]:
         """The entries of ``cases`` (in order), building each that is missing or torn, then evicting to the bound.
 
         The returned entries are pinned: eviction leaves them alone for the life of this object (a round).
+        ``evict=False`` leaves the bound to another caller (the ranks of a round: only rank 0 evicts).
         An unlabelled image (no ``"label"``) that cannot be read is ``None``, with a warning: it is not
         worth a round. A labelled case that cannot be read raises.
         """
@@ -156,7 +157,8 @@ class CaseCache:
             if progress:
                 progress(i + 1, len(cases))
         self.hashes.save()
-        self.evict()
+        if evict:
+            self.evict()
         return out
 
     def _intact(self, path: Path) -> bool:

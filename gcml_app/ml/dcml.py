@@ -31,6 +31,7 @@ from monai.losses import DiceCELoss
 
 from gcml_app.config import DCMLConfig
 from gcml_app.ml.device import Precision, fp32
+from gcml_app.ml.distributed import all_true, global_mean, parallel, shard, unwrap
 from gcml_app.ml.losses import _check_pair, kl_ramp, mutual_infonce, mutual_kl, teacher_dice, unlabelled_kl
 from gcml_app.ml.network import GCMLNet
 
@@ -99,7 +100,8 @@ def dcml_step(
     """One DCML step: both models forward on ``x`` (and ``x_u``), each loss backpropagates into its own model only.
 
     Args:
-        local, incoming: the two models (same number of output classes).
+        local, incoming: the two models (same number of output classes); with several ranks, their
+            :func:`~gcml_app.ml.distributed.parallel` wrappers (a frozen teacher is never wrapped).
         opt_l, opt_i: their optimizers; each holds only its own model's parameters.
         x: images ``(B, C_in, D, H, W)``.
         y: labels ``(B, 1, D, H, W)`` with channel indices ``0..C-1``.
@@ -128,9 +130,9 @@ def dcml_step(
     unl = x_u is not None and cfg.lambda_unl > 0
     xx = torch.cat([x, x_u]) if unl else x
     with (amp or Precision(x.device.type)).autocast():
-        z_l, f_l = local.logits_and_features(xx) if cfg.lambda_con else (local(xx), None)
+        z_l, f_l = local(xx, features=True) if cfg.lambda_con else (local(xx), None)
         with torch.no_grad() if frozen else contextlib.nullcontext():
-            z_i, f_i = incoming.logits_and_features(xx) if cfg.lambda_con else (incoming(xx), None)
+            z_i, f_i = incoming(xx, features=True) if cfg.lambda_con else (incoming(xx), None)
     z_l, z_i = fp32(z_l), fp32(z_i)
     _check_pair(z_l, z_i, "dcml_step logits")
     if unl:
@@ -144,7 +146,7 @@ def dcml_step(
     if cfg.lambda_kl:
         kl_l, kl_i = mutual_kl(z_l, z_i, y, cfg.temperature, cfg.dilation, cfg.kl_mask, cfg.fg_weight_max)
     if cfg.lambda_con:
-        con_l, con_i = mutual_infonce(local, incoming, f_l, f_i, y, cfg, generator)
+        con_l, con_i = mutual_infonce(unwrap(local), unwrap(incoming), f_l, f_i, y, cfg, generator)
     if unl:  # each teacher's pull scaled by its Dice on this step's labelled crops
         unl_l, unl_i = unlabelled_kl(z_lu, z_iu, cfg.temperature, cfg.confidence, cfg.dilation, cfg.fg_weight_max)
         unl_l, unl_i = unl_l * teacher_dice(z_i, y), unl_i * teacher_dice(z_l, y)
@@ -153,7 +155,7 @@ def dcml_step(
     loss_i = seg_i + w_kl * kl_i + cfg.lambda_con * con_i + w_unl * unl_i
     # Disjoint graphs: the teacher side of every cross term is detached. A model whose loss is not finite
     # (e.g. a partner model that overflows) skips this step; the other still learns, and never from NaN.
-    ok_l, ok_i = bool(torch.isfinite(loss_l)), not frozen and bool(torch.isfinite(loss_i))
+    ok_l, ok_i = all_true(bool(torch.isfinite(loss_l)), not frozen and bool(torch.isfinite(loss_i)))
     if ok_l or ok_i:
         total = (loss_l if ok_l else zero) + (loss_i if ok_i else zero)
         (scaler.scale(total) if scaler is not None else total).backward()
@@ -189,7 +191,9 @@ def dcml_train(
     the contrastive sampling draws from a generator seeded with ``seed``.
 
     Args:
-        batches: re-iterable of ``{"image": (B, C_in, D, H, W), "label": (B, 1, D, H, W)}`` with a length.
+        batches: re-iterable of ``{"image": (B, C_in, D, H, W), "label": (B, 1, D, H, W)}`` with a length; with
+            several ranks every rank draws the same batches and trains on its :func:`~gcml_app.ml.distributed.shard`
+            (both models in their own ``DistributedDataParallel``).
         progress: called after each pass over ``batches`` with ``{"epoch", "total_epochs", **mean loss
             components}``.
         seed: seed of the voxel-sampling generator.
@@ -219,27 +223,33 @@ def dcml_train(
     per_crop = 1 + (1.0 if cfg.train_incoming else FORWARD_COST)  # both models' passes over one crop
     step = 0
     history = []
-    for epoch in range(1, passes + 1):
-        local.train()
-        incoming.train(cfg.train_incoming)
-        done, crops = [], 0.0
-        for b in batches:
-            if step == total:
-                break
-            w = kl_ramp(step, total, cfg.kl_rampup)
-            x_u = next(unl)["image"].to(device, non_blocking=True) if unl is not None else None
-            x, y = b["image"].to(device, non_blocking=True), b["label"].to(device, non_blocking=True).long()
-            if clicks is not None:
-                x = clicks(local, x, y)
-                x_u = local.with_guidance(x_u) if x_u is not None else None  # unlabelled crops: zero guidance
-            done.append(dcml_step(local, incoming, opt_l, opt_i, x, y, cfg, seg_loss, generator, w, amp, scaler, x_u))
-            crops += (len(b["image"]) + (len(x_u) if x_u is not None else 0)) * per_crop
-            step += 1
-        mean = {k: sum(getattr(d, k) for d in done) / max(len(done), 1) for k in DCMLStep.__dataclass_fields__}
-        history.append({**mean, "kl_weight": round(w * cfg.lambda_kl, 6), "steps": len(done),
-                        "crop_passes": round(crops, 2)})
-        if progress:
-            progress({"epoch": epoch, "total_epochs": passes, "loss": mean["seg_l"], **mean})
+    head = cfg.lambda_con > 0  # InfoNCE trains the projection heads
+    with parallel(local, head) as net_l, (parallel(incoming, head) if cfg.train_incoming
+                                          else contextlib.nullcontext(incoming)) as net_i:
+        for epoch in range(1, passes + 1):
+            net_l.train()
+            net_i.train(cfg.train_incoming)
+            done, crops = [], 0.0
+            for b in batches:
+                if step == total:
+                    break
+                w = kl_ramp(step, total, cfg.kl_rampup)
+                u = next(unl)["image"] if unl is not None else None
+                x_u = shard(u).to(device, non_blocking=True) if u is not None else None
+                x = shard(b["image"]).to(device, non_blocking=True)
+                y = shard(b["label"]).to(device, non_blocking=True).long()
+                if clicks is not None:
+                    x = clicks(local, x, y)
+                    x_u = local.with_guidance(x_u) if x_u is not None else None  # unlabelled crops: zero guidance
+                done.append(dcml_step(net_l, net_i, opt_l, opt_i, x, y, cfg, seg_loss, generator, w, amp, scaler, x_u))
+                crops += (len(b["image"]) + (len(u) if u is not None else 0)) * per_crop
+                step += 1
+            names = list(DCMLStep.__dataclass_fields__)
+            mean = dict(zip(names, global_mean([sum(getattr(d, k) for d in done) / max(len(done), 1) for k in names])))
+            history.append({**mean, "kl_weight": round(w * cfg.lambda_kl, 6), "steps": len(done),
+                            "crop_passes": round(crops, 2)})
+            if progress:
+                progress({"epoch": epoch, "total_epochs": passes, "loss": mean["seg_l"], **mean})
     return local, incoming, history
 
 

@@ -24,6 +24,7 @@ __all__ = [
     "fp32",
     "is_out_of_memory",
     "precision",
+    "round_devices",
     "setup_device",
     "stitch_device",
     "sw_batch_size",
@@ -41,6 +42,29 @@ def train_device(cfg: SiteConfig) -> torch.device:
     if kind == "auto":
         kind = "cuda" if torch.cuda.is_available() else "cpu"
     return torch.device(f"cuda:{cfg.train.gpu}") if kind == "cuda" else torch.device("cpu")
+
+
+def round_devices(cfg: SiteConfig) -> list[torch.device]:
+    """The devices one round runs on, one process (rank) each (``train.gpus``); a single device without it.
+
+    ``all`` is every visible GPU (counted without creating a CUDA context, so a fork after it can still use
+    them); with ``train.device: cpu``, or ``auto`` on a machine without CUDA, each listed entry is one CPU process.
+
+    Example:
+        >>> [str(d) for d in round_devices(cfg)]          # doctest: +SKIP
+        ['cuda:0', 'cuda:1']
+    """
+    gpus = cfg.train.gpus
+    if gpus is None:
+        return [train_device(cfg)]
+    kind = cfg.train.device
+    if kind == "auto":
+        kind = "cuda" if torch.cuda.is_available() else "cpu"
+    if gpus == "all":
+        gpus = list(range(torch.cuda.device_count())) if kind == "cuda" else [0]
+    if kind != "cuda":
+        return [torch.device("cpu")] * max(len(gpus), 1)
+    return [torch.device(f"cuda:{g}") for g in gpus] or [train_device(cfg)]
 
 
 def setup_device(cfg: SiteConfig, device: torch.device) -> None:

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from gcml_app.config import DCMLConfig
+from gcml_app.ml.distributed import world
 from gcml_app.ml.network import GCMLNet
 
 __all__ = ["KL_MASKS", "foreground_region", "kl_ramp", "labels_at", "mutual_infonce", "mutual_kl", "sample_voxels",
@@ -298,5 +299,8 @@ def mutual_infonce(
         out_i.append(loss_i)
     if not out_l:
         zero = (feats_l.sum() + feats_i.sum()) * 0.0
+        if world() > 1:  # under DDP every trained parameter needs a gradient on every rank, the head's too
+            zero = zero + 0.0 * (local.embed_points(feats_l.flatten(2)[0, :, :1].T).sum()
+                                 + incoming.embed_points(feats_i.flatten(2)[0, :, :1].T).sum())
         return zero, zero
     return torch.stack(out_l).mean(), torch.stack(out_i).mean()

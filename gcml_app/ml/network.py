@@ -50,8 +50,14 @@ class GCMLNet(torch.nn.Module):
             torch.nn.Conv3d(feature_channels, embed_dim, kernel_size=1),
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``(B, C_in, D, H, W)`` (or ``(B, C_in - G, D, H, W)``: zero guidance) -> logits ``(B, C_out, D, H, W)``."""
+    def forward(self, x: torch.Tensor, features: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """``(B, C_in, D, H, W)`` (or ``(B, C_in - G, D, H, W)``: zero guidance) -> logits ``(B, C_out, D, H, W)``.
+
+        ``features=True`` returns :meth:`logits_and_features` instead: through ``forward``, so a
+        ``DistributedDataParallel`` wrapper sees the pass.
+        """
+        if features:
+            return self.logits_and_features(x)
         return self.backbone(self.with_guidance(x))
 
     def with_guidance(self, x: torch.Tensor) -> torch.Tensor:

@@ -14,6 +14,7 @@ import torch
 from monai.losses import DiceCELoss
 
 from gcml_app.ml.device import Precision, fp32
+from gcml_app.ml.distributed import all_true, global_mean, parallel, shard
 from gcml_app.ml.losses import _check_pair
 from gcml_app.ml.network import GCMLNet
 
@@ -43,7 +44,7 @@ def supervised_step(model: GCMLNet, opt: torch.optim.Optimizer, x: torch.Tensor,
     loss = seg_loss(fp32(z), y)
     if penalty is not None:
         loss = loss + penalty()
-    if torch.isfinite(loss):  # a diverged step is skipped, never applied
+    if all_true(bool(torch.isfinite(loss)))[0]:  # a diverged step is skipped (on every rank), never applied
         if scaler is None:
             loss.backward()
             opt.step()
@@ -78,7 +79,8 @@ def supervised_train(
     """Plain DiceCE training of one model for ``epochs`` passes over ``batches`` (AdamW).
 
     Args:
-        batches: re-iterable of ``{"image": (B, C_in, D, H, W), "label": (B, 1, D, H, W)}``.
+        batches: re-iterable of ``{"image": (B, C_in, D, H, W), "label": (B, 1, D, H, W)}``; with several
+            ranks every rank draws the same batches and trains on its :func:`~gcml_app.ml.distributed.shard`.
         progress: called after each epoch with ``{"epoch", "total_epochs", "loss"}``.
         max_steps: stop after this many steps (the pooled baseline's step budget), even mid-epoch.
         penalty: added to every step's loss (see :func:`supervised_step`).
@@ -87,7 +89,7 @@ def supervised_train(
             guidance channels (simulated clicks on the model's own errors, or zero guidance).
 
     Returns:
-        ``[{"seg_l": mean loss, "steps", "crop_passes"}]`` per epoch (crops trained on: the cost).
+        ``[{"seg_l": mean loss, "steps", "crop_passes"}]`` per epoch (crops trained on by all ranks: the cost).
     """
     if epochs < 1:
         raise ValueError(f"supervised_train: found epochs={epochs}; expected >= 1")
@@ -96,21 +98,24 @@ def supervised_train(
     amp = amp or Precision(torch.device(device).type)
     scaler = amp.scaler()
     history, done = [], 0
-    for epoch in range(1, epochs + 1):
-        model.train()
-        steps, crops = [], 0
-        for b in batches:
-            if max_steps is not None and done >= max_steps:
-                break
-            x, y = b["image"].to(device, non_blocking=True), b["label"].to(device, non_blocking=True).long()
-            if clicks is not None:
-                x = clicks(model, x, y)
-            steps.append(supervised_step(model, opt, x, y, loss_fn, penalty, amp, scaler))
-            crops += len(b["image"])
-            done += 1
-        history.append({"seg_l": sum(steps) / max(len(steps), 1), "steps": len(steps), "crop_passes": crops})
-        if progress:
-            progress({"epoch": epoch, "total_epochs": epochs, "loss": history[-1]["seg_l"]})
+    with parallel(model, head=False) as net:  # several ranks: DDP, each rank a share of every step's crops
+        for epoch in range(1, epochs + 1):
+            net.train()
+            steps, crops = [], 0
+            for b in batches:
+                if max_steps is not None and done >= max_steps:
+                    break
+                x = shard(b["image"]).to(device, non_blocking=True)
+                y = shard(b["label"]).to(device, non_blocking=True).long()
+                if clicks is not None:
+                    x = clicks(model, x, y)
+                steps.append(supervised_step(net, opt, x, y, loss_fn, penalty, amp, scaler))
+                crops += len(b["image"])
+                done += 1
+            seg_l = global_mean([sum(steps) / max(len(steps), 1)])[0]
+            history.append({"seg_l": seg_l, "steps": len(steps), "crop_passes": crops})
+            if progress:
+                progress({"epoch": epoch, "total_epochs": epochs, "loss": history[-1]["seg_l"]})
     return history
 
 

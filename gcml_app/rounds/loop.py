@@ -18,32 +18,25 @@ loses neither: the next round goes on from the new working model and gates it ag
 from __future__ import annotations
 
 import logging
-import random
-import resource
-import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
-from monai.data import DataLoader, Dataset, ThreadDataLoader
-from monai.utils import set_determinism
 
 from gcml_app.config import SiteConfig
 from gcml_app.errors import NotEnoughLabels, RoundFailed
 from gcml_app.federation.client import PeerManifest
 from gcml_app.federation.task import task_of
 from gcml_app.ml.bundle import is_bundle, load_backbone, read_bundle, read_weights, start_of
-from gcml_app.ml.cache import CachedCases, CaseCache
-from gcml_app.ml.device import Precision, is_out_of_memory, precision, setup_device, sw_batch_size, train_device
-from gcml_app.ml.evaluate import dice_per_case
+from gcml_app.ml.device import is_out_of_memory, precision, round_devices, sw_batch_size
 from gcml_app.ml.gate import SERVED, GateDecision, select
-from gcml_app.ml.clicks import click_curve
-from gcml_app.ml.network import GCMLNet, arch_fingerprint, build_network, fit_state, other_layout_arch
+from gcml_app.ml.network import arch_fingerprint, build_network, fit_state, other_layout_arch
 from gcml_app.ml.split import FixedSplit, labels_for_validation
-from gcml_app.ml.transforms import crop_transforms, unlabelled_crop_transforms
-from gcml_app.rounds.producers import DCML, Local, Produced, Producer, RoundInputs
+from gcml_app.rounds.compute import Laps, Phase, RoundWork, compute
+from gcml_app.rounds.producers import DCML, Local, Produced, Producer
+from gcml_app.rounds.ranks import run_on_ranks
 from gcml_app.rounds.record import RoundRecord, provenance
 from gcml_app.store import Manifest, ModelStore, StoreError
 
@@ -113,80 +106,6 @@ def initial_state(cfg: SiteConfig) -> tuple[dict[str, torch.Tensor], dict[str, A
     return net.state_dict(), start
 
 
-@dataclass
-class _Data:
-    """A round's cases, read lazily from the site's preprocessed-case cache (:class:`~gcml_app.ml.cache.CaseCache`).
-
-    ``val`` holds one validation case in memory at a time; ``loader`` draws the training crops from the
-    cached entries (precomputed crop centres) in a background thread, or in ``train.num_workers``
-    worker processes, while the model trains. ``unlabelled`` draws crops of a random subset of the
-    site's unlabelled images, for a producer that learns from them (DCML with ``dcml.lambda_unl``).
-    """
-
-    cfg: SiteConfig
-    val: CachedCases
-    loader: DataLoader | None
-    device: torch.device
-    amp: Precision
-    cache: dict[str, Any]
-    unlabelled: DataLoader | None = None
-
-    @classmethod
-    def prepare(cls, cfg: SiteConfig, cases: list[dict[str, str]], train_ids: list[str], val_ids: list[str],
-                producer: Producer, device: torch.device, amp: Precision, epochs: int, seed: int,
-                pool: list[dict[str, str]]) -> _Data:
-        by_id = {c["id"]: c for c in cases}
-        trains = producer.trains
-        t, pin, batch = cfg.train, device.type == "cuda", producer.batch_size(cfg)
-        wanted = producer.unlabelled_images(cfg, epochs, -(-len(train_ids) // batch)) if trains else 0
-        unl = _unlabelled_draw(pool, wanted, seed)
-        cache = CaseCache(cfg)
-        # one call: every case of the round is pinned before anything is evicted
-        entries = cache.prepare([by_id[i] for i in [*val_ids, *(train_ids if trains else [])]] + unl)
-        labelled, unl = entries[:len(entries) - len(unl)], [e for e in entries[len(entries) - len(unl):] if e]
-        val = CachedCases(labelled[:len(val_ids)])
-        loader = unlabelled = None
-        if trains:  # built after the round's seed is set: MONAI's DataLoader seeds the random crops from it
-            train = Dataset(CachedCases(labelled[len(val_ids):], indices=True), crop_transforms(cfg))
-            loader = _loader(train, batch, t.num_workers, pin)
-            if unl:
-                unlabelled = _loader(Dataset(CachedCases(unl), unlabelled_crop_transforms(cfg)),
-                                     cfg.dcml.unlabelled_batch, 0, pin)
-        return cls(cfg, val, loader, device, amp, {**cache.stats.as_record(), "unlabelled": len(unl)}, unlabelled)
-
-    def score(self, model: GCMLNet) -> list[dict[str, float]]:
-        """Dice per label of every validation case (sliding window)."""
-        v = self.cfg.validation
-        return dice_per_case(model, self.val, list(self.cfg.labels), self.cfg.roi_size,
-                             sw_batch_size(self.cfg, self.device), v.overlap, self.device, self.amp)
-
-    def click_score(self, model: GCMLNet) -> float | None:
-        """Mean Dice over the validation cases after ``interactive.gate_clicks`` simulated clicks (the evaluation
-        protocol of :func:`~gcml_app.ml.clicks.click_curve`); ``None`` when the site is not interactive."""
-        it, v = self.cfg.interactive, self.cfg.validation
-        if not it.enabled or not it.gate_clicks:
-            return None
-        rows = click_curve(model, self.val, len(self.cfg.labels), self.cfg.roi_size, (it.gate_clicks,),
-                           sigma=it.sigma, sw_batch_size=sw_batch_size(self.cfg, self.device), overlap=v.overlap,
-                           device=self.device, amp=self.amp)
-        return sum(r["dice"][it.gate_clicks] for r in rows) / max(len(rows), 1)
-
-
-def _loader(data: Dataset, batch_size: int, workers: int, pin: bool) -> DataLoader:
-    """Shuffled batches of ``data``: in ``workers`` processes, or (0) in one background thread."""
-    if workers:
-        return DataLoader(data, batch_size=batch_size, shuffle=True, num_workers=workers, pin_memory=pin)
-    return ThreadDataLoader(data, batch_size=batch_size, shuffle=True, num_workers=0, pin_memory=pin)
-
-
-def _unlabelled_draw(pool: list[dict[str, str]], k: int, seed: int) -> list[dict[str, str]]:
-    """The unlabelled images a round trains on: ``k`` of ``pool`` (as many as there are, if fewer), a
-    random subset by the round's seed."""
-    k = min(k, len(pool))
-    pool = sorted(pool, key=lambda c: c["id"])
-    return [{"id": c["id"], "image": c["image"]} for c in random.Random(seed).sample(pool, k)] if k else []
-
-
 def run_round(
     cfg: SiteConfig,
     store: ModelStore,
@@ -239,7 +158,7 @@ def run_round(
             all); it is recorded ``outcome: failed`` with what to lower, and nothing served changed.
     """
     epochs = epochs or cfg.train.epochs
-    lap = _Laps()
+    lap = Laps()
 
     def report(p: dict[str, Any]) -> None:
         logger.info(f"gcml[{cfg.site}] epoch {p['epoch']}/{p['total_epochs']} loss {p['loss']:.4f}")
@@ -253,56 +172,31 @@ def run_round(
             f"not enough labelled cases to train site {cfg.site}: {len(train_ids)} train and {len(val_ids)} "
             f"validation; need at least 1 train and {cfg.validation.min_cases} validation (label more cases and retry)"
         )
-    device = train_device(cfg)
-    if cfg.train.num_threads:
+    devices = round_devices(cfg)
+    if cfg.train.num_threads and len(devices) == 1:
         torch.set_num_threads(cfg.train.num_threads)
     seed = cfg.train.seed + len(store.history()) if seed is None else seed
-    set_determinism(seed=seed)
-    setup_device(cfg, device)
-    amp = precision(cfg, device)
     served = store.served()
-    model = build_network(cfg)
-    arch = arch_fingerprint(cfg, model.state_dict())
+    arch = arch_fingerprint(cfg, build_network(cfg).state_dict())
     if incoming is not None:
         if producer is not None:
             raise ValueError("run_round: found both a producer and incoming; expected one of them "
                              "(incoming is DCML's shorthand)")
         producer = DCML.from_file(incoming, cfg, arch, origin)
     producer = producer or Local()
-    phase = "prepare"
+    phase = Phase()
     try:
         start, working = _start_state(cfg, store, arch)  # a bad init_from or another task: a failed round
-        model.load_state_dict(start)
-        model.to(device)
-        data = _Data.prepare(cfg, cases, train_ids, val_ids, producer, device, amp, epochs, seed, unlabelled or [])
-        lap("load_s")
-
-        # score the served model
-        phase = "validate"
-        scores: dict[str, list[dict[str, float]]] = {}
-        clicked: dict[str, float | None] = {}  # mean Dice after interactive.gate_clicks clicks
-        probe = None
-        if served is not None:
-            probe = build_network(cfg).to(device)
-            probe.load_state_dict(fit_state(store.load(served.version), cfg))
-            scores[SERVED] = data.score(probe)
-            clicked[SERVED] = data.click_score(probe)
-        lap("validate_s", peak="validate_served")
-
-        # produce and score the candidates
-        phase = "train"
-        produced = producer.produce(RoundInputs(cfg, model, data.loader, epochs, device, seed, report, amp,
-                                                data.unlabelled))
-        lap("train_s")
-        phase = "validate"
-        probe = probe or build_network(cfg).to(device)
-        for name, state in produced.states.items():
-            probe.load_state_dict(state)
-            scores[name] = data.score(probe)
-            clicked[name] = data.click_score(probe)
-        lap("validate_s", peak="validate_candidates")
+        served_state = fit_state(store.load(served.version), cfg) if served is not None else None
+        work = RoundWork(cfg, cases, train_ids, val_ids, producer, start, served_state, epochs, seed, unlabelled or [])
+        if len(devices) > 1:
+            out = run_on_ranks(work, devices, report)
+            lap.adopt(out.timings, out.peak_mb)  # rank 0's phases; each rank's in out.ranks
+        else:
+            out = compute(work, devices[0], report, phase, lap)
     except Exception as e:
-        raise _failed(cfg, store, served, e, phase, device, amp, extra) from e
+        raise _failed(cfg, store, served, e, getattr(e, "phase", phase.name), devices[0], extra) from e
+    produced, scores, clicked = out.produced, out.scores, out.clicked
 
     # decide and commit
     decision = _decide(scores, served, cfg, produced.kept, clicked)
@@ -322,20 +216,23 @@ def run_round(
     lap("publish_s")
     # in the returned record (train stats), not in the history line
     record["timings"], record["peak_rss_mb"] = lap.laps, lap.peak_mb
-    record["cache"], record["precision"] = data.cache, str(amp)
-    if device.type == "cuda":
-        record["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    record["cache"], record["precision"] = out.cache, out.precision
+    if out.peak_gpu_mb is not None:
+        record["peak_gpu_mb"] = out.peak_gpu_mb
+    if out.ranks is not None:
+        record["ranks"] = out.ranks
     logger.info(f"gcml[{cfg.site}] gate: {decision.reason}; seconds {lap.laps}")
     return record
 
 
 def _failed(cfg: SiteConfig, store: ModelStore, served: Manifest | None, e: Exception, phase: str,
-            device: torch.device, amp: Precision, extra: dict[str, Any] | None) -> RoundFailed:
+            device: torch.device, extra: dict[str, Any] | None) -> RoundFailed:
     """Record a round that stopped before its commit (``outcome: failed``) and say what to do about it.
 
     Nothing served or stored changed (the commit never ran). Out of memory names the settings that
     size a step: crops per case, crop size, batch, and validation's windows.
     """
+    amp = precision(cfg, device)
     if is_out_of_memory(e):
         t = cfg.train
         what = "GPU" if device.type == "cuda" else "host"
@@ -452,31 +349,3 @@ def adopt(cfg: SiteConfig, store: ModelStore, state: dict[str, torch.Tensor], ma
     )
     logger.info(f"gossip[{cfg.site}] adopted {peer} v{man.version} as v{published.version} (unvalidated)")
     return store.history()[-1]
-
-
-def _peak_rss_mb() -> float:
-    """This process's peak resident memory so far (MB; Linux reports ``ru_maxrss`` in kB)."""
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
-
-
-class _Laps:
-    """Wall seconds per phase of a round: ``laps("train_s")`` adds the time since the previous call.
-
-    ``peak_mb`` is the process's peak memory at the round's start (imports, app, datastore) and after
-    each phase, in time order, so what a phase added is the step from the one before. A phase timed in
-    two parts (validation: the served model before training, the candidates after) names each part's
-    figure with ``peak``.
-    """
-
-    def __init__(self):
-        self.t = time.perf_counter()
-        self.laps: dict[str, float] = {}
-        self.peak_mb: dict[str, float] = {"before_round": _peak_rss_mb()}
-
-    def __call__(self, name: str, peak: str | None = None) -> None:
-        now = time.perf_counter()
-        self.laps[name] = round(self.laps.get(name, 0.0) + now - self.t, 3)
-        # the kernel's figure can step back a little: it is the larger of a recorded high-water mark
-        # and the current RSS, and the mark is updated lazily (seen in rounds forked by the warm trainer)
-        self.peak_mb[peak or name.removesuffix("_s")] = max(_peak_rss_mb(), *self.peak_mb.values())
-        self.t = now

@@ -1,0 +1,220 @@
+"""One round on several devices: a process per device in a ``torch.distributed`` group (docs/design.md,
+"Several devices").
+
+:func:`run_on_ranks` is called by :func:`~gcml_app.rounds.loop.run_round` when ``train.gpus`` names more
+than one device. The round's own process stays out of the group: it hosts the rendezvous store
+(a ``TCPStore`` on a port the OS picks, never a fixed or guessed one), starts one rank per device with
+``torch.multiprocessing``, relays rank 0's progress, and reads back what rank 0 wrote. It alone then
+decides and commits: the ranks never touch the model store.
+
+- **Start.** CPU ranks (gloo) are forks of the round's process: milliseconds, nothing to import.
+  GPU ranks (NCCL) start with ``spawn``: a fresh interpreter each (the imports, a few seconds once
+  per round), because a CUDA driver initialised before a fork is unusable in the child and the round's
+  process has asked it how many devices there are.
+- **Faults.** A rank that raises, dies or is killed ends the group: ``ProcessContext.join`` terminates the
+  others (SIGTERM, then SIGKILL after :data:`GRACE_S`). A rank that hangs leaves the others waiting in a
+  collective until ``train.rank_timeout_s``; they raise, and the same follows. Each rank dies with the
+  round's process (``PR_SET_PDEATHSIG``), so Slicer's Stop, which kills that process, ends every rank.
+  The round then fails as any failed round does: recorded, nothing served changed, labels still pending.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import importlib
+import json
+import logging
+import os
+import signal
+import tempfile
+import time
+from collections.abc import Callable
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from safetensors.torch import load_file, save_file
+
+from gcml_app.rounds.compute import Computed, Phase, RoundWork, compute
+from gcml_app.rounds.producers import Produced
+
+__all__ = ["GRACE_S", "RankFailed", "run_on_ranks"]
+
+logger = logging.getLogger(__name__)
+
+_spawn = importlib.import_module("torch.multiprocessing.spawn")  # the module (torch.multiprocessing.spawn is a function)
+
+HOST = "127.0.0.1"  # the rendezvous of one machine's ranks
+POLL_S = 0.25  # how often the round's process looks at its ranks (and relays progress)
+GRACE_S = 5.0  # after one rank fails, how long the others get to end before SIGTERM, then again before SIGKILL
+_PR_SET_PDEATHSIG = 1
+
+
+class RankFailed(RuntimeError):
+    """A rank raised, died or stopped answering: the round fails. ``phase`` is where that rank was."""
+
+    def __init__(self, message: str, phase: str):
+        super().__init__(message)
+        self.phase = phase
+
+
+def run_on_ranks(work: RoundWork, devices: list[torch.device],
+                 report: Callable[[dict[str, Any]], None] | None = None) -> Computed:
+    """Run :func:`~gcml_app.rounds.compute.compute` in one process per device and return rank 0's result.
+
+    Args:
+        work: what the round computes (every rank gets the same).
+        devices: one per rank: GPUs (NCCL) or CPU processes (gloo).
+        report: called in this process with rank 0's per-epoch progress.
+
+    Returns:
+        rank 0's :class:`~gcml_app.rounds.compute.Computed`, with ``ranks``: the world size, backend, how the
+        ranks started and in how many seconds, and per rank its device, phase timings, peak memory, cache
+        figures and the sha256 of its candidates' weights (``same_weights``: they all agree).
+
+    Raises:
+        RankFailed: a rank raised, died or timed out; every rank's process has ended.
+    """
+    world, cfg = len(devices), work.cfg
+    if cfg.train.samples_per_case % world:  # train.gpus: all, on a machine with more GPUs than that
+        raise ValueError(f"train.samples_per_case: found {cfg.train.samples_per_case} for {world} devices; expected a "
+                         f"multiple of {world} (each case's crops are dealt out over the devices)")
+    backend = "nccl" if devices[0].type == "cuda" else "gloo"
+    method = "spawn" if devices[0].type == "cuda" else "fork"
+    timeout = timedelta(seconds=cfg.train.rank_timeout_s)
+    store = dist.TCPStore(HOST, 0, is_master=True, timeout=timeout, wait_for_workers=False)  # port 0: the OS picks
+    launched = time.time()
+    with tempfile.TemporaryDirectory(dir=cfg.state_dir, prefix=".ranks-") as out:
+        procs = mp.start_processes(_rank_main, args=(world, backend, store.port, work, devices, out, os.getpid()),
+                                   nprocs=world, join=False, start_method=method)
+        relayed = 0
+        try:
+            while not procs.join(timeout=POLL_S, grace_period=GRACE_S):
+                relayed = _relay(store, relayed, report)
+        except _spawn.ProcessException as e:
+            raise _failure(e, store, world, cfg.train.rank_timeout_s) from None
+        except BaseException:  # this process is stopping (Ctrl-C, an error here): so do its ranks
+            for p in procs.processes:
+                if p.is_alive():
+                    p.kill()
+            raise
+        _relay(store, relayed, report)
+        done = _read(Path(out))
+    ready = [float(store.get(f"ready/{r}")) for r in range(world)]
+    done.ranks = {"world": world, "backend": backend, "start": method, "start_s": round(max(ready) - launched, 3),
+                  **done.ranks}
+    logger.info(f"round on {world} ranks ({backend}, {method}): ranks ready in {done.ranks['start_s']} s")
+    return done
+
+
+def _rank_main(rank: int, world: int, backend: str, port: int, work: RoundWork, devices: list[torch.device],
+               out: str, parent: int) -> None:
+    """One rank: join the group, compute, and (rank 0) write the result for the round's process."""
+    _die_with(parent)
+    cfg, device = work.cfg, devices[rank]
+    timeout = timedelta(seconds=cfg.train.rank_timeout_s)
+    client = dist.TCPStore(HOST, port, is_master=False, timeout=timeout)
+    phase = Phase(lambda name: client.set(f"phase/{rank}", name))
+    phase("start")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    else:  # the machine's cores shared out: one rank per core on a 2-core machine
+        torch.set_num_threads(cfg.train.num_threads or max(1, len(os.sched_getaffinity(0)) // world))
+    dist.init_process_group(backend, store=dist.PrefixStore("round", client), rank=rank, world_size=world,
+                            timeout=timeout)
+    try:
+        client.set(f"ready/{rank}", repr(time.time()))
+        phase("prepare")
+        done = compute(work, device, _progress(client) if rank == 0 else None, phase)
+        mine = {"device": str(device), "timings": done.timings, "peak_rss_mb": max(done.peak_mb.values()),
+                "cache": done.cache, "weights_sha256": _digest(done.produced.states)}
+        every: list[dict[str, Any]] = [{} for _ in range(world)]
+        dist.all_gather_object(every, mine)
+        if rank == 0:
+            same = len({r["weights_sha256"] for r in every}) == 1
+            if not same:
+                logger.error(f"ranks ended with different weights: {[r['weights_sha256'][:12] for r in every]}")
+            done.ranks = {"same_weights": same, "per_rank": every}
+            _write(Path(out), done)
+    finally:
+        dist.destroy_process_group()
+
+
+def _die_with(parent: int) -> None:
+    """Ask the kernel to SIGKILL this process when the round's process ends (Linux ``PR_SET_PDEATHSIG``)."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):  # not Linux: a stopped round's ranks then end at their next collective
+        pass
+    if os.getppid() != parent:  # it ended before the request took effect
+        os._exit(1)
+
+
+def _progress(client: dist.Store) -> Callable[[dict[str, Any]], None]:
+    """Rank 0's progress, numbered in the store for the round's process to relay."""
+    count = [0]
+
+    def post(p: dict[str, Any]) -> None:
+        client.set(f"progress/{count[0]}", json.dumps(p))
+        count[0] = client.add("progress", 1)
+
+    return post
+
+
+def _relay(store: dist.Store, seen: int, report: Callable[[dict[str, Any]], None] | None) -> int:
+    """Pass the progress posted since ``seen`` to ``report``; returns how many have been relayed."""
+    n = store.add("progress", 0)
+    for i in range(seen, n):
+        if report:
+            report(json.loads(store.get(f"progress/{i}")))
+    return n
+
+
+def _failure(e: Exception, store: dist.Store, world: int, timeout_s: float) -> RankFailed:
+    """What went wrong, in one line: which rank, in which phase, and the error it raised or how it ended."""
+    i = e.error_index
+    phase = store.get(f"phase/{i}").decode() if store.check([f"phase/{i}"]) else "start"
+    if isinstance(e, _spawn.ProcessRaisedException):
+        lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
+        cause = lines[-1].strip() if lines else type(e).__name__
+        if "timed out" in cause.lower() or "timeout" in cause.lower():
+            cause += f" (another rank stopped answering for train.rank_timeout_s = {timeout_s:g} s)"
+        what = f"raised {cause}"
+    else:
+        what = f"ended: {e}"  # "process 1 terminated with signal SIGKILL", or an exit status
+    return RankFailed(f"rank {i} of {world} {what} while {phase}", "prepare" if phase == "start" else phase)
+
+
+def _digest(states: dict[str, dict[str, torch.Tensor]]) -> str:
+    """sha256 over every candidate's tensors, in order: equal on every rank when DDP kept them in step."""
+    h = hashlib.sha256()
+    for name, state in states.items():
+        h.update(name.encode())
+        for k, v in state.items():
+            h.update(k.encode())
+            h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _write(out: Path, done: Computed) -> None:
+    """Rank 0's result for the round's process: each candidate as safetensors, the rest as JSON."""
+    names = list(done.produced.states)
+    for i, name in enumerate(names):
+        save_file({k: v.detach().cpu().contiguous() for k, v in done.produced.states[name].items()}, out / f"{i}.safetensors")
+    p = done.produced
+    meta = {"names": names, "mode": p.mode, "kept": p.kept, "losses": p.losses, "scores": done.scores,
+            "clicked": done.clicked, "cache": done.cache, "timings": done.timings, "peak_mb": done.peak_mb,
+            "precision": done.precision, "peak_gpu_mb": done.peak_gpu_mb, "ranks": done.ranks}
+    (out / "result.json").write_text(json.dumps(meta))
+
+
+def _read(out: Path) -> Computed:
+    meta = json.loads((out / "result.json").read_text())
+    states = {name: load_file(str(out / f"{i}.safetensors")) for i, name in enumerate(meta["names"])}
+    produced = Produced(meta["mode"], states, meta["kept"], meta["losses"])
+    return Computed(produced, meta["scores"], meta["clicked"], meta["cache"], meta["timings"], meta["peak_mb"],
+                    meta["precision"], meta["peak_gpu_mb"], meta["ranks"])
