@@ -264,11 +264,11 @@ def test_training_process_lowers_its_priority_when_main_py_is_imported(tmp_path)
       "publish": 790.0}),
 ])
 def test_the_rounds_memory_by_phase_is_in_time_order_and_never_steps_back(monkeypatch, phases, readings, expected):
-    from gcml_app.rounds import loop as rounds
+    from gcml_app.rounds import compute as rounds
 
     readings = iter(readings)
     monkeypatch.setattr(rounds, "_peak_rss_mb", lambda: next(readings))
-    lap = rounds._Laps()
+    lap = rounds.Laps()
     for name, peak in phases:
         lap(name, peak)
     assert lap.peak_mb == expected and list(lap.peak_mb) == list(expected)

@@ -28,7 +28,7 @@ def test_a_second_round_reuses_the_first_rounds_preprocessed_cases(cfg, studies)
 
 @pytest.mark.parametrize("where, phase", [
     ("gcml_app.rounds.producers.supervised_train", "train"),
-    ("gcml_app.rounds.loop.dice_per_case", "validate"),
+    ("gcml_app.rounds.compute.dice_per_case", "validate"),
 ], ids=["train", "validate"])
 def test_out_of_memory_ends_the_round_with_advice_and_changes_nothing(cfg, studies, monkeypatch, where, phase):
     store = ModelStore(cfg.state_dir / "models")

@@ -1,0 +1,165 @@
+"""A round on several devices: real torch.distributed ranks (gloo, two CPU processes), their results and their faults."""
+
+import os
+import signal
+import time
+
+import psutil
+import pytest
+import torch
+import torch.distributed as dist
+from helpers import TINY, cases_of, write_config
+
+from gcml_app.config import load_config
+from gcml_app.errors import RoundFailed
+from gcml_app.ml.cache import CachedCases, CaseCache
+from gcml_app.ml.evaluate import dice_per_case
+from gcml_app.ml.network import build_network
+from gcml_app.rounds.loop import run_round, split_of
+from gcml_app.store import ModelStore
+
+pytestmark = pytest.mark.slow  # every test trains models in several processes
+
+
+def _site(tmp_path, name="site", gpus=(0, 1), **train):
+    """The tiny site on two CPU ranks (train.device: cpu maps each listed device to a gloo process)."""
+    cfg = {**TINY["train"], "samples_per_case": 2, "num_threads": 1, "device": "cpu",
+           "gpus": list(gpus) if gpus else None, **train}
+    return load_config(write_config(tmp_path / name, train=cfg))
+
+
+def _no_ranks_left():
+    """Every process this test's rounds started has ended (the ranks are children of this process)."""
+    deadline = time.monotonic() + 10
+    while (kids := [p for p in psutil.Process().children(recursive=True) if p.status() != psutil.STATUS_ZOMBIE]):
+        assert time.monotonic() < deadline, f"processes left behind: {[(p.pid, p.name()) for p in kids]}"
+        time.sleep(0.1)
+
+
+def test_two_ranks_gate_on_the_table_one_process_computes_and_end_with_equal_weights(tmp_path, studies):
+    cfg = _site(tmp_path)
+    store = ModelStore(cfg.state_dir / "models")
+    cases = cases_of(studies[0])
+    seen = []
+    rec = run_round(cfg, store, cases, epochs=2, progress=seen.append)
+    assert [p["epoch"] for p in seen] == [1, 2]  # rank 0's progress, relayed
+    ranks = rec["ranks"]
+    assert (ranks["world"], ranks["backend"], ranks["start"], ranks["same_weights"]) == (2, "gloo", "fork", True)
+    assert len({r["weights_sha256"] for r in ranks["per_rank"]}) == 1 and all(r["timings"] for r in ranks["per_rank"])
+    assert rec["losses"][-1]["crop_passes"] == 4 * 2  # the one-device budget: 4 training cases x 2 crops, all ranks
+
+    # one process scores the published model on the same validation cases: the gate's table, to the digit
+    _, val_ids, _ = split_of(cfg, cases)
+    by_id = {c["id"]: c for c in cases}
+    model = build_network(cfg)
+    model.load_state_dict(store.load(rec["version"]))
+    val = CachedCases(CaseCache(cfg).prepare([by_id[i] for i in val_ids]))
+    one = dice_per_case(model, val, list(cfg.labels), cfg.roi_size, 1, cfg.validation.overlap, torch.device("cpu"))
+    assert rec["per_case"]["local"] == [{k: round(v, 6) for k, v in c.items()} for c in one]
+
+    # a DCML round: both models in their own DDP, the partner's side of every cross term detached
+    torch.manual_seed(7)
+    from safetensors.torch import save_file
+    peer = cfg.state_dir / "peers" / "peer.safetensors"
+    peer.parent.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in build_network(cfg).state_dict().items()}, str(peer))
+    rec2 = run_round(cfg, store, cases, epochs=2, incoming=peer)
+    assert rec2["mode"] == "dcml" and rec2["ranks"]["same_weights"]
+    assert set(rec2["per_case"]) == {"served", "dcml_local", "dcml_incoming", "average"}
+    assert rec2["per_case"]["served"] == rec["per_case"]["local"]  # the served model, scored again across ranks
+    _no_ranks_left()
+
+
+def test_a_round_on_two_ranks_is_reproducible_and_learns_like_one_device(tmp_path, studies):
+    cases = cases_of(studies[0])
+    recs, served = [], []
+    for name, gpus in (("a", (0, 1)), ("b", (0, 1)), ("one", None)):
+        cfg = _site(tmp_path, name, gpus)
+        store = ModelStore(cfg.state_dir / "models")
+        recs.append(run_round(cfg, store, cases, epochs=2))
+        served.append(store.served().sha256)
+    a, b, one = recs
+    assert served[0] == served[1] and a["per_case"] == b["per_case"] and a["losses"] == b["losses"]
+    # the same global batches, each rank's share averaged by DDP: one device's loss to float precision
+    assert [e["seg_l"] for e in a["losses"]] == pytest.approx([e["seg_l"] for e in one["losses"]], rel=1e-5)
+    assert [e["crop_passes"] for e in a["losses"]] == [e["crop_passes"] for e in one["losses"]]
+
+
+def _raise_on_rank_1(*args, **kwargs):
+    if dist.get_rank() == 1:
+        raise ValueError("a fault in rank 1")
+    return _STEP(*args, **kwargs)
+
+
+def _killed_on_rank_1(*args, **kwargs):
+    if dist.get_rank() == 1:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return _STEP(*args, **kwargs)
+
+
+def _hang_on_rank_1(*args, **kwargs):
+    if dist.get_rank() == 1:
+        time.sleep(3600)
+    return _STEP(*args, **kwargs)
+
+
+def _oom_on_rank_1(*args, **kwargs):
+    if dist.get_rank() == 1:
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    return _STEP(*args, **kwargs)
+
+
+from gcml_app.ml import supervised  # noqa: E402
+
+_STEP = supervised.supervised_step
+
+FAULTS = [
+    # (the fault in rank 1's first training step, the failed round's reason)
+    (_raise_on_rank_1, r"rank 1 of 2 raised ValueError: a fault in rank 1 while train"),
+    (_killed_on_rank_1, r"rank 1 of 2 ended: process 1 terminated with signal SIGKILL while train"),
+    (_hang_on_rank_1, r"rank 0 of 2 raised .*(?i:timed out|timeout).*another rank stopped answering for "
+                      r"train.rank_timeout_s = 3 s.* while train"),
+    (_oom_on_rank_1, r"out of host memory while train on cpu \(fp32\): lower train.samples_per_case \(2\)"),
+]
+
+
+@pytest.mark.parametrize("fault, reason", FAULTS, ids=["raises", "killed", "hangs", "out-of-memory"])
+def test_a_rank_that_fails_fails_the_round_and_changes_nothing(tmp_path, studies, monkeypatch, fault, reason):
+    cfg = _site(tmp_path, rank_timeout_s=3)
+    store = ModelStore(cfg.state_dir / "models")
+    cases = cases_of(studies[0])
+    run_round(cfg, store, cases, epochs=1)
+    served, working = store.served(), store.working_info()
+    monkeypatch.setattr(supervised, "supervised_step", fault)  # the ranks are forks: they inherit the fault
+    t = time.monotonic()
+    with pytest.raises(RoundFailed, match=reason) as e:
+        run_round(cfg, store, cases, epochs=1, extra={"round_id": "r-fault"})
+    assert time.monotonic() - t < 60  # bounded: the timeout, then the others' grace period
+    assert e.value.phase == "train"
+    assert store.served() == served and store.working_info() == working
+    last = store.history()[-1]
+    assert (last["event"], last["outcome"], last["round_id"], last["phase"]) == ("failed", "failed", "r-fault", "train")
+    assert not list(cfg.state_dir.glob(".ranks-*"))  # rank 0's result folder is gone with the round
+    _no_ranks_left()
+
+
+def test_ranks_die_with_the_rounds_process(tmp_path, studies):
+    """Slicer's Stop kills the round's process: its ranks must not outlive it (PR_SET_PDEATHSIG)."""
+    import multiprocessing
+
+    cfg = _site(tmp_path)
+    cases = cases_of(studies[0])
+
+    def round_process():
+        run_round(cfg, ModelStore(cfg.state_dir / "models"), cases, epochs=50)
+
+    proc = multiprocessing.get_context("fork").Process(target=round_process)
+    proc.start()
+    deadline = time.monotonic() + 60
+    while len(ranks := psutil.Process(proc.pid).children()) < 2:
+        assert time.monotonic() < deadline, "the ranks never started"
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.join()
+    gone, alive = psutil.wait_procs(ranks, timeout=10)
+    assert not alive, f"ranks outlived the round's process: {[p.pid for p in alive]}"
