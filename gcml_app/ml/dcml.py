@@ -31,7 +31,7 @@ from monai.losses import DiceCELoss
 
 from gcml_app.config import DCMLConfig
 from gcml_app.ml.device import Precision, fp32
-from gcml_app.ml.distributed import all_true, global_mean, parallel, shard, unwrap
+from gcml_app.ml.distributed import all_true, global_mean, parallel, unwrap, world
 from gcml_app.ml.losses import _check_pair, kl_ramp, mutual_infonce, mutual_kl, teacher_dice, unlabelled_kl
 from gcml_app.ml.network import GCMLNet
 
@@ -192,8 +192,8 @@ def dcml_train(
 
     Args:
         batches: re-iterable of ``{"image": (B, C_in, D, H, W), "label": (B, 1, D, H, W)}`` with a length; with
-            several ranks every rank draws the same batches and trains on its :func:`~gcml_app.ml.distributed.shard`
-            (both models in their own ``DistributedDataParallel``).
+            several ranks, each rank's share of the crops (:func:`~gcml_app.ml.transforms.crop_transforms`), both
+            models in their own ``DistributedDataParallel``.
         progress: called after each pass over ``batches`` with ``{"epoch", "total_epochs", **mean loss
             components}``.
         seed: seed of the voxel-sampling generator.
@@ -234,15 +234,13 @@ def dcml_train(
                 if step == total:
                     break
                 w = kl_ramp(step, total, cfg.kl_rampup)
-                u = next(unl)["image"] if unl is not None else None
-                x_u = shard(u).to(device, non_blocking=True) if u is not None else None
-                x = shard(b["image"]).to(device, non_blocking=True)
-                y = shard(b["label"]).to(device, non_blocking=True).long()
+                x_u = next(unl)["image"].to(device, non_blocking=True) if unl is not None else None
+                x, y = b["image"].to(device, non_blocking=True), b["label"].to(device, non_blocking=True).long()
                 if clicks is not None:
                     x = clicks(local, x, y)
                     x_u = local.with_guidance(x_u) if x_u is not None else None  # unlabelled crops: zero guidance
                 done.append(dcml_step(net_l, net_i, opt_l, opt_i, x, y, cfg, seg_loss, generator, w, amp, scaler, x_u))
-                crops += (len(b["image"]) + (len(u) if u is not None else 0)) * per_crop
+                crops += (len(b["image"]) + (len(x_u) if x_u is not None else 0)) * per_crop * world()
                 step += 1
             names = list(DCMLStep.__dataclass_fields__)
             mean = dict(zip(names, global_mean([sum(getattr(d, k) for d in done) / max(len(done), 1) for k in names])))

@@ -6,7 +6,9 @@ the simulator and the bench run exactly as before:
 
 - :func:`parallel`: a model wrapped in :class:`~torch.nn.parallel.DistributedDataParallel` for its training
   passes (gradients averaged across ranks in the backward pass);
-- :func:`shard`: this rank's share of a step's crops, so the ranks together train on the one-device batch;
+- :func:`share`: this rank's share of the validation cases, of the cases to preprocess, and of each case's
+  training crops (:func:`~gcml_app.ml.transforms.crop_transforms`), so the ranks together train on the
+  one-device batch;
 - :func:`all_true`, :func:`global_mean`: a decision every rank takes alike (skip a non-finite step) and
   the loss figures of the whole step;
 - :func:`gather_cases`: per-case results scored on ``cases[rank::world]``, back in the cases' order.
@@ -22,7 +24,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-__all__ = ["all_true", "barrier", "gather_cases", "global_mean", "parallel", "rank", "shard", "share", "unwrap", "world"]
+__all__ = ["all_true", "barrier", "gather_cases", "global_mean", "parallel", "rank", "share", "unwrap", "world"]
 
 T = TypeVar("T")
 
@@ -70,21 +72,6 @@ def gather_cases(mine: Sequence[T]) -> list[T]:
     for i in range(max(len(p) for p in parts)):
         out.extend(p[i] for p in parts if i < len(p))
     return out
-
-
-def shard(t: torch.Tensor | None) -> torch.Tensor | None:
-    """This rank's crops of a step's batch ``(B, ...)``: ``t[rank::world]``; every rank draws the same batch.
-
-    Raises:
-        ValueError: ``B`` does not split evenly (the ranks' gradients would then weigh crops unequally).
-    """
-    n = world()
-    if t is None or n == 1:
-        return t
-    if len(t) % n:
-        raise ValueError(f"a step's {len(t)} crops do not split evenly over {n} ranks: make train.samples_per_case "
-                         f"a multiple of {n}")
-    return t[rank()::n]
 
 
 @contextlib.contextmanager

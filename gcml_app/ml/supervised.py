@@ -14,7 +14,7 @@ import torch
 from monai.losses import DiceCELoss
 
 from gcml_app.ml.device import Precision, fp32
-from gcml_app.ml.distributed import all_true, global_mean, parallel, shard
+from gcml_app.ml.distributed import all_true, global_mean, parallel, world
 from gcml_app.ml.losses import _check_pair
 from gcml_app.ml.network import GCMLNet
 
@@ -80,7 +80,7 @@ def supervised_train(
 
     Args:
         batches: re-iterable of ``{"image": (B, C_in, D, H, W), "label": (B, 1, D, H, W)}``; with several
-            ranks every rank draws the same batches and trains on its :func:`~gcml_app.ml.distributed.shard`.
+            ranks, each rank's share of the crops (:func:`~gcml_app.ml.transforms.crop_transforms`).
         progress: called after each epoch with ``{"epoch", "total_epochs", "loss"}``.
         max_steps: stop after this many steps (the pooled baseline's step budget), even mid-epoch.
         penalty: added to every step's loss (see :func:`supervised_step`).
@@ -98,19 +98,18 @@ def supervised_train(
     amp = amp or Precision(torch.device(device).type)
     scaler = amp.scaler()
     history, done = [], 0
-    with parallel(model, head=False) as net:  # several ranks: DDP, each rank a share of every step's crops
+    with parallel(model, head=False) as net:  # several ranks: DDP, each rank on its share of every step's crops
         for epoch in range(1, epochs + 1):
             net.train()
             steps, crops = [], 0
             for b in batches:
                 if max_steps is not None and done >= max_steps:
                     break
-                x = shard(b["image"]).to(device, non_blocking=True)
-                y = shard(b["label"]).to(device, non_blocking=True).long()
+                x, y = b["image"].to(device, non_blocking=True), b["label"].to(device, non_blocking=True).long()
                 if clicks is not None:
                     x = clicks(model, x, y)
                 steps.append(supervised_step(net, opt, x, y, loss_fn, penalty, amp, scaler))
-                crops += len(b["image"])
+                crops += len(b["image"]) * world()
                 done += 1
             seg_l = global_mean([sum(steps) / max(len(steps), 1)])[0]
             history.append({"seg_l": seg_l, "steps": len(steps), "crop_passes": crops})

@@ -39,6 +39,7 @@ from monai.transforms import (
 from monai.transforms.utils import map_binary_to_indices
 
 from gcml_app.config import SiteConfig
+from gcml_app.ml.distributed import share, world
 
 __all__ = ["MAX_INDICES", "CropCentres", "TaskChannels", "augment_transforms", "case_transforms", "crop_transforms",
            "image_transforms", "train_transforms", "unlabelled_crop_transforms", "val_transforms"]
@@ -185,30 +186,46 @@ def augment_transforms(cfg: SiteConfig, keys: tuple[str, ...] = ("image", "label
     ]
 
 
+class _RankCropByPosNegLabeld(RandCropByPosNegLabeld):
+    """:class:`RandCropByPosNegLabeld` that keeps this rank's crops, ``crops[rank::world]``: every rank draws
+    the same crops of a case (the round's seed), trains on its share and augments only that."""
+
+    def __call__(self, data, lazy=None):
+        return share(super().__call__(data, lazy=lazy))
+
+
+class _RankSpatialCropSamplesd(RandSpatialCropSamplesd):
+    """:class:`RandSpatialCropSamplesd` that keeps this rank's crops (see :class:`_RankCropByPosNegLabeld`)."""
+
+    def __call__(self, data, lazy=None):
+        return share(super().__call__(data, lazy=lazy))
+
+
 def crop_transforms(cfg: SiteConfig) -> Compose:
     """Random ROI crops (half centred on foreground), augmented (:func:`augment_transforms`):
-    ``samples_per_case`` crops of a preprocessed case.
+    ``samples_per_case`` crops of a preprocessed case; in a round on several devices, this rank's
+    ``samples_per_case / world`` of them (:func:`~gcml_app.ml.distributed.share`), so the ranks together
+    train on one device's crops.
 
     The case carries its crop centres (``fg``/``bg``, :class:`CropCentres`): nothing scans the volume per crop.
     """
     keys = ("image", "label")
+    crop = _RankCropByPosNegLabeld if world() > 1 else RandCropByPosNegLabeld
     return Compose([
         SpatialPadd(keys, spatial_size=cfg.roi_size),
-        RandCropByPosNegLabeld(
-            keys, label_key="label", spatial_size=cfg.roi_size, pos=1, neg=1,
-            num_samples=cfg.train.samples_per_case, fg_indices_key="fg", bg_indices_key="bg",
-        ),
+        crop(keys, label_key="label", spatial_size=cfg.roi_size, pos=1, neg=1,
+             num_samples=cfg.train.samples_per_case, fg_indices_key="fg", bg_indices_key="bg"),
         *augment_transforms(cfg, keys),
     ])
 
 
 def unlabelled_crop_transforms(cfg: SiteConfig) -> Compose:
     """Uniformly placed ROI crops of a preprocessed unlabelled image (``{"image"}``), augmented alike:
-    ``samples_per_case`` crops, each ``{"image": (C, *roi_size)}``."""
+    ``samples_per_case`` crops (this rank's share of them), each ``{"image": (C, *roi_size)}``."""
+    crop = _RankSpatialCropSamplesd if world() > 1 else RandSpatialCropSamplesd
     return Compose([
         SpatialPadd("image", spatial_size=cfg.roi_size),
-        RandSpatialCropSamplesd("image", roi_size=cfg.roi_size, num_samples=cfg.train.samples_per_case,
-                                random_size=False),
+        crop("image", roi_size=cfg.roi_size, num_samples=cfg.train.samples_per_case, random_size=False),
         *augment_transforms(cfg, ("image",)),
     ])
 

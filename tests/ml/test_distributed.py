@@ -1,6 +1,7 @@
 """gcml_app.ml.distributed in a real two-process gloo group (and its identity on one process)."""
 
 import json
+from pathlib import Path
 from datetime import timedelta
 
 import pytest
@@ -35,13 +36,25 @@ def _gather(rank):
     return D.gather_cases(D.share(cases))
 
 
-def _shard(rank):
-    even = D.shard(torch.arange(4)).tolist()
-    try:
-        D.shard(torch.arange(3))
-    except ValueError as e:
-        return [even, str(e)]
-    return [even, None]
+def _crops(rank=0):
+    """The training crops of one case with the round's seed: each rank keeps ``crops[rank::world]``."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parents[1]))
+    from helpers import TINY
+
+    from gcml_app.config import SiteConfig
+    from gcml_app.ml.transforms import CropCentres, crop_transforms
+
+    cfg = SiteConfig.model_validate({**TINY, "train": {**TINY["train"], "samples_per_case": 4, "augment": "none"}})
+    g = torch.Generator().manual_seed(0)
+    label = torch.zeros(1, 40, 40, 40, dtype=torch.uint8)
+    label[:, 10:20, 12:25, 8:30] = 1
+    case = {"image": torch.rand(1, 40, 40, 40, generator=g), "label": label,
+            **CropCentres(cfg.roi_size, seed=1)({"label": label})}
+    crops = crop_transforms(cfg)
+    crops.set_random_state(seed=3)
+    return [round(float(c["image"].sum()), 4) for c in crops(case)]
 
 
 def _collectives(rank):
@@ -55,7 +68,7 @@ def _ddp_steps(rank):
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     with D.parallel(model) as net:
         for step in range(2):
-            x = D.shard(torch.arange(12.0).reshape(4, 3) / 10)
+            x = torch.arange(12.0).reshape(4, 3)[rank::2] / 10
             loss = net(x).pow(2).mean() * (float("nan") if step == 0 and rank == 1 else 1.0)
             opt.zero_grad()
             if D.all_true(bool(torch.isfinite(loss)))[0]:
@@ -67,8 +80,6 @@ def _ddp_steps(rank):
 CASES = [
     # (what every rank runs, what each rank returns)
     (_gather, [["a", "b", "c", "d", "e"]] * 2),
-    (_shard, [[[0, 2], "a step's 3 crops do not split evenly over 2 ranks: make train.samples_per_case a multiple of 2"],
-              [[1, 3], "a step's 3 crops do not split evenly over 2 ranks: make train.samples_per_case a multiple of 2"]]),
     (_collectives, [[[True, False], [2.0, 10.0]]] * 2),
 ]
 
@@ -76,6 +87,12 @@ CASES = [
 @pytest.mark.parametrize("fn, expected", CASES, ids=[c[0].__name__ for c in CASES])
 def test_helpers_in_a_two_rank_group(tmp_path, fn, expected):
     assert _run(tmp_path, fn) == expected
+
+
+def test_each_rank_trains_on_its_share_of_one_devices_crops(tmp_path):
+    one = _crops()
+    assert len(one) == 4
+    assert _run(tmp_path, _crops) == [one[0::2], one[1::2]]
 
 
 def test_ddp_keeps_the_ranks_equal_and_a_skipped_step_skips_everywhere(tmp_path):
@@ -91,9 +108,8 @@ def test_ddp_keeps_the_ranks_equal_and_a_skipped_step_skips_everywhere(tmp_path)
 
 
 def test_one_process_is_the_identity():
-    t = torch.arange(3)
     model = torch.nn.Linear(2, 2)
     with D.parallel(model) as net:
         assert net is model
-    assert D.world() == 1 and D.rank() == 0 and D.shard(t) is t and D.share([1, 2]) == [1, 2]
+    assert D.world() == 1 and D.rank() == 0 and D.share([1, 2]) == [1, 2]
     assert D.gather_cases([1, 2]) == [1, 2] and D.all_true(True, False) == [True, False] and D.global_mean([3.0]) == [3.0]
