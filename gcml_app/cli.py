@@ -9,7 +9,7 @@
     gcml demo [--out gcml-demo --port 8001 --epochs 30 --gossip-epochs 5 --rounds 3 --no-wait --pacs]
     gcml simulate [--scenario few-labels --seeds 3 --rounds 8 --methods local,gcml,... --data DIR]
     gcml simulate --active [--k 2 --start 2 --strategies random,epistemic,disagreement]
-    gcml bench [--out gcml-bench --quick] [--scale | --clicks | --gpu]
+    gcml bench [--out gcml-bench --quick] [--scale | --clicks | --gpu | --ddp N]
     gcml token new --peer site-b [--id site-b-2026q4]     a partner token, printed once, and its hash
     gcml certs --out pki --sites site-a,site-b,site-c     a trial CA and site certificates (mutual TLS)
 """
@@ -374,7 +374,26 @@ def _bench_clicks(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_ddp(args: argparse.Namespace) -> int:
+    from gcml_app.sim.ddpbench import ddp_bench
+
+    r = ddp_bench(args.out, ranks=args.ddp, quick=args.quick)
+    one, many, q = r["one"], r["many"], r["ratio"]
+    print(f"one round on 1 and {r['ranks']} ranks ({r['device']}, {r['backend']}, {r['threads_per_rank'] or '-'} "
+          f"threads per rank), {r['cases']} cases of {'x'.join(map(str, r['shape_xyz_1mm']))}, ROI {r['roi_size'][0]}:")
+    for name, run in (("1 rank", one), (f"{r['ranks']} ranks", many)):
+        print(f"  {name:8s} round {run['wall_s']:7.1f} s  {run['crops_per_s']:.2f} crops/s ({run['step_s']:.2f} s a step)"
+              f"  validation {run['validate_s_per_case']:.2f} s/case  preprocessing {run['load_s_per_case']:.2f} s/case")
+    print(f"  ratios: crops/s x{q['crops_per_s']:.2f}, validation x{q['validate_s_per_case']:.2f}, preprocessing "
+          f"x{q['load_s_per_case']:.2f}, round x{q['round_wall_s']:.2f} (target >= {r['target_ratio']} for the first two); "
+          f"ranks ready in {(many['ranks'] or {}).get('start_s')} s, same weights: {(many['ranks'] or {}).get('same_weights')}")
+    print(f"wrote {Path(args.out) / 'ddp.json'} and ddp.png")
+    return 0
+
+
 def _bench(args: argparse.Namespace) -> int:
+    if args.ddp:
+        return _bench_ddp(args)
     if args.scale:
         return _bench_scale(args)
     if args.clicks:
@@ -519,6 +538,9 @@ def _parser() -> argparse.ArgumentParser:
                       "of the same 192x192x160 volume -> clicks.json")
     mode.add_argument("--gpu", action="store_true", help="the GPU check (AMP DCML step, a round on 8 realistic "
                       "volumes, inference) -> gpu_check.json; on a CPU at reduced sizes")
+    mode.add_argument("--ddp", type=int, default=0, metavar="N", help="one round on 1 and on N ranks "
+                      "(train.gpus; CPU processes with gloo where there are fewer GPUs) on realistic-size volumes: "
+                      "crops/s, validation s/case, round wall time and their ratios -> ddp.json, ddp.png")
     s.set_defaults(func=_bench)
 
     s = sub.add_parser("demo", help="three sites on loopback: sample data, warm-up, gossip rounds, then serve")

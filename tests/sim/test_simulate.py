@@ -440,3 +440,20 @@ def test_bench_clicks_quick_writes_the_ratios(tmp_path):
     assert set(r["median_s"]) == {"gcml_seg", "first_click_uncached", "first_click_after_gcml_seg", "click_1", "click_5"}
     assert all(v > 0 for v in r["median_s"].values()) and set(r["ratio_to_gcml_seg"]) == set(r["median_s"]) - {"gcml_seg"}
     assert (tmp_path / "b" / "clicks.json").exists()
+
+
+@pytest.mark.slow
+def test_bench_ddp_quick_runs_one_and_two_ranks_and_writes_the_ratios(tmp_path):
+    import json
+
+    from gcml_app.sim.ddpbench import ddp_bench
+
+    r = ddp_bench(tmp_path / "b", ranks=2, quick=True)
+    one, many = r["one"], r["many"]
+    assert one["ranks"] is None and many["ranks"]["world"] == 2 and many["ranks"]["same_weights"]
+    assert (one["steps"], one["crops"]) == (many["steps"], many["crops"])  # the same budget on both
+    assert len(many["per_rank_train_s"]) == 2 and all(v > 0 for v in r["ratio"].values())
+    assert json.loads((tmp_path / "b" / "ddp.json").read_text())["ratio"] == r["ratio"]
+    assert (tmp_path / "b" / "ddp.png").stat().st_size > 1000
+    with pytest.raises(ValueError, match="found 1 ranks; expected at least 2"):
+        ddp_bench(tmp_path / "c", ranks=1, quick=True)
