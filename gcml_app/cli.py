@@ -186,6 +186,8 @@ def _simulate(args: argparse.Namespace) -> int:
                           "data, set network.init_from in --config to your bundle or checkpoint")
     if args.interactive:
         cfg = cfg.model_copy(update={"interactive": cfg.interactive.model_copy(update={"enabled": True})})
+    if args.ranks > 1:  # validated with each site's config
+        cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"gpus": list(range(args.ranks))})})
     _check_network(cfg, first_model=True)
     if args.active:
         return _simulate_active(args, cfg, out)
@@ -501,6 +503,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--init", default="random", choices=["random", "pretrained"],
                    help="sites start from random weights, or from a bundle trained at a separate synthetic site")
     s.add_argument("--pretrain-epochs", type=int, default=40, help="--init pretrained: that site's training epochs")
+    s.add_argument("--ranks", type=int, default=1, help="every site round (local, local2x, gml, the gcml variants) "
+                   "on N torch.distributed ranks: train.gpus, CPU processes with gloo where there are fewer GPUs")
     s.add_argument("--interactive", action="store_true",
                    help="interactive.enabled at every site: every method trains with simulated clicks, and the final "
                    "models are scored after 0, 1, 3, 5, 10 clicks and by NoC@85/90 (dice_vs_clicks.png)")
