@@ -32,7 +32,7 @@ import time
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -42,7 +42,9 @@ from safetensors.torch import load_file, save_file
 from gcml_app.rounds.compute import Computed, Phase, RoundWork, compute
 from gcml_app.rounds.producers import Produced
 
-__all__ = ["GRACE_S", "RankFailed", "run_on_ranks"]
+__all__ = ["GRACE_S", "RankFailed", "launch", "run_on_ranks"]
+
+T = TypeVar("T")
 
 logger = logging.getLogger(__name__)
 
@@ -77,71 +79,101 @@ def run_on_ranks(work: RoundWork, devices: list[torch.device],
         figures and the sha256 of its candidates' weights (``same_weights``: they all agree).
 
     Raises:
+        ValueError: ``train.samples_per_case`` does not split over the devices.
         RankFailed: a rank raised, died or timed out; every rank's process has ended.
     """
     world, cfg = len(devices), work.cfg
     if cfg.train.samples_per_case % world:  # train.gpus: all, on a machine with more GPUs than that
         raise ValueError(f"train.samples_per_case: found {cfg.train.samples_per_case} for {world} devices; expected a "
                          f"multiple of {world} (each case's crops are dealt out over the devices)")
+    done, started = launch(_round_rank, (work,), devices, cfg.train.rank_timeout_s, cfg.state_dir, _read, report)
+    done.ranks = {"world": world, **started, **done.ranks}
+    logger.info(f"round on {world} ranks ({started['backend']}, {started['start']}): ranks ready in "
+                f"{started['start_s']} s")
+    return done
+
+
+def launch(target: Callable[..., None], args: tuple, devices: list[torch.device], timeout_s: float,
+           workdir: str | Path, read: Callable[[Path], T], report: Callable[[dict[str, Any]], None] | None = None
+           ) -> tuple[T, dict[str, Any]]:
+    """``target(rank, device, out, store, post, *args)`` in one process per device, in one ``torch.distributed`` group.
+
+    The group is initialised before ``target`` runs (NCCL on GPUs, gloo on CPUs, every wait bounded by
+    ``timeout_s``) and destroyed after. ``out`` is a temporary folder in ``workdir`` where rank 0 leaves its
+    result, read by ``read(out)`` here before the folder goes; ``store`` is the rendezvous store (a rank
+    sets ``phase/<rank>`` there for the message of a failure); ``post`` (rank 0 only, else ``None``) sends a
+    progress dict to ``report`` in this process.
+
+    Returns:
+        ``read(out)`` and how the ranks started: ``{"backend", "start", "start_s"}``.
+
+    Raises:
+        RankFailed: a rank raised, died or timed out; every rank's process has ended.
+    """
+    world = len(devices)
     backend = "nccl" if devices[0].type == "cuda" else "gloo"
     method = "spawn" if devices[0].type == "cuda" else "fork"
-    timeout = timedelta(seconds=cfg.train.rank_timeout_s)
+    timeout = timedelta(seconds=timeout_s)
     store = dist.TCPStore(HOST, 0, is_master=True, timeout=timeout, wait_for_workers=False)  # port 0: the OS picks
     launched = time.time()
-    with tempfile.TemporaryDirectory(dir=cfg.state_dir, prefix=".ranks-") as out:
-        procs = mp.start_processes(_rank_main, args=(world, backend, store.port, work, devices, out, os.getpid()),
-                                   nprocs=world, join=False, start_method=method)
+    with tempfile.TemporaryDirectory(dir=workdir, prefix=".ranks-") as out:
+        procs = mp.start_processes(_rank_entry, nprocs=world, join=False, start_method=method, args=(
+            world, backend, store.port, devices, out, os.getpid(), timeout_s, target, args))
         relayed = 0
         try:
             while not procs.join(timeout=POLL_S, grace_period=GRACE_S):
                 relayed = _relay(store, relayed, report)
         except _spawn.ProcessException as e:
-            raise _failure(e, store, world, cfg.train.rank_timeout_s) from None
+            raise _failure(e, store, world, timeout_s) from None
         except BaseException:  # this process is stopping (Ctrl-C, an error here): so do its ranks
             for p in procs.processes:
                 if p.is_alive():
                     p.kill()
             raise
         _relay(store, relayed, report)
-        done = _read(Path(out))
+        result = read(Path(out))
     ready = [float(store.get(f"ready/{r}")) for r in range(world)]
-    done.ranks = {"world": world, "backend": backend, "start": method, "start_s": round(max(ready) - launched, 3),
-                  **done.ranks}
-    logger.info(f"round on {world} ranks ({backend}, {method}): ranks ready in {done.ranks['start_s']} s")
-    return done
+    return result, {"backend": backend, "start": method, "start_s": round(max(ready) - launched, 3)}
 
 
-def _rank_main(rank: int, world: int, backend: str, port: int, work: RoundWork, devices: list[torch.device],
-               out: str, parent: int) -> None:
-    """One rank: join the group, compute, and (rank 0) write the result for the round's process."""
+def _rank_entry(rank: int, world: int, backend: str, port: int, devices: list[torch.device], out: str, parent: int,
+                timeout_s: float, target: Callable[..., None], args: tuple) -> None:
+    """One rank: die with the process that started it, join the group, run ``target``, leave the group."""
     _die_with(parent)
-    cfg, device = work.cfg, devices[rank]
-    timeout = timedelta(seconds=cfg.train.rank_timeout_s)
+    device = devices[rank]
+    timeout = timedelta(seconds=timeout_s)
     client = dist.TCPStore(HOST, port, is_master=False, timeout=timeout)
-    phase = Phase(lambda name: client.set(f"phase/{rank}", name))
-    phase("start")
+    client.set(f"phase/{rank}", "start")
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    else:  # the machine's cores shared out: one rank per core on a 2-core machine
-        torch.set_num_threads(cfg.train.num_threads or max(1, len(os.sched_getaffinity(0)) // world))
-    dist.init_process_group(backend, store=dist.PrefixStore("round", client), rank=rank, world_size=world,
+    dist.init_process_group(backend, store=dist.PrefixStore("group", client), rank=rank, world_size=world,
                             timeout=timeout)
     try:
         client.set(f"ready/{rank}", repr(time.time()))
-        phase("prepare")
-        done = compute(work, device, _progress(client) if rank == 0 else None, phase)
-        mine = {"device": str(device), "timings": done.timings, "peak_rss_mb": max(done.peak_mb.values()),
-                "cache": done.cache, "weights_sha256": _digest(done.produced.states)}
-        every: list[dict[str, Any]] = [{} for _ in range(world)]
-        dist.all_gather_object(every, mine)
-        if rank == 0:
-            same = len({r["weights_sha256"] for r in every}) == 1
-            if not same:
-                logger.error(f"ranks ended with different weights: {[r['weights_sha256'][:12] for r in every]}")
-            done.ranks = {"same_weights": same, "per_rank": every}
-            _write(Path(out), done)
+        target(rank, device, Path(out), client, _progress(client) if rank == 0 else None, *args)
     finally:
         dist.destroy_process_group()
+
+
+def _round_rank(rank: int, device: torch.device, out: Path, client: dist.Store,
+                post: Callable[[dict[str, Any]], None] | None, work: RoundWork) -> None:
+    """A round's rank: :func:`~gcml_app.rounds.compute.compute`, then (rank 0) the result for the round's process."""
+    cfg, world = work.cfg, dist.get_world_size()
+    if device.type == "cpu":  # the machine's cores shared out: one rank per core on a 2-core machine
+        torch.set_num_threads(cfg.train.num_threads or max(1, len(os.sched_getaffinity(0)) // world))
+    phase = Phase(lambda name: client.set(f"phase/{rank}", name))
+    phase("prepare")
+    done = compute(work, device, post, phase)
+    mine = {"device": str(device), "timings": done.timings, "peak_rss_mb": max(done.peak_mb.values()),
+            "cache": done.cache, "weights_sha256": _digest(done.produced.states)}
+    every: list[dict[str, Any]] = [{} for _ in range(world)]
+    dist.all_gather_object(every, mine)
+    if rank == 0:
+        same = len({r["weights_sha256"] for r in every}) == 1
+        if not same:
+            logger.error(f"ranks ended with different weights: {[r['weights_sha256'][:12] for r in every]}")
+        done.ranks = {"same_weights": same, "per_rank": every}
+        _write(out, done)
 
 
 def _die_with(parent: int) -> None:

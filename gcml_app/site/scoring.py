@@ -47,9 +47,11 @@ from gcml_app.config import SiteConfig
 from gcml_app.federation.peers import PeerBook
 from gcml_app.federation.state import GossipState
 from gcml_app.ml.acquisition import competence, disagreement, draw_proportional, epistemic_entropy, soft_predict
-from gcml_app.ml.device import precision, sw_batch_size, train_device
+from gcml_app.ml.device import precision, round_devices, sw_batch_size
+from gcml_app.ml.distributed import barrier, gather_cases, share, world
 from gcml_app.ml.network import build_network, fit_state
 from gcml_app.ml.transforms import image_transforms, val_transforms
+from gcml_app.rounds.ranks import launch
 from gcml_app.site.process import is_background_process, lower_priority
 from gcml_app.store import ModelStore
 from gcml_app.util.files import atomic_write
@@ -223,6 +225,7 @@ class _Scoring(ScoringMethod):
         super().__init__(description)
         self.cfg, self.store = cfg, store
         self.book = ScoreBook(cfg.state_dir)
+        self.device = torch.device("cpu")  # where this process scores: set by each run (or each rank)
 
     def info(self) -> dict[str, Any]:
         return {**super().info(), "max_images": self.cfg.active.max_images}
@@ -231,8 +234,12 @@ class _Scoring(ScoringMethod):
         """One image's record (``score`` and its parts) from ``models`` (:func:`load_models`)."""
         raise NotImplementedError
 
-    def _prepare(self, models, com: Committee, datastore: Datastore) -> None:
-        """Anything a run needs once before its images (default: nothing)."""
+    def _inputs(self, datastore: Datastore) -> Any:
+        """What :meth:`_prepare` reads from the datastore, as plain data a rank can be given (default: nothing)."""
+        return None
+
+    def _prepare(self, models, com: Committee, inputs: Any) -> None:
+        """Anything a run needs once before its images (default: nothing); ``inputs`` from :meth:`_inputs`."""
 
     def __call__(self, request: dict[str, Any], datastore: Datastore) -> dict[str, Any]:
         """Score up to ``max_images`` unlabelled images whose score is stale; returns the run's summary."""
@@ -254,27 +261,39 @@ class _Scoring(ScoringMethod):
         if com.served is None or not todo:
             summary["reason"] = "no served model yet" if com.served is None else "every score is current"
             return self._finish(summary, pool, t0)
-        device = train_device(self.cfg)
-        models = load_models(self.cfg, self.store, com, device)
+        uris, inputs, devices = dict(pool), self._inputs(datastore), round_devices(self.cfg)
+        if len(devices) > 1:  # train.gpus: the images split over the devices, one rank each
+            got, started = launch(_scoring_rank, (self, todo, uris, com, inputs), devices,
+                                  self.cfg.train.rank_timeout_s, self.cfg.state_dir,
+                                  lambda out: json.loads((out / "scoring.json").read_text()))
+            summary.update(got, ranks={"world": len(devices), **started})
+            return self._finish(summary, pool, t0)
+        self.device = devices[0]
+        models = load_models(self.cfg, self.store, com, self.device)
         summary["partners_left_out"] = models[2]
-        self._prepare(models, com, datastore)
-        uris = dict(pool)
+        self._prepare(models, com, inputs)
+        summary["scored"], summary["failed"] = self._score_images(models, todo, uris, com)
+        return self._finish(summary, pool, t0)
+
+    def _score_images(self, models, todo: list[str], uris: dict[str, str], com: Committee) -> tuple[int, int]:
+        """Score each image of ``todo`` and write its record into the book at once; ``(scored, failed)``."""
         load = Compose(image_transforms(self.cfg))
+        scored = failed = 0
         for image_id in todo:
             t1 = time.time()
             try:
                 image = load({"image": uris[image_id]})["image"]
                 rec = {**self._score(models, image.as_tensor() if hasattr(image, "as_tensor") else image, com),
                        "served_version": com.served}
-                summary["scored"] += 1
+                scored += 1
             except Exception as e:  # an unreadable image is recorded, not retried, until the models change
                 rec = {"error": clean(f"{type(e).__name__}: {e}", 300)}
-                summary["failed"] += 1
+                failed += 1
                 logger.warning(f"scoring {self.method}: {image_id}: {rec['error']}")
             rec.update(key=com.key(self.method), ts=round(time.time(), 3), seconds=round(time.time() - t1, 3))
             with self.book.edit() as book:
                 book["images"].setdefault(image_id, {})[self.method] = rec
-        return self._finish(summary, pool, t0)
+        return scored, failed
 
     def _finish(self, summary: dict[str, Any], pool: list[tuple[str, str]], t0: float) -> dict[str, Any]:
         unlabelled = {i for i, _ in pool}
@@ -287,7 +306,7 @@ class _Scoring(ScoringMethod):
         return summary
 
     def _predict(self, net, image):
-        c, device = self.cfg, train_device(self.cfg)
+        c, device = self.cfg, self.device
         return soft_predict(net, image, c.roi_size, sw_batch_size(c, device), c.validation.overlap, device,
                             precision(c, device), c.out_channels)
 
@@ -302,21 +321,24 @@ class DisagreementScoring(_Scoring):
 
     competence: dict[str, float] = {}
 
-    def _prepare(self, models, com, datastore):
-        """Each partner's competence on this site's validation cases (the gate's held-out labels), computed
-        once per partner model and validation set and kept in the score book."""
+    def _inputs(self, datastore):
+        """The site's validation cases (the gate's held-out labels): ``[{"id", "image", "label"}]``."""
         from gcml_app.ml.split import FixedSplit
         from gcml_app.site.trainer import labelled_cases
 
         split = FixedSplit(self.cfg.state_dir / "split.json", self.cfg.validation).assigned()
-        val = [c for c in labelled_cases(datastore, self.cfg) if split.get(c["id"]) == "val"]
+        return [c for c in labelled_cases(datastore, self.cfg) if split.get(c["id"]) == "val"]
+
+    def _prepare(self, models, com, val):
+        """Each partner's competence on this site's validation cases ``val``, computed once per partner model
+        and validation set and kept in the score book."""
         val_key = ",".join(sorted(c["id"] for c in val))
         known = self.book.read().get("competence") or {}
         todo = {n: net for n, net in models[1].items()
                 if (known.get(n) or {}).get("key") != f"{com.partners[n]['sha256']}|{val_key}"}
         if todo:
             load = val_transforms(self.cfg)
-            c, device = self.cfg, train_device(self.cfg)
+            c, device = self.cfg, self.device
             cases = ({"image": torch.as_tensor(x["image"]), "label": torch.as_tensor(x["label"])}
                      for x in (load({"image": v["image"], "label": v["label"]}) for v in val))
             got = competence(todo, cases, len(c.labels), c.roi_size, sw_batch_size(c, device), c.validation.overlap,
@@ -346,11 +368,37 @@ class EpistemicScoring(_Scoring):
         super().__init__(cfg, store, "Epistemic uncertainty of the served model by MC dropout (MONAI Label's score)")
 
     def _score(self, models, image, com):
-        c, device = self.cfg, train_device(self.cfg)
+        c, device = self.cfg, self.device
         score = epistemic_entropy(models[0], image, c.roi_size, c.active.mc_samples, c.active.mc_dropout,
                                   sw_batch_size(c, device), c.validation.overlap, device, precision(c, device),
                                   c.out_channels)
         return {"score": score, "samples": c.active.mc_samples}
+
+
+def _scoring_rank(rank: int, device: torch.device, out: Path, store, post, scoring: _Scoring, todo: list[str],
+                  uris: dict[str, str], com: Committee, inputs: Any) -> None:
+    """One rank of a scoring run on several devices: its share of the images, each record into the book at once.
+
+    Rank 0 prepares first (a partner's competence is computed once and kept in the book); the others then read
+    it. Rank 0 writes the run's counts for the process that started the ranks.
+    """
+    cfg = scoring.cfg
+    if device.type == "cpu":
+        torch.set_num_threads(cfg.train.num_threads or max(1, len(os.sched_getaffinity(0)) // world()))
+    scoring.device = device
+    store.set(f"phase/{rank}", "prepare")
+    models = load_models(cfg, scoring.store, com, device)
+    if rank == 0:
+        scoring._prepare(models, com, inputs)
+    barrier()
+    if rank != 0:
+        scoring._prepare(models, com, inputs)  # what rank 0 computed, from the book
+    store.set(f"phase/{rank}", "score")
+    counts = gather_cases([scoring._score_images(models, share(todo), uris, com)])
+    if rank == 0:
+        (out / "scoring.json").write_text(json.dumps({"scored": sum(c[0] for c in counts),
+                                                      "failed": sum(c[1] for c in counts),
+                                                      "partners_left_out": models[2]}))
 
 
 # ---------------------------------------------------------------------------------------- the strategy

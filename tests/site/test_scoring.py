@@ -243,3 +243,26 @@ def test_a_malformed_max_images_is_refused_with_a_message_and_nothing_is_scored(
     with pytest.raises(ValueError, match="'max_images': found .*expected a positive integer"):
         site.score(max_images=bad)
     assert ScoreBook(site.cfg.state_dir).read()["images"] == {}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["disagreement", "epistemic"])
+def test_a_run_on_two_ranks_splits_the_images_and_scores_what_one_process_scores(site, method):
+    split = {i: "val" for i in site.labelled[:2]} | {site.labelled[2]: "train"}
+    (site.cfg.state_dir / "split.json").write_text(json.dumps(split))  # disagreement weighs partners by competence
+    one = site.score(method)
+    book = ScoreBook(site.cfg.state_dir)
+    before = {i: s[method] for i, s in book.read()["images"].items()}
+    book.path.unlink()  # everything stale again
+    site.cfg = site.cfg.model_copy(update={"train": site.cfg.train.model_copy(
+        update={"gpus": [0, 1], "device": "cpu", "samples_per_case": 2, "num_threads": 1})})
+    two = site.score(method)
+    assert (two["scored"], two["failed"], two["ranks"]["world"], two["ranks"]["backend"]) == (3, 0, 2, "gloo")
+    assert one["scored"] == 3
+    after = {i: s[method] for i, s in ScoreBook(site.cfg.state_dir).read()["images"].items()}
+    assert set(after) == set(before) == set(site.unlabelled)  # every image scored, by one rank or the other
+    assert all(after[i]["score"] > 0 and after[i]["served_version"] == 1 for i in site.unlabelled)
+    if method == "disagreement":  # deterministic (epistemic draws its dropout masks at random, in any process)
+        assert [after[i]["score"] for i in site.unlabelled] == pytest.approx(
+            [before[i]["score"] for i in site.unlabelled], abs=1e-5)
+        assert all(after[i]["competence"] == before[i]["competence"] for i in site.unlabelled)
