@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from monai.data import DataLoader, Dataset, ThreadDataLoader
 from monai.utils import set_determinism
@@ -29,11 +30,11 @@ from gcml_app.ml.device import Precision, precision, setup_device, sw_batch_size
 from gcml_app.ml.distributed import barrier, gather_cases, rank, share, world
 from gcml_app.ml.evaluate import dice_per_case
 from gcml_app.ml.gate import SERVED
-from gcml_app.ml.network import GCMLNet, build_network
+from gcml_app.ml.network import GCMLNet, build_network, fit_state
 from gcml_app.ml.transforms import crop_transforms, unlabelled_crop_transforms
 from gcml_app.rounds.producers import Produced, Producer, RoundInputs
 
-__all__ = ["Computed", "Laps", "Phase", "RoundWork", "compute"]
+__all__ = ["Computed", "Laps", "Phase", "RoundWork", "compute", "rng_state"]
 
 State = dict[str, torch.Tensor]
 Progress = Callable[[dict[str, Any]], None]
@@ -45,8 +46,11 @@ class RoundWork:
 
     Args:
         start: the working model's weights the round starts from.
-        served: the served model's weights (fitted to this network), or ``None`` when nothing is served.
+        served: the served model's weights as stored (:func:`compute` fits them to this network), or ``None``.
         unlabelled: the site's images without a final label, for a producer that learns from them.
+        rng: the random generators' states (:func:`rng_state`) where the round's process left them, after
+            seeding and building what it needed: :func:`compute` goes on from there, so a round draws the
+            same batches in this process or in every rank, and as it always has.
     """
 
     cfg: SiteConfig
@@ -59,6 +63,18 @@ class RoundWork:
     epochs: int
     seed: int
     unlabelled: list[dict[str, str]] = field(default_factory=list)
+    rng: dict[str, Any] | None = None
+
+
+def rng_state() -> dict[str, Any]:
+    """The CPU random generators' states: torch's, NumPy's and Python's (what ``set_determinism`` seeds)."""
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "random": random.getstate()}
+
+
+def _restore(rng: dict[str, Any]) -> None:
+    torch.set_rng_state(rng["torch"])
+    np.random.set_state(rng["numpy"])
+    random.setstate(rng["random"])
 
 
 @dataclass
@@ -187,9 +203,12 @@ def compute(work: RoundWork, device: torch.device, report: Progress | None = Non
     """
     cfg, phase, lap = work.cfg, phase or Phase(), lap or Laps()
     set_determinism(seed=work.seed)
+    if work.rng is not None:  # where the round's process left its draws
+        _restore(work.rng)
     setup_device(cfg, device)
     amp = precision(cfg, device)
-    model = build_network(cfg)  # before the loaders: the same draws from the seed as ever
+    with torch.random.fork_rng(devices=[]):  # its initial weights are overwritten: no draws
+        model = build_network(cfg)
     model.load_state_dict(work.start)
     model.to(device)
     data = _Data.prepare(work, device, amp)
@@ -201,7 +220,7 @@ def compute(work: RoundWork, device: torch.device, report: Progress | None = Non
     probe = None
     if work.served is not None:
         probe = build_network(cfg).to(device)
-        probe.load_state_dict(work.served)
+        probe.load_state_dict(fit_state(work.served, cfg))
         scores[SERVED] = data.score(probe)
         clicked[SERVED] = data.click_score(probe)
     lap("validate_s", peak="validate_served")

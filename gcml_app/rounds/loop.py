@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from monai.utils import set_determinism
 
 from gcml_app.config import SiteConfig
 from gcml_app.errors import NotEnoughLabels, RoundFailed
@@ -34,7 +35,7 @@ from gcml_app.ml.device import is_out_of_memory, precision, round_devices, sw_ba
 from gcml_app.ml.gate import SERVED, GateDecision, select
 from gcml_app.ml.network import arch_fingerprint, build_network, fit_state, other_layout_arch
 from gcml_app.ml.split import FixedSplit, labels_for_validation
-from gcml_app.rounds.compute import Laps, Phase, RoundWork, compute
+from gcml_app.rounds.compute import Laps, Phase, RoundWork, compute, rng_state
 from gcml_app.rounds.producers import DCML, Local, Produced, Producer
 from gcml_app.rounds.ranks import run_on_ranks
 from gcml_app.rounds.record import RoundRecord, provenance
@@ -176,6 +177,9 @@ def run_round(
     if cfg.train.num_threads and len(devices) == 1:
         torch.set_num_threads(cfg.train.num_threads)
     seed = cfg.train.seed + len(store.history()) if seed is None else seed
+    # the round's random draws start here: building networks (and fitting stored weights, which builds one)
+    # draws from the seeded generator, and compute() goes on from this state, in this process or every rank
+    set_determinism(seed=seed)
     served = store.served()
     arch = arch_fingerprint(cfg, build_network(cfg).state_dict())
     if incoming is not None:
@@ -187,8 +191,9 @@ def run_round(
     phase = Phase()
     try:
         start, working = _start_state(cfg, store, arch)  # a bad init_from or another task: a failed round
-        served_state = fit_state(store.load(served.version), cfg) if served is not None else None
-        work = RoundWork(cfg, cases, train_ids, val_ids, producer, start, served_state, epochs, seed, unlabelled or [])
+        served_state = store.load(served.version) if served is not None else None  # compute() fits it
+        work = RoundWork(cfg, cases, train_ids, val_ids, producer, start, served_state, epochs, seed, unlabelled or [],
+                         rng_state())
         if len(devices) > 1:
             out = run_on_ranks(work, devices, report)
             lap.adopt(out.timings, out.peak_mb)  # rank 0's phases; each rank's in out.ranks
