@@ -389,6 +389,11 @@ def _bench_ddp(args: argparse.Namespace) -> int:
     print(f"  ratios: crops/s x{q['crops_per_s']:.2f}, validation x{q['validate_s_per_case']:.2f}, preprocessing "
           f"x{q['load_s_per_case']:.2f}, round x{q['round_wall_s']:.2f} (target >= {r['target_ratio']} for the first two); "
           f"ranks ready in {(many['ranks'] or {}).get('start_s')} s, same weights: {(many['ranks'] or {}).get('same_weights')}")
+    if w := r.get("ratio_to_one_process_all_threads"):
+        whole = r["one_all_threads"]
+        print(f"  1 process, {r['cores']} threads: round {whole['wall_s']:.1f} s, {whole['crops_per_s']:.2f} crops/s, validation "
+              f"{whole['validate_s_per_case']:.2f} s/case; {r['ranks']} ranks against it: crops/s x{w['crops_per_s']:.2f}, "
+              f"validation x{w['validate_s_per_case']:.2f}, round x{w['round_wall_s']:.2f}")
     print(f"wrote {Path(args.out) / 'ddp.json'} and ddp.png")
     return 0
 

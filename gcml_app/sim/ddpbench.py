@@ -5,8 +5,9 @@ after resampling, the deployment network (``sample_configs/deployment.yaml``) on
 run is a first round at a fresh site, in a fresh process, with a cold case cache: so the load phase is the
 preprocessing (split across the ranks), the training is one device's step budget, and the validation
 scores the candidate on every validation case (split across the ranks). On the CPU each rank gets
-``cores // N`` torch threads, the one-rank run the same, so the ratio is what the extra ranks add; on GPUs
-each rank is a device (NCCL).
+``cores // N`` torch threads, the one-rank run the same, so the ratio is what the extra ranks add; a third
+run gives one process every core's threads (what a CPU site runs without ``train.gpus``). On GPUs each rank
+is a device (NCCL).
 
 Per run: wall seconds of the round, its phases (rank 0's), steps and crops, crops per second, seconds per
 training step, validation seconds per case and model, preprocessing seconds per case, the ranks'
@@ -106,14 +107,17 @@ def ddp_bench(out: str | Path, ranks: int = 2, quick: bool = False) -> dict[str,
     cores = len(os.sched_getaffinity(0))
     threads = 0 if device == "cuda" else max(1, cores // ranks)
     cases = write_ct_studies(out / "ddp-data", spec["shape"], spec["cases"])
+    plan = [("one", 1, threads), ("many", ranks, threads)]
+    if device == "cpu" and threads * ranks > threads:  # what one process gets from every core: today's default
+        plan.append(("one_all_threads", 1, threads * ranks))
     runs = {}
-    for name, n in tqdm([("one", 1), ("many", ranks)], desc="ddp bench", unit="run"):
+    for name, n, t in tqdm(plan, desc="ddp bench", unit="run"):
         state = out / f"ddp-state-{name}"
         if state.exists():
             import shutil
 
             shutil.rmtree(state)  # a first round with a cold cache, every time
-        runs[name] = _run(_site(state, spec, n, threads, device), cases)
+        runs[name] = _run(_site(state, spec, n, t, device), cases)
     one, many = runs["one"], runs["many"]
     result = {
         "ranks": ranks, "device": device, "backend": "nccl" if device == "cuda" else "gloo", "cores": cores,
@@ -127,6 +131,13 @@ def ddp_bench(out: str | Path, ranks: int = 2, quick: bool = False) -> dict[str,
         },
         "target_ratio": 1.6,
     }
+    if "one_all_threads" in runs:  # N ranks of cores/N threads against one process with all the cores' threads
+        whole = result["one_all_threads"] = runs["one_all_threads"]
+        result["ratio_to_one_process_all_threads"] = {
+            "crops_per_s": round(many["crops_per_s"] / whole["crops_per_s"], 3),
+            "validate_s_per_case": round(whole["validate_s_per_case"] / many["validate_s_per_case"], 3),
+            "round_wall_s": round(whole["wall_s"] / many["wall_s"], 3),
+        }
     (out / "ddp.json").write_text(json.dumps(result, indent=2))
     plot_ddp(result, out / "ddp.png")
     return result
