@@ -262,6 +262,8 @@ class _Scoring(ScoringMethod):
             summary["reason"] = "no served model yet" if com.served is None else "every score is current"
             return self._finish(summary, pool, t0)
         uris, inputs, devices = dict(pool), self._inputs(datastore), round_devices(self.cfg)
+        if len(devices) > 1 and not (is_background_process() or threading.active_count() == 1):
+            devices = devices[:1]  # never fork ranks from a process with other threads running (the server's)
         if len(devices) > 1:  # train.gpus: the images split over the devices, one rank each
             got, started = launch(_scoring_rank, (self, todo, uris, com, inputs), devices,
                                   self.cfg.train.rank_timeout_s, self.cfg.state_dir,

@@ -455,5 +455,8 @@ def test_bench_ddp_quick_runs_one_and_two_ranks_and_writes_the_ratios(tmp_path):
     assert len(many["per_rank_train_s"]) == 2 and all(v > 0 for v in r["ratio"].values())
     assert json.loads((tmp_path / "b" / "ddp.json").read_text())["ratio"] == r["ratio"]
     assert (tmp_path / "b" / "ddp.png").stat().st_size > 1000
+    if r["device"] == "cpu":  # and one process with every core's threads, what a CPU site runs without train.gpus
+        assert r["one_all_threads"]["ranks"] is None and set(r["ratio_to_one_process_all_threads"]) == {
+            "crops_per_s", "validate_s_per_case", "round_wall_s"}
     with pytest.raises(ValueError, match="found 1 ranks; expected at least 2"):
         ddp_bench(tmp_path / "c", ranks=1, quick=True)
