@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +26,7 @@ import torch
 from tqdm import tqdm
 
 from gcml_app.sim.device_step import DEPLOYMENT_NETWORK
-from gcml_app.sim.scale import write_ct_studies
+from gcml_app.sim.scale import fresh_round, write_ct_studies
 
 __all__ = ["DDP_SIZE", "ddp_bench", "plot_ddp"]
 
@@ -36,21 +34,6 @@ DDP_SIZE = (144, 144, 112)  # x, y, z at 1 mm: scale.py's MR-like volume
 _QUICK = {"shape": (48, 48, 40), "roi": 32, "cases": 6,
           "network": {"name": "UNet", "channels": [4, 8, 16], "strides": [2, 2], "num_res_units": 1}}
 _REAL = {"shape": DDP_SIZE, "roi": 96, "cases": 10, "network": DEPLOYMENT_NETWORK}
-
-_ROUND = """
-import json, sys, time
-from gcml_app.config import SiteConfig
-from gcml_app.rounds import run_round
-from gcml_app.store import ModelStore
-cfg = SiteConfig.model_validate(json.loads(sys.argv[1]))
-cases = json.loads(sys.argv[2])
-t = time.perf_counter()
-rec = run_round(cfg, ModelStore(cfg.state_dir / "models"), cases)
-wall = time.perf_counter() - t
-keep = ("n_train", "n_val", "timings", "losses", "ranks", "precision", "published")
-print("ROUND " + json.dumps({**{k: rec.get(k) for k in keep}, "wall_s": round(wall, 3), "scored": len(rec["scores"])}))
-"""
-
 
 def _site(state: Path, spec: dict[str, Any], ranks: int, threads: int, device: str) -> dict[str, Any]:
     return {
@@ -64,12 +47,7 @@ def _site(state: Path, spec: dict[str, Any], ranks: int, threads: int, device: s
 
 
 def _run(site: dict[str, Any], cases: list[dict[str, str]]) -> dict[str, Any]:
-    done = subprocess.run([sys.executable, "-c", _ROUND, json.dumps(site), json.dumps(cases)],
-                          capture_output=True, text=True, timeout=7200)
-    line = next((ln for ln in done.stdout.splitlines() if ln.startswith("ROUND ")), None)
-    if done.returncode or line is None:
-        raise RuntimeError(f"ddp bench round failed (exit {done.returncode}): {done.stderr[-2000:]}")
-    rec = json.loads(line[6:])
+    rec = fresh_round(site, cases, "ddp bench")
     t, losses = rec["timings"], rec["losses"]
     steps = sum(e["steps"] for e in losses)
     crops = sum(e["crop_passes"] for e in losses)

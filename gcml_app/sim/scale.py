@@ -29,7 +29,7 @@ from tqdm import tqdm
 from gcml_app.config import SiteConfig
 from gcml_app.sim.device_step import DEPLOYMENT_NETWORK, step_check
 
-__all__ = ["SCALE_SIZES", "ct_volume", "plot_scale", "scale_bench", "write_ct_studies"]
+__all__ = ["SCALE_SIZES", "ct_volume", "fresh_round", "plot_scale", "scale_bench", "write_ct_studies"]
 
 # (name, voxels at 1 mm after resampling): CT-like (5.9 M voxels) and MR-like
 SCALE_SIZES = {"ct-192x192x160": (192, 192, 160), "mr-144x144x112": (144, 144, 112)}
@@ -93,25 +93,39 @@ def _site(state: Path, roi: int, network: dict[str, Any], epochs: int) -> dict[s
 
 
 _ROUND = """
-import json, sys
+import json, sys, time
 from gcml_app.config import SiteConfig
 from gcml_app.rounds import run_round
 from gcml_app.store import ModelStore
 cfg = SiteConfig.model_validate(json.loads(sys.argv[1]))
 cases = json.loads(sys.argv[2])
+t = time.perf_counter()
 rec = run_round(cfg, ModelStore(cfg.state_dir / "models"), cases)
-keep = ("n_train", "n_val", "timings", "peak_rss_mb", "cache", "precision", "peak_gpu_mb", "published")
-print("ROUND " + json.dumps({**{k: rec.get(k) for k in keep}, "scored": len(rec["scores"])}))
+wall = time.perf_counter() - t
+keep = ("n_train", "n_val", "timings", "peak_rss_mb", "cache", "precision", "peak_gpu_mb", "published", "losses",
+        "ranks")
+print("ROUND " + json.dumps({**{k: rec.get(k) for k in keep}, "scored": len(rec["scores"]), "wall_s": round(wall, 3)}))
 """
 
 
-def _run_round(site: dict[str, Any], cases: list[dict[str, str]]) -> dict[str, Any]:
+def fresh_round(site: dict[str, Any], cases: list[dict[str, str]], what: str = "scale") -> dict[str, Any]:
+    """One :func:`~gcml_app.rounds.run_round` of ``site`` (a YAML's content) in a fresh process, so its memory
+    and threads are its own: the record's figures (timings, memory, cache, losses, ranks), ``scored`` (models
+    scored on every validation case) and ``wall_s``.
+
+    Raises:
+        RuntimeError: the round failed, with the end of its stderr.
+    """
     done = subprocess.run([sys.executable, "-c", _ROUND, json.dumps(site), json.dumps(cases)],
                           capture_output=True, text=True, timeout=7200)
     line = next((ln for ln in done.stdout.splitlines() if ln.startswith("ROUND ")), None)
     if done.returncode or line is None:
-        raise RuntimeError(f"scale round failed (exit {done.returncode}): {done.stderr[-2000:]}")
-    rec = json.loads(line[6:])
+        raise RuntimeError(f"{what} round failed (exit {done.returncode}): {done.stderr[-2000:]}")
+    return json.loads(line[6:])
+
+
+def _run_round(site: dict[str, Any], cases: list[dict[str, str]]) -> dict[str, Any]:
+    rec = fresh_round(site, cases)
     peaks = rec["peak_rss_mb"]
     rec["above_start_mb"] = round(max(peaks.values()) - peaks["before_round"], 1)
     t = rec["timings"]
