@@ -2,7 +2,8 @@
 "Several devices").
 
 :func:`run_on_ranks` is called by :func:`~gcml_app.rounds.loop.run_round` when ``train.gpus`` names more
-than one device. The round's own process stays out of the group: it hosts the rendezvous store
+than one device; :func:`launch`, the part that starts and watches the ranks, also runs a scoring run's
+ranks (:mod:`gcml_app.site.scoring`). The round's own process stays out of the group: it hosts the rendezvous store
 (a ``TCPStore`` on a port the OS picks, never a fixed or guessed one), starts one rank per device with
 ``torch.multiprocessing``, relays rank 0's progress, and reads back what rank 0 wrote. It alone then
 decides and commits: the ranks never touch the model store.
@@ -48,7 +49,7 @@ T = TypeVar("T")
 
 logger = logging.getLogger(__name__)
 
-_spawn = importlib.import_module("torch.multiprocessing.spawn")  # the module (torch.multiprocessing.spawn is a function)
+_spawn = importlib.import_module("torch.multiprocessing.spawn")  # the module: torch.multiprocessing.spawn is a function
 
 HOST = "127.0.0.1"  # the rendezvous of one machine's ranks
 POLL_S = 0.25  # how often the round's process looks at its ranks (and relays progress)
@@ -228,7 +229,7 @@ def _digest(states: dict[str, dict[str, torch.Tensor]]) -> str:
         h.update(name.encode())
         for k, v in state.items():
             h.update(k.encode())
-            h.update(v.detach().cpu().contiguous().numpy().tobytes())
+            h.update(v.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())  # any dtype
     return h.hexdigest()
 
 
@@ -236,7 +237,8 @@ def _write(out: Path, done: Computed) -> None:
     """Rank 0's result for the round's process: each candidate as safetensors, the rest as JSON."""
     names = list(done.produced.states)
     for i, name in enumerate(names):
-        save_file({k: v.detach().cpu().contiguous() for k, v in done.produced.states[name].items()}, out / f"{i}.safetensors")
+        state = {k: v.detach().cpu().contiguous() for k, v in done.produced.states[name].items()}
+        save_file(state, str(out / f"{i}.safetensors"))
     p = done.produced
     meta = {"names": names, "mode": p.mode, "kept": p.kept, "losses": p.losses, "scores": done.scores,
             "clicked": done.clicked, "cache": done.cache, "timings": done.timings, "peak_mb": done.peak_mb,
