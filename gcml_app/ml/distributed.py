@@ -11,6 +11,8 @@ the simulator and the bench run exactly as before:
   one-device batch;
 - :func:`all_true`, :func:`global_mean`: a decision every rank takes alike (skip a non-finite step) and
   the loss figures of the whole step;
+- :func:`global_sum`: a loss's batch statistics (DCML's region balance and normalisers, InfoNCE's count of
+  volumes, a teacher's Dice) over every rank's crops, so each rank's loss is its part of the one-device loss;
 - :func:`gather_cases`: per-case results scored on ``cases[rank::world]``, back in the cases' order.
 """
 
@@ -24,7 +26,8 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-__all__ = ["all_true", "barrier", "gather_cases", "global_mean", "parallel", "rank", "share", "unwrap", "world"]
+__all__ = ["all_true", "barrier", "gather_cases", "global_mean", "global_sum", "parallel", "rank", "share", "unwrap",
+           "world"]
 
 T = TypeVar("T")
 
@@ -115,6 +118,16 @@ def all_true(*flags: bool) -> list[bool]:
     t = torch.tensor([int(f) for f in flags], dtype=torch.int32, device=_comm_device())
     dist.all_reduce(t, op=dist.ReduceOp.MIN)
     return [bool(v) for v in t.tolist()]
+
+
+def global_sum(t: torch.Tensor) -> torch.Tensor:
+    """``t`` summed over the ranks, without gradient: a batch statistic (a count, a normaliser) of the step's
+    crops on every rank together. The identity on one device."""
+    if world() == 1:
+        return t
+    out = t.detach().clone()
+    dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    return out
 
 
 def global_mean(values: Sequence[float]) -> list[float]:

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from gcml_app.config import DCMLConfig
-from gcml_app.ml.distributed import world
+from gcml_app.ml.distributed import global_sum, world
 from gcml_app.ml.network import GCMLNet
 
 __all__ = ["KL_MASKS", "foreground_region", "kl_ramp", "labels_at", "mutual_infonce", "mutual_kl", "sample_voxels",
@@ -53,6 +53,9 @@ def voxel_weights(labels: torch.Tensor, dilation: int, fg_weight_max: float) -> 
     fg = foreground_region(labels, dilation)[:, 0]
     n_fg = fg.sum()
     n_bg = fg.numel() - n_fg
+    if world() > 1:  # the batch is every rank's crops (the same number on each)
+        n_fg = global_sum(n_fg)
+        n_bg = fg.numel() * world() - n_fg
     ratio = (n_bg / n_fg.clamp(min=1.0)).clamp(min=1.0, max=fg_weight_max)
     return 1.0 + (ratio - 1.0) * fg
 
@@ -68,7 +71,14 @@ def _weighted_kl(log_s: torch.Tensor, log_t: torch.Tensor, labels: torch.Tensor,
         # maximum over channel slices: max(1) also computes indices and costs ~4x as much on CPU
         top = functools.reduce(torch.maximum, log_t.unbind(1))
         w = w * (log_t.gather(1, labels.long()).squeeze(1) >= top).to(w.dtype)
-    return temperature**2 * (kl * w).sum() / weights.sum()
+    return temperature**2 * (kl * w).sum() / _normaliser(weights.sum())
+
+
+def _normaliser(total: torch.Tensor) -> torch.Tensor:
+    """A loss's denominator over the step's batch. With several ranks: the sum over every rank's crops, divided by
+    the number of ranks, because DDP averages the ranks' gradients; so the ranks' gradients together are the
+    one-device loss's. On one device: ``total`` itself."""
+    return total if world() == 1 else global_sum(total) / world()
 
 
 def mutual_kl(
@@ -151,7 +161,7 @@ def unlabelled_kl(
 
     def kl(log_s, log_t, sure):
         log_t = log_t.detach()
-        return temperature**2 * ((log_t.exp() * (log_t - log_s)).sum(1) * w * sure).sum() / w.sum()
+        return temperature**2 * ((log_t.exp() * (log_t - log_s)).sum(1) * w * sure).sum() / _normaliser(w.sum())
 
     return kl(log_l, log_i, sure_i), kl(log_i, log_l, sure_l)
 
@@ -170,8 +180,13 @@ def teacher_dice(z: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """
     with torch.no_grad():
         pred, y = z.argmax(1), labels[:, 0]
-        dice = [2 * ((pred == c) & (y == c)).sum() / ((pred == c).sum() + (y == c).sum())
-                for c in range(1, z.shape[1]) if bool((y == c).any())]
+        if world() > 1:  # counted over every rank's crops
+            counts = global_sum(torch.stack([torch.stack([((pred == c) & (y == c)).sum(), (pred == c).sum(),
+                                                          (y == c).sum()]) for c in range(1, z.shape[1])]).float())
+            dice = [2 * i / (p + t) for i, p, t in counts if t > 0]
+        else:
+            dice = [2 * ((pred == c) & (y == c)).sum() / ((pred == c).sum() + (y == c).sum())
+                    for c in range(1, z.shape[1]) if bool((y == c).any())]
         return torch.stack(dice).mean().float() if dice else z.new_ones((), dtype=torch.float32)
 
 
@@ -297,10 +312,14 @@ def mutual_infonce(
         loss_l, loss_i = _infonce_both(e_l, e_i, cls, cfg.tau)
         out_l.append(loss_l)
         out_i.append(loss_i)
+    if world() > 1:  # the mean over every rank's volumes that have two classes
+        volumes = _normaliser(feats_l.new_tensor(float(len(out_l))))
     if not out_l:
         zero = (feats_l.sum() + feats_i.sum()) * 0.0
         if world() > 1:  # under DDP every trained parameter needs a gradient on every rank, the head's too
             zero = zero + 0.0 * (local.embed_points(feats_l.flatten(2)[0, :, :1].T).sum()
                                  + incoming.embed_points(feats_i.flatten(2)[0, :, :1].T).sum())
         return zero, zero
+    if world() > 1:
+        return torch.stack(out_l).sum() / volumes, torch.stack(out_i).sum() / volumes
     return torch.stack(out_l).mean(), torch.stack(out_i).mean()

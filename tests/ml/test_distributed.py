@@ -77,6 +77,28 @@ def _ddp_steps(rank):
     return [round(float(p.detach().sum()), 6) for p in model.parameters()]
 
 
+def _batch():
+    """Two crops' logits of two models and their labels (8^3, 3 classes): unlike crops, as a step's are."""
+    g = torch.Generator().manual_seed(0)
+    z_l, z_i = torch.randn(2, 3, 8, 8, 8, generator=g), torch.randn(2, 3, 8, 8, 8, generator=g)
+    y = torch.zeros(2, 1, 8, 8, 8, dtype=torch.long)
+    y[0, :, 2:6, 2:6, 2:6] = 1  # a crop on the organ
+    y[0, :, 3:4, 3:4, 3:4] = 2
+    y[1, :, 0:2, 0:2, 0:8] = 1  # a crop mostly on background
+    return z_l, z_i, y
+
+
+def _batch_losses(rank=None):
+    """DCML's batch-normalised terms: on one process over both crops, or in a group over each rank's crop."""
+    from gcml_app.ml.losses import mutual_kl, teacher_dice, unlabelled_kl
+
+    z_l, z_i, y = _batch()
+    if rank is not None:
+        z_l, z_i, y = z_l[rank:rank + 1], z_i[rank:rank + 1], y[rank:rank + 1]
+    values = [*mutual_kl(z_l, z_i, y), *unlabelled_kl(z_l, z_i, confidence=0.0), teacher_dice(z_i, y)]
+    return D.global_mean([float(v) for v in values])
+
+
 CASES = [
     # (what every rank runs, what each rank returns)
     (_gather, [["a", "b", "c", "d", "e"]] * 2),
@@ -93,6 +115,18 @@ def test_each_rank_trains_on_its_share_of_one_devices_crops(tmp_path):
     one = _crops()
     assert len(one) == 4
     assert _run(tmp_path, _crops) == [one[0::2], one[1::2]]
+
+
+def test_the_ranks_losses_together_are_the_one_device_loss_of_the_whole_batch(tmp_path):
+    """Region balance, normalisers and a teacher's Dice are counted over every rank's crops: the mean of the ranks'
+    losses (what DDP's averaged gradients descend) is the one-device loss, though the two crops differ."""
+    one = _batch_losses()
+    r0, r1 = _run(tmp_path, _batch_losses)
+    assert r0 == r1 and r0 == pytest.approx(one, rel=1e-6)
+    z_l, z_i, y = _batch()
+    from gcml_app.ml.losses import mutual_kl
+    alone = [float(v) for v in mutual_kl(z_l[:1], z_i[:1], y[:1])]  # one crop normalised on its own: not the same
+    assert alone[0] != pytest.approx(one[0], rel=1e-3)
 
 
 def test_ddp_keeps_the_ranks_equal_and_a_skipped_step_skips_everywhere(tmp_path):
