@@ -37,9 +37,10 @@ from monai.transforms import (
     SpatialPadd,
 )
 from monai.transforms.utils import map_binary_to_indices
+from monai.utils import MAX_SEED
 
 from gcml_app.config import SiteConfig
-from gcml_app.ml.distributed import share, world
+from gcml_app.ml.distributed import rank, share, world
 
 __all__ = ["MAX_INDICES", "CropCentres", "TaskChannels", "augment_transforms", "case_transforms", "crop_transforms",
            "image_transforms", "train_transforms", "unlabelled_crop_transforms", "val_transforms"]
@@ -201,6 +202,22 @@ class _RankSpatialCropSamplesd(RandSpatialCropSamplesd):
         return share(super().__call__(data, lazy=lazy))
 
 
+class _RankAugment(Compose):
+    """The augmentation chain of a rank: seeded as one device's, offset by the rank, so the ranks' crops (drawn
+    alike) are augmented from streams of their own, as one device augments each crop with its own draws."""
+
+    def set_random_state(self, seed=None, state=None):
+        if seed is not None:
+            seed = (seed + 104_729 * rank()) % MAX_SEED
+        return super().set_random_state(seed=seed, state=state)
+
+
+def _augment(cfg: SiteConfig, keys) -> list:
+    """:func:`augment_transforms`, in one :class:`_RankAugment` when the round runs on several ranks."""
+    chain = augment_transforms(cfg, keys)
+    return [_RankAugment(chain)] if world() > 1 and chain else chain
+
+
 def crop_transforms(cfg: SiteConfig) -> Compose:
     """Random ROI crops (half centred on foreground), augmented (:func:`augment_transforms`):
     ``samples_per_case`` crops of a preprocessed case; in a round on several devices, this rank's
@@ -215,7 +232,7 @@ def crop_transforms(cfg: SiteConfig) -> Compose:
         SpatialPadd(keys, spatial_size=cfg.roi_size),
         crop(keys, label_key="label", spatial_size=cfg.roi_size, pos=1, neg=1,
              num_samples=cfg.train.samples_per_case, fg_indices_key="fg", bg_indices_key="bg"),
-        *augment_transforms(cfg, keys),
+        *_augment(cfg, keys),
     ])
 
 
@@ -226,7 +243,7 @@ def unlabelled_crop_transforms(cfg: SiteConfig) -> Compose:
     return Compose([
         SpatialPadd("image", spatial_size=cfg.roi_size),
         crop("image", roi_size=cfg.roi_size, num_samples=cfg.train.samples_per_case, random_size=False),
-        *augment_transforms(cfg, ("image",)),
+        *_augment(cfg, ("image",)),
     ])
 
 

@@ -57,6 +57,17 @@ def _crops(rank=0):
     return [round(float(c["image"].sum()), 4) for c in crops(case)]
 
 
+def _augment_draws(rank=0):
+    """Two draws of a rank's augmentation chain, seeded as the DataLoader seeds it."""
+    from monai.transforms import RandGaussianNoised
+
+    from gcml_app.ml.transforms import _RankAugment
+
+    chain = _RankAugment([RandGaussianNoised("image", prob=1.0)])
+    chain.set_random_state(seed=11)
+    return [round(float(chain({"image": torch.zeros(1, 4, 4, 4)})["image"].sum()), 5) for _ in range(2)]
+
+
 def _collectives(rank):
     return [D.all_true(True, rank == 0), D.global_mean([1.0 + 2 * rank, 10.0])]
 
@@ -115,6 +126,11 @@ def test_each_rank_trains_on_its_share_of_one_devices_crops(tmp_path):
     one = _crops()
     assert len(one) == 4
     assert _run(tmp_path, _crops) == [one[0::2], one[1::2]]
+
+
+def test_each_rank_augments_its_crops_from_a_stream_of_its_own(tmp_path):
+    r0, r1 = _run(tmp_path, _augment_draws)
+    assert r0 == _augment_draws() and r1 != r0  # rank 0 draws as one device does; rank 1 its own
 
 
 def test_the_ranks_losses_together_are_the_one_device_loss_of_the_whole_batch(tmp_path):
