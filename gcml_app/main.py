@@ -44,6 +44,7 @@ from gcml_app.site.datastore import GCMLDatastore
 from gcml_app.site.edit import GCMLEditInfer, PredictionCache, parse_clicks, warm_writer
 from gcml_app.site.infer import GCMLSegInfer
 from gcml_app.site.disk import disk_usage, sweep_at_start
+from gcml_app.site.process import is_background_process
 from gcml_app.site.pacs import PacsDatastore, is_pacs_url, pacs_client
 from gcml_app.site.scoring import (DisagreementScoring, DisagreementStrategy, EpistemicScoring, ScoreBook,
                                    ScoringWatcher, committee, scorable)
@@ -144,7 +145,9 @@ class GCMLApp(MONAILabelApp):
                 "epistemic": Epistemic()}
 
     def init_scoring_methods(self) -> dict[str, ScoringMethod]:
-        return {"disagreement": DisagreementScoring(self.cfg, self.store), "epistemic": EpistemicScoring(self.cfg, self.store)}
+        ranks = is_background_process()  # MONAI Label's scoring subprocess may fork ranks; the server may not
+        return {"disagreement": DisagreementScoring(self.cfg, self.store, ranks),
+                "epistemic": EpistemicScoring(self.cfg, self.store, ranks)}
 
     def infer(self, request, datastore=None):
         """Inference on datastore images (or a Slicer upload session) only, and never a label write.

@@ -21,12 +21,14 @@ decides and commits: the ranks never touch the model store.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import importlib
 import json
 import logging
 import os
+import re
 import signal
 import tempfile
 import time
@@ -125,7 +127,7 @@ def launch(target: Callable[..., None], args: tuple, devices: list[torch.device]
             while not procs.join(timeout=POLL_S, grace_period=GRACE_S):
                 relayed = _relay(store, relayed, report)
         except _spawn.ProcessException as e:
-            raise _failure(e, store, world, timeout_s) from None
+            raise _failure(e, procs.processes, store, world, timeout_s) from None
         except BaseException:  # this process is stopping (Ctrl-C, an error here): so do its ranks
             for p in procs.processes:
                 if p.is_alive():
@@ -152,6 +154,10 @@ def _rank_entry(rank: int, world: int, backend: str, port: int, devices: list[to
     try:
         client.set(f"ready/{rank}", repr(time.time()))
         target(rank, device, Path(out), client, _progress(client) if rank == 0 else None, *args)
+    except Exception as e:  # for the failure's message: this rank's own error, or one a lost peer caused
+        with contextlib.suppress(Exception):
+            client.set(f"error/{rank}", json.dumps({"error": f"{type(e).__name__}: {e}", "comms": _is_comms(e)}))
+        raise
     finally:
         dist.destroy_process_group()
 
@@ -207,18 +213,40 @@ def _relay(store: dist.Store, seen: int, report: Callable[[dict[str, Any]], None
     return n
 
 
-def _failure(e: Exception, store: dist.Store, world: int, timeout_s: float) -> RankFailed:
-    """What went wrong, in one line: which rank, in which phase, and the error it raised or how it ended."""
-    i = e.error_index
-    phase = store.get(f"phase/{i}").decode() if store.check([f"phase/{i}"]) else "start"
-    if isinstance(e, _spawn.ProcessRaisedException):
-        lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
-        cause = lines[-1].strip() if lines else type(e).__name__
-        if "timed out" in cause.lower() or "timeout" in cause.lower():
+def _is_comms(e: Exception) -> bool:
+    """Whether ``e`` is the group's own error: a collective that timed out or lost a peer (the effect of another
+    rank's fault, not a fault of this rank)."""
+    return isinstance(e, getattr(dist, "DistError", ())) or bool(_COMMS.search(str(e)))
+
+
+_COMMS = re.compile(r"gloo|nccl|connection (closed|reset)|broken pipe|timed out|timeout", re.IGNORECASE)
+
+
+def _failure(e: Exception, procs: list, store: dist.Store, world: int, timeout_s: float) -> RankFailed:
+    """What went wrong, in one line: which rank, in which phase, and the error it raised or how it ended.
+
+    When one rank fails the others fail too, a moment later, in their collectives; whichever the join saw
+    first, the message names the cause: a rank's own error first, else a rank that died without one (killed),
+    else the timeout of a rank that waited for one that stopped answering.
+    """
+    errors = {r: json.loads(store.get(f"error/{r}")) for r in range(world) if store.check([f"error/{r}"])}
+    codes = {r: p.exitcode for r, p in enumerate(procs)}
+    own = [r for r, x in errors.items() if not x["comms"]]
+    died = [r for r, c in codes.items() if r not in errors and c not in (0, None, -signal.SIGTERM)]
+    if own:
+        i = own[0]
+        what = f"raised {errors[i]['error']}"
+    elif died:
+        i, code = died[0], codes[died[0]]
+        what = f"ended: terminated by signal {signal.Signals(-code).name}" if code < 0 else f"ended: exit status {code}"
+    else:
+        i = e.error_index
+        cause = errors[i]["error"] if i in errors else next(
+            (ln.strip() for ln in reversed(str(e).splitlines()) if ln.strip()), type(e).__name__)
+        if _COMMS.search(cause) and "time" in cause.lower():
             cause += f" (another rank stopped answering for train.rank_timeout_s = {timeout_s:g} s)"
         what = f"raised {cause}"
-    else:
-        what = f"ended: {e}"  # "process 1 terminated with signal SIGKILL", or an exit status
+    phase = store.get(f"phase/{i}").decode() if store.check([f"phase/{i}"]) else "start"
     return RankFailed(f"rank {i} of {world} {what} while {phase}", "prepare" if phase == "start" else phase)
 
 

@@ -217,13 +217,18 @@ class ScoreBook:
 
 # ---------------------------------------------------------------------------------------- scoring methods
 class _Scoring(ScoringMethod):
-    """One scoring run of ``method`` (see the module docstring); subclasses score one image."""
+    """One scoring run of ``method`` (see the module docstring); subclasses score one image.
+
+    Args:
+        ranks: with ``train.gpus``, score on one rank per device (:func:`~gcml_app.rounds.ranks.launch`); false in
+            the server's own process, whose threads a fork would copy mid-work (a ``run_sync`` request runs there).
+    """
 
     method = ""
 
-    def __init__(self, cfg: SiteConfig, store: ModelStore, description: str):
+    def __init__(self, cfg: SiteConfig, store: ModelStore, description: str, ranks: bool = True):
         super().__init__(description)
-        self.cfg, self.store = cfg, store
+        self.cfg, self.store, self.ranks = cfg, store, ranks
         self.book = ScoreBook(cfg.state_dir)
         self.device = torch.device("cpu")  # where this process scores: set by each run (or each rank)
 
@@ -262,8 +267,8 @@ class _Scoring(ScoringMethod):
             summary["reason"] = "no served model yet" if com.served is None else "every score is current"
             return self._finish(summary, pool, t0)
         uris, inputs, devices = dict(pool), self._inputs(datastore), round_devices(self.cfg)
-        if len(devices) > 1 and not (is_background_process() or threading.active_count() == 1):
-            devices = devices[:1]  # never fork ranks from a process with other threads running (the server's)
+        if not self.ranks:  # never fork ranks from the server's own process (a run_sync request runs there)
+            devices = devices[:1]
         if len(devices) > 1:  # train.gpus: the images split over the devices, one rank each
             got, started = launch(_scoring_rank, (self, todo, uris, com, inputs), devices,
                                   self.cfg.train.rank_timeout_s, self.cfg.state_dir,
@@ -318,8 +323,8 @@ class DisagreementScoring(_Scoring):
 
     method = "disagreement"
 
-    def __init__(self, cfg: SiteConfig, store: ModelStore):
-        super().__init__(cfg, store, "Where the served model and the partners' models disagree (GCML)")
+    def __init__(self, cfg: SiteConfig, store: ModelStore, ranks: bool = True):
+        super().__init__(cfg, store, "Where the served model and the partners' models disagree (GCML)", ranks)
 
     competence: dict[str, float] = {}
 
@@ -366,8 +371,9 @@ class EpistemicScoring(_Scoring):
 
     method = "epistemic"
 
-    def __init__(self, cfg: SiteConfig, store: ModelStore):
-        super().__init__(cfg, store, "Epistemic uncertainty of the served model by MC dropout (MONAI Label's score)")
+    def __init__(self, cfg: SiteConfig, store: ModelStore, ranks: bool = True):
+        super().__init__(cfg, store, "Epistemic uncertainty of the served model by MC dropout (MONAI Label's score)",
+                         ranks)
 
     def _score(self, models, image, com):
         c, device = self.cfg, self.device

@@ -113,18 +113,19 @@ from gcml_app.ml import supervised  # noqa: E402
 _STEP = supervised.supervised_step
 
 FAULTS = [
-    # (the fault in rank 1's first training step, the failed round's reason)
-    (_raise_on_rank_1, r"rank 1 of 2 raised ValueError: a fault in rank 1 while train"),
-    (_killed_on_rank_1, r"rank 1 of 2 ended: process 1 terminated with signal SIGKILL while train"),
-    (_hang_on_rank_1, r"rank 0 of 2 raised .*(?i:timed out|timeout).*another rank stopped answering for "
-                      r"train.rank_timeout_s = 3 s.* while train"),
-    (_oom_on_rank_1, r"out of host memory while train on cpu \(fp32\): lower train.samples_per_case \(2\)"),
+    # (the fault in rank 1's first training step, train.rank_timeout_s, the failed round's reason: the cause,
+    # whichever rank the join saw fail first, since rank 0 then fails too in its collective)
+    (_raise_on_rank_1, 60, r"rank 1 of 2 raised ValueError: a fault in rank 1 while train"),
+    (_killed_on_rank_1, 60, r"rank 1 of 2 ended: terminated by signal SIGKILL while train"),
+    (_hang_on_rank_1, 5, r"rank 0 of 2 raised .*(?i:timed out|timeout).*another rank stopped answering for "
+                         r"train.rank_timeout_s = 5 s.* while train"),
+    (_oom_on_rank_1, 60, r"out of host memory while train on cpu \(fp32\): lower train.samples_per_case \(2\)"),
 ]
 
 
-@pytest.mark.parametrize("fault, reason", FAULTS, ids=["raises", "killed", "hangs", "out-of-memory"])
-def test_a_rank_that_fails_fails_the_round_and_changes_nothing(tmp_path, studies, monkeypatch, fault, reason):
-    cfg = _site(tmp_path, rank_timeout_s=3)
+@pytest.mark.parametrize("fault, timeout, reason", FAULTS, ids=["raises", "killed", "hangs", "out-of-memory"])
+def test_a_rank_that_fails_fails_the_round_and_changes_nothing(tmp_path, studies, monkeypatch, fault, timeout, reason):
+    cfg = _site(tmp_path, rank_timeout_s=timeout)
     store = ModelStore(cfg.state_dir / "models")
     cases = cases_of(studies[0])
     run_round(cfg, store, cases, epochs=1)
@@ -133,7 +134,7 @@ def test_a_rank_that_fails_fails_the_round_and_changes_nothing(tmp_path, studies
     t = time.monotonic()
     with pytest.raises(RoundFailed, match=reason) as e:
         run_round(cfg, store, cases, epochs=1, extra={"round_id": "r-fault"})
-    assert time.monotonic() - t < 60  # bounded: the timeout, then the others' grace period
+    assert time.monotonic() - t < timeout + 30  # bounded: a timeout at most, then the others' grace period
     assert e.value.phase == "train"
     assert store.served() == served and store.working_info() == working
     last = store.history()[-1]
