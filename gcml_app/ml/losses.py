@@ -51,11 +51,8 @@ def voxel_weights(labels: torch.Tensor, dilation: int, fg_weight_max: float) -> 
     unless that would give a foreground voxel more than ``fg_weight_max`` times a background voxel.
     """
     fg = foreground_region(labels, dilation)[:, 0]
-    n_fg = fg.sum()
-    n_bg = fg.numel() - n_fg
-    if world() > 1:  # the batch is every rank's crops (the same number on each)
-        n_fg = global_sum(n_fg)
-        n_bg = fg.numel() * world() - n_fg
+    n_fg = global_sum(fg.sum())  # the batch is every rank's crops (the same number on each)
+    n_bg = fg.numel() * world() - n_fg
     ratio = (n_bg / n_fg.clamp(min=1.0)).clamp(min=1.0, max=fg_weight_max)
     return 1.0 + (ratio - 1.0) * fg
 

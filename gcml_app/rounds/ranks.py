@@ -42,6 +42,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 
+from gcml_app.config import SiteConfig
 from gcml_app.rounds.compute import Computed, Phase, RoundWork, compute
 from gcml_app.rounds.producers import Produced
 
@@ -89,21 +90,23 @@ def run_on_ranks(work: RoundWork, devices: list[torch.device],
     if cfg.train.samples_per_case % world:  # train.gpus: all, on a machine with more GPUs than that
         raise ValueError(f"train.samples_per_case: found {cfg.train.samples_per_case} for {world} devices; expected a "
                          f"multiple of {world} (each case's crops are dealt out over the devices)")
-    done, started = launch(_round_rank, (work,), devices, cfg.train.rank_timeout_s, cfg.state_dir, _read, report)
+    done, started = launch(_round_rank, (work,), devices, cfg, _read, report)
     done.ranks = {"world": world, **started, **done.ranks}
     logger.info(f"round on {world} ranks ({started['backend']}, {started['start']}): ranks ready in "
                 f"{started['start_s']} s")
     return done
 
 
-def launch(target: Callable[..., None], args: tuple, devices: list[torch.device], timeout_s: float,
-           workdir: str | Path, read: Callable[[Path], T], report: Callable[[dict[str, Any]], None] | None = None
+def launch(target: Callable[..., None], args: tuple, devices: list[torch.device], cfg: SiteConfig,
+           read: Callable[[Path], T], report: Callable[[dict[str, Any]], None] | None = None
            ) -> tuple[T, dict[str, Any]]:
     """``target(rank, device, out, store, post, *args)`` in one process per device, in one ``torch.distributed`` group.
 
     The group is initialised before ``target`` runs (NCCL on GPUs, gloo on CPUs, every wait bounded by
-    ``timeout_s``) and destroyed after. ``out`` is a temporary folder in ``workdir`` where rank 0 leaves its
-    result, read by ``read(out)`` here before the folder goes; ``store`` is the rendezvous store (a rank
+    ``train.rank_timeout_s``) and destroyed after; a CPU rank gets ``train.num_threads`` torch threads, by
+    default the machine's cores shared out (one each on a 2-core machine with 2 ranks). ``out`` is a
+    temporary folder in ``state_dir`` where rank 0 leaves its result, read by ``read(out)`` here before the
+    folder goes; ``store`` is the rendezvous store (a rank
     sets ``phase/<rank>`` there for the message of a failure); ``post`` (rank 0 only, else ``None``) sends a
     progress dict to ``report`` in this process.
 
@@ -113,15 +116,16 @@ def launch(target: Callable[..., None], args: tuple, devices: list[torch.device]
     Raises:
         RankFailed: a rank raised, died or timed out; every rank's process has ended.
     """
-    world = len(devices)
+    world, timeout_s = len(devices), cfg.train.rank_timeout_s
+    threads = cfg.train.num_threads or max(1, len(os.sched_getaffinity(0)) // world)
     backend = "nccl" if devices[0].type == "cuda" else "gloo"
     method = "spawn" if devices[0].type == "cuda" else "fork"
     timeout = timedelta(seconds=timeout_s)
     store = dist.TCPStore(HOST, 0, is_master=True, timeout=timeout, wait_for_workers=False)  # port 0: the OS picks
     launched = time.time()
-    with tempfile.TemporaryDirectory(dir=workdir, prefix=".ranks-") as out:
+    with tempfile.TemporaryDirectory(dir=cfg.state_dir, prefix=".ranks-") as out:
         procs = mp.start_processes(_rank_entry, nprocs=world, join=False, start_method=method, args=(
-            world, backend, store.port, devices, out, os.getpid(), timeout_s, target, args))
+            world, backend, store.port, devices, out, os.getpid(), timeout_s, threads, target, args))
         relayed = 0
         try:
             while not procs.join(timeout=POLL_S, grace_period=GRACE_S):
@@ -140,7 +144,7 @@ def launch(target: Callable[..., None], args: tuple, devices: list[torch.device]
 
 
 def _rank_entry(rank: int, world: int, backend: str, port: int, devices: list[torch.device], out: str, parent: int,
-                timeout_s: float, target: Callable[..., None], args: tuple) -> None:
+                timeout_s: float, threads: int, target: Callable[..., None], args: tuple) -> None:
     """One rank: die with the process that started it, join the group, run ``target``, leave the group."""
     _die_with(parent)
     device = devices[rank]
@@ -149,6 +153,8 @@ def _rank_entry(rank: int, world: int, backend: str, port: int, devices: list[to
     client.set(f"phase/{rank}", "start")
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    else:
+        torch.set_num_threads(threads)
     dist.init_process_group(backend, store=dist.PrefixStore("group", client), rank=rank, world_size=world,
                             timeout=timeout)
     try:
@@ -165,9 +171,7 @@ def _rank_entry(rank: int, world: int, backend: str, port: int, devices: list[to
 def _round_rank(rank: int, device: torch.device, out: Path, client: dist.Store,
                 post: Callable[[dict[str, Any]], None] | None, work: RoundWork) -> None:
     """A round's rank: :func:`~gcml_app.rounds.compute.compute`, then (rank 0) the result for the round's process."""
-    cfg, world = work.cfg, dist.get_world_size()
-    if device.type == "cpu":  # the machine's cores shared out: one rank per core on a 2-core machine
-        torch.set_num_threads(cfg.train.num_threads or max(1, len(os.sched_getaffinity(0)) // world))
+    world = dist.get_world_size()
     phase = Phase(lambda name: client.set(f"phase/{rank}", name))
     phase("prepare")
     done = compute(work, device, post, phase)

@@ -48,7 +48,7 @@ from gcml_app.federation.peers import PeerBook
 from gcml_app.federation.state import GossipState
 from gcml_app.ml.acquisition import competence, disagreement, draw_proportional, epistemic_entropy, soft_predict
 from gcml_app.ml.device import precision, round_devices, sw_batch_size
-from gcml_app.ml.distributed import barrier, gather_cases, share, world
+from gcml_app.ml.distributed import barrier, gather_cases, rank, share
 from gcml_app.ml.network import build_network, fit_state
 from gcml_app.ml.transforms import image_transforms, val_transforms
 from gcml_app.rounds.ranks import launch
@@ -270,17 +270,28 @@ class _Scoring(ScoringMethod):
         if not self.ranks:  # never fork ranks from the server's own process (a run_sync request runs there)
             devices = devices[:1]
         if len(devices) > 1:  # train.gpus: the images split over the devices, one rank each
-            got, started = launch(_scoring_rank, (self, todo, uris, com, inputs), devices,
-                                  self.cfg.train.rank_timeout_s, self.cfg.state_dir,
+            got, started = launch(_scoring_rank, (self, todo, uris, com, inputs), devices, self.cfg,
                                   lambda out: json.loads((out / "scoring.json").read_text()))
             summary.update(got, ranks={"world": len(devices), **started})
-            return self._finish(summary, pool, t0)
-        self.device = devices[0]
-        models = load_models(self.cfg, self.store, com, self.device)
-        summary["partners_left_out"] = models[2]
-        self._prepare(models, com, inputs)
-        summary["scored"], summary["failed"] = self._score_images(models, todo, uris, com)
+        else:
+            summary.update(self._run(devices[0], todo, uris, com, inputs))
         return self._finish(summary, pool, t0)
+
+    def _run(self, device: torch.device, todo: list[str], uris: dict[str, str], com: Committee,
+             inputs: Any) -> dict[str, Any]:
+        """Load the models on ``device``, prepare, score this rank's share of ``todo`` (all of it on one device);
+        the run's counts over every rank. Rank 0 prepares first (a partner's competence is computed once and kept
+        in the book); the others then read it."""
+        self.device = device
+        models = load_models(self.cfg, self.store, com, device)
+        if rank() == 0:
+            self._prepare(models, com, inputs)
+        barrier()
+        if rank() != 0:
+            self._prepare(models, com, inputs)  # what rank 0 computed, from the book
+        counts = gather_cases([self._score_images(models, share(todo), uris, com)])
+        return {"partners_left_out": models[2], "scored": sum(c[0] for c in counts),
+                "failed": sum(c[1] for c in counts)}
 
     def _score_images(self, models, todo: list[str], uris: dict[str, str], com: Committee) -> tuple[int, int]:
         """Score each image of ``todo`` and write its record into the book at once; ``(scored, failed)``."""
@@ -385,28 +396,12 @@ class EpistemicScoring(_Scoring):
 
 def _scoring_rank(rank: int, device: torch.device, out: Path, store, post, scoring: _Scoring, todo: list[str],
                   uris: dict[str, str], com: Committee, inputs: Any) -> None:
-    """One rank of a scoring run on several devices: its share of the images, each record into the book at once.
-
-    Rank 0 prepares first (a partner's competence is computed once and kept in the book); the others then read
-    it. Rank 0 writes the run's counts for the process that started the ranks.
-    """
-    cfg = scoring.cfg
-    if device.type == "cpu":
-        torch.set_num_threads(cfg.train.num_threads or max(1, len(os.sched_getaffinity(0)) // world()))
-    scoring.device = device
-    store.set(f"phase/{rank}", "prepare")
-    models = load_models(cfg, scoring.store, com, device)
-    if rank == 0:
-        scoring._prepare(models, com, inputs)
-    barrier()
-    if rank != 0:
-        scoring._prepare(models, com, inputs)  # what rank 0 computed, from the book
+    """One rank of a scoring run on several devices (:meth:`_Scoring._run`); rank 0 writes the run's counts for the
+    process that started the ranks."""
     store.set(f"phase/{rank}", "score")
-    counts = gather_cases([scoring._score_images(models, share(todo), uris, com)])
+    got = scoring._run(device, todo, uris, com, inputs)
     if rank == 0:
-        (out / "scoring.json").write_text(json.dumps({"scored": sum(c[0] for c in counts),
-                                                      "failed": sum(c[1] for c in counts),
-                                                      "partners_left_out": models[2]}))
+        (out / "scoring.json").write_text(json.dumps(got))
 
 
 # ---------------------------------------------------------------------------------------- the strategy
