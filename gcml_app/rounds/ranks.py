@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import gc
 import hashlib
 import importlib
 import json
@@ -123,29 +124,37 @@ def launch(target: Callable[..., None], args: tuple, devices: list[torch.device]
     timeout = timedelta(seconds=timeout_s)
     store = dist.TCPStore(HOST, 0, is_master=True, timeout=timeout, wait_for_workers=False)  # port 0: the OS picks
     launched = time.time()
-    with tempfile.TemporaryDirectory(dir=cfg.state_dir, prefix=".ranks-") as out:
-        procs = mp.start_processes(_rank_entry, nprocs=world, join=False, start_method=method, args=(
-            world, backend, store.port, devices, out, os.getpid(), timeout_s, threads, target, args))
-        relayed = 0
-        try:
-            while not procs.join(timeout=POLL_S, grace_period=GRACE_S):
-                relayed = _relay(store, relayed, report)
-        except _spawn.ProcessException as e:
-            raise _failure(e, procs.processes, store, world, timeout_s) from None
-        except BaseException:  # this process is stopping (Ctrl-C, an error here): so do its ranks
-            for p in procs.processes:
-                if p.is_alive():
-                    p.kill()
-            raise
-        _relay(store, relayed, report)
-        result = read(Path(out))
-    ready = [float(store.get(f"ready/{r}")) for r in range(world)]
+    try:
+        with tempfile.TemporaryDirectory(dir=cfg.state_dir, prefix=".ranks-") as out:
+            procs = mp.start_processes(_rank_entry, nprocs=world, join=False, start_method=method, args=(
+                world, backend, store.port, devices, out, os.getpid(), timeout_s, threads, target, args))
+            relayed = 0
+            try:
+                while not procs.join(timeout=POLL_S, grace_period=GRACE_S):
+                    relayed = _relay(store, relayed, report)
+            except _spawn.ProcessException as e:
+                raise _failure(e, procs.processes, store, world, timeout_s) from None
+            except BaseException:  # this process is stopping (Ctrl-C, an error here): so do its ranks
+                for p in procs.processes:
+                    if p.is_alive():
+                        p.kill()
+                raise
+            _relay(store, relayed, report)
+            result = read(Path(out))
+        ready = [float(store.get(f"ready/{r}")) for r in range(world)]
+    finally:  # the store's server thread ends now, in this process: never left to a traceback, then a fork's collector
+        del store
     return result, {"backend": backend, "start": method, "start_s": round(max(ready) - launched, 3)}
 
 
 def _rank_entry(rank: int, world: int, backend: str, port: int, devices: list[torch.device], out: str, parent: int,
                 timeout_s: float, threads: int, target: Callable[..., None], args: tuple) -> None:
     """One rank: die with the process that started it, join the group, run ``target``, leave the group."""
+    # A fork inherits the parent's objects, garbage included (a finished round's rendezvous store, say, still
+    # held by a traceback): its garbage collection must never run their destructors here. A TCPStore's joins
+    # its server thread, which does not exist in a fork: the rank would wait forever. Frozen, the collector
+    # leaves every inherited object alone; what the rank allocates itself is collected as usual.
+    gc.freeze()
     _die_with(parent)
     device = devices[rank]
     timeout = timedelta(seconds=timeout_s)

@@ -1,5 +1,6 @@
 """A round on several devices: real torch.distributed ranks (gloo, two CPU processes), their results and their faults."""
 
+import gc
 import os
 import signal
 import time
@@ -16,6 +17,7 @@ from gcml_app.ml.cache import CachedCases, CaseCache
 from gcml_app.ml.evaluate import dice_per_case
 from gcml_app.ml.network import build_network
 from gcml_app.rounds.loop import run_round, split_of
+from gcml_app.rounds.ranks import launch
 from gcml_app.store import ModelStore
 
 pytestmark = pytest.mark.slow  # every test trains models in several processes
@@ -125,10 +127,11 @@ FAULTS = [
 
 @pytest.mark.parametrize("fault, timeout, reason", FAULTS, ids=["raises", "killed", "hangs", "out-of-memory"])
 def test_a_rank_that_fails_fails_the_round_and_changes_nothing(tmp_path, studies, monkeypatch, fault, timeout, reason):
-    cfg = _site(tmp_path, rank_timeout_s=timeout)
+    cfg = _site(tmp_path)
     store = ModelStore(cfg.state_dir / "models")
     cases = cases_of(studies[0])
-    run_round(cfg, store, cases, epochs=1)
+    run_round(cfg, store, cases, epochs=1)  # the default timeout: a slow machine's first round is not the fault
+    cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"rank_timeout_s": timeout})})
     served, working = store.served(), store.working_info()
     monkeypatch.setattr(supervised, "supervised_step", fault)  # the ranks are forks: they inherit the fault
     t = time.monotonic()
@@ -141,6 +144,32 @@ def test_a_rank_that_fails_fails_the_round_and_changes_nothing(tmp_path, studies
     assert (last["event"], last["outcome"], last["round_id"], last["phase"]) == ("failed", "failed", "r-fault", "train")
     assert not list(cfg.state_dir.glob(".ranks-*"))  # rank 0's result folder is gone with the round
     _no_ranks_left()
+
+
+@pytest.mark.timeout(60)  # the failure this guards against is a rank that waits forever
+def test_a_rank_never_collects_what_the_parent_left_behind(tmp_path):
+    """A fork inherits the parent's garbage: a finished round's rendezvous store held in a reference cycle (by a
+    failed round's traceback, in the server or a test session). Collected in the rank, its destructor would
+    join a server thread that does not exist there, forever."""
+    cfg = _site(tmp_path)
+    cfg.state_dir.mkdir(parents=True)
+    gc.disable()  # keep the parent's own collector from freeing it first
+    try:
+        left = [dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)]
+        left.append(left)  # a cycle: only a collector frees it
+        del left
+        result, started = launch(_collect, (), [torch.device("cpu")] * 2, cfg, lambda out: (out / "ok").read_text())
+    finally:
+        gc.enable()
+    assert result == "collected" and started["backend"] == "gloo"
+    _no_ranks_left()
+
+
+def _collect(rank, device, out, client, post):
+    gc.collect()
+    dist.barrier()
+    if rank == 0:
+        (out / "ok").write_text("collected")
 
 
 def test_ranks_die_with_the_rounds_process(tmp_path, studies):
