@@ -16,6 +16,7 @@ __all__ = [
     "PayloadRejected",
     "PeerError",
     "PeerUnavailable",
+    "RoundBusy",
 ]
 
 
@@ -92,3 +93,12 @@ class PayloadRejected(PeerError):
 
 class InitError(ValueError):
     """``network.init_from`` (a bundle or checkpoint) cannot be used: the message names the file and what is wrong."""
+
+
+class RoundBusy(GCMLError):
+    """Another round holds the site's round lock (:mod:`gcml_app.rounds.lock`); nothing ran. ``running`` is
+    what that round wrote about itself (``round_id``, ``trigger``, ``pid``, ``started``)."""
+
+    def __init__(self, message: str, running: dict | None = None):
+        super().__init__(message)
+        self.running = running or {}

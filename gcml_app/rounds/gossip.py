@@ -20,6 +20,7 @@ from gcml_app.config import SiteConfig
 from gcml_app.federation.payload import our_arch
 from gcml_app.federation.peers import PeerBook, order_peers
 from gcml_app.federation.state import GossipState
+from gcml_app.rounds.lock import exclusive
 from gcml_app.rounds.loop import Progress, adopt, run_round, split_of
 from gcml_app.rounds.producers import DCML, Local
 from gcml_app.rounds.pull import Connect, http, pull_first
@@ -65,6 +66,7 @@ class SyncRequest:
         return cls(peers, epochs)
 
 
+@exclusive
 def gossip_round(
     cfg: SiteConfig,
     store: ModelStore,
@@ -202,6 +204,7 @@ def _train_with(cfg: SiteConfig, store: ModelStore, cases: list[dict[str, str]],
     return record
 
 
+@exclusive
 def labels_round(
     cfg: SiteConfig,
     store: ModelStore,

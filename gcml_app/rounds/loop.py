@@ -36,6 +36,7 @@ from gcml_app.ml.gate import SERVED, GateDecision, select
 from gcml_app.ml.network import arch_fingerprint, build_network, fit_state, other_layout_arch
 from gcml_app.ml.split import FixedSplit, labels_for_validation
 from gcml_app.rounds.compute import Laps, Phase, RoundWork, compute, rng_state
+from gcml_app.rounds.lock import exclusive
 from gcml_app.rounds.producers import DCML, Local, Produced, Producer
 from gcml_app.rounds.ranks import run_on_ranks
 from gcml_app.rounds.record import RoundRecord, provenance
@@ -107,6 +108,7 @@ def initial_state(cfg: SiteConfig) -> tuple[dict[str, torch.Tensor], dict[str, A
     return net.state_dict(), start
 
 
+@exclusive
 def run_round(
     cfg: SiteConfig,
     store: ModelStore,

@@ -8,10 +8,12 @@ ranks (:mod:`gcml_app.site.scoring`). The round's own process stays out of the g
 ``torch.multiprocessing``, relays rank 0's progress, and reads back what rank 0 wrote. It alone then
 decides and commits: the ranks never touch the model store.
 
-- **Start.** CPU ranks (gloo) are forks of the round's process: milliseconds, nothing to import.
-  GPU ranks (NCCL) start with ``spawn``: a fresh interpreter each (the imports, a few seconds once
-  per round), because a CUDA driver initialised before a fork is unusable in the child and the round's
-  process has asked it how many devices there are.
+- **Start.** CPU ranks (gloo) of one thread each are forks of the round's process: milliseconds,
+  nothing to import. CPU ranks of several threads, and GPU ranks (NCCL), start with ``spawn``: a fresh
+  interpreter each (the imports, a few seconds once per round). A fork of a process that has run an
+  OpenMP parallel region (PyTorch's CPU kernels, GNU libgomp) hangs in its own first parallel region,
+  and a rank of one thread never opens one. A CUDA driver initialised before a fork is unusable in the
+  child, and the round's process has asked it how many devices there are.
 - **Faults.** A rank that raises, dies or is killed ends the group: ``ProcessContext.join`` terminates the
   others (SIGTERM, then SIGKILL after :data:`GRACE_S`). A rank that hangs leaves the others waiting in a
   collective until ``train.rank_timeout_s``; they raise, and the same follows. Each rank dies with the
@@ -120,7 +122,7 @@ def launch(target: Callable[..., None], args: tuple, devices: list[torch.device]
     world, timeout_s = len(devices), cfg.train.rank_timeout_s
     threads = cfg.train.num_threads or max(1, len(os.sched_getaffinity(0)) // world)
     backend = "nccl" if devices[0].type == "cuda" else "gloo"
-    method = "spawn" if devices[0].type == "cuda" else "fork"
+    method = "spawn" if devices[0].type == "cuda" or threads > 1 else "fork"  # see the module's docstring
     timeout = timedelta(seconds=timeout_s)
     store = dist.TCPStore(HOST, 0, is_master=True, timeout=timeout, wait_for_workers=False)  # port 0: the OS picks
     launched = time.time()

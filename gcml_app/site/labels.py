@@ -196,9 +196,13 @@ class PassedLabels:
         self._task = json.dumps(list(labels.items()) + ([other_values] if other_values != "refuse" else []))
         self._passed = read_json(self.path)
         self._new: dict[str, int] = {}
+        self._seen: set[str] = set()  # the pairs asked about or added since this object was made
+        self._known = set(self._passed)  # the pairs on record when it was made
 
     def _key(self, image: str | Path, label: str | Path) -> str:
-        return sha256_bytes(f"{self.hashes.of(image)} {self.hashes.of(label)} {self._task}".encode())
+        key = sha256_bytes(f"{self.hashes.of(image)} {self.hashes.of(label)} {self._task}".encode())
+        self._seen.add(key)
+        return key
 
     def __contains__(self, pair: tuple[str | Path, str | Path]) -> bool:
         return self._key(*pair) in self._passed
@@ -207,7 +211,16 @@ class PassedLabels:
         key = self._key(image, label)
         self._passed[key] = self._new[key] = int(time.time())
 
-    def save(self) -> None:
-        self.hashes.save()
-        merge_json(self.path, self._new)
+    def save(self, prune: bool = False) -> None:
+        """Record the pairs that passed since the last save.
+
+        Args:
+            prune: this object was asked about every final label the datastore holds (a round's listing):
+                drop the pairs it did not see (labels replaced or deleted) unless another process recorded
+                them since this object read the memo; and the hashes of files that are gone. Both memos then stay
+                bounded by the files present.
+        """
+        self.hashes.save(prune=prune)
+        seen, known = self._seen, self._known
+        merge_json(self.path, self._new, (lambda key, _: key in seen or key not in known) if prune else None)
         self._new = {}

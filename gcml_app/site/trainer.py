@@ -54,7 +54,7 @@ def labelled_cases(datastore: Datastore, cfg: SiteConfig) -> list[dict[str, str]
             logger.warning(f"skipping case {image_id}: its final label is unusable: {e}")
             continue
         cases.append({"id": image_id, "image": image, "label": label})
-    passed.save()
+    passed.save(prune=True)  # it saw every final label: the memos keep only the files present
     return cases
 
 

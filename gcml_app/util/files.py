@@ -8,7 +8,7 @@ import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -73,13 +73,19 @@ def read_json(path: Path) -> dict[str, Any]:
     return raw if isinstance(raw, dict) else {}
 
 
-def merge_json(path: Path, new: dict[str, Any]) -> None:
-    """Add ``new``'s keys to the JSON object in ``path``, under a lock (processes of one site share memos)."""
-    if not new:
+def merge_json(path: Path, new: dict[str, Any], keep: Callable[[str, Any], bool] | None = None) -> None:
+    """Add ``new``'s keys to the JSON object in ``path``, under a lock (processes of one site share memos).
+
+    ``keep(key, value)``, if given, prunes: only the entries it accepts stay (``new``'s among them).
+    """
+    if not new and keep is None:
         return
     path.parent.mkdir(parents=True, exist_ok=True)
     with flocked(path.with_name(path.name + ".lock")):
-        atomic_write(path, json.dumps({**read_json(path), **new}).encode())
+        merged = {**read_json(path), **new}
+        if keep is not None:
+            merged = {k: v for k, v in merged.items() if k in new or keep(k, v)}
+        atomic_write(path, json.dumps(merged).encode())
 
 
 class ContentHashes:
@@ -108,7 +114,8 @@ class ContentHashes:
         self._memo[key] = self._new[key] = {"stamp": stamp, "sha256": digest}
         return digest
 
-    def save(self) -> None:
-        """Merge this process's new hashes into the memo file."""
-        merge_json(self.path, self._new)
+    def save(self, prune: bool = False) -> None:
+        """Merge this process's new hashes into the memo file; ``prune``: and drop the files that are gone
+        (the memo then stays bounded by the files present)."""
+        merge_json(self.path, self._new, (lambda key, _: os.path.exists(key)) if prune else None)
         self._new = {}

@@ -31,9 +31,11 @@ def _site(tmp_path, name="site", gpus=(0, 1), **train):
 
 
 def _no_ranks_left():
-    """Every process this test's rounds started has ended (the ranks are children of this process)."""
+    """Every process this test's rounds started has ended (the ranks are children of this process; spawn's
+    resource tracker, multiprocessing's own helper, lives as long as this process)."""
     deadline = time.monotonic() + 10
-    while (kids := [p for p in psutil.Process().children(recursive=True) if p.status() != psutil.STATUS_ZOMBIE]):
+    while (kids := [p for p in psutil.Process().children(recursive=True) if p.status() != psutil.STATUS_ZOMBIE
+                    and "resource_tracker" not in " ".join(p.cmdline())]):
         assert time.monotonic() < deadline, f"processes left behind: {[(p.pid, p.name()) for p in kids]}"
         time.sleep(0.1)
 
@@ -84,6 +86,16 @@ def test_a_round_on_two_ranks_is_reproducible_and_spends_one_devices_budget(tmp_
     assert served[0] == served[1] and a["per_case"] == b["per_case"] and a["losses"] == b["losses"]
     # the one-device budget: as many steps, each over as many crops (the ranks' shares together)
     assert [(e["steps"], e["crop_passes"]) for e in a["losses"]] == [(e["steps"], e["crop_passes"]) for e in one["losses"]]
+
+
+def test_ranks_of_several_threads_start_as_fresh_interpreters(tmp_path, studies):
+    """A fork of a process that has run OpenMP regions hangs in its own first one (GNU libgomp): a CPU rank of
+    more than one thread (a many-core CPU server) is spawned instead, and the round completes."""
+    torch.ones(1 << 20).sum()  # this process has run OpenMP regions (so has any round's process)
+    cfg = _site(tmp_path, num_threads=2)
+    rec = run_round(cfg, ModelStore(cfg.state_dir / "models"), cases_of(studies[0]), epochs=1)
+    assert (rec["ranks"]["start"], rec["ranks"]["same_weights"]) == ("spawn", True)
+    _no_ranks_left()
 
 
 def _raise_on_rank_1(*args, **kwargs):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import pytest
 from helpers import make_studies
@@ -79,3 +80,24 @@ def test_the_unlabelled_images_are_those_without_a_final_label(cfg, tmp_path):
     unl = trainer.unlabelled_images(ds)
     assert [c["id"] for c in unl] == ["case_003", "case_004"]
     assert all(set(c) == {"id", "image"} and c["image"].endswith(f"{c['id']}.nii.gz") for c in unl)
+
+
+def test_the_memos_keep_only_the_files_present(cfg, tmp_path):
+    """hashes.json and labels_ok.json are bounded by the files present: a round's listing prunes what is gone."""
+    import json
+
+    studies, _ = make_studies(tmp_path / "s", cases=6, labelled=6)
+    ds = GCMLDatastore(str(studies), labels=cfg.labels, auto_reload=False)
+    trainer.labelled_cases(ds, cfg)
+    root = cache_root(cfg)
+    hashes, passed = (json.loads((root / n).read_text()) for n in ("hashes.json", "labels_ok.json"))
+    assert (len(hashes), len(passed)) == (12, 6)  # every image and label; every pair
+    shutil.copy(studies / "labels" / "final" / "case_001.nii.gz", studies / "labels" / "final" / "case_000.nii.gz")
+    for i in (2, 3):  # two cases deleted, image and label
+        (studies / f"case_00{i}.nii.gz").unlink()
+        (studies / "labels" / "final" / f"case_00{i}.nii.gz").unlink()
+    ds = GCMLDatastore(str(studies), labels=cfg.labels, auto_reload=False)
+    assert [c["id"] for c in trainer.labelled_cases(ds, cfg)] == ["case_000", "case_001", "case_004", "case_005"]
+    hashes, passed = (json.loads((root / n).read_text()) for n in ("hashes.json", "labels_ok.json"))
+    assert sorted(Path(k).name for k in hashes) == sorted([f"case_00{i}.nii.gz" for i in (0, 1, 4, 5)] * 2)
+    assert len(passed) == 4  # case_000's old pair is gone with its old label; the deleted cases' too
