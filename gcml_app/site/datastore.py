@@ -8,7 +8,9 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import shutil
 import tempfile
 import time
@@ -17,12 +19,14 @@ from pathlib import Path
 from typing import Any
 
 import SimpleITK as sitk
-from monailabel.datastore.local import LocalDatastore
+from filelock import FileLock
+from monailabel.datastore.local import DataModel, LocalDatastore, LocalDatastoreModel
 
 from gcml_app.errors import LabelRejected
 from gcml_app.site.labels import PassedLabels, check_tag, conform_label
+from gcml_app.util.files import atomic_write
 
-__all__ = ["GCMLDatastore", "ScoredImages", "ValidatedLabels"]
+__all__ = ["CurrentFile", "GCMLDatastore", "ScoredImages", "ValidatedLabels"]
 
 logger = logging.getLogger(__name__)
 
@@ -104,7 +108,71 @@ class ValidatedLabels:
         return super().save_label(image_id, label_path, label_tag, info)
 
 
-class GCMLDatastore(ScoredImages, ValidatedLabels, LocalDatastore):
+class CurrentFile:
+    """Mixin for MONAI Label's :class:`LocalDatastore`: its JSON file is written whole or not at all, and never
+    from an older copy.
+
+    MONAI Label 0.8.5 rewrites the whole ``datastore_v2.json`` in place on every label save, from the copy
+    the saving process holds in memory. A crash mid-write leaves a torn file; and the server and the
+    training subprocess each hold a copy, so a save from one wrote its older copy over a label the other
+    had saved since (the label file stayed, its entry was gone). Here the file is replaced atomically
+    (a temporary file renamed over it), a save re-reads it under the datastore's lock when another process
+    changed it, and the label file itself is written the same way. The server's watcher reloads the file
+    when another process replaces it (a rename, where MONAI Label watched only in-place writes).
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        if getattr(self, "_handler", None) is not None:  # auto_reload: MONAI Label's file watcher
+            self._handler.on_moved = self._on_replaced
+
+    def _on_replaced(self, event) -> None:
+        if getattr(event, "dest_path", None) != self._datastore_config_path:
+            return
+        if self._ignore_event_config:  # our own write
+            self._ignore_event_config = False
+            return
+        self._init_from_datastore_file()
+
+    def _update_datastore_file(self, lock: bool = True) -> None:
+        def write() -> None:
+            self._ignore_event_config = True
+            body = json.dumps(self._datastore.model_dump(exclude={"base_path"}), indent=2, default=str)
+            atomic_write(Path(self._datastore_config_path), body.encode())
+            self._config_ts = os.stat(self._datastore_config_path).st_mtime
+
+        if lock:
+            with FileLock(self._lock_file):
+                write()
+        else:
+            write()
+
+    def _reload_if_changed(self) -> None:
+        """Re-read the JSON file if another process replaced it since this one last read or wrote it (under the lock)."""
+        path = self._datastore_config_path
+        if os.path.exists(path) and os.stat(path).st_mtime != self._config_ts:
+            self._datastore = LocalDatastoreModel.model_validate_json(Path(path).read_text())
+            self._datastore.base_path = self._datastore_path
+            self._config_ts = os.stat(path).st_mtime
+
+    def _store_label(self, image_id: str, label_path: str, label_tag: str, info: dict[str, Any]) -> str:
+        """MONAI Label's ``save_label``, from the current file, with the label and the file written atomically."""
+        _, ext = self._to_id(os.path.basename(label_path))
+        with FileLock(self._lock_file):
+            self._reload_if_changed()
+            obj = self._datastore.objects.get(image_id)
+            if not obj:
+                raise LabelRejected(f"image {image_id!r} is not in the datastore")
+            folder = Path(self._datastore.label_path(label_tag))
+            folder.mkdir(parents=True, exist_ok=True)
+            name = self._filename(image_id, ext)
+            atomic_write(folder / name, Path(label_path).read_bytes())
+            obj.labels[label_tag] = DataModel(info={**info, "ts": int(time.time()), "name": name}, ext=ext)
+            self._update_datastore_file(lock=False)
+        return image_id
+
+
+class GCMLDatastore(ScoredImages, CurrentFile, ValidatedLabels, LocalDatastore):
     """MONAI Label's :class:`LocalDatastore` (a studies folder) with validated label uploads.
 
     Args:
