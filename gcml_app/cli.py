@@ -9,7 +9,7 @@
     gcml demo [--out gcml-demo --port 8001 --epochs 30 --gossip-epochs 5 --rounds 3 --no-wait --pacs]
     gcml simulate [--scenario few-labels --seeds 3 --rounds 8 --methods local,gcml,... --data DIR]
     gcml simulate --active [--k 2 --start 2 --strategies random,epistemic,disagreement]
-    gcml bench [--out gcml-bench --quick] [--scale | --clicks | --gpu | --ddp N]
+    gcml bench [--out gcml-bench --quick] [--scale | --clicks | --gpu | --ddp N | --soak MINUTES --clients K]
     gcml token new --peer site-b [--id site-b-2026q4]     a partner token, printed once, and its hash
     gcml certs --out pki --sites site-a,site-b,site-c     a trial CA and site certificates (mutual TLS)
 """
@@ -398,7 +398,27 @@ def _bench_ddp(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_soak(args: argparse.Namespace) -> int:
+    from gcml_app.sim.soak import soak_bench
+
+    r = soak_bench(args.out, minutes=args.soak, clients=args.clients, quick=args.quick)
+    c, t = r["checks"], r["targets"]
+    print(f"soak: {r['clients']} clients for {r['minutes']:g} min; {c['label_saves']} label saves of "
+          f"{c['labels_saved']} cases: {c['labels_lost']} lost, {c['corrupt_files']} corrupt; rounds "
+          f"{c['rounds_by_outcome']}; served v{c['served_version']} verifies")
+    print(f"  gcml_seg p95 {r['seg_p95_ratio']}x idle (target <= {t['seg_p95_ratio']}); server RSS growth over the "
+          f"last half {r.get('rss_growth_last_half')} (target <= {t['rss_growth_last_half']}); fds "
+          f"{r.get('server_fds')}; errors {r['errors'] or 'none'}")
+    print(f"wrote {Path(args.out) / 'soak.json'}, soak.png and soak_calls.csv")
+    met = (c["labels_lost"] == 0 and c["corrupt_files"] == 0 and c["rounds_without_reason"] == 0
+           and (r["seg_p95_ratio"] or 0) <= t["seg_p95_ratio"]
+           and (r.get("rss_growth_last_half") or 0) <= t["rss_growth_last_half"])
+    return 0 if met else 2
+
+
 def _bench(args: argparse.Namespace) -> int:
+    if args.soak:
+        return _bench_soak(args)
     if args.ddp:
         return _bench_ddp(args)
     if args.scale:
@@ -550,6 +570,10 @@ def _parser() -> argparse.ArgumentParser:
     mode.add_argument("--ddp", type=int, default=0, metavar="N", help="one round on 1 and on N ranks "
                       "(train.gpus; CPU processes with gloo where there are fewer GPUs) on realistic-size volumes: "
                       "crops/s, validation s/case, round wall time and their ratios -> ddp.json, ddp.png")
+    mode.add_argument("--soak", type=float, default=0, metavar="MINUTES", help="a working day compressed: clients, "
+                      "rounds, gossip, scoring, the CLI and a partner restart at once, then nothing-lost checks "
+                      "-> soak.json, soak.png, soak_calls.csv")
+    s.add_argument("--clients", type=int, default=4, help="--soak: concurrent Slicer-like clients")
     s.set_defaults(func=_bench)
 
     s = sub.add_parser("demo", help="three sites on loopback: sample data, warm-up, gossip rounds, then serve")
