@@ -88,12 +88,16 @@ def _check_network(cfg, first_model: bool) -> None:
 
 
 def _status(args: argparse.Namespace) -> int:
+    from gcml_app.rounds.lock import running_round
     from gcml_app.store import ModelStore
 
     cfg = load_config(args.config)
     store = ModelStore(cfg.state_dir / "models")
     served = store.served()
     print(f"site {cfg.site}: state in {cfg.state_dir}")
+    if (r := running_round(cfg.state_dir)) is not None:
+        age = f", for {time.time() - r['started']:.0f} s" if isinstance(r.get("started"), float) else ""
+        print(f"  round {r.get('round_id') or '(no id)'} running (trigger {r.get('trigger')}, pid {r.get('pid')}{age})")
     if served is None:
         print("  no published model yet")
     else:

@@ -74,6 +74,20 @@ def test_status_before_any_model(tmp_path, capsys):
     assert "no published model yet" in capsys.readouterr().out
 
 
+def test_status_names_the_running_round(tmp_path, capsys):
+    from gcml_app.config import load_config
+    from gcml_app.rounds.lock import one_round
+    from gcml_app.store import ModelStore
+
+    config = write_config(tmp_path)
+    cfg = load_config(config)
+    with one_round(cfg, ModelStore(cfg.state_dir / "models"), "sync", "r-now"):
+        assert main(["status", "--config", str(config)]) == 0
+    assert re.search(r"round r-now running \(trigger sync, pid \d+, for \d+ s\)", capsys.readouterr().out)
+    assert main(["status", "--config", str(config)]) == 0
+    assert " running (" not in capsys.readouterr().out
+
+
 @pytest.mark.slow
 def test_demo_runs_a_three_site_federation(tmp_path):
     import json

@@ -109,8 +109,8 @@ class ValidatedLabels:
 
 
 class CurrentFile:
-    """Mixin for MONAI Label's :class:`LocalDatastore`: its JSON file is written whole or not at all, and never
-    from an older copy.
+    """Mixin for MONAI Label's :class:`LocalDatastore` (a studies folder, or a PACS site's cache): its JSON file
+    is written whole or not at all, and never from an older copy.
 
     MONAI Label 0.8.5 rewrites the whole ``datastore_v2.json`` in place on every label save, from the copy
     the saving process holds in memory. A crash mid-write leaves a torn file; and the server and the

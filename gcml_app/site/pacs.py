@@ -50,7 +50,7 @@ from monailabel.interfaces.datastore import DefaultLabelTag
 from urllib3.util.retry import Retry
 
 from gcml_app.errors import PacsUnavailable
-from gcml_app.site.datastore import ScoredImages, ValidatedLabels
+from gcml_app.site.datastore import CurrentFile, ScoredImages, ValidatedLabels
 from gcml_app.site.dicom import SeriesRejected, check_series, read_seg, write_seg
 from gcml_app.site.labels import conform_label
 from gcml_app.util.files import atomic_write
@@ -146,7 +146,7 @@ def _reason(e: BaseException) -> str:
     return clean(f"{type(e).__name__}: {e}", 160)
 
 
-class PacsDatastore(ScoredImages, ValidatedLabels, DICOMWebDatastore):
+class PacsDatastore(ScoredImages, ValidatedLabels, CurrentFile, DICOMWebDatastore):
     """MONAI Label's :class:`DICOMWebDatastore` with validated labels, series checks and a cache that
     keeps serving while the PACS is down (see the module docstring).
 
@@ -445,7 +445,7 @@ class PacsDatastore(ScoredImages, ValidatedLabels, DICOMWebDatastore):
             sitk.WriteImage(label, str(nii), useCompression=True)
             conformed = conform_label(image, nii, self.task_labels, other_values=self.other_values)
             sitk.WriteImage(conformed, str(nii), useCompression=True)
-            LocalDatastore.save_label(self, image_id, str(nii), DefaultLabelTag.FINAL.value,
+            CurrentFile._store_label(self, image_id, str(nii), DefaultLabelTag.FINAL.value,
                                       {"SeriesInstanceUID": seg_uid, "source": "pacs"})
         return f"label of {image_id}"
 
@@ -467,4 +467,4 @@ class PacsDatastore(ScoredImages, ValidatedLabels, DICOMWebDatastore):
             _write_map(self._segs_path, {seg_uid: f"label of {image_id} (uploaded here)"})
             info = {**info, "SeriesInstanceUID": seg_uid}
             logger.info(f"PACS: final label of series {image_id} stored as DICOM SEG {seg_uid}")
-        return LocalDatastore.save_label(self, image_id, label_path, label_tag, info)
+        return CurrentFile._store_label(self, image_id, label_path, label_tag, info)  # into the cache, atomically
