@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from statistics import NormalDist
 from dataclasses import dataclass, field
 from typing import Any
 
 from gcml_app.config import ValidationConfig
 from gcml_app.ml.evaluate import mean_dice, mean_over_cases
 
-__all__ = ["SERVED", "Evidence", "GateDecision", "select", "sign_test_p"]
+__all__ = ["SERVED", "Evidence", "GateDecision", "paired_bound", "select", "sign_test_p"]
 
 SERVED = "served"
 
@@ -43,6 +44,26 @@ def sign_test_p(deltas: Sequence[float]) -> float:
     if n == 0:
         return 1.0
     return sum(math.comb(n, i) for i in range(k, n + 1)) / 2**n
+
+
+def paired_bound(model: CaseScores, served: CaseScores, alpha: float) -> tuple[float, float, float]:
+    """How much better ``model`` is than ``served`` on the same cases, with the upper end of a one-sided interval.
+
+    Returns:
+        ``(mean paired gain, its standard error, mean + z * se)`` where ``z`` is the normal quantile of
+        ``1 - alpha``: below 0, ``model`` is worse at that confidence. One case: no spread, ``se`` is inf.
+
+    Example:
+        >>> [round(x, 3) for x in paired_bound([{"a": .5}, {"a": .6}], [{"a": .8}, {"a": .8}], 0.05)]
+        [-0.25, 0.05, -0.168]
+    """
+    deltas = [mean_dice(m) - mean_dice(s) for m, s in zip(model, served)]
+    n = len(deltas)
+    if n == 0:
+        raise ValueError("paired_bound: found no cases; expected the same validation cases for both models")
+    gain = sum(deltas) / n
+    se = math.sqrt(sum((d - gain) ** 2 for d in deltas) / (n - 1) / n) if n > 1 else math.inf
+    return gain, se, gain + NormalDist().inv_cdf(1 - alpha) * se
 
 
 @dataclass(frozen=True)

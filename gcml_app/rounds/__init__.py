@@ -3,7 +3,7 @@
 - :mod:`.loop`: :func:`run_round`, in named phases: prepare, score the served model, produce
   candidates, score them, decide (the gate), commit (working model, publish or keep);
 - :mod:`.producers`: what a round trains, behind one small interface (:class:`Producer`):
-  :class:`Local`, :class:`DCML` (and, in the simulator, the FL baselines' :class:`~gcml_app.sim.baselines.Offered`);
+  :class:`Local`, :class:`DCML` (and, in the simulator, the FL baselines' :class:`~gcml_app.sim.methods.Offered`);
 - :mod:`.pull`: asking partners in order for a new, checked model;
 - :mod:`.gossip`: :func:`gossip_round`, :func:`labels_round` and the :class:`SyncRequest` they take;
 - :mod:`.record`: reading a round record back (:func:`summarize`, :func:`partner_gain`).

@@ -32,7 +32,7 @@ from gcml_app.ml.evaluate import dice_per_case
 from gcml_app.ml.gate import SERVED
 from gcml_app.ml.network import GCMLNet, build_network, fit_state
 from gcml_app.ml.transforms import crop_transforms, unlabelled_crop_transforms
-from gcml_app.rounds.producers import Produced, Producer, RoundInputs
+from gcml_app.rounds.producers import DCML, Produced, Producer, RoundInputs, choose_arm
 
 __all__ = ["Computed", "Laps", "Phase", "RoundWork", "compute", "rng_state"]
 
@@ -218,15 +218,19 @@ def compute(work: RoundWork, device: torch.device, report: Progress | None = Non
     scores: dict[str, list[dict[str, float]]] = {}
     clicked: dict[str, float | None] = {}
     probe = None
+    producer = work.producer
     if work.served is not None:
         probe = build_network(cfg).to(device)
         probe.load_state_dict(fit_state(work.served, cfg))
         scores[SERVED] = data.score(probe)
         clicked[SERVED] = data.click_score(probe)
+        if cfg.dcml.choose and isinstance(producer, DCML):  # how to use the partner: from its Dice on our cases
+            probe.load_state_dict(fit_state(producer.state, cfg))
+            producer = producer.for_arm(choose_arm(data.score(probe), scores[SERVED], cfg.validation))
     lap("validate_s", peak="validate_served")
 
     phase("train")
-    produced = work.producer.produce(RoundInputs(cfg, model, data.loader, work.epochs, device, work.seed,
+    produced = producer.produce(RoundInputs(cfg, model, data.loader, work.epochs, device, work.seed,
                                                  report or (lambda p: None), amp, data.unlabelled))
     lap("train_s")
     phase("validate")

@@ -213,6 +213,8 @@ def run_round(
             cfg.validation, len(train_ids), len(val_ids), cfg.validation.strict_cases),
         "losses": produced.losses, **decision.as_record(), **(extra or {}),
     }
+    if produced.choice is not None:  # dcml.choose: how the partner's model was used, and why
+        record["arm"] = produced.choice
     if cfg.interactive.enabled and cfg.interactive.gate_clicks:
         record["click_dice"] = {"clicks": cfg.interactive.gate_clicks,
                                 **{k: round(v, 6) for k, v in clicked.items() if v is not None}}
@@ -289,7 +291,7 @@ def _commit(cfg: SiteConfig, store: ModelStore, served: Manifest | None, arch: s
     """
     states, mode, origin = produced.states, produced.mode, producer.origin
     step: dict[str, Any] = {"site": cfg.site, "mode": mode, "candidate": decision.winner}
-    if producer.incoming_sha256 is not None:
+    if producer.incoming_sha256 is not None and mode == "dcml":  # a partner the site trained alone beside is no parent
         step.update(origin or {"incoming_sha256": producer.incoming_sha256})
     new_working = decision.winner if decision.publish else max(
         states, key=lambda k: (decision.evidence[k].gain, k == produced.kept))

@@ -6,8 +6,10 @@ producer differs between methods:
 
 - :class:`Local`: the working model trains alone (candidate ``local``);
 - :class:`DCML`: the working model and a partner's model train together (candidates ``dcml_local``,
-  ``dcml_incoming`` and their parameter ``average``);
-- in the simulator, :class:`gcml_app.sim.baselines.Offered`: candidates a federation's central step
+  ``dcml_incoming`` and their parameter ``average``); with ``dcml.choose`` the round first scores the
+  partner's model on the site's validation cases and :func:`choose_arm` picks mutual learning, a frozen
+  teacher or :class:`Alone` (docs/design.md, "Choosing how a partner's model is used");
+- in the simulator, :class:`gcml_app.sim.methods.Offered`: candidates a federation's central step
   made (FedAvg's average, Ditto's personal model, the pooled model), gated and committed the same way.
 """
 
@@ -22,17 +24,19 @@ from typing import Any
 import torch
 from monai.data import DataLoader
 
-from gcml_app.config import SiteConfig
+from gcml_app.config import SiteConfig, ValidationConfig
 from gcml_app.errors import IncomingModelRejected
 from gcml_app.federation.payload import verify_weights
 from gcml_app.ml.clicks import click_simulator
 from gcml_app.ml.dcml import dcml_train, step_budget
 from gcml_app.ml.device import Precision
+from gcml_app.ml.gate import CaseScores, paired_bound
 from gcml_app.ml.network import GCMLNet, build_network
 from gcml_app.ml.supervised import average_state, supervised_train
 from gcml_app.util.files import sha256_bytes
 
-__all__ = ["DCML", "Local", "Produced", "Producer", "RoundInputs", "State", "load_incoming"]
+__all__ = ["ARMS", "Alone", "Choice", "DCML", "Local", "Produced", "Producer", "RoundInputs", "State", "choose_arm",
+           "load_incoming"]
 
 State = dict[str, torch.Tensor]
 
@@ -71,6 +75,48 @@ class Produced:
     states: dict[str, State]
     kept: str
     losses: list[dict[str, float]] = field(default_factory=list)
+    choice: dict[str, Any] | None = None  # with dcml.choose: the arm, the measurement and why (Choice.as_record)
+
+
+ARMS = ("mutual", "teacher", "alone")
+
+
+@dataclass(frozen=True)
+class Choice:
+    """How a DCML round uses the partner's model, from its paired Dice against the served model on the site's
+    validation cases (:func:`choose_arm`)."""
+
+    arm: str  # one of ARMS
+    gain: float  # mean paired Dice, partner - served
+    se: float  # its standard error
+    upper: float  # gain + z(1 - validation.alpha) * se
+    cases: int  # validation cases the partner was scored on (its forward passes)
+    why: str
+
+    def as_record(self) -> dict[str, Any]:
+        return {"arm": self.arm, "gain": round(self.gain, 6), "se": round(self.se, 6) if self.se < 1e9 else None,
+                "upper": round(self.upper, 6) if abs(self.upper) < 1e9 else None, "scored_cases": self.cases,
+                "why": self.why}
+
+
+def choose_arm(partner: CaseScores, served: CaseScores, v: ValidationConfig) -> Choice:
+    """The arm of a DCML round, from the partner's and the served model's per-case Dice on the same cases.
+
+    ``upper`` is the upper end of a one-sided ``1 - validation.alpha`` interval on the partner's mean paired
+    gain (the gate's confidence). Unless the partner is shown worse (``upper < 0``), mutual learning: both
+    models train, as DCML always did. Shown worse, a frozen teacher: the site's model takes the whole budget
+    and the partner only answers forward passes. Shown worse by more than ``validation.max_label_drop`` (the
+    drop the gate never lets a served label take), no partner at all: the site trains alone. Few cases give a
+    wide interval, so a site with little validation evidence keeps mutual learning.
+    """
+    gain, se, upper = paired_bound(partner, served, v.alpha)
+    band = f"partner - served {gain:+.4f}, upper bound {upper:+.4f} at alpha {v.alpha:g} over {len(served)} cases"
+    if upper >= 0:
+        return Choice("mutual", gain, se, upper, len(served), f"{band}: not shown worse, both models train")
+    if upper >= -v.max_label_drop:
+        return Choice("teacher", gain, se, upper, len(served), f"{band}: shown worse, the partner only teaches")
+    return Choice("alone", gain, se, upper, len(served),
+                  f"{band}: worse by more than max_label_drop {v.max_label_drop:g}, the site trains alone")
 
 
 class Producer(ABC):
@@ -128,6 +174,20 @@ class DCML(Producer):
 
     def __init__(self, state: State, sha256: str, origin: dict[str, Any] | None = None, file: str | None = None):
         self.state, self.incoming_sha256, self.origin, self.incoming_file = state, sha256, origin, file
+        self.train_incoming: bool | None = None  # None: dcml.train_incoming
+        self.choice: Choice | None = None
+
+    def for_arm(self, choice: Choice) -> Producer:
+        """This round's producer for ``choice``: itself (mutual), a frozen-teacher copy, or :class:`Alone`."""
+        if choice.arm == "alone":
+            return Alone(self, choice)
+        arm = DCML(self.state, self.incoming_sha256, self.origin, self.incoming_file)
+        arm.train_incoming = None if choice.arm == "mutual" else False  # mutual: as configured
+        arm.choice = choice
+        return arm
+
+    def _trains_incoming(self, cfg: SiteConfig) -> bool:
+        return cfg.dcml.train_incoming if self.train_incoming is None else self.train_incoming
 
     @classmethod
     def from_file(cls, path: str | Path, cfg: SiteConfig, ours: str | None = None,
@@ -145,7 +205,7 @@ class DCML(Producer):
         """The round's steps (:func:`~gcml_app.ml.dcml.step_budget`), with or without unlabelled crops."""
         d = cfg.dcml
         return step_budget(epochs, batches, self.batch_size(cfg), d.unlabelled_batch if unlabelled else 0,
-                           d.train_incoming)
+                           self._trains_incoming(cfg))
 
     def unlabelled_images(self, cfg: SiteConfig, epochs: int, batches: int) -> int:
         """One ``dcml.unlabelled_batch`` per step with ``dcml.lambda_unl > 0``, at most ``unlabelled_max_cases``."""
@@ -161,14 +221,33 @@ class DCML(Producer):
         other.to(inputs.device)
         unl = inputs.unlabelled  # the round drew some only if unlabelled_images() asked for them
         steps = self.steps(cfg, inputs.epochs, len(inputs.loader), unl is not None)
+        trains = self._trains_incoming(cfg)
+        if trains != d.train_incoming:
+            d = d.model_copy(update={"train_incoming": trains})
         local, other, losses = dcml_train(inputs.model, other, inputs.loader, d, inputs.epochs, t.lr,
                                           t.weight_decay, inputs.device, inputs.report, inputs.seed, inputs.amp,
                                           unl, steps, click_simulator(cfg, inputs.seed))
         states = {"dcml_local": local.state_dict()}
-        if d.train_incoming:
+        if trains:
             states["dcml_incoming"] = other.state_dict()
             states["average"] = average_state(states["dcml_local"], states["dcml_incoming"])
-        return Produced("dcml", states, "dcml_local", losses)
+        return Produced("dcml", states, "dcml_local", losses, self.choice and self.choice.as_record())
+
+
+class Alone(Producer):
+    """A DCML round whose partner :func:`choose_arm` found far worse: the working model trains alone, on the
+    round's loader (DCML's batch) for twice the epochs, which is ``local2x``'s image passes. The partner's
+    origin stays on the producer for the round record; the model's lineage does not name it."""
+
+    def __init__(self, dcml: DCML, choice: Choice):
+        self.origin, self.incoming_sha256, self.incoming_file = dcml.origin, dcml.incoming_sha256, dcml.incoming_file
+        self.choice = choice
+
+    def produce(self, inputs: RoundInputs) -> Produced:
+        t = inputs.cfg.train
+        losses = supervised_train(inputs.model, inputs.loader, 2 * inputs.epochs, t.lr, t.weight_decay, inputs.device,
+                                  inputs.report, amp=inputs.amp, clicks=click_simulator(inputs.cfg, inputs.seed))
+        return Produced("local", {"local": inputs.model.state_dict()}, "local", losses, self.choice.as_record())
 
 
 def load_incoming(path: str | Path, cfg: SiteConfig, ours: str | None = None) -> tuple[State, str]:

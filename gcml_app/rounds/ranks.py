@@ -283,15 +283,15 @@ def _write(out: Path, done: Computed) -> None:
         state = {k: v.detach().cpu().contiguous() for k, v in done.produced.states[name].items()}
         save_file(state, str(out / f"{i}.safetensors"))
     p = done.produced
-    meta = {"names": names, "mode": p.mode, "kept": p.kept, "losses": p.losses, "scores": done.scores,
-            "clicked": done.clicked, "cache": done.cache, "timings": done.timings, "peak_mb": done.peak_mb,
-            "precision": done.precision, "peak_gpu_mb": done.peak_gpu_mb, "ranks": done.ranks}
+    meta = {"names": names, "mode": p.mode, "kept": p.kept, "losses": p.losses, "choice": p.choice,
+            "scores": done.scores, "clicked": done.clicked, "cache": done.cache, "timings": done.timings,
+            "peak_mb": done.peak_mb, "precision": done.precision, "peak_gpu_mb": done.peak_gpu_mb, "ranks": done.ranks}
     (out / "result.json").write_text(json.dumps(meta))
 
 
 def _read(out: Path) -> Computed:
     meta = json.loads((out / "result.json").read_text())
     states = {name: load_file(str(out / f"{i}.safetensors")) for i, name in enumerate(meta["names"])}
-    produced = Produced(meta["mode"], states, meta["kept"], meta["losses"])
+    produced = Produced(meta["mode"], states, meta["kept"], meta["losses"], meta["choice"])
     return Computed(produced, meta["scores"], meta["clicked"], meta["cache"], meta["timings"], meta["peak_mb"],
                     meta["precision"], meta["peak_gpu_mb"], meta["ranks"])

@@ -102,8 +102,11 @@ def partner_gain(record: RoundRecord) -> float:
     """What a DCML round with a partner's model brought: the best candidate's mean paired validation gain.
 
     Negative when every candidate trained with that partner validated worse than the served model;
-    0 when nothing was served before (no comparison).
+    0 when nothing was served before (no comparison). A round that trained alone beside a partner found far
+    worse (``dcml.choose``) credits it with its own measured paired Dice.
     """
+    if (record.get("arm") or {}).get("arm") == "alone":  # it did not train: what it was measured at on our cases
+        return record["arm"]["gain"]
     gains = [e["gain"] for e in record.get("evidence", {}).values()]
     return max(gains, default=0.0)
 

@@ -1,0 +1,96 @@
+"""dcml.choose: how a DCML round uses the partner's model, chosen from its Dice on the site's own validation cases;
+every arm at local2x's compute."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import cases_of
+from safetensors.torch import save_file
+
+from gcml_app.config import ValidationConfig
+from gcml_app.ml.dcml import FORWARD_COST
+from gcml_app.ml.network import build_network
+from gcml_app.rounds.loop import run_round
+from gcml_app.rounds.producers import DCML, choose_arm
+from gcml_app.store import ModelStore
+
+SERVED = [0.80, 0.75, 0.85, 0.70, 0.78, 0.82]
+
+
+def _cases(offsets):
+    return [{"organ": s + o, "lesion": s + o} for s, o in zip(SERVED, offsets)]
+
+
+CHOICES = [
+    # (the partner's Dice per case minus the served model's, the arm, words of its reason)
+    ([-0.40, -0.35, -0.45, -0.38, -0.42, -0.36], "alone", "worse by more than max_label_drop 0.02"),
+    ([-0.012, -0.008, -0.010, -0.011, -0.009, -0.010], "teacher", "shown worse, the partner only teaches"),
+    ([-0.03, 0.02, -0.01, 0.03, -0.02, 0.01], "mutual", "not shown worse"),
+    ([0.05, 0.04, 0.06, 0.05, 0.03, 0.07], "mutual", "not shown worse"),
+    ([-0.40], "mutual", "over 1 cases: not shown worse"),  # one case: no spread, no evidence
+]
+
+
+@pytest.mark.parametrize("offsets, arm, why", CHOICES, ids=["much-worse", "a-little-worse", "similar", "better", "one-case"])
+def test_the_arm_follows_the_partners_paired_dice_and_its_spread(offsets, arm, why):
+    choice = choose_arm(_cases(offsets), _cases([0.0] * len(offsets)), ValidationConfig())
+    assert choice.arm == arm and why in choice.why
+    assert choice.gain == pytest.approx(sum(offsets) / len(offsets)) and choice.cases == len(offsets)
+
+
+@pytest.mark.parametrize("arm", ["mutual", "teacher", "alone"])
+def test_every_arm_spends_local2xs_image_passes(cfg, arm):
+    epochs, batches = 4, 6  # the round's loader at DCML's batch (half of train.batch_size)
+    dcml = DCML({}, "0" * 64)
+    b = dcml.batch_size(cfg)
+    local2x = 2 * epochs * batches * b  # local2x's one model: twice the epochs over the same images
+    if arm == "alone":
+        passes = 2 * epochs * batches * b  # Alone: the working model, twice the epochs
+    else:
+        choice = choose_arm(_cases([0.0] * 6 if arm == "mutual" else [-0.01] * 5 + [-0.011]),
+                            _cases([0.0] * 6), ValidationConfig())
+        assert choice.arm == arm
+        producer = dcml.for_arm(choice)
+        per_step = b * (1 + (1.0 if arm == "mutual" else FORWARD_COST))
+        passes = producer.steps(cfg, epochs, batches, False) * per_step
+    assert passes == pytest.approx(local2x, rel=0.05)
+
+
+def _partner(cfg, state):
+    path = cfg.state_dir / "peers" / "peer.safetensors"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    return path
+
+
+@pytest.mark.slow
+def test_a_round_trains_alone_beside_a_far_worse_partner_and_mutually_with_an_equal_one(tmp_path, studies):
+    from helpers import write_config
+
+    from gcml_app.config import load_config
+
+    cfg = load_config(write_config(tmp_path / "site", dcml={"choose": True}))
+    store = ModelStore(cfg.state_dir / "models")
+    cases = cases_of(studies[0])
+    run_round(cfg, store, cases, epochs=3)
+
+    torch.manual_seed(11)  # an untrained network: far worse on our cases
+    rec = run_round(cfg, store, cases, epochs=1, incoming=_partner(cfg, build_network(cfg).state_dict()))
+    assert rec["arm"]["arm"] == "alone" and rec["arm"]["scored_cases"] == 2, rec["arm"]
+    assert set(rec["per_case"]) == {"served", "local"} and len(rec["losses"]) == 2  # twice the epochs, alone
+    assert rec["incoming"]["sha256"]  # the partner is on record, measured
+    if rec["published"]:
+        assert store.served().made_by["peer"] is None  # and no parent of the published model
+
+    rec = run_round(cfg, store, cases, epochs=1, incoming=_partner(cfg, store.load(store.served_version())))
+    assert rec["arm"]["arm"] == "mutual" and rec["arm"]["gain"] == 0.0  # our own model: not shown worse
+    assert set(rec["per_case"]) == {"served", "dcml_local", "dcml_incoming", "average"}
+
+
+def test_with_the_rule_off_a_dcml_round_records_no_arm(cfg, studies):
+    store = ModelStore(cfg.state_dir / "models")
+    cases = cases_of(studies[0])
+    run_round(cfg, store, cases, epochs=1)
+    rec = run_round(cfg, store, cases, epochs=1, incoming=_partner(cfg, build_network(cfg).state_dict()))
+    assert "arm" not in rec and rec["mode"] == "dcml"
