@@ -7,7 +7,7 @@
     gcml status --config site.yaml
     gcml sync --config site.yaml [--peer NAME ...]   one gossip round on the running server (cron)
     gcml demo [--out gcml-demo --port 8001 --epochs 30 --gossip-epochs 5 --rounds 3 --no-wait --pacs]
-    gcml simulate [--scenario few-labels --seeds 3 --rounds 8 --methods local,gcml,... --data DIR]
+    gcml simulate [--scenario few-labels --seeds 3 --rounds 8 --methods local,gcml,... --data DIR --until-plateau P]
     gcml simulate --active [--k 2 --start 2 --strategies random,epistemic,disagreement]
     gcml bench [--out gcml-bench --quick] [--scale | --clicks | --gpu | --ddp N | --soak MINUTES --clients K]
     gcml token new --peer site-b [--id site-b-2026q4]     a partner token, printed once, and its hash
@@ -198,8 +198,11 @@ def _simulate(args: argparse.Namespace) -> int:
     pretrain = args.pretrain_epochs if args.init == "pretrained" else 0
     res = simulate(cfg, sites_of_seed, out, methods=methods, rounds=args.rounds, epochs=args.epochs,
                    warmup_epochs=args.warmup_epochs, seeds=args.seeds, transport=args.transport,
-                   gate=args.gate == "on", jobs=args.jobs, scenario=scenario, pretrain_epochs=pretrain)
+                   gate=args.gate == "on", jobs=args.jobs, scenario=scenario, pretrain_epochs=pretrain,
+                   until_plateau=args.until_plateau)
     print(format_summary(res))
+    if "plateau" in res:
+        print(format_plateau(res))
     if "clicks" in res:
         print(format_clicks(res))
     print(f"wrote {out}/results.json, results.csv, dice_vs_round.png, dice_vs_bytes.png"
@@ -251,6 +254,22 @@ def format_active(res: dict) -> str:
             worst = s[m].get("worst_vs_random_in_std")
             lines.append(f"  {m:<14}" + (f"{need:>8.1f} labels ({frac:.0%})" if need is not None else "   never")
                          + (f"; worst site vs random at equal labels {min(worst.values()):+.2f} seed-std" if worst else ""))
+    return "\n".join(lines)
+
+
+def format_plateau(res: dict) -> str:
+    """The plateau table: per method, the test Dice per site where its validation Dice stopped rising."""
+    p = res["plateau"]
+    names = res["config"]["sites"]
+    lines = [f"at the plateau (validation mean up by <= {p['tolerance']:g} for {p['patience']} rounds; at most "
+             f"{res['config']['rounds']} rounds): test Dice per site, mean +- std over seeds",
+             "  method          rounds  " + "  ".join(f"{n:>13}" for n in names) + "     mean"]
+    for m in res["config"]["methods"]:
+        x = p[m]
+        rounds = f"{sum(x['rounds']) / len(x['rounds']):4.1f}" + ("" if x["plateau_reached"] == x["seeds"] else "*")
+        lines.append(f"  {m:<14} {rounds:>6}  " + "  ".join(
+            f"{x['sites'][n]['mean']:.3f} +- {x['sites'][n]['std']:.3f}" for n in names) + f"  {x['mean']:.3f}")
+    lines.append("  (* some seeds still rising at the last round: their figure is the last round's)")
     return "\n".join(lines)
 
 
@@ -532,6 +551,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--init", default="random", choices=["random", "pretrained"],
                    help="sites start from random weights, or from a bundle trained at a separate synthetic site")
     s.add_argument("--pretrain-epochs", type=int, default=40, help="--init pretrained: that site's training epochs")
+    s.add_argument("--until-plateau", type=int, default=0, metavar="P", help="also report each method at its plateau: "
+                   "the round its mean validation Dice stopped rising by more than validation.margin for P rounds "
+                   "(--rounds is then the maximum)")
     s.add_argument("--ranks", type=int, default=1, help="every site round (local, local2x, gml, the gcml variants) "
                    "on N torch.distributed ranks: train.gpus, CPU processes with gloo where there are fewer GPUs")
     s.add_argument("--interactive", action="store_true",

@@ -46,7 +46,7 @@ from gcml_app.ml.evaluate import mean_dice
 from gcml_app.sim.data import SimSite
 from gcml_app.sim.methods import ARMS, DEFAULT_METHODS
 from gcml_app.sim.pretrain import pretrained_bundle
-from gcml_app.sim.report import plot, plot_clicks, summarize_clicks, summarize_rows
+from gcml_app.sim.report import plot, plot_clicks, summarize_clicks, summarize_plateau, summarize_rows
 from gcml_app.sim.run import CLICKS, NOC, Node, Run
 from gcml_app.store import ModelStore
 
@@ -74,12 +74,15 @@ def _run_method(run: Run, name: str, rounds: int, warm: Path, emit) -> None:
 # ---------------------------------------------------------------------------------------- one seed
 def run_seed(cfg: SiteConfig, sites: list[SimSite], out: Path, seed: int, methods: list[str], rounds: int,
              epochs: int, warmup_epochs: int, transport: str, gate: bool, threads: int = 0,
-             position: int = 0, pretrain_epochs: int = 0) -> tuple[list[dict[str, Any]], dict[str, int]]:
+             position: int = 0, pretrain_epochs: int = 0, validation: bool = False,
+             ) -> tuple[list[dict[str, Any]], dict[str, int]]:
     """Every method on one seed's sites; returns the result rows and the model's payload bytes.
 
     Args:
         pretrain_epochs: above 0, every site starts from a bundle trained that long at a separate
             site (:func:`~gcml_app.sim.pretrain.pretrained_bundle`) instead of random weights.
+        validation: each row also carries ``val_mean``, the served model's mean validation Dice (what a
+            site itself can see, for ``--until-plateau``).
     """
     if threads:
         torch.set_num_threads(threads)
@@ -103,6 +106,9 @@ def run_seed(cfg: SiteConfig, sites: list[SimSite], out: Path, seed: int, method
                          "bytes_sent": sent, "bytes_received": received, "published": published,
                          "train_steps": cost["steps"], "crop_passes": cost["crop_passes"],
                          "seconds": round((now - t[0]) / len(per_site), 2)})
+            if validation:
+                served = ModelStore(run.root / method / n / "models").served()
+                rows[-1]["val_mean"] = round(mean_dice(served.val_dice), 4) if served else 0.0
         t[0] = now
         if r > 0:
             bar.set_postfix(method=method, round=r)
@@ -125,7 +131,7 @@ def run_seed(cfg: SiteConfig, sites: list[SimSite], out: Path, seed: int, method
 # ---------------------------------------------------------------------------------------- all seeds
 def simulate(cfg: SiteConfig, sites_of_seed, out: str | Path, *, methods: list[str] | None = None, rounds: int = 8,
              epochs: int = 5, warmup_epochs: int = 20, seeds: int = 3, transport: str = "float32", gate: bool = True,
-             jobs: int = 1, scenario: str = "", pretrain_epochs: int = 0) -> dict[str, Any]:
+             jobs: int = 1, scenario: str = "", pretrain_epochs: int = 0, until_plateau: int = 0) -> dict[str, Any]:
     """Run the comparison for ``seeds`` seeds; write results.json/csv and plots; return the results.
 
     Args:
@@ -134,6 +140,9 @@ def simulate(cfg: SiteConfig, sites_of_seed, out: str | Path, *, methods: list[s
         jobs: seeds run in parallel processes (each with ``cpu_count / jobs`` torch threads).
         pretrain_epochs: above 0 (``--init pretrained``), every site starts from a "Model Zoo bundle"
             trained that many epochs at a separate synthetic site (:mod:`gcml_app.sim.pretrain`).
+        until_plateau: above 0, also each method's plateau (``rounds`` is then the maximum): the round its
+            mean validation Dice stopped rising by more than ``validation.margin`` for this many rounds, and
+            its test Dice there (:func:`~gcml_app.sim.report.summarize_plateau`).
 
     Raises:
         ValueError: an unknown method, ``rounds < 1`` or ``seeds < 1``.
@@ -155,9 +164,10 @@ def simulate(cfg: SiteConfig, sites_of_seed, out: str | Path, *, methods: list[s
 
         threads = max(1, (os.cpu_count() or 1) // jobs)
         with ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn")) as ex:
-            parts = list(ex.map(run_seed, *zip(*args), [threads] * seeds, range(seeds), [pretrain_epochs] * seeds))
+            parts = list(ex.map(run_seed, *zip(*args), [threads] * seeds, range(seeds), [pretrain_epochs] * seeds,
+                                [until_plateau > 0] * seeds))
     else:
-        parts = [run_seed(*a, pretrain_epochs=pretrain_epochs) for a in args]
+        parts = [run_seed(*a, pretrain_epochs=pretrain_epochs, validation=until_plateau > 0) for a in args]
     rows = [r for p, _ in parts for r in p]
     click_rows = [r for r in rows if r["round"] == "clicks"]
     rows = [r for r in rows if r["round"] != "clicks"]
@@ -176,6 +186,8 @@ def simulate(cfg: SiteConfig, sites_of_seed, out: str | Path, *, methods: list[s
         "summary": summarize_rows(rows, methods, names, rounds),
         "rows": rows,
     }
+    if until_plateau:
+        result["plateau"] = summarize_plateau(rows, methods, names, cfg.validation.margin, until_plateau)
     if click_rows:
         result["clicks"] = summarize_clicks(click_rows, methods, names)
         result["click_rows"] = click_rows

@@ -6,7 +6,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-__all__ = ["plot", "plot_clicks", "summarize_clicks", "summarize_rows"]
+__all__ = ["plateau_round", "plot", "plot_clicks", "summarize_clicks", "summarize_plateau", "summarize_rows"]
 
 
 def _mean_std(xs: list[float]) -> tuple[float, float]:
@@ -162,3 +162,47 @@ def plot_clicks(summary: dict[str, Any], methods: list[str], names: list[str], o
     fig.tight_layout()
     fig.savefig(out / "dice_vs_clicks.png", dpi=100)
     plt.close(fig)
+
+
+def plateau_round(values: list[float], tol: float, patience: int) -> int | None:
+    """The round a method stops at: the first ``r`` whose last ``patience`` rounds improved the best value before
+    them by no more than ``tol``; ``None`` when it kept improving to the end (``values[r]`` is round ``r``).
+
+    Example:
+        >>> plateau_round([0.5, 0.6, 0.65, 0.652, 0.651, 0.7], tol=0.005, patience=2), plateau_round([.1, .2, .3], .005, 2)
+        (4, None)
+    """
+    for r in range(patience, len(values)):
+        if max(values[r - patience + 1:r + 1]) <= max(values[:r - patience + 1]) + tol:
+            return r
+    return None
+
+
+def summarize_plateau(rows: list[dict], methods: list[str], names: list[str], tol: float,
+                      patience: int) -> dict[str, Any]:
+    """Per method: the round each seed stopped at (its mean validation Dice over sites no longer rose by more than
+    ``tol`` for ``patience`` rounds; the last round when it never stopped) and the served test Dice per site
+    there (mean, std over seeds), with how many seeds reached a plateau.
+
+    Stopping a method at that round and reading a longer run at that round give the same figures: later rounds
+    do not change earlier ones.
+    """
+    out: dict[str, Any] = {"tolerance": tol, "patience": patience}
+    seeds = sorted({r["seed"] for r in rows})
+    for m in methods:
+        stops, reached, per_site = [], 0, {n: [] for n in names}
+        for s in seeds:
+            mine = [r for r in rows if r["method"] == m and r["seed"] == s]
+            last = max(r["round"] for r in mine)
+            val = [statistics.fmean(r["val_mean"] for r in mine if r["round"] == k) for k in range(last + 1)]
+            stop = plateau_round(val, tol, patience)
+            reached += stop is not None
+            stop = last if stop is None else stop
+            stops.append(stop)
+            for r in mine:
+                if r["round"] == stop:
+                    per_site[r["site"]].append(r["test_mean"])
+        sites = {n: dict(zip(("mean", "std"), (round(x, 4) for x in _mean_std(v)))) for n, v in per_site.items()}
+        out[m] = {"rounds": stops, "plateau_reached": reached, "seeds": len(seeds), "sites": sites,
+                  "mean": round(statistics.fmean(v["mean"] for v in sites.values()), 4)}
+    return out

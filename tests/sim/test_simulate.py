@@ -53,12 +53,12 @@ def test_simulate_runs_every_method_through_the_servers_round_code(tmp_path, cap
     monkeypatch.setattr(methods_, "gossip_round", spy("gossip_round", real_gossip))
 
     data, out = _layout(tmp_path, sites=("x", "y"), cases=5), tmp_path / "sim"
-    methods = list(methods_.ARMS)
+    methods = list(methods_.DEFAULT_METHODS)  # every method but the opt-in ones (methods_.OPT_IN)
     assert main(["simulate", "--data", str(data), "--config", str(_tiny_yaml(tmp_path)), "--out", str(out),
                  "--seeds", "2", "--rounds", "2", "--epochs", "1", "--warmup-epochs", "1"]) == 0
-    gossip_ = [m for m, a in methods_.ARMS.items() if a.kind == "gossip"]
-    alone = [m for m, a in methods_.ARMS.items() if a.kind == "round"]  # local, local2x, local2x-noaug
-    central = [m for m, a in methods_.ARMS.items() if not a.shares_warmup]
+    gossip_ = [m for m in methods if methods_.ARMS[m].kind == "gossip"]
+    alone = [m for m in methods if methods_.ARMS[m].kind == "round"]  # local, local2x, local2x-noaug
+    central = [m for m in methods if not methods_.ARMS[m].shares_warmup]
     sites, seeds, rounds_ = ["x", "y"], 2, 2
     # warm-up and local rounds via run_round; every gossip round via gossip_round (which trains via run_round);
     # every baseline round, round 0 included, gates its central step's candidates via run_round
@@ -256,6 +256,27 @@ def test_malformed_layout_names_the_file(tmp_path, break_it, message):
     break_it(data)
     with pytest.raises(SiteDataError, match=message):
         load_sites(data)
+
+
+def test_simulate_until_plateau_reports_each_methods_stop_and_the_arm_of_each_choosing_round(tmp_path, capsys):
+    data, out = _layout(tmp_path, sites=("x", "y"), cases=5), tmp_path / "sim"
+    assert main(["simulate", "--data", str(data), "--config", str(_tiny_yaml(tmp_path)), "--out", str(out),
+                 "--seeds", "1", "--rounds", "3", "--epochs", "1", "--warmup-epochs", "1",
+                 "--methods", "local,gcml-choose", "--until-plateau", "1"]) == 0
+    res = json.loads((out / "results.json").read_text())
+    p = res["plateau"]
+    assert (p["patience"], p["tolerance"]) == (1, res["config"]["validation"]["margin"])
+    for m in ("local", "gcml-choose"):
+        assert 1 <= p[m]["rounds"][0] <= 3 and set(p[m]["sites"]) == {"x", "y"}
+        stop = p[m]["rounds"][0]
+        at = {r["site"]: r["test_mean"] for r in res["rows"] if r["method"] == m and r["round"] == stop}
+        assert {n: v["mean"] for n, v in p[m]["sites"].items()} == at  # the test Dice at that round
+    assert all("val_mean" in r for r in res["rows"])
+    assert "at the plateau" in capsys.readouterr().out
+    history = [json.loads(line) for line in
+               (out / "runs" / "seed0" / "gcml-choose" / "y" / "models" / "history.jsonl").read_text().splitlines()]
+    dcml = [h for h in history if h.get("gossip") and h.get("event") in ("publish", "keep")]
+    assert dcml and all(h["arm"]["arm"] in ("mutual", "teacher", "alone") and h["arm"]["why"] for h in dcml)
 
 
 def test_simulate_cli_reports_a_bad_layout_and_exits_2(tmp_path, capsys):
