@@ -231,7 +231,7 @@ def compute(work: RoundWork, device: torch.device, report: Progress | None = Non
 
     phase("train")
     produced = producer.produce(RoundInputs(cfg, model, data.loader, work.epochs, device, work.seed,
-                                                 report or (lambda p: None), amp, data.unlabelled))
+                                            report or (lambda p: None), amp, data.unlabelled))
     lap("train_s")
     phase("validate")
     probe = probe or build_network(cfg).to(device)
