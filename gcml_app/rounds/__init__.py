@@ -9,10 +9,19 @@
 - :mod:`.record`: reading a round record back (:func:`summarize`, :func:`partner_gain`).
 """
 
-from gcml_app.rounds.gossip import SyncRequest, gossip_round, labels_round
-from gcml_app.rounds.loop import run_round
-from gcml_app.rounds.producers import DCML, Local, Produced, Producer
-from gcml_app.rounds.record import partner_gain, summarize
+import importlib
+from typing import Any
 
-__all__ = ["DCML", "Local", "Produced", "Producer", "SyncRequest", "gossip_round", "labels_round", "partner_gain",
-           "run_round", "summarize"]
+_FROM = {"SyncRequest": "gossip", "gossip_round": "gossip", "labels_round": "gossip", "run_round": "loop",
+         "DCML": "producers", "Local": "producers", "Produced": "producers", "Producer": "producers",
+         "partner_gain": "record", "summarize": "record"}
+
+__all__ = sorted(_FROM)
+
+
+def __getattr__(name: str) -> Any:
+    """The names above, imported on first use (PEP 562): ``gcml_app.rounds.lock`` or ``.record`` alone, as
+    ``gcml status`` needs them, do not import the networks and MONAI (6 s on a busy 2-core machine)."""
+    if name in _FROM:
+        return getattr(importlib.import_module(f"gcml_app.rounds.{_FROM[name]}"), name)
+    raise AttributeError(f"module 'gcml_app.rounds' has no attribute {name!r}")
