@@ -29,7 +29,7 @@ from gcml_app.rounds import summarize
 from gcml_app.rounds.record import pulled_bytes
 from gcml_app.sim.sample import STYLES, site_yamls
 from gcml_app.site.client import SiteClient
-from gcml_app.site.launch import SiteServer, free_port
+from gcml_app.site.launch import SiteServer, free_port, start_together
 
 __all__ = ["run_demo"]
 
@@ -114,10 +114,7 @@ def run_demo(out: str | Path, port: int = 8001, cases: int = 12, labelled: int =
                              env=orthanc.env if orthanc and s == "site-a" else None) for s in sites}
     print("[2/5] starting three MONAI Label servers: " + ", ".join(f"{s} {v.url}" for s, v in servers.items()))
     try:
-        for srv in servers.values():
-            srv.spawn()
-        for srv in servers.values():
-            srv.wait_ready()
+        start_together(servers.values())
         clients = {s: SiteClient(servers[s].url) for s in sites}
         report: dict[str, Any] = {"sites": {s: {"url": servers[s].url} for s in sites}, "rounds": []}
         curves: dict[str, list[float]] = {s: [] for s in sites}

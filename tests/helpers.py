@@ -113,15 +113,12 @@ def write_federation(root: Path, styles: str = "abc", cases: int = 8, labelled: 
 def running(sites: dict[str, dict], logs: Path):
     """Every site of :func:`write_federation` served at once (started together, then waited for):
     ``{site: SiteServer}``; all stopped on exit."""
-    from gcml_app.site.launch import SiteServer
+    from gcml_app.site.launch import SiteServer, start_together
 
     servers = {n: SiteServer(s["config"], s["studies"], port=s["port"], log=logs / f"{n}.log")
                for n, s in sites.items()}
     try:
-        for srv in servers.values():
-            srv.spawn()
-        for srv in servers.values():
-            srv.wait_ready()
+        start_together(servers.values())
         yield servers
     finally:
         for srv in servers.values():

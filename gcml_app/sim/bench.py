@@ -50,7 +50,7 @@ from gcml_app.sim.phantoms import write_studies
 from gcml_app.sim.sample import site_yamls
 from gcml_app.site.client import SiteClient
 from gcml_app.site.infer import GCMLSegInfer
-from gcml_app.site.launch import SiteServer, free_port
+from gcml_app.site.launch import SiteServer, free_port, start_together
 from gcml_app.store import ModelStore
 
 __all__ = ["TARGET_OVERHEAD_S", "StockSegInfer", "bench", "plot"]
@@ -301,10 +301,7 @@ def bench(out: str | Path, quick: bool = False) -> dict[str, Any]:
         servers[s] = SiteServer(configs[s], studies, port=ports[s], log=work / s / "server.log")
     result: dict[str, Any] = {"quick": quick, "torch_threads": torch.get_num_threads()}
     try:
-        for srv in servers.values():
-            srv.spawn()
-        for srv in servers.values():
-            srv.wait_ready()
+        start_together(servers.values())
         a, b = SiteClient(servers["site-a"].url), SiteClient(servers["site-b"].url)
         a.round()
         b.round()

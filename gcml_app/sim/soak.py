@@ -46,7 +46,7 @@ from gcml_app.config import load_config
 from gcml_app.sim.phantoms import write_studies
 from gcml_app.sim.sample import site_yamls
 from gcml_app.site.client import SiteClient
-from gcml_app.site.launch import SiteServer, free_port
+from gcml_app.site.launch import SiteServer, free_port, start_together
 from gcml_app.store import ModelStore
 
 __all__ = ["soak_bench"]
@@ -183,10 +183,7 @@ def soak_bench(out: str | Path, minutes: float = 20.0, clients: int = 4, seed: i
     saved: dict[str, int] = {}
     samples: list[dict[str, Any]] = []
     try:
-        for srv in servers.values():
-            srv.spawn()
-        for srv in servers.values():
-            srv.wait_ready()
+        start_together(servers.values())
         a, b = SiteClient(servers["site-a"].url), SiteClient(servers["site-b"].url)
         a.round()  # each site serves a model before the day starts
         b.round()

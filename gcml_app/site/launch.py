@@ -16,7 +16,8 @@ import requests
 
 from gcml_app.config import SiteConfig, load_config
 
-__all__ = ["APP_FOLDERS", "SiteServer", "app_dir", "client_session", "free_port", "server_command", "stop_group"]
+__all__ = ["APP_FOLDERS", "SiteServer", "app_dir", "client_session", "free_port", "server_command", "start_together",
+           "stop_group"]
 
 
 def app_dir() -> str:
@@ -178,3 +179,11 @@ class SiteServer:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def start_together(servers) -> None:
+    """Spawn every :class:`SiteServer` first, then wait for each: their start-ups overlap (a federation on one machine)."""
+    for srv in servers:
+        srv.spawn()
+    for srv in servers:
+        srv.wait_ready()
