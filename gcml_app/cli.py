@@ -429,6 +429,9 @@ def _bench_soak(args: argparse.Namespace) -> int:
     print(f"soak: {r['clients']} clients for {r['minutes']:g} min; {c['label_saves']} label saves of "
           f"{c['labels_saved']} cases: {c['labels_lost']} lost, {c['corrupt_files']} corrupt; rounds "
           f"{c['rounds_by_outcome']}; served v{c['served_version']} verifies")
+    seg, idle = r["latency"].get("gcml_seg", {}), r["idle_seg"]
+    print(f"  gcml_seg p95 {seg.get('p95_s')} s under load, {idle['p95_s']} s idle (back to back: "
+          f"{r['idle_seg_back_to_back']['p95_s']} s)")
     print(f"  gcml_seg p95 {r['seg_p95_ratio']}x idle (target <= {t['seg_p95_ratio']}); server RSS growth over the "
           f"last half {r.get('rss_growth_last_half')} (target <= {t['rss_growth_last_half']}); fds "
           f"{r.get('server_fds')}; errors {r['errors'] or 'none'}")

@@ -218,7 +218,8 @@ class GCMLApp(MONAILabelApp):
         threading.Thread(target=warm_writer, name="gcml-warm-writer", daemon=True).start()
         if self.cfg.train.warm:
             # the environment setting MONAI Label gives its train subprocess
-            self.warm_trainer = WarmTrainer(self.cfg.train.nice, env={"MONAI_LABEL_DATASTORE_AUTO_RELOAD": "false"})
+            self.warm_trainer = WarmTrainer(self.cfg.train.nice, env={"MONAI_LABEL_DATASTORE_AUTO_RELOAD": "false"},
+                                            idle=self.cfg.train.sched_idle)
             self.warm_trainer.start()
             atexit.register(self.warm_trainer.stop)
         g = self.cfg.gossip

@@ -37,15 +37,15 @@ import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
 
 from gcml_app.util import jsonl
 from gcml_app.util.files import atomic_write, sha256_bytes
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["Manifest", "ModelStore", "StoreError", "Superseded"]
 
@@ -183,6 +183,8 @@ class ModelStore:
 
     def load(self, version: int) -> dict[str, torch.Tensor]:
         """The state dict of ``version`` (sha256-checked, tensors only)."""
+        from safetensors.torch import load as st_load  # torch on first use: gcml status never imports it
+
         try:
             return st_load(self.read_bytes(version))
         except SafetensorError as e:
@@ -254,6 +256,8 @@ class ModelStore:
         Raises:
             Superseded: ``expected_parent`` is given and is no longer the served version.
         """
+        from safetensors.torch import save as st_save
+
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
         data = st_save(tensors, metadata={"arch": arch})
         with self.locked():
@@ -396,6 +400,8 @@ class ModelStore:
         Returns:
             ``info`` with ``updated`` and ``sha256`` of the weights file added.
         """
+        from safetensors.torch import save as st_save
+
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
         info = {**info, "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         data = st_save(tensors, metadata={"gcml_working": json.dumps(info, sort_keys=True)})
@@ -410,6 +416,8 @@ class ModelStore:
         """
         if not self.working_path.exists():
             return None
+        from safetensors.torch import load as st_load
+
         try:
             data = self.working_path.read_bytes()
             info = self.working_info() or {}

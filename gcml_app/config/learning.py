@@ -219,6 +219,10 @@ class TrainConfig(_Strict):
     cache_dir: Path | None = Field(None, description="where preprocessed cases are kept; default <state_dir>/cache")
     num_threads: int = Field(0, ge=0, description="torch CPU threads in the training process; 0 = torch default")
     nice: int = Field(10, ge=0, le=19, description="CPU niceness of the training process, so inference stays fast")
+    sched_idle: bool = Field(True, description="run the training process (rounds, active-learning scoring) under "
+                             "Linux's SCHED_IDLE policy: only on CPU time serving does not want, preempted at once by "
+                             "a radiologist's request (niceness alone still slows gcml_seg about 20x on 2 busy cores); "
+                             "false = niceness alone")
     warm: bool = Field(True, description="keep a warm trainer process (imports done) that rounds fork from, instead "
                        "of a fresh interpreter per round (gcml_app.site.warm); costs its resident memory")
 

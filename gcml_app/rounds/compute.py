@@ -155,6 +155,15 @@ class _Data:
                                      cfg.dcml.unlabelled_batch, 0, pin)
         return cls(cfg, val, loader, device, amp, {**cache.stats.as_record(), "unlabelled": len(unl)}, unlabelled)
 
+    def loader_for(self, producer: Producer) -> DataLoader | None:
+        """The training crops in ``producer``'s batch: the prepared loader, or the same crops re-batched when
+        the round's choice changed the producer (:class:`~gcml_app.rounds.producers.Alone` takes
+        ``train.batch_size``, DCML's half)."""
+        batch = producer.batch_size(self.cfg)
+        if self.loader is None or self.loader.batch_size == batch:
+            return self.loader
+        return _loader(self.loader.dataset, batch, self.cfg.train.num_workers, self.device.type == "cuda")
+
     def score(self, model: GCMLNet) -> list[dict[str, float]]:
         """Dice per label of every validation case (sliding window), each rank scoring its share."""
         v = self.cfg.validation
@@ -230,7 +239,7 @@ def compute(work: RoundWork, device: torch.device, report: Progress | None = Non
     lap("validate_s", peak="validate_served")
 
     phase("train")
-    produced = producer.produce(RoundInputs(cfg, model, data.loader, work.epochs, device, work.seed,
+    produced = producer.produce(RoundInputs(cfg, model, data.loader_for(producer), work.epochs, device, work.seed,
                                             report or (lambda p: None), amp, data.unlabelled))
     lap("train_s")
     phase("validate")

@@ -235,9 +235,10 @@ class DCML(Producer):
 
 
 class Alone(Producer):
-    """A DCML round whose partner :func:`choose_arm` found far worse: the working model trains alone, on the
-    round's loader (DCML's batch) for twice the epochs, which is ``local2x``'s image passes. The partner's
-    origin stays on the producer for the round record; the model's lineage does not name it."""
+    """A DCML round whose partner :func:`choose_arm` found far worse: the working model trains alone for twice
+    the epochs in ``train.batch_size`` (the round re-batches DCML's crops), which is ``local2x``'s image passes
+    and optimizer steps. The partner's origin stays on the producer for the round record; the model's lineage
+    does not name it."""
 
     def __init__(self, dcml: DCML, choice: Choice):
         self.origin, self.incoming_sha256, self.incoming_file = dcml.origin, dcml.incoming_sha256, dcml.incoming_file

@@ -29,11 +29,25 @@ def is_background_process(argv: list[str] | None = None, methods: tuple[str, ...
     return any(a == "-m" and b in methods for a, b in pairwise(argv))
 
 
-def lower_priority(nice: int) -> None:
-    """Raise this process's niceness to ``nice`` (never lower it: that would need privileges)."""
+def lower_priority(nice: int, idle: bool = False) -> None:
+    """Raise this process's niceness to ``nice`` (never lower it: that would need privileges); with ``idle``,
+    also move every thread it has to Linux's ``SCHED_IDLE`` policy (``train.sched_idle``), which its
+    children and later threads inherit.
+
+    Niceness only weighs the training against serving: a niced trainer that holds both cores still delays
+    each of ``gcml_seg``'s parallel regions by a time slice, about 20x on a 2-core machine (issue 33's soak).
+    A ``SCHED_IDLE`` task runs only on CPU time no other task wants, and a waking request preempts it at
+    once. Moving to it needs no privilege; leaving it would.
+    """
     lower = nice - os.nice(0)
     if lower > 0:
         os.nice(lower)
+    if idle and hasattr(os, "SCHED_IDLE") and os.sched_getscheduler(0) != os.SCHED_IDLE:
+        for tid in os.listdir("/proc/self/task"):
+            try:
+                os.sched_setscheduler(int(tid), os.SCHED_IDLE, os.sched_param(0))
+            except ProcessLookupError:  # a thread that has just ended
+                pass
 
 
 def started_at(pid: int) -> float:

@@ -42,7 +42,8 @@ def _start() -> None:
 
     path = (settings.MONAI_LABEL_APP_CONF or {}).get("gcml_config") or os.environ.get(CONFIG_ENV)
     try:
-        lower_priority(load_config(path).train.nice)
+        t = load_config(path).train
+        lower_priority(t.nice, t.sched_idle)
     except (ConfigError, OSError):
         pass  # the app's own start-up reports a bad config with its key paths
 

@@ -144,9 +144,10 @@ class GCMLTrain(TrainTask):
     def __call__(self, request: dict[str, Any], datastore: Datastore) -> dict[str, Any]:
         mode, sync = self._parse(request)
         epochs = sync.epochs
-        # MONAI Label's training subprocess (already lowered when main.py was imported; this covers
-        # any other way of calling the task): yield the CPU to the server's inference requests.
-        lower_priority(self.cfg.train.nice)
+        if is_training_process():  # MONAI Label's training subprocess (already lowered when main.py was imported;
+            # this covers a task object called there another way): yield the CPU to the server's inference
+            # requests. Never the server itself, where a run_sync request runs.
+            lower_priority(self.cfg.train.nice, self.cfg.train.sched_idle)
         start = time.time()
         # MONAI Label started the train subprocess -> here: interpreter or warm fork, imports, app, datastore
         startup = {"startup_s": round(start - process_started(), 3),

@@ -68,13 +68,14 @@ class WarmTrainer:
 
     Args:
         nice: its CPU niceness (``train.nice``); rounds forked from it inherit it.
+        idle: whether it runs under ``SCHED_IDLE`` (``train.sched_idle``); rounds inherit that too.
         env: extra environment for it (MONAI Label's train subprocess settings).
     """
 
     RESTART_S = 5.0
 
-    def __init__(self, nice: int, env: dict[str, str] | None = None):
-        self.nice = nice
+    def __init__(self, nice: int, env: dict[str, str] | None = None, idle: bool = False):
+        self.nice, self.idle = nice, idle
         self.env = env or {}
         # mode 0700; a Unix socket's path has at most 107 bytes, so a long TMPDIR is passed over for /tmp
         short = None if len(tempfile.gettempdir()) < 80 else "/tmp"
@@ -96,7 +97,8 @@ class WarmTrainer:
         # torch.cuda.is_available() then asks NVML instead of initialising the CUDA driver, which a forked
         # round could not use: the warm trainer must reach every fork with CUDA untouched
         env.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
-        self.proc = subprocess.Popen([sys.executable, "-m", "gcml_app.site.warm", str(self.path), str(self.nice)], env=env)
+        self.proc = subprocess.Popen([sys.executable, "-m", "gcml_app.site.warm", str(self.path), str(self.nice),
+                                      "idle" if self.idle else "normal"], env=env)
         self._spawned = time.monotonic()
         logger.info(f"warm trainer starting (pid {self.proc.pid}, socket {self.path}); rounds start cold until "
                     "it has imported")
@@ -266,8 +268,8 @@ def _run_round(conn: socket.socket, argv: list[str], relay_pid: int) -> None:
         os._exit(rc)
 
 
-def _serve(path: Path, nice: int) -> None:
-    lower_priority(nice)
+def _serve(path: Path, nice: int, idle: bool = False) -> None:
+    lower_priority(nice, idle)
     parent = os.getppid()
     t0 = time.monotonic()
     _import_everything()
@@ -291,7 +293,8 @@ def _serve(path: Path, nice: int) -> None:
     srv.listen(4)
     srv.settimeout(1.0)
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # rounds are reaped by the kernel
-    logger.info(f"warm trainer ready in {time.monotonic() - t0:.1f} s (pid {os.getpid()}, nice {os.nice(0)})")
+    logger.info(f"warm trainer ready in {time.monotonic() - t0:.1f} s (pid {os.getpid()}, nice {os.nice(0)}"
+                f"{', SCHED_IDLE' if idle else ''})")
     while os.getppid() == parent:  # the server is gone: so are we
         try:
             conn, _ = srv.accept()
@@ -324,4 +327,4 @@ if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO,
                         format="[%(asctime)s] [%(process)s] [%(threadName)s] [%(levelname)s] (%(name)s:%(lineno)d) - "
                                "%(message)s")
-    _serve(Path(sys.argv[1]), int(sys.argv[2]))
+    _serve(Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3:4] == ["idle"])

@@ -57,6 +57,22 @@ def test_every_arm_spends_local2xs_image_passes(cfg, arm):
     assert passes == pytest.approx(local2x, rel=0.05)
 
 
+def test_the_alone_arm_trains_in_local2xs_batch_not_dcmls_half(cfg):
+    from monai.data import ThreadDataLoader
+
+    from gcml_app.rounds.compute import _Data
+    from gcml_app.rounds.producers import Alone
+
+    crops = list(range(12))
+    dcml = DCML({}, "0" * 64)
+    data = _Data(cfg, None, ThreadDataLoader(crops, batch_size=dcml.batch_size(cfg)), torch.device("cpu"), None, {})
+    choice = choose_arm(_cases([-0.4] * 6), _cases([0.0] * 6), ValidationConfig())
+    assert data.loader_for(dcml) is data.loader  # mutual: the prepared loader as it is
+    alone = data.loader_for(dcml.for_arm(choice))
+    assert isinstance(dcml.for_arm(choice), Alone) and dcml.batch_size(cfg) < cfg.train.batch_size
+    assert alone.batch_size == cfg.train.batch_size and sorted(x for b in alone for x in b.tolist()) == crops
+
+
 def _partner(cfg, state):
     path = cfg.state_dir / "peers" / "peer.safetensors"
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -235,22 +235,28 @@ def test_only_monailabels_train_subprocess_counts_as_the_training_process(argv, 
     assert is_training_process(argv) is expected
 
 
-def test_training_process_lowers_its_priority_when_main_py_is_imported(tmp_path):
-    """Before torch, MONAI and MONAI Label are imported, at the YAML's train.nice."""
+@pytest.mark.parametrize("sched_idle", [True, False])
+def test_training_process_lowers_its_priority_when_main_py_is_imported(tmp_path, sched_idle):
+    """Before torch, MONAI and MONAI Label are imported, at the YAML's train.nice and, with train.sched_idle,
+    under SCHED_IDLE: every thread it has by then (later ones inherit it from theirs)."""
     import subprocess
     import sys
 
-    config = write_config(tmp_path, train={**TINY["train"], "nice": 7})
-    script = ("import os, sys; sys.argv = ['/x/monailabel/interfaces/utils/app.py', '-m', 'train']; "
-              "import gcml_app.site.train_entry; print(os.nice(0), 'torch' in sys.modules, 'monai' in sys.modules)")
+    config = write_config(tmp_path, train={**TINY["train"], "nice": 7, "sched_idle": sched_idle})
+    script = ("import os, sys, threading; sys.argv = ['/x/monailabel/interfaces/utils/app.py', '-m', 'train']; "
+              "early = threading.Thread(target=threading.Event().wait, args=(5,), daemon=True); early.start(); "
+              "import gcml_app.site.train_entry; "
+              "idle = [os.sched_getscheduler(t) == os.SCHED_IDLE for t in (0, early.native_id)]; "
+              "print(os.nice(0), 'torch' in sys.modules, 'monai' in sys.modules, *idle)")
 
     def run(env):
         out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
                              env={**os.environ, **env})
         return out.stdout.split()
 
-    assert run({"GCML_CONFIG": str(config)}) == ["7", "False", "False"]
-    assert run({"MONAI_LABEL_APP_CONF": json.dumps({"gcml_config": str(config)})}) == ["7", "False", "False"]
+    idle = str(sched_idle)
+    assert run({"GCML_CONFIG": str(config)}) == ["7", "False", "False", idle, idle]
+    assert run({"MONAI_LABEL_APP_CONF": json.dumps({"gcml_config": str(config)})}) == ["7", "False", "False", idle, idle]
 
 
 @pytest.mark.parametrize("phases, readings, expected", [

@@ -1,5 +1,14 @@
 """Starting a site's server: the command line, and the app folder made ready before any server starts."""
 
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+
 from gcml_app.site import launch
 
 
@@ -13,3 +22,26 @@ def test_the_app_folders_exist_before_any_server_starts(tmp_path, config_path, m
     assert sorted(p.name for p in app.iterdir()) == sorted(launch.APP_FOLDERS)
     assert launch.server_command(config_path, tmp_path / "studies", "127.0.0.1", 8123) == cmd  # again: no error
     assert cmd[cmd.index("--app") + 1] == str(app) and cmd[cmd.index("--uvicorn_app") + 1] == "gcml_app.site.server:app"
+
+
+def test_a_server_that_stands_for_another_machine_and_what_it_starts_get_the_lowest_cpu_weight():
+    """The soak's partner: its rounds and scoring must not count as the measured site's load. Its session is
+    its own scheduling group (Linux autogroup), where niceness alone would not order it below the site."""
+    # a session leader that starts a child once told to (after its weight is set: no race)
+    parent = subprocess.Popen([sys.executable, "-c", "import subprocess, sys; sys.stdin.readline(); "
+                               "subprocess.run(['sleep', '30'])"], stdin=subprocess.PIPE, start_new_session=True)
+    try:
+        launch.lowest_weight(parent.pid)
+        assert psutil.Process(parent.pid).nice() == 19 and os.nice(0) < 19  # it, not this process
+        group = Path(f"/proc/{parent.pid}/autogroup")
+        if Path("/proc/sys/kernel/sched_autogroup_enabled").read_text().strip() == "1":
+            assert group.read_text().split()[-1] == "19", group.read_text()
+            assert Path("/proc/self/autogroup").read_text().split()[-1] != "19"  # ours: untouched
+        parent.stdin.write(b"go\n")
+        parent.stdin.flush()
+        deadline = time.monotonic() + 30
+        while not (children := psutil.Process(parent.pid).children()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert children and children[0].nice() == 19  # what it starts inherits the weight
+    finally:
+        launch.stop_group(parent, signal.SIGTERM, 5)

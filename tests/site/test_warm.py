@@ -106,9 +106,10 @@ def test_rounds_fork_from_the_warm_trainer_stop_with_slicer_and_survive_its_deat
         site, client = SiteClient(srv.url), MONAILabelClient(srv.url)
         wt = until(lambda: (w := site.status()["training"]["warm_trainer"])["ready"] and w, 120, "warm trainer ready")
         assert psutil.Process(wt["pid"]).nice() == TINY["train"].get("nice", 10)
+        assert os.sched_getscheduler(wt["pid"]) == os.SCHED_IDLE  # train.sched_idle, on by default
 
         # malformed requests on its socket are refused and logged; it goes on serving rounds
-        path = psutil.Process(wt["pid"]).cmdline()[-2]
+        path = next(a for a in psutil.Process(wt["pid"]).cmdline() if a.endswith("sock"))
         for raw in (b"\xff\xff\xff\xff", struct.pack("!I", 9) + b"not json!", struct.pack("!I", 2) + b"[]"):
             with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
                 s.connect(path)
