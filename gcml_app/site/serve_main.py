@@ -6,12 +6,25 @@ it leaves uvicorn's ``proxy_headers`` on, which rewrites the client address from
 sent by any loopback peer. This entry point sets ``ssl_cert_reqs`` and turns ``proxy_headers`` off
 (the guard honours forwarding headers only from ``security.trusted_proxies``), then runs MONAI
 Label's own CLI unchanged.
+
+Before anything loads OpenMP it also sets ``OMP_WAIT_POLICY=PASSIVE`` (unless site IT set it): the
+server's OpenMP threads then sleep between parallel regions instead of spinning. Spinning threads
+competed with the request's own other threads (ITK's reader and writer, uvicorn) on a small server, and
+one ``gcml_seg`` in four took 0.11-0.15 s in its forward pass instead of 0.01 s on a quiet 2-core machine
+(issue 33). The warm trainer, and so every round, goes back to OpenMP's default (``site/warm.py``):
+throughput matters there, and under ``train.sched_idle`` its spinning takes only CPU time nobody wants.
 """
 
 from __future__ import annotations
 
+import os
 import ssl
 import sys
+
+SERVER_ONLY_ENV = "GCML_OMP_WAIT_POLICY_SERVER_ONLY"  # set: the policy is ours, for the server alone
+if "OMP_WAIT_POLICY" not in os.environ:
+    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+    os.environ[SERVER_ONLY_ENV] = "1"
 
 import uvicorn.config
 

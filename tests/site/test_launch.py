@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import psutil
+import pytest
 
 from gcml_app.site import launch
 
@@ -45,3 +46,13 @@ def test_a_server_that_stands_for_another_machine_and_what_it_starts_get_the_low
         assert children and children[0].nice() == 19  # what it starts inherits the weight
     finally:
         launch.stop_group(parent, signal.SIGTERM, 5)
+
+
+@pytest.mark.parametrize("given, policy", [(None, "PASSIVE"), ("ACTIVE", "ACTIVE")])
+def test_the_servers_openmp_threads_sleep_between_regions_unless_site_it_says_otherwise(given, policy):
+    """Set before torch (and its OpenMP) is loaded, or it would not apply."""
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"} | ({"OMP_WAIT_POLICY": given} if given else {})
+    out = subprocess.run([sys.executable, "-c", "import os, sys; import gcml_app.site.serve_main; "
+                          "print(os.environ['OMP_WAIT_POLICY'], 'torch' in sys.modules)"],
+                         capture_output=True, text=True, check=True, env=env).stdout.split()
+    assert out == [policy, "False"]

@@ -107,6 +107,8 @@ def test_rounds_fork_from_the_warm_trainer_stop_with_slicer_and_survive_its_deat
         wt = until(lambda: (w := site.status()["training"]["warm_trainer"])["ready"] and w, 120, "warm trainer ready")
         assert psutil.Process(wt["pid"]).nice() == TINY["train"].get("nice", 10)
         assert os.sched_getscheduler(wt["pid"]) == os.SCHED_IDLE  # train.sched_idle, on by default
+        # the server's OpenMP threads sleep between regions (serve_main); the trainer's keep OpenMP's default
+        assert "OMP_WAIT_POLICY" not in psutil.Process(wt["pid"]).environ()
 
         # malformed requests on its socket are refused and logged; it goes on serving rounds
         path = next(a for a in psutil.Process(wt["pid"]).cmdline() if a.endswith("sock"))
