@@ -20,9 +20,8 @@ uploaded, the datastore JSON is valid, every round is in the history as done, re
 reason, and the served model's bytes match its manifest. Latency is reported per call (p50, p95), with
 ``gcml_seg``'s p95 against its idle p95, measured first on the quiet site as one radiologist meets it: a
 pause between calls, the images in turn (calls back to back on one image, which keep the CPU's threads
-and caches warm, are reported beside it); memory as the server's RSS
-growth over the last half of the run. Figures are ratios and growths within one run: these machines are
-noisy.
+and caches warm, are reported beside it); memory as the server's RSS growth over the last half of the run.
+Figures are ratios and growths within one run: these machines are noisy.
 """
 
 from __future__ import annotations
@@ -67,6 +66,10 @@ IDLE_PAUSE_S = 1.0  # between idle calls: long enough for the server's threads t
 def _pct(xs: list[float], q: float) -> float:
     xs = sorted(xs)
     return xs[min(len(xs) - 1, int(q * len(xs)))] if xs else float("nan")
+
+
+def _summary(xs: list[float]) -> dict[str, Any]:
+    return {"n": len(xs), "p50_s": round(_pct(xs, 0.5), 4), "p95_s": round(_pct(xs, 0.95), 4)}
 
 
 class _Log:
@@ -225,8 +228,7 @@ def soak_bench(out: str | Path, minutes: float = 20.0, clients: int = 4, seed: i
         for srv in servers.values():
             srv.stop()
     result.update(_figures(log.calls, idle, samples))
-    result["idle_seg_back_to_back"] = {"n": len(idle_warm), "p50_s": round(_pct(idle_warm, 0.5), 4),
-                                       "p95_s": round(_pct(idle_warm, 0.95), 4)}
+    result["idle_seg_back_to_back"] = _summary(idle_warm)
     result["calls_raw"] = len(log.calls)
     out.mkdir(parents=True, exist_ok=True)
     (out / "soak.json").write_text(json.dumps({**result, "samples": samples}, indent=1))
@@ -315,11 +317,10 @@ def _figures(calls: list[tuple], idle: list[float], samples: list[dict[str, Any]
             by[kind].append(s)
         else:
             errors[f"{kind}: {err}"] += 1
-    latency = {k: {"n": len(v), "p50_s": round(_pct(v, 0.5), 4), "p95_s": round(_pct(v, 0.95), 4)}
-               for k, v in sorted(by.items())}
+    latency = {k: _summary(v) for k, v in sorted(by.items())}
     idle95 = _pct(idle, 0.95)
     fig = {"latency": latency, "errors": dict(errors),
-           "idle_seg": {"n": len(idle), "p50_s": round(_pct(idle, 0.5), 4), "p95_s": round(idle95, 4)},
+           "idle_seg": _summary(idle),
            "seg_p95_ratio": round(_pct(by["gcml_seg"], 0.95) / idle95, 3) if by["gcml_seg"] else None}
     rss = [(r["t"], r["server_rss_mb"]) for r in samples if "server_rss_mb" in r]
     if len(rss) >= 4:

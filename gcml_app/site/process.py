@@ -11,9 +11,11 @@ import time
 from itertools import pairwise
 from pathlib import Path
 
-__all__ = ["STARTED_ENV", "is_background_process", "is_training_process", "lower_priority", "process_started", "started_at"]
+__all__ = ["OMP_SERVER_ONLY_ENV", "STARTED_ENV", "is_background_process", "is_training_process", "lower_priority", "process_started", "started_at"]
 
 STARTED_ENV = "GCML_TRAIN_STARTED"  # in a round's child: when MONAI Label started the relay (epoch seconds)
+# set by gcml_app.site.serve_main when OMP_WAIT_POLICY is its own, for the server alone (the warm trainer drops both)
+OMP_SERVER_ONLY_ENV = "GCML_OMP_WAIT_POLICY_SERVER_ONLY"
 
 
 def is_training_process(argv: list[str] | None = None) -> bool:

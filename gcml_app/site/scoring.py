@@ -249,7 +249,8 @@ class _Scoring(ScoringMethod):
     def __call__(self, request: dict[str, Any], datastore: Datastore) -> dict[str, Any]:
         """Score up to ``max_images`` unlabelled images whose score is stale; returns the run's summary."""
         if is_background_process():  # MONAI Label's scoring subprocess: behind inference (never the server
-            lower_priority(self.cfg.train.nice, self.cfg.train.sched_idle)  # itself, which runs a scoring request with run_sync=true)
+            # itself, which runs a scoring request with run_sync=true)
+            lower_priority(self.cfg.train.nice, self.cfg.train.sched_idle)
             if self.cfg.train.num_threads:
                 torch.set_num_threads(self.cfg.train.num_threads)
         t0 = time.time()

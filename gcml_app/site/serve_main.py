@@ -21,12 +21,13 @@ import os
 import ssl
 import sys
 
-SERVER_ONLY_ENV = "GCML_OMP_WAIT_POLICY_SERVER_ONLY"  # set: the policy is ours, for the server alone
+from gcml_app.site.process import OMP_SERVER_ONLY_ENV  # standard library only: no OpenMP loaded yet
+
 if "OMP_WAIT_POLICY" not in os.environ:
     os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
-    os.environ[SERVER_ONLY_ENV] = "1"
+    os.environ[OMP_SERVER_ONLY_ENV] = "1"
 
-import uvicorn.config
+import uvicorn.config  # noqa: E402
 
 REQS = {"none": ssl.CERT_NONE, "optional": ssl.CERT_OPTIONAL, "required": ssl.CERT_REQUIRED}
 

@@ -45,7 +45,7 @@ import time
 import traceback
 from pathlib import Path
 
-from gcml_app.site.process import STARTED_ENV, lower_priority, started_at
+from gcml_app.site.process import OMP_SERVER_ONLY_ENV, STARTED_ENV, lower_priority, started_at
 
 __all__ = ["ENV", "WarmTrainer", "drained", "relay"]
 
@@ -94,7 +94,7 @@ class WarmTrainer:
     def _spawn(self) -> None:
         self.path.unlink(missing_ok=True)  # a dead one's socket: ready() must not see it
         env = {k: v for k, v in {**os.environ, **self.env}.items() if k != ENV}
-        if env.pop("GCML_OMP_WAIT_POLICY_SERVER_ONLY", None):  # gcml_app.site.serve_main's, for serving alone
+        if env.pop(OMP_SERVER_ONLY_ENV, None):  # gcml_app.site.serve_main's, for serving alone
             env.pop("OMP_WAIT_POLICY", None)
         # torch.cuda.is_available() then asks NVML instead of initialising the CUDA driver, which a forked
         # round could not use: the warm trainer must reach every fork with CUDA untouched
