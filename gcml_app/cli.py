@@ -5,6 +5,7 @@
     gcml pacs-load DIR --url http://pacs:8042/dicom-web   STOW them (credentials: MONAI Label's env settings)
     gcml serve --config site.yaml --studies DIR|URL [--host H --port P]   (default: the YAML's serve:)
     gcml status --config site.yaml
+    gcml node --config site.yaml [--node-rank K]   another machine's ranks in every round (train.distributed)
     gcml sync --config site.yaml [--peer NAME ...]   one gossip round on the running server (cron)
     gcml demo [--out gcml-demo --port 8001 --epochs 30 --gossip-epochs 5 --rounds 3 --no-wait --pacs]
     gcml simulate [--scenario few-labels --seeds 3 --rounds 8 --methods local,gcml,... --data DIR --until-plateau P]
@@ -70,6 +71,33 @@ def _serve(args: argparse.Namespace) -> int:
     cmd = server_command(args.config, args.studies, args.host or cfg.serve.host, args.port or cfg.serve.port)
     os.environ.setdefault("MONAI_LABEL_TRACKING_ENABLED", "false")
     os.execv(cmd[0], cmd)
+
+
+def _node(args: argparse.Namespace) -> int:
+    import logging
+
+    from gcml_app.rounds.nodes import NodeRefused, serve_node
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    cfg = load_config(args.config)
+    d = cfg.train.distributed
+    if d is None:
+        print(f"gcml node: {args.config} has no train.distributed section (nodes, node_rank, rendezvous, token_env)",
+              file=sys.stderr)
+        return 2
+    if args.node_rank is not None:
+        try:
+            d = type(d).model_validate({**d.model_dump(), "node_rank": args.node_rank})
+        except ValueError as e:
+            print(f"gcml node: --node-rank {args.node_rank}: {e}", file=sys.stderr)
+            return 2
+        cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"distributed": d})})
+    try:
+        serve_node(cfg, args.rounds)
+    except (NodeRefused, KeyError) as e:
+        print(f"gcml node: {e.args[0] if isinstance(e, KeyError) else e}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def _check_network(cfg, first_model: bool) -> None:
@@ -531,6 +559,12 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--peer", action="append", help="ask this partner (repeat for an order); default: the policy")
     s.add_argument("--timeout", type=float, default=3600.0, help="seconds to wait for the round")
     s.set_defaults(func=_sync)
+
+    s = sub.add_parser("node", help="run this machine's ranks of every round of a site on several machines")
+    s.add_argument("--config", required=True, help="the site's YAML, with train.distributed")
+    s.add_argument("--node-rank", type=int, default=None, help="this machine's place (default: the YAML's)")
+    s.add_argument("--rounds", type=int, default=None, help="stop after this many rounds (default: never)")
+    s.set_defaults(func=_node)
 
     s = sub.add_parser("status", help="print the served model and recent decisions of a site")
     s.add_argument("--config", required=True)

@@ -5,8 +5,10 @@ from __future__ import annotations
 import contextlib
 import secrets
 import shutil
+import time
 from pathlib import Path
 
+import psutil
 import yaml
 
 from gcml_app.sim.phantoms import write_studies
@@ -172,3 +174,13 @@ def bound_to(address: str):
         yield
     finally:
         socket.create_connection, u3.create_connection = original_socket, original_u3
+
+
+def no_ranks_left():
+    """Every process this test's rounds started has ended (the ranks are children of this process; spawn's
+    resource tracker, multiprocessing's own helper, lives as long as this process)."""
+    deadline = time.monotonic() + 10
+    while (kids := [p for p in psutil.Process().children(recursive=True) if p.status() != psutil.STATUS_ZOMBIE
+                    and "resource_tracker" not in " ".join(p.cmdline())]):
+        assert time.monotonic() < deadline, f"processes left behind: {[(p.pid, p.name()) for p in kids]}"
+        time.sleep(0.1)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
@@ -12,6 +13,7 @@ from gcml_app.config.base import _Strict
 __all__ = [
     "BundleNetConfig",
     "DCMLConfig",
+    "DistributedConfig",
     "FinetuneConfig",
     "IntensityConfig",
     "InteractiveConfig",
@@ -179,6 +181,46 @@ class BundleNetConfig(_Network):
 NetworkConfig = Annotated[Union[UNetConfig, SegResNetConfig, BundleNetConfig], Field(discriminator="name")]
 
 
+class DistributedConfig(_Strict):
+    """One round over several machines of one site (docs/design.md, "Several machines").
+
+    Node 0 is the MONAI Label server: its round hosts the rendezvous (a ``torch.distributed`` TCPStore on
+    ``rendezvous``) and rank 0; every other node runs ``gcml node`` with the same YAML but its own
+    ``node_rank``. Each node runs one rank per entry of its ``train.gpus``, the same number on every node.
+    The nodes share ``state_dir`` (one path on a shared file system, where the site's cases and the case
+    cache already are) and a secret in the environment variable ``token_env``: node 0 signs each round's
+    work with it and a node runs only work it can verify.
+    """
+
+    nodes: int = Field(ge=2, description="machines in the round, this one included")
+    node_rank: int = Field(ge=0, description="this machine's place: 0 = the MONAI Label server")
+    rendezvous: str = Field(description="host:port of node 0's rendezvous on the site's training network")
+    token_env: str = Field(description="environment variable holding the nodes' shared secret (at least 32 "
+                           "characters; gcml token new makes one), the same on every node")
+
+    @model_validator(mode="after")
+    def _where(self) -> DistributedConfig:
+        if self.node_rank >= self.nodes:
+            raise ValueError(f"node_rank: found {self.node_rank}; expected 0 to {self.nodes - 1} for {self.nodes} nodes")
+        self.address()
+        return self
+
+    def address(self) -> tuple[str, int]:
+        """``rendezvous`` as (host, port)."""
+        host, _, port = self.rendezvous.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"rendezvous: found {self.rendezvous!r}; expected host:port with a port of 1-65535")
+        return host.strip("[]"), int(port)
+
+    def secret(self) -> bytes:
+        """The nodes' shared secret; raises ``KeyError`` naming the variable when it is unset or too short."""
+        value = os.environ.get(self.token_env, "")
+        if len(value) < 32:
+            raise KeyError(f"environment variable {self.token_env} (train.distributed's shared secret) is "
+                           f"{'not set' if not value else 'shorter than 32 characters'}")
+        return value.encode()
+
+
 class TrainConfig(_Strict):
     """How the site trains: its working model's supervised passes, and the settings every round shares
     (batches, crops, optimizer, seed, device, threads, priority, warm start)."""
@@ -223,6 +265,9 @@ class TrainConfig(_Strict):
                              "Linux's SCHED_IDLE policy: only on CPU time serving does not want, preempted at once by "
                              "a radiologist's request (niceness alone still slows gcml_seg about 20x on 2 busy cores); "
                              "false = niceness alone")
+    distributed: DistributedConfig | None = Field(
+        None, description="several machines: this node's place in one round over all of them (docs/design.md, "
+        "'Several machines'); none = this machine alone")
     warm: bool = Field(True, description="keep a warm trainer process (imports done) that rounds fork from, instead "
                        "of a fresh interpreter per round (gcml_app.site.warm); costs its resident memory")
 
@@ -233,9 +278,12 @@ class TrainConfig(_Strict):
                 raise ValueError("gpus: found []; expected a list of device indices, all, or none (one device)")
             if any(g < 0 for g in self.gpus) or len(set(self.gpus)) != len(self.gpus):
                 raise ValueError(f"gpus: found {self.gpus}; expected distinct device indices >= 0")
-            if self.samples_per_case % len(self.gpus):
-                raise ValueError(f"samples_per_case: found {self.samples_per_case} with {len(self.gpus)} gpus; expected "
-                                 f"a multiple of {len(self.gpus)} (each case's crops are dealt out over the devices)")
+        world = (len(self.gpus) if isinstance(self.gpus, list) else 1) * (self.distributed.nodes if self.distributed else 1)
+        if self.samples_per_case % world:
+            where = f"{len(self.gpus) if isinstance(self.gpus, list) else 1} gpus" + (
+                f" on each of {self.distributed.nodes} nodes" if self.distributed else "")
+            raise ValueError(f"samples_per_case: found {self.samples_per_case} with {where}; expected "
+                             f"a multiple of {world} (each case's crops are dealt out over the devices)")
         return self
 
 

@@ -196,7 +196,7 @@ def run_round(
         served_state = store.load(served.version) if served is not None else None  # compute() fits it
         work = RoundWork(cfg, cases, train_ids, val_ids, producer, start, served_state, epochs, seed, unlabelled or [],
                          rng_state())
-        if len(devices) > 1:
+        if len(devices) > 1 or cfg.train.distributed:
             out = run_on_ranks(work, devices, report)
             lap.adopt(out.timings, out.peak_mb)  # rank 0's phases; each rank's in out.ranks
         else:

@@ -47,9 +47,10 @@ from safetensors.torch import load_file, save_file
 
 from gcml_app.config import SiteConfig
 from gcml_app.rounds.compute import Computed, Phase, RoundWork, compute
+from gcml_app.rounds.nodes import NodeRefused, announce, check_proofs, pack
 from gcml_app.rounds.producers import Produced
 
-__all__ = ["GRACE_S", "RankFailed", "launch", "run_on_ranks"]
+__all__ = ["GRACE_S", "RankFailed", "join_round", "launch", "run_on_ranks"]
 
 T = TypeVar("T")
 
@@ -57,7 +58,7 @@ logger = logging.getLogger(__name__)
 
 _spawn = importlib.import_module("torch.multiprocessing.spawn")  # the module: torch.multiprocessing.spawn is a function
 
-HOST = "127.0.0.1"  # the rendezvous of one machine's ranks
+HOST = "127.0.0.1"  # the rendezvous of one machine's ranks (several machines: train.distributed.rendezvous)
 POLL_S = 0.25  # how often the round's process looks at its ranks (and relays progress)
 GRACE_S = 5.0  # after one rank fails, how long the others get to end before SIGTERM, then again before SIGKILL
 _PR_SET_PDEATHSIG = 1
@@ -77,7 +78,8 @@ def run_on_ranks(work: RoundWork, devices: list[torch.device],
 
     Args:
         work: what the round computes (every rank gets the same).
-        devices: one per rank: GPUs (NCCL) or CPU processes (gloo).
+        devices: one per rank on this machine: GPUs (NCCL) or CPU processes (gloo). With
+            ``train.distributed``, as many again on each other node (:func:`~gcml_app.rounds.nodes.serve_node`).
         report: called in this process with rank 0's per-epoch progress.
 
     Returns:
@@ -89,11 +91,15 @@ def run_on_ranks(work: RoundWork, devices: list[torch.device],
         ValueError: ``train.samples_per_case`` does not split over the devices.
         RankFailed: a rank raised, died or timed out; every rank's process has ended.
     """
-    world, cfg = len(devices), work.cfg
+    cfg = work.cfg
+    if cfg.train.distributed and cfg.train.distributed.node_rank:
+        raise ValueError(f"train.distributed.node_rank: found {cfg.train.distributed.node_rank} in a round; rounds run "
+                         "on node 0, the MONAI Label server (run gcml node on the others)")
+    world = len(devices) * (cfg.train.distributed.nodes if cfg.train.distributed else 1)
     if cfg.train.samples_per_case % world:  # train.gpus: all, on a machine with more GPUs than that
         raise ValueError(f"train.samples_per_case: found {cfg.train.samples_per_case} for {world} devices; expected a "
                          f"multiple of {world} (each case's crops are dealt out over the devices)")
-    done, started = launch(_round_rank, (work,), devices, cfg, _read, report)
+    done, started = launch(_round_rank, (work,), devices, cfg, _read, report, work=work)
     done.ranks = {"world": world, **started, **done.ranks}
     logger.info(f"round on {world} ranks ({started['backend']}, {started['start']}): ranks ready in "
                 f"{started['start_s']} s")
@@ -101,8 +107,8 @@ def run_on_ranks(work: RoundWork, devices: list[torch.device],
 
 
 def launch(target: Callable[..., None], args: tuple, devices: list[torch.device], cfg: SiteConfig,
-           read: Callable[[Path], T], report: Callable[[dict[str, Any]], None] | None = None
-           ) -> tuple[T, dict[str, Any]]:
+           read: Callable[[Path], T], report: Callable[[dict[str, Any]], None] | None = None,
+           work: RoundWork | None = None) -> tuple[T, dict[str, Any]]:
     """``target(rank, device, out, store, post, *args)`` in one process per device, in one ``torch.distributed`` group.
 
     The group is initialised before ``target`` runs (NCCL on GPUs, gloo on CPUs, every wait bounded by
@@ -113,26 +119,36 @@ def launch(target: Callable[..., None], args: tuple, devices: list[torch.device]
     sets ``phase/<rank>`` there for the message of a failure); ``post`` (rank 0 only, else ``None``) sends a
     progress dict to ``report`` in this process.
 
+    With ``work`` and ``train.distributed``, the group spans the site's nodes: the store listens on
+    ``train.distributed.rendezvous``, ``work`` is packed into ``out`` and announced
+    (:mod:`gcml_app.rounds.nodes`), and this machine's ranks (0 to ``len(devices) - 1``) join the group only
+    once every other node has proved it holds the shared secret.
+
     Returns:
         ``read(out)`` and how the ranks started: ``{"backend", "start", "start_s"}``.
 
     Raises:
         RankFailed: a rank raised, died or timed out; every rank's process has ended.
     """
-    world, timeout_s = len(devices), cfg.train.rank_timeout_s
-    threads = cfg.train.num_threads or max(1, len(os.sched_getaffinity(0)) // world)
-    backend = "nccl" if devices[0].type == "cuda" else "gloo"
-    method = "spawn" if devices[0].type == "cuda" or threads > 1 else "fork"  # see the module's docstring
+    local, timeout_s = len(devices), cfg.train.rank_timeout_s
+    nodes = cfg.train.distributed if work is not None else None
+    world = local * (nodes.nodes if nodes else 1)
+    threads, backend, method = _how(cfg, devices)
     timeout = timedelta(seconds=timeout_s)
-    store = dist.TCPStore(HOST, 0, is_master=True, timeout=timeout, wait_for_workers=False)  # port 0: the OS picks
+    host, port = nodes.address() if nodes else (HOST, 0)  # port 0: the OS picks
+    store = dist.TCPStore(host, port, is_master=True, timeout=timeout, wait_for_workers=False)
     launched = time.time()
     try:
         with tempfile.TemporaryDirectory(dir=cfg.state_dir, prefix=".ranks-") as out:
-            procs = mp.start_processes(_rank_entry, nprocs=world, join=False, start_method=method, args=(
-                world, backend, store.port, devices, out, os.getpid(), timeout_s, threads, target, args))
-            relayed = 0
+            nonce = announce(store, Path(out), pack(work, Path(out)), cfg, local) if nodes else None
+            if not nodes:
+                store.set("go", "1")
+            procs = mp.start_processes(_rank_entry, nprocs=local, join=False, start_method=method, args=(
+                world, 0, backend, host, store.port, devices, out, os.getpid(), timeout_s, threads, target, args))
+            relayed, admitted = 0, nodes is None
             try:
                 while not procs.join(timeout=POLL_S, grace_period=GRACE_S):
+                    admitted = admitted or _admit(store, nonce, cfg, time.time() - launched)
                     relayed = _relay(store, relayed, report)
             except _spawn.ProcessException as e:
                 raise _failure(e, procs.processes, store, world, timeout_s) from None
@@ -149,19 +165,79 @@ def launch(target: Callable[..., None], args: tuple, devices: list[torch.device]
     return result, {"backend": backend, "start": method, "start_s": round(max(ready) - launched, 3)}
 
 
-def _rank_entry(rank: int, world: int, backend: str, port: int, devices: list[torch.device], out: str, parent: int,
-                timeout_s: float, threads: int, target: Callable[..., None], args: tuple) -> None:
-    """One rank: die with the process that started it, join the group, run ``target``, leave the group."""
+def _how(cfg: SiteConfig, devices: list[torch.device]) -> tuple[int, str, str]:
+    """A CPU rank's torch threads, the backend and the start method of this machine's ranks."""
+    threads = cfg.train.num_threads or max(1, len(os.sched_getaffinity(0)) // len(devices))
+    backend = "nccl" if devices[0].type == "cuda" else "gloo"
+    return threads, backend, "spawn" if devices[0].type == "cuda" or threads > 1 else "fork"  # see the module's docstring
+
+
+def _admit(store: dist.Store, nonce: str, cfg: SiteConfig, waited_s: float) -> bool:
+    """Let this machine's ranks join once every other node has proved itself (``True``: done)."""
+    try:
+        if check_proofs(store, nonce, cfg):
+            store.set("go", "1")
+            return True
+    except NodeRefused as e:
+        raise RankFailed(f"{e}: the round did not start", "prepare") from None
+    if waited_s > cfg.train.rank_timeout_s:
+        d = cfg.train.distributed
+        missing = [k for k in range(1, d.nodes) if not store.check([f"node/{k}"])]
+        raise RankFailed(f"node(s) {missing} did not join within train.rank_timeout_s = {cfg.train.rank_timeout_s:g} s "
+                         f"(is gcml node running there, with rendezvous {d.rendezvous} and the same state_dir?)", "prepare")
+    return False
+
+
+def join_round(work: RoundWork, devices: list[torch.device], first: int, world: int, host: str, port: int,
+               folder: Path, cfg: SiteConfig) -> None:
+    """Another node's share of a round (:func:`~gcml_app.rounds.nodes.serve_node`): ranks ``first`` onwards, one
+    per device, in the group node 0's round hosts at ``host:port``. They leave nothing but their part of the
+    collectives; one that fails is named in the store for node 0's message.
+
+    Raises:
+        RankFailed: one of this node's ranks raised or died; every one of them has ended.
+    """
+    threads, backend, method = _how(cfg, devices)
+    procs = mp.start_processes(_rank_entry, nprocs=len(devices), join=False, start_method=method, args=(
+        world, first, backend, host, port, devices, str(folder), os.getpid(), cfg.train.rank_timeout_s, threads,
+        _round_rank, (work,)))
+    try:
+        while not procs.join(timeout=POLL_S, grace_period=GRACE_S):
+            pass
+    except _spawn.ProcessException as e:
+        ended = {first + i: p.exitcode for i, p in enumerate(procs.processes) if p.exitcode not in (0, None)}
+        with contextlib.suppress(Exception):  # node 0's store may be gone already
+            client = dist.TCPStore(host, port, is_master=False, timeout=timedelta(seconds=5))
+            for r, code in ended.items():
+                if code != -signal.SIGTERM and not client.check([f"error/{r}"]):
+                    client.set(f"error/{r}", json.dumps({"error": _ended(code), "comms": False}))
+        raise RankFailed(f"ranks {sorted(ended)} ended: {e}", "train") from None
+    except BaseException:
+        for p in procs.processes:
+            if p.is_alive():
+                p.kill()
+        raise
+
+
+def _ended(code: int) -> str:
+    return f"ended: terminated by signal {signal.Signals(-code).name}" if code < 0 else f"ended: exit status {code}"
+
+
+def _rank_entry(index: int, world: int, first: int, backend: str, host: str, port: int, devices: list[torch.device],
+                out: str, parent: int, timeout_s: float, threads: int, target: Callable[..., None], args: tuple) -> None:
+    """One rank (``first + index``): die with the process that started it, wait for the round's go-ahead, join
+    the group, run ``target``, leave the group."""
     # A fork inherits the parent's objects, garbage included (a finished round's rendezvous store, say, still
     # held by a traceback): its garbage collection must never run their destructors here. A TCPStore's joins
     # its server thread, which does not exist in a fork: the rank would wait forever. Frozen, the collector
     # leaves every inherited object alone; what the rank allocates itself is collected as usual.
     gc.freeze()
     _die_with(parent)
-    device = devices[rank]
+    rank, device = first + index, devices[index]
     timeout = timedelta(seconds=timeout_s)
-    client = dist.TCPStore(HOST, port, is_master=False, timeout=timeout)
+    client = dist.TCPStore(host, port, is_master=False, timeout=timeout)
     client.set(f"phase/{rank}", "start")
+    client.wait(["go"])  # several machines: until every node has proved itself
     if device.type == "cuda":
         torch.cuda.set_device(device)
     else:
@@ -248,18 +324,26 @@ def _failure(e: Exception, procs: list, store: dist.Store, world: int, timeout_s
     codes = {r: p.exitcode for r, p in enumerate(procs)}
     own = [r for r, x in errors.items() if not x["comms"]]
     died = [r for r, c in codes.items() if r not in errors and c not in (0, None, -signal.SIGTERM)]
+    if not own and world > len(procs):  # another node names its own ranks' ends a moment later
+        deadline = time.monotonic() + GRACE_S
+        while not own and time.monotonic() < deadline:
+            time.sleep(POLL_S)
+            errors = {r: json.loads(store.get(f"error/{r}")) for r in range(world) if store.check([f"error/{r}"])}
+            own = [r for r, x in errors.items() if not x["comms"]]
     if own:
         i = own[0]
-        what = f"raised {errors[i]['error']}"
+        what = errors[i]["error"] if errors[i]["error"].startswith("ended:") else f"raised {errors[i]['error']}"
     elif died:
         i, code = died[0], codes[died[0]]
-        what = f"ended: terminated by signal {signal.Signals(-code).name}" if code < 0 else f"ended: exit status {code}"
+        what = _ended(code)
     else:
         i = e.error_index
         cause = errors[i]["error"] if i in errors else next(
             (ln.strip() for ln in reversed(str(e).splitlines()) if ln.strip()), type(e).__name__)
-        if _COMMS.search(cause) and "time" in cause.lower():
+        if re.search(r"timed out|timeout", cause, re.IGNORECASE):  # not a RuntimeError's "time"
             cause += f" (another rank stopped answering for train.rank_timeout_s = {timeout_s:g} s)"
+        elif world > len(procs):
+            cause += " (a rank on another node stopped: see that node's gcml node log)"
         what = f"raised {cause}"
     phase = store.get(f"phase/{i}").decode() if store.check([f"phase/{i}"]) else "start"
     return RankFailed(f"rank {i} of {world} {what} while {phase}", "prepare" if phase == "start" else phase)

@@ -9,7 +9,7 @@ import psutil
 import pytest
 import torch
 import torch.distributed as dist
-from helpers import TINY, cases_of, write_config
+from helpers import TINY, cases_of, no_ranks_left, write_config
 
 from gcml_app.config import load_config
 from gcml_app.errors import RoundFailed
@@ -28,16 +28,6 @@ def _site(tmp_path, name="site", gpus=(0, 1), **train):
     cfg = {**TINY["train"], "samples_per_case": 2, "num_threads": 1, "device": "cpu",
            "gpus": list(gpus) if gpus else None, **train}
     return load_config(write_config(tmp_path / name, train=cfg))
-
-
-def _no_ranks_left():
-    """Every process this test's rounds started has ended (the ranks are children of this process; spawn's
-    resource tracker, multiprocessing's own helper, lives as long as this process)."""
-    deadline = time.monotonic() + 10
-    while (kids := [p for p in psutil.Process().children(recursive=True) if p.status() != psutil.STATUS_ZOMBIE
-                    and "resource_tracker" not in " ".join(p.cmdline())]):
-        assert time.monotonic() < deadline, f"processes left behind: {[(p.pid, p.name()) for p in kids]}"
-        time.sleep(0.1)
 
 
 def test_two_ranks_gate_on_the_table_one_process_computes_and_end_with_equal_weights(tmp_path, studies):
@@ -71,7 +61,7 @@ def test_two_ranks_gate_on_the_table_one_process_computes_and_end_with_equal_wei
     assert rec2["mode"] == "dcml" and rec2["ranks"]["same_weights"]
     assert set(rec2["per_case"]) == {"served", "dcml_local", "dcml_incoming", "average"}
     assert rec2["per_case"]["served"] == rec["per_case"]["local"]  # the served model, scored again across ranks
-    _no_ranks_left()
+    no_ranks_left()
 
 
 def test_a_round_on_two_ranks_is_reproducible_and_spends_one_devices_budget(tmp_path, studies):
@@ -95,7 +85,7 @@ def test_ranks_of_several_threads_start_as_fresh_interpreters(tmp_path, studies)
     cfg = _site(tmp_path, num_threads=2)
     rec = run_round(cfg, ModelStore(cfg.state_dir / "models"), cases_of(studies[0]), epochs=1)
     assert (rec["ranks"]["start"], rec["ranks"]["same_weights"]) == ("spawn", True)
-    _no_ranks_left()
+    no_ranks_left()
 
 
 def _raise_on_rank_1(*args, **kwargs):
@@ -155,7 +145,7 @@ def test_a_rank_that_fails_fails_the_round_and_changes_nothing(tmp_path, studies
     last = store.history()[-1]
     assert (last["event"], last["outcome"], last["round_id"], last["phase"]) == ("failed", "failed", "r-fault", "train")
     assert not list(cfg.state_dir.glob(".ranks-*"))  # rank 0's result folder is gone with the round
-    _no_ranks_left()
+    no_ranks_left()
 
 
 @pytest.mark.timeout(60)  # the failure this guards against is a rank that waits forever
@@ -174,7 +164,7 @@ def test_a_rank_never_collects_what_the_parent_left_behind(tmp_path):
     finally:
         gc.enable()
     assert result == "collected" and started["backend"] == "gloo"
-    _no_ranks_left()
+    no_ranks_left()
 
 
 def _collect(rank, device, out, client, post):

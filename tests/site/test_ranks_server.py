@@ -1,6 +1,11 @@
 """A real server whose rounds run on two ranks (train.gpus with train.device: cpu: two gloo processes), driven like
 3D Slicer drives it: Train, the round's stats, and Stop ending every rank."""
 
+import os
+import signal
+import subprocess
+import sys
+
 import psutil
 import pytest
 from helpers import TINY, make_studies, train, until, write_config
@@ -51,3 +56,34 @@ def test_train_gcml_runs_on_two_ranks_and_stop_ends_them_all(tmp_path):
         assert site.status()["served"]["version"] == 1
     finally:
         srv.stop()
+
+
+def test_train_gcml_on_a_site_of_two_machines_runs_node_1s_rank_in_the_round(tmp_path):
+    """train.distributed: the server is node 0; `gcml node` (a process standing for the second machine, sharing
+    state_dir) runs rank 1 of the round that Slicer's Train starts."""
+    studies, _ = make_studies(tmp_path, cases=6, labelled=5)
+    secret = {"GCML_NODES_SECRET": "n" * 40}
+    config = write_config(tmp_path, state_dir=str(tmp_path / "state"), train={
+        **TINY["train"], "samples_per_case": 2, "num_threads": 1, "device": "cpu", "gpus": [0],
+        "distributed": {"nodes": 2, "node_rank": 0, "rendezvous": f"127.0.0.1:{free_port()}",
+                        "token_env": "GCML_NODES_SECRET"}})
+    node_log = tmp_path / "node.log"
+    with open(node_log, "w") as log:
+        node = subprocess.Popen([sys.executable, "-c", "import sys; from gcml_app.cli import main; sys.exit(main())",
+                                 "node", "--config", str(config), "--node-rank", "1"], stdout=log,
+                                stderr=subprocess.STDOUT, env={**os.environ, **secret}, start_new_session=True)
+    srv = SiteServer(config, studies, port=free_port(), log=tmp_path / "server.log", env=secret)
+    srv.spawn()
+    srv.wait_ready()
+    try:
+        site, client = SiteClient(srv.url), MONAILabelClient(srv.url)
+        status = train(client, epochs=2)
+        assert status["status"] == "DONE", status.get("details")
+        last = site.train_stats()["last_round"]
+        assert last["version"] == 1 and (last["ranks"]["world"], last["ranks"]["same_weights"]) == (2, True)
+        assert "ranks 1..1 of 2" in node_log.read_text()
+        assert site.status()["served"]["version"] == 1
+    finally:
+        srv.stop()
+        os.killpg(node.pid, signal.SIGTERM)
+        node.wait(timeout=30)
