@@ -76,7 +76,8 @@ def _serve(args: argparse.Namespace) -> int:
 def _node(args: argparse.Namespace) -> int:
     import logging
 
-    from gcml_app.rounds.nodes import NodeRefused, serve_node
+    from gcml_app.rounds.node_service import serve_node
+    from gcml_app.rounds.nodes import NodeRefused
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     cfg = load_config(args.config)

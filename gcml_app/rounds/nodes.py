@@ -6,7 +6,7 @@ two differences: its rendezvous store listens on ``train.distributed.rendezvous`
 round there. The announcement names a folder in the shared ``state_dir`` holding the round's
 :class:`~gcml_app.rounds.compute.RoundWork` as JSON and safetensors (:func:`pack`; never a pickle, which
 would run code from whoever can write the folder or talk to the store) and an HMAC of its digest with
-the nodes' shared secret. Every other node runs :func:`serve_node` (``gcml node``): it waits for an
+the nodes' shared secret. Every other node runs :func:`~gcml_app.rounds.node_service.serve_node` (``gcml node``): it waits for an
 announcement, runs only work whose MAC it verifies, proves in turn that it holds the secret (node 0's
 ranks join the group only once every node has), and starts its ranks in the same group. Rank 0, on
 node 0, alone writes the result; node 0 alone decides and commits.
@@ -25,8 +25,6 @@ import json
 import logging
 import re
 import secrets
-import time
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -39,14 +37,13 @@ from gcml_app.config import SiteConfig
 from gcml_app.rounds.compute import RoundWork
 from gcml_app.rounds.producers import DCML, Alone, Choice, Local, Producer
 
-__all__ = ["FORMAT", "NodeRefused", "announce", "check_proofs", "pack", "prove", "serve_node", "unpack", "verify"]
+__all__ = ["FORMAT", "NodeRefused", "announce", "check_proofs", "pack", "prove", "unpack", "verify"]
 
 logger = logging.getLogger(__name__)
 
 FORMAT = 1  # the work folder's format; a node refuses any other
 WORK_JSON, WORK_TENSORS = "work.json", "work.safetensors"
 _FOLDER = re.compile(r"\.ranks-[A-Za-z0-9_]+")  # what launch's temporary folders are called
-CONNECT_S = 5.0  # a node's wait for node 0's store before it tries again (between rounds there is none)
 
 
 class NodeRefused(RuntimeError):
@@ -200,54 +197,3 @@ def check_proofs(store: dist.Store, nonce: str, cfg: SiteConfig) -> bool:
         if not hmac.compare_digest(store.get(key).decode(), _mac(secret, "node", nonce, str(k))):
             raise NodeRefused(f"node {k}'s proof does not verify with {d.token_env} (another secret)")
     return True
-
-
-# -- a node ----------------------------------------------------------------------------------------------------------
-
-def serve_node(cfg: SiteConfig, rounds: int | None = None) -> int:
-    """Run this node's ranks of every round node 0 announces (``gcml node``); returns the rounds it ran.
-
-    Between rounds node 0 has no store: the node tries again every few seconds. A round it refuses, or one
-    that fails, is logged and the node waits for the next. ``rounds`` stops it after that many rounds
-    (tests); ``None`` runs until it is stopped.
-    """
-    from gcml_app.ml.device import round_devices
-    from gcml_app.rounds.ranks import join_round
-
-    d = cfg.train.distributed
-    if d is None or d.node_rank == 0:
-        raise NodeRefused("gcml node runs on nodes 1.. of train.distributed; node 0 is the MONAI Label server")
-    d.secret()  # fail now, not at the first round
-    host, port = d.address()
-    devices = round_devices(cfg)
-    last, ran = None, 0
-    logger.info(f"node {d.node_rank} of {d.nodes}: {len(devices)} rank(s), waiting for rounds at {host}:{port}")
-    while rounds is None or ran < rounds:
-        try:
-            store = dist.TCPStore(host, port, is_master=False, timeout=timedelta(seconds=CONNECT_S))
-            store.wait(["work"], timedelta(seconds=CONNECT_S))
-            announced = json.loads(store.get("work"))
-        except (RuntimeError, ValueError):  # no round now (DistStoreError is a RuntimeError)
-            time.sleep(1.0)
-            continue
-        if announced.get("nonce") == last:  # the round this node just ran, not yet closed
-            time.sleep(1.0)
-            continue
-        last = announced.get("nonce")
-        try:
-            folder, local = verify(announced, cfg)
-            if local != len(devices):
-                raise NodeRefused(f"node 0 runs {local} rank(s) per node; this node's train.gpus gives {len(devices)}")
-            work = unpack(folder)
-        except NodeRefused as e:
-            logger.error(f"node {d.node_rank}: round refused: {e}")
-            continue
-        prove(store, announced, cfg)
-        first = d.node_rank * local
-        logger.info(f"node {d.node_rank}: round {last[:8]}: ranks {first}..{first + local - 1} of {d.nodes * local}")
-        try:
-            join_round(work, devices, first, d.nodes * local, host, port, folder, cfg)
-        except Exception as e:  # the round fails at node 0 too, which records it; this node waits for the next
-            logger.error(f"node {d.node_rank}: round {last[:8]} failed: {e}")
-        ran += 1
-    return ran

@@ -19,7 +19,6 @@ import pytest
 import torch
 import torch.distributed as dist
 from helpers import TINY, cases_of, no_ranks_left, until, write_config
-from safetensors.torch import save_file
 
 from gcml_app.config import ConfigError, load_config
 from gcml_app.errors import RoundFailed
