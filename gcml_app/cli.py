@@ -203,6 +203,7 @@ def _simulate(args: argparse.Namespace) -> int:
     from gcml_app.config import SiteConfig
     from gcml_app.sim.data import load_sites, scenario_sites
     from gcml_app.sim.federation import simulate
+    from gcml_app.sim.tables import provenance
 
     out = Path(args.out)
     cfg = load_config(args.config) if args.config else SiteConfig.model_validate(simulation_config(args.epochs))
@@ -228,13 +229,13 @@ def _simulate(args: argparse.Namespace) -> int:
     res = simulate(cfg, sites_of_seed, out, methods=methods, rounds=args.rounds, epochs=args.epochs,
                    warmup_epochs=args.warmup_epochs, seeds=args.seeds, transport=args.transport,
                    gate=args.gate == "on", jobs=args.jobs, scenario=scenario, pretrain_epochs=pretrain,
-                   until_plateau=args.until_plateau)
+                   until_plateau=args.until_plateau, provenance=provenance(args.argv))
     print(format_summary(res))
     if "plateau" in res:
         print(format_plateau(res))
     if "clicks" in res:
         print(format_clicks(res))
-    print(f"wrote {out}/results.json, results.csv, dice_vs_round.png, dice_vs_bytes.png"
+    print(f"wrote {out}/results.json, results.csv, results.md, dice_vs_round.png, dice_vs_bytes.png"
           + (", dice_vs_clicks.png" if "clicks" in res else "") + f" ({res['seconds']:.0f} s)")
     return 0
 
@@ -655,7 +656,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = _parser().parse_args(argv)
+    args.argv = argv  # for what heads a result's tables
     try:
         return args.func(args)
     except (ConfigError, SiteDataError, InitError) as e:

@@ -46,6 +46,7 @@ from gcml_app.ml.evaluate import mean_dice
 from gcml_app.sim.data import SimSite
 from gcml_app.sim.methods import ARMS, DEFAULT_METHODS
 from gcml_app.sim.pretrain import pretrained_bundle
+from gcml_app.sim import tables
 from gcml_app.sim.report import plot, plot_clicks, summarize_clicks, summarize_plateau, summarize_rows
 from gcml_app.sim.run import CLICKS, NOC, Node, Run
 from gcml_app.store import ModelStore
@@ -106,9 +107,13 @@ def run_seed(cfg: SiteConfig, sites: list[SimSite], out: Path, seed: int, method
                          "bytes_sent": sent, "bytes_received": received, "published": published,
                          "train_steps": cost["steps"], "crop_passes": cost["crop_passes"],
                          "seconds": round((now - t[0]) / len(per_site), 2)})
+            models = run.root / method / n / "models"
             if validation:
-                served = ModelStore(run.root / method / n / "models").served()
+                served = ModelStore(models).served()
                 rows[-1]["val_mean"] = round(mean_dice(served.val_dice), 4) if served else 0.0
+            if r > 0 and (models / "history.jsonl").exists():  # dcml.choose: how the partner's model was used
+                if "arm" in (last := (ModelStore(models).history() or [{}])[-1]):
+                    rows[-1]["arm"] = last["arm"]["arm"]
         t[0] = now
         if r > 0:
             bar.set_postfix(method=method, round=r)
@@ -131,8 +136,9 @@ def run_seed(cfg: SiteConfig, sites: list[SimSite], out: Path, seed: int, method
 # ---------------------------------------------------------------------------------------- all seeds
 def simulate(cfg: SiteConfig, sites_of_seed, out: str | Path, *, methods: list[str] | None = None, rounds: int = 8,
              epochs: int = 5, warmup_epochs: int = 20, seeds: int = 3, transport: str = "float32", gate: bool = True,
-             jobs: int = 1, scenario: str = "", pretrain_epochs: int = 0, until_plateau: int = 0) -> dict[str, Any]:
-    """Run the comparison for ``seeds`` seeds; write results.json/csv and plots; return the results.
+             jobs: int = 1, scenario: str = "", pretrain_epochs: int = 0, until_plateau: int = 0,
+             provenance: dict[str, str] | None = None) -> dict[str, Any]:
+    """Run the comparison for ``seeds`` seeds; write results.json/csv/md and plots; return the results.
 
     Args:
         cfg: the federation's shared settings (network, transforms, training, DCML, gate).
@@ -143,6 +149,8 @@ def simulate(cfg: SiteConfig, sites_of_seed, out: str | Path, *, methods: list[s
         until_plateau: above 0, also each method's plateau (``rounds`` is then the maximum): the round its
             mean validation Dice stopped rising by more than ``validation.margin`` for this many rounds, and
             its test Dice there (:func:`~gcml_app.sim.report.summarize_plateau`).
+        provenance: the command, commit and date that head ``results.md`` (:func:`~gcml_app.sim.tables.provenance`;
+            default: this checkout's commit, the command unknown).
 
     Raises:
         ValueError: an unknown method, ``rounds < 1`` or ``seeds < 1``.
@@ -192,7 +200,9 @@ def simulate(cfg: SiteConfig, sites_of_seed, out: str | Path, *, methods: list[s
         result["clicks"] = summarize_clicks(click_rows, methods, names)
         result["click_rows"] = click_rows
         plot_clicks(result["clicks"], methods, names, out)
+    result["provenance"] = provenance or {**tables.provenance([]), "command": "simulate() called from Python"}
     (out / "results.json").write_text(json.dumps(result, indent=1))
+    (out / "results.md").write_text(tables.results_markdown(result, result["provenance"]))
     with open(out / "results.csv", "w", newline="") as f:
         keys = list(dict.fromkeys(k for x in rows for k in x))
         w = csv.DictWriter(f, fieldnames=keys)

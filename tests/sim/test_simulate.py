@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from gcml_app.config import SiteConfig
 from gcml_app.federation.payload import encode_weights, verify_weights
 from gcml_app.ml.network import build_network
 from gcml_app.rounds.loop import run_round
+from gcml_app.sim import tables
 from gcml_app.sim.data import SiteDataError, load_sites, scenario_sites
 from gcml_app.ml.bundle import write_bundle
 from gcml_app.store import ModelStore
@@ -277,6 +279,17 @@ def test_simulate_until_plateau_reports_each_methods_stop_and_the_arm_of_each_ch
                (out / "runs" / "seed0" / "gcml-choose" / "y" / "models" / "history.jsonl").read_text().splitlines()]
     dcml = [h for h in history if h.get("gossip") and h.get("event") in ("publish", "keep")]
     assert dcml and all(h["arm"]["arm"] in ("mutual", "teacher", "alone") and h["arm"]["why"] for h in dcml)
+    arms = {(r["method"], r["site"], r["round"]): r.get("arm") for r in res["rows"]}  # each row says how, too
+    assert arms[("gcml-choose", "y", 3)] == dcml[-1]["arm"]["arm"] and arms[("local", "y", 3)] is None
+    # the tables, headed by what reproduces them
+    md = (out / "results.md").read_text()
+    assert md.startswith("#### data:") and "`gcml simulate --data " in md and "--until-plateau 1`" in md
+    assert re.search(r"at commit `([0-9a-f]{7}(\+changes)?|unknown)`, \d{4}-\d\d-\d\d", md)
+    assert "| gcml-choose | " in md and "At the plateau" in md and "Against `local`" in md
+    # rebuilt from results.json alone, with the provenance given: the same tables under that header
+    assert tables.main([str(out), "--commit", "abc1234", "--date", "2026-01-02"]) == 0
+    again = (out / "results.md").read_text()
+    assert "at commit `abc1234`, 2026-01-02" in again and again.split("\n", 3)[3] == md.split("\n", 3)[3]
 
 
 def test_simulate_cli_reports_a_bad_layout_and_exits_2(tmp_path, capsys):

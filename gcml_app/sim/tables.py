@@ -1,0 +1,107 @@
+"""Markdown tables of a ``gcml simulate`` run, headed by what reproduces them: the command, the commit, the date
+and the settings. ``gcml simulate`` writes them to ``results.md``; the docs include that file as written.
+
+    python -m gcml_app.sim.tables OUT [--command "gcml simulate ..."] [--commit C] [--date D]
+
+rebuilds ``OUT/results.md`` from ``OUT/results.json`` (a run from before the file existed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import shlex
+import subprocess
+from pathlib import Path
+from typing import Any
+
+__all__ = ["provenance", "results_markdown"]
+
+
+def provenance(argv: list[str]) -> dict[str, str]:
+    """The command (``gcml`` and ``argv``), the checkout's commit (``+changes`` when tracked files differ from
+    it; ``unknown`` outside a git checkout) and today's date (UTC)."""
+    root = Path(__file__).resolve().parents[2]
+
+    def git(*args: str) -> str:
+        try:
+            return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=10,
+                                  check=True).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+
+    commit = git("rev-parse", "--short=7", "HEAD") or "unknown"
+    if commit != "unknown" and git("status", "--porcelain", "--untracked-files=no"):
+        commit += "+changes"
+    return {"command": "gcml " + shlex.join(argv), "commit": commit,
+            "date": datetime.datetime.now(datetime.timezone.utc).date().isoformat()}
+
+
+def _pm(x: dict[str, float]) -> str:
+    return f"{x['mean']:.3f} ± {x['std']:.3f}"
+
+
+def results_markdown(res: dict[str, Any], prov: dict[str, str]) -> str:
+    """The fixed-budget table (test Dice per site, mean ± std over seeds), each method against ``local2x`` and
+    ``local`` per site (mean paired difference in Dice points, seeds won), and with ``--until-plateau`` the
+    plateau table; under a header naming the command, commit, date and settings."""
+    c, summary = res["config"], res["summary"]
+    names = c["sites"]
+    dcml = c.get("dcml") or {}
+    lines = [
+        f"#### {c['scenario']}: served test Dice after round {c['rounds']}",
+        "",
+        f"`{prov['command']}` at commit `{prov['commit']}`, {prov['date']}: {len(names)} sites, {c['seeds']} seeds, "
+        f"{c['epochs']} epochs a round after a {c['warmup_epochs']}-epoch warm-up, gate {'on' if c['gate'] else 'off'}, "
+        f"init {c.get('init', 'random')}" + (f", dcml.choose {dcml['choose']}" if "choose" in dcml else "") + ".",
+        "",
+        "| method | " + " | ".join(names) + " | mean | compute |",
+        "|---|" + "---|" * (len(names) + 2),
+    ]
+    for m, row in summary.items():
+        compute = row["cost"].get("vs_local")
+        lines.append(f"| {m} | " + " | ".join(_pm(row["per_site"][n]) for n in names)
+                     + f" | {_pm(row)} | {f'{compute:.2f}x' if compute is not None else ''} |")
+    for rival, what in (("local2x", "the same compute alone"), ("local", "the site alone")):
+        if rival not in summary:
+            continue
+        lines += ["", f"Against `{rival}` ({what}): mean paired difference in Dice points, seeds won.", "",
+                  "| method | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+        for m, row in summary.items():
+            if m != rival:
+                cells = [row["per_site"][n][f"vs_{rival}"] for n in names]
+                lines.append(f"| {m} | " + " | ".join(f"{100 * x['mean']:+.1f} ({x['wins']}/{x['n']})" for x in cells)
+                             + " |")
+    if "plateau" in res:
+        p = res["plateau"]
+        lines += ["", f"At the plateau (validation Dice up by at most {p['tolerance']:g} for {p['patience']} rounds; "
+                  f"at most {c['rounds']} rounds; * some seeds still rising at the last round): test Dice there.", "",
+                  "| method | rounds | " + " | ".join(names) + " | mean |", "|---|---|" + "---|" * (len(names) + 1)]
+        for m in c["methods"]:
+            x = p[m]
+            rounds = f"{sum(x['rounds']) / len(x['rounds']):.1f}" + ("" if x["plateau_reached"] == x["seeds"] else "*")
+            lines.append(f"| {m} | {rounds} | " + " | ".join(_pm(x["sites"][n]) for n in names) + f" | {x['mean']:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m gcml_app.sim.tables", description=__doc__.split("\n\n")[0])
+    ap.add_argument("out", type=Path, help="a gcml simulate --out folder (its results.json)")
+    ap.add_argument("--command", help="the command that made it (default: unknown)")
+    ap.add_argument("--commit", help="the commit it ran at (default: this checkout's)")
+    ap.add_argument("--date", help="the day it ran (default: results.json's modification day)")
+    args = ap.parse_args(argv)
+    res = json.loads((args.out / "results.json").read_text())
+    had = res.get("provenance", {})
+    day = datetime.datetime.fromtimestamp((args.out / "results.json").stat().st_mtime, datetime.timezone.utc)
+    prov = {"command": args.command or had.get("command", "unknown"),
+            "commit": args.commit or had.get("commit") or provenance([])["commit"],
+            "date": args.date or had.get("date") or day.date().isoformat()}
+    (args.out / "results.md").write_text(results_markdown(res, prov))
+    print(f"wrote {args.out / 'results.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
