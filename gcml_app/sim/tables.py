@@ -45,7 +45,7 @@ def _pm(x: dict[str, float]) -> str:
 def results_markdown(res: dict[str, Any], prov: dict[str, str]) -> str:
     """The fixed-budget table (test Dice per site, mean ± std over seeds), each method against ``local2x`` and
     ``local`` per site (mean paired difference in Dice points, seeds won), and with ``--until-plateau`` the
-    plateau table; under a header naming the command, commit, date and settings."""
+    plateau table and each method's plateau against the best plateau alone; under a header naming the command, commit, date and settings."""
     c, summary = res["config"], res["summary"]
     names = c["sites"]
     dcml = c.get("dcml") or {}
@@ -82,6 +82,16 @@ def results_markdown(res: dict[str, Any], prov: dict[str, str]) -> str:
             x = p[m]
             rounds = f"{sum(x['rounds']) / len(x['rounds']):.1f}" + ("" if x["plateau_reached"] == x["seeds"] else "*")
             lines.append(f"| {m} | {rounds} | " + " | ".join(_pm(x["sites"][n]) for n in names) + f" | {x['mean']:.3f} |")
+        alone = [m for m in ("local", "local2x") if m in p]
+        others = [m for m in c["methods"] if m not in ("local", "local2x")]
+        if alone and others:
+            best = {n: max(p[m]["sites"][n]["mean"] for m in alone) for n in names}
+            lines += ["", f"At the plateau against the best the site reaches alone (the higher of {' and '.join(alone)} "
+                      "at each site), Dice points.", "", "| method | " + " | ".join(names) + " |",
+                      "|---|" + "---|" * len(names)]
+            for m in others:
+                lines.append(f"| {m} | " + " | ".join(f"{100 * (p[m]['sites'][n]['mean'] - best[n]):+.1f}"
+                                                      for n in names) + " |")
     return "\n".join(lines) + "\n"
 
 
