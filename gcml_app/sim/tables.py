@@ -48,13 +48,12 @@ def results_markdown(res: dict[str, Any], prov: dict[str, str]) -> str:
     plateau table and each method's plateau against the best plateau alone; under a header naming the command, commit, date and settings."""
     c, summary = res["config"], res["summary"]
     names = c["sites"]
-    dcml = c.get("dcml") or {}
     lines = [
         f"#### {c['scenario']}: served test Dice after round {c['rounds']}",
         "",
         f"`{prov['command']}` at commit `{prov['commit']}`, {prov['date']}: {len(names)} sites, {c['seeds']} seeds, "
         f"{c['epochs']} epochs a round after a {c['warmup_epochs']}-epoch warm-up, gate {'on' if c['gate'] else 'off'}, "
-        f"init {c.get('init', 'random')}" + (f", dcml.choose {dcml['choose']}" if "choose" in dcml else "") + ".",
+        f"init {c.get('init', 'random')}.",
         "",
         "| method | " + " | ".join(names) + " | mean | compute |",
         "|---|" + "---|" * (len(names) + 2),

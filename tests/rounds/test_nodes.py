@@ -177,10 +177,10 @@ def test_node_0_admits_only_nodes_that_prove_the_secret(tmp_path, monkeypatch):
 
 def _start_node(config, secret=SECRET, rounds=1):
     env = {**os.environ, "GCML_NODES_SECRET": secret, "PYTHONUNBUFFERED": "1"}
-    log = open(config.parent / "node.log", "w")
-    return subprocess.Popen([sys.executable, "-c", "import sys; from gcml_app.cli import main; sys.exit(main())", "node", "--config", str(config), "--node-rank", "1",
-                             "--rounds", str(rounds)], env=env, stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    with open(config.parent / "node.log", "w") as log:  # the node keeps its own descriptor
+        return subprocess.Popen([sys.executable, "-m", "gcml_app.cli", "node", "--config", str(config), "--node-rank",
+                                 "1", "--rounds", str(rounds)], env=env, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
 
 
 @pytest.mark.slow

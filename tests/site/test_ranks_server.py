@@ -69,7 +69,7 @@ def test_train_gcml_on_a_site_of_two_machines_runs_node_1s_rank_in_the_round(tmp
                         "token_env": "GCML_NODES_SECRET"}})
     node_log = tmp_path / "node.log"
     with open(node_log, "w") as log:
-        node = subprocess.Popen([sys.executable, "-c", "import sys; from gcml_app.cli import main; sys.exit(main())",
+        node = subprocess.Popen([sys.executable, "-m", "gcml_app.cli",
                                  "node", "--config", str(config), "--node-rank", "1"], stdout=log,
                                 stderr=subprocess.STDOUT, env={**os.environ, **secret}, start_new_session=True)
     srv = SiteServer(config, studies, port=free_port(), log=tmp_path / "server.log", env=secret)

@@ -1,0 +1,7 @@
+"""``python -m gcml_app.cli``: the ``gcml`` command."""
+
+import sys
+
+from gcml_app.cli import main
+
+sys.exit(main())
