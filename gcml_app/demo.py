@@ -78,7 +78,7 @@ def run_demo(out: str | Path, port: int = 8001, cases: int = 12, labelled: int =
 
     from gcml_app.sim.phantoms import write_dicom_studies, write_studies
     from gcml_app.site.orthanc import INSTALL_HINT, Orthanc, find_orthanc
-    from gcml_app.site.pacs import pacs_client, stow_folder
+    from gcml_app.site.dicomweb import pacs_client, stow_folder
 
     if pacs and find_orthanc() is None:
         print(f"gcml demo --pacs needs Orthanc and its DICOMweb plugin; install them with:\n  {INSTALL_HINT}")

@@ -45,9 +45,10 @@ from gcml_app.site.edit import GCMLEditInfer, PredictionCache, parse_clicks, war
 from gcml_app.site.infer import GCMLSegInfer
 from gcml_app.site.disk import disk_usage, sweep_at_start
 from gcml_app.site.process import is_background_process
-from gcml_app.site.pacs import PacsDatastore, is_pacs_url, pacs_client
-from gcml_app.site.scoring import (DisagreementScoring, DisagreementStrategy, EpistemicScoring, ScoreBook,
-                                   ScoringWatcher, committee, scorable)
+from gcml_app.site.dicomweb import is_pacs_url, pacs_client
+from gcml_app.site.pacs import PacsDatastore
+from gcml_app.site.scorebook import ScoreBook, committee, scorable
+from gcml_app.site.scoring import DisagreementScoring, DisagreementStrategy, EpistemicScoring, ScoringWatcher
 from gcml_app.site.scoring import METHODS as SCORING_METHODS
 from gcml_app.site.trainer import GCMLTrain
 from gcml_app.site.warm import WarmTrainer

@@ -25,7 +25,7 @@ def _sample_data(args: argparse.Namespace) -> int:
 def _pacs_load(args: argparse.Namespace) -> int:
     import requests
 
-    from gcml_app.site.pacs import pacs_client, stow_folder
+    from gcml_app.site.dicomweb import pacs_client, stow_folder
 
     try:
         client = pacs_client(args.url)

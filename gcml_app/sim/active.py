@@ -10,7 +10,7 @@ Strategies, scored exactly as the servers score (:mod:`gcml_app.ml.acquisition`)
 - ``random``: MONAI Label's default, a uniform draw from the pool;
 - ``epistemic``: MONAI Label's MC-dropout entropy of the served model (``active.mc_samples`` passes);
 - ``disagreement``: the served model against the partner models gossip cached in the site's own state
-  folder (:func:`~gcml_app.site.scoring.load_models`), each weighted by its Dice on the site's validation
+  folder (:func:`~gcml_app.site.scorebook.load_models`), each weighted by its Dice on the site's validation
   cases; before any partner model is cached, the served model's entropy alone.
 
 Controls: every strategy starts from the same per-site warm-up on the same ``start`` cases, the same
@@ -44,7 +44,7 @@ from gcml_app.rounds.gossip import gossip_round
 from gcml_app.sim.data import SimSite
 from gcml_app.sim.partner import MemoryPartner
 from gcml_app.sim.run import Node, Run
-from gcml_app.site.scoring import committee, load_models
+from gcml_app.site.scorebook import committee, load_models
 from gcml_app.util.files import atomic_write
 
 __all__ = ["STRATEGIES", "choose", "labels_to_reach", "simulate_active", "summarize_active"]

@@ -248,7 +248,8 @@ def _pacs(work: Path, cases: int, labelled: int) -> dict[str, Any]:
     """The PACS cache on a private Orthanc: seconds for STOW, the first fill and single series."""
     from gcml_app.sim.phantoms import LABELS, write_dicom_studies
     from gcml_app.site.orthanc import INSTALL_HINT, Orthanc, find_orthanc
-    from gcml_app.site.pacs import PacsDatastore, pacs_client, stow_folder
+    from gcml_app.site.dicomweb import pacs_client, stow_folder
+    from gcml_app.site.pacs import PacsDatastore
 
     if find_orthanc() is None:
         return {"skipped": f"Orthanc is not installed ({INSTALL_HINT})"}

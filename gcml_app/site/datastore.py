@@ -33,7 +33,7 @@ logger = logging.getLogger(__name__)
 
 class ScoredImages:
     """Mixin for a MONAI Label datastore: ``get_image_info`` adds the image's current scores
-    (:meth:`gcml_app.site.scoring.ScoreBook.info_of`) once :meth:`show_scores` is called."""
+    (:meth:`gcml_app.site.scorebook.ScoreBook.info_of`) once :meth:`show_scores` is called."""
 
     _scores = None  # (ScoreBook, committee function) after show_scores
     _committee_memo: tuple[float, Any] | None = None

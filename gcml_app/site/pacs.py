@@ -35,19 +35,16 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import pydicom
 import requests
 import SimpleITK as sitk
-from dicomweb_client.session_utils import create_session_from_user_pass
 from filelock import FileLock
 from monailabel.config import settings
-from monailabel.datastore.dicom import DICOMwebClientX, DICOMWebDatastore
+from monailabel.datastore.dicom import DICOMWebDatastore
 from monailabel.datastore.local import LocalDatastore
 from monailabel.datastore.utils.dicom import dicom_web_download_series
 from monailabel.interfaces.datastore import DefaultLabelTag
-from urllib3.util.retry import Retry
 
 from gcml_app.errors import PacsUnavailable
 from gcml_app.site.datastore import CurrentFile, ScoredImages, ValidatedLabels
@@ -56,69 +53,13 @@ from gcml_app.site.labels import conform_label
 from gcml_app.util.files import atomic_write
 from gcml_app.util.jsonl import clean
 
-__all__ = ["PacsDatastore", "PacsUnavailable", "is_pacs_url", "pacs_client", "stow_folder"]
+__all__ = ["PacsDatastore", "PacsUnavailable"]
 
 logger = logging.getLogger(__name__)
 
 RETRY_DOWN_S = 30.0  # after a failure, how long the cache answers alone before the PACS is asked again
 LIST_TTL_S = 30.0  # how long a QIDO listing (series, SEGs) is reused
-TIMEOUT_S = (5.0, 60.0)  # connect, read (per socket read, not per series)
 _UID = re.compile(r"[0-9]+(\.[0-9]+)*")
-
-
-def is_pacs_url(studies: str) -> bool:
-    """Whether a ``--studies`` argument names a DICOMweb service rather than a folder."""
-    return studies.startswith(("http://", "https://"))
-
-
-class _TimeoutSession(requests.Session):
-    """A session whose requests time out (dicomweb-client passes no timeout of its own)."""
-
-    def request(self, *args, **kwargs):
-        kwargs.setdefault("timeout", TIMEOUT_S)
-        return super().request(*args, **kwargs)
-
-
-def pacs_client(url: str, auth: tuple[str, str] | None = None) -> DICOMwebClientX:
-    """MONAI Label's DICOMweb client for ``url``, with its credential settings, timeouts and retries.
-
-    Args:
-        url: the DICOMweb root, e.g. ``https://pacs.example/dicom-web``.
-        auth: ``(user, password)``; default MONAI Label's settings (environment), none if unset.
-
-    Raises:
-        ValueError: the URL carries credentials (they belong in the environment).
-    """
-    parts = urlsplit(url)
-    if parts.username or parts.password:
-        raise ValueError(f"PACS URL {parts.scheme}://{parts.hostname}{parts.path} carries credentials; set "
-                         "MONAI_LABEL_DATASTORE_USERNAME and MONAI_LABEL_DATASTORE_PASSWORD instead")
-    user, password = auth or (settings.MONAI_LABEL_DATASTORE_USERNAME or settings.MONAI_LABEL_DICOMWEB_USERNAME,
-                              settings.MONAI_LABEL_DATASTORE_PASSWORD or settings.MONAI_LABEL_DICOMWEB_PASSWORD)
-    session = _TimeoutSession()
-    if user and password:
-        session.auth = create_session_from_user_pass(user, password).auth
-    retry = Retry(total=2, connect=2, read=1, backoff_factor=0.5, status_forcelist=(502, 503, 504),
-                  allowed_methods=frozenset({"GET"}))
-    for prefix in ("http://", "https://"):
-        session.mount(prefix, requests.adapters.HTTPAdapter(max_retries=retry))
-    client = DICOMwebClientX(url=url.rstrip("/"), session=session, qido_url_prefix=settings.MONAI_LABEL_QIDO_PREFIX,
-                             wado_url_prefix=settings.MONAI_LABEL_WADO_PREFIX,
-                             stow_url_prefix=settings.MONAI_LABEL_STOW_PREFIX)
-    client.set_http_retry_params(retry=False)  # urllib3's Retry above is the one retry policy (seconds, not minutes)
-    return client
-
-
-def stow_folder(folder: str | Path, client, batch: int = 32) -> int:
-    """Store every ``*.dcm`` under ``folder`` in the PACS (STOW-RS), ``batch`` instances per request.
-
-    Returns:
-        the number of instances stored.
-    """
-    files = sorted(Path(folder).rglob("*.dcm"))
-    for i in range(0, len(files), batch):
-        client.store_instances([pydicom.dcmread(f) for f in files[i:i + batch]])
-    return len(files)
 
 
 def _read_map(path: Path) -> dict[str, str]:
@@ -151,7 +92,7 @@ class PacsDatastore(ScoredImages, ValidatedLabels, CurrentFile, DICOMWebDatastor
     keeps serving while the PACS is down (see the module docstring).
 
     Args:
-        client: the DICOMweb client (:func:`pacs_client`).
+        client: the DICOMweb client (:func:`gcml_app.site.dicomweb.pacs_client`).
         labels: the task's labels, name -> index.
         cache_path: where series, volumes and labels are cached (a folder per PACS URL under it).
         search_filter: QIDO filter for the site's image series (MONAI Label's setting by default).

@@ -25,7 +25,8 @@ from gcml_app.site.client import SiteClient
 from gcml_app.site.dicom import write_series
 from gcml_app.site.launch import SiteServer
 from gcml_app.site.orthanc import Orthanc
-from gcml_app.site.pacs import PacsDatastore, PacsUnavailable, pacs_client, stow_folder
+from gcml_app.site.dicomweb import pacs_client, stow_folder
+from gcml_app.site.pacs import PacsDatastore, PacsUnavailable
 from gcml_app.store import ModelStore
 
 CASES, LABELLED = 8, 4

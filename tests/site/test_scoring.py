@@ -20,8 +20,8 @@ from gcml_app.federation.peers import PeerBook
 from gcml_app.federation.state import GossipState
 from gcml_app.ml.network import arch_fingerprint, build_network
 from gcml_app.site.datastore import GCMLDatastore
-from gcml_app.site.scoring import (DISAGREEMENT_KEY, EPISTEMIC_KEY, DisagreementScoring, DisagreementStrategy,
-                                   EpistemicScoring, ScoreBook, candidates, committee)
+from gcml_app.site.scorebook import DISAGREEMENT_KEY, EPISTEMIC_KEY, ScoreBook, candidates, committee
+from gcml_app.site.scoring import DisagreementScoring, DisagreementStrategy, EpistemicScoring
 from gcml_app.store import ModelStore
 
 PARTNERS = ["site-b", "site-c"]
