@@ -33,6 +33,7 @@ import logging
 import os
 import re
 import signal
+import socket
 import tempfile
 import time
 from collections.abc import Callable
@@ -84,7 +85,7 @@ def run_on_ranks(work: RoundWork, devices: list[torch.device],
 
     Returns:
         rank 0's :class:`~gcml_app.rounds.compute.Computed`, with ``ranks``: the world size, backend, how the
-        ranks started and in how many seconds, and per rank its device, phase timings, peak memory, cache
+        ranks started and in how many seconds, and per rank its machine (host name), device, phase timings, peak memory, cache
         figures and the sha256 of its candidates' weights (``same_weights``: they all agree).
 
     Raises:
@@ -262,7 +263,7 @@ def _round_rank(rank: int, device: torch.device, out: Path, client: dist.Store,
     phase = Phase(lambda name: client.set(f"phase/{rank}", name))
     phase("prepare")
     done = compute(work, device, post, phase)
-    mine = {"device": str(device), "timings": done.timings, "peak_rss_mb": max(done.peak_mb.values()),
+    mine = {"host": socket.gethostname(), "device": str(device), "timings": done.timings, "peak_rss_mb": max(done.peak_mb.values()),
             "cache": done.cache, "weights_sha256": _digest(done.produced.states)}
     every: list[dict[str, Any]] = [{} for _ in range(world)]
     dist.all_gather_object(every, mine)

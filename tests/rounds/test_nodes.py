@@ -201,6 +201,7 @@ def test_two_nodes_compute_what_two_ranks_on_one_machine_compute(tmp_path, studi
     finally:
         _stop(node)
     assert (rec["ranks"]["world"], rec["ranks"]["same_weights"]) == (2, True)
+    assert [r["host"] for r in rec["ranks"]["per_rank"]] == [socket.gethostname()] * 2  # which machine each ran on
     assert rec["per_case"] == ref["per_case"] and rec["losses"] == ref["losses"]
     assert rec["ranks"]["per_rank"][0]["weights_sha256"] == ref["ranks"]["per_rank"][0]["weights_sha256"]
     assert store.served().sha256 == ModelStore(one_machine.state_dir / "models").served().sha256
