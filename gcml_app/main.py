@@ -44,7 +44,7 @@ from gcml_app.site.datastore import GCMLDatastore
 from gcml_app.site.edit import GCMLEditInfer, PredictionCache, parse_clicks, warm_writer
 from gcml_app.site.infer import GCMLSegInfer
 from gcml_app.site.disk import disk_usage, sweep_at_start
-from gcml_app.site.process import is_background_process
+from gcml_app.site.process import freeze_startup, is_background_process
 from gcml_app.site.dicomweb import is_pacs_url, pacs_client
 from gcml_app.site.pacs import PacsDatastore
 from gcml_app.site.scorebook import ScoreBook, committee, scorable
@@ -238,6 +238,7 @@ class GCMLApp(MONAILabelApp):
         if self.cfg.active.poll_s > 0 and self.cfg.active.methods:
             self.scoring_watcher = ScoringWatcher(self)
             self.scoring_watcher.start()
+        logger.info(f"{freeze_startup()} start-up objects exempt from garbage collection (no 0.4 s full collections)")
 
     def on_save_label(self, image_id, label_id):
         """Runs on the event loop: only notes the label and, at ``finetune.min_new_labels``, enqueues a round."""

@@ -57,3 +57,13 @@ def test_the_servers_openmp_threads_sleep_between_regions_unless_site_it_says_ot
                           "print(os.environ['OMP_WAIT_POLICY'], 'torch' in sys.modules)"],
                          capture_output=True, text=True, check=True, env=env).stdout.split()
     assert out == [policy, "False"]
+
+
+def test_start_up_objects_leave_the_garbage_collectors_walk():
+    """The server's imports and app live as long as it does: frozen, a full collection no longer walks them
+    (each such walk held the GIL 0.4 s, stalling gcml_seg)."""
+    out = subprocess.run([sys.executable, "-c", "import gc, gcml_app.main; from gcml_app.site.process import "
+                          "freeze_startup; n = freeze_startup(); print(n, len(gc.get_objects()))"],
+                         capture_output=True, text=True, check=True).stdout.split()
+    frozen, tracked = int(out[-2]), int(out[-1])
+    assert frozen > 100_000 and tracked < frozen / 20, (frozen, tracked)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import signal
 import socket
 import struct
@@ -149,6 +150,7 @@ def test_rounds_fork_from_the_warm_trainer_stop_with_slicer_and_survive_its_deat
     assert "restarting it in" in log
     assert "warm trainer: request refused (request of 4294967295 bytes refused)" in log
     assert "warm trainer: request refused (request without a command line)" in log
+    assert re.search(r"\d{6,} start-up objects exempt from garbage collection", log)  # the server's, frozen
 
 
 @pytest.mark.slow
