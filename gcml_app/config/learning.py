@@ -201,7 +201,8 @@ class DistributedConfig(_Strict):
     @model_validator(mode="after")
     def _where(self) -> DistributedConfig:
         if self.node_rank >= self.nodes:
-            raise ValueError(f"node_rank: found {self.node_rank}; expected 0 to {self.nodes - 1} for {self.nodes} nodes")
+            raise ValueError(f"node_rank: found {self.node_rank}; expected 0 to {self.nodes - 1} for "
+                             f"{self.nodes} nodes")
         self.address()
         return self
 
@@ -278,9 +279,10 @@ class TrainConfig(_Strict):
                 raise ValueError("gpus: found []; expected a list of device indices, all, or none (one device)")
             if any(g < 0 for g in self.gpus) or len(set(self.gpus)) != len(self.gpus):
                 raise ValueError(f"gpus: found {self.gpus}; expected distinct device indices >= 0")
-        world = (len(self.gpus) if isinstance(self.gpus, list) else 1) * (self.distributed.nodes if self.distributed else 1)
+        local = len(self.gpus) if isinstance(self.gpus, list) else 1
+        world = local * (self.distributed.nodes if self.distributed else 1)
         if self.samples_per_case % world:
-            where = f"{len(self.gpus) if isinstance(self.gpus, list) else 1} gpus" + (
+            where = f"{local} gpus" + (
                 f" on each of {self.distributed.nodes} nodes" if self.distributed else "")
             raise ValueError(f"samples_per_case: found {self.samples_per_case} with {where}; expected "
                              f"a multiple of {world} (each case's crops are dealt out over the devices)")

@@ -41,28 +41,29 @@ def serve_node(cfg: SiteConfig, rounds: int | None = None) -> int:
         try:
             store = dist.TCPStore(host, port, is_master=False, timeout=timedelta(seconds=CONNECT_S))
             store.wait(["work"], timedelta(seconds=CONNECT_S))
-            announced = json.loads(store.get("work"))
-        except (RuntimeError, ValueError):  # no round now (DistStoreError is a RuntimeError)
+            raw = store.get("work")
+        except RuntimeError:  # no round now (DistStoreError is a RuntimeError)
             time.sleep(1.0)
             continue
-        if announced.get("nonce") == last:  # the round this node just ran, not yet closed
+        if raw == last:  # the round this node just ran or refused, not yet closed
             time.sleep(1.0)
             continue
-        last = announced.get("nonce")
+        last = raw
         try:
+            announced = json.loads(raw)
             folder, local = verify(announced, cfg)
             if local != len(devices):
                 raise NodeRefused(f"node 0 runs {local} rank(s) per node; this node's train.gpus gives {len(devices)}")
             work = unpack(folder)
-        except NodeRefused as e:
+        except Exception as e:  # NodeRefused, or work this version cannot read: the node waits for the next round
             logger.error(f"node {d.node_rank}: round refused: {e}")
             continue
         prove(store, announced, cfg)
-        first = d.node_rank * local
-        logger.info(f"node {d.node_rank}: round {last[:8]}: ranks {first}..{first + local - 1} of {d.nodes * local}")
+        first, name = d.node_rank * local, announced["nonce"][:8]
+        logger.info(f"node {d.node_rank}: round {name}: ranks {first}..{first + local - 1} of {d.nodes * local}")
         try:
             join_round(work, devices, first, d.nodes * local, host, port, folder, cfg)
         except Exception as e:  # the round fails at node 0 too, which records it; this node waits for the next
-            logger.error(f"node {d.node_rank}: round {last[:8]} failed: {e}")
+            logger.error(f"node {d.node_rank}: round {name} failed: {e}")
         ran += 1
     return ran

@@ -6,10 +6,10 @@ two differences: its rendezvous store listens on ``train.distributed.rendezvous`
 round there. The announcement names a folder in the shared ``state_dir`` holding the round's
 :class:`~gcml_app.rounds.compute.RoundWork` as JSON and safetensors (:func:`pack`; never a pickle, which
 would run code from whoever can write the folder or talk to the store) and an HMAC of its digest with
-the nodes' shared secret. Every other node runs :func:`~gcml_app.rounds.node_service.serve_node` (``gcml node``): it waits for an
-announcement, runs only work whose MAC it verifies, proves in turn that it holds the secret (node 0's
-ranks join the group only once every node has), and starts its ranks in the same group. Rank 0, on
-node 0, alone writes the result; node 0 alone decides and commits.
+the nodes' shared secret. Every other node runs :func:`~gcml_app.rounds.node_service.serve_node`
+(``gcml node``): it waits for an announcement, runs only work whose MAC it verifies, proves in turn
+that it holds the secret (node 0's ranks join the group only once every node has), and starts its ranks
+in the same group. Rank 0, on node 0, alone writes the result; node 0 alone decides and commits.
 
 The rendezvous store and the gloo/NCCL traffic are not encrypted (``torch.distributed`` has no such
 option): the MACs keep a stray or misconfigured process from running or joining a round, not an
@@ -66,7 +66,8 @@ def pack(work: RoundWork, folder: Path) -> str:
         version, state, gauss = work.rng["random"]
         tensors["rng/torch"] = work.rng["torch"]
         tensors["rng/numpy"] = torch.from_numpy(np.asarray(keys, dtype=np.int64))
-        meta["rng"] = {"numpy": [kind, int(pos), int(has_gauss), float(cached)], "random": [version, list(state), gauss]}
+        meta["rng"] = {"numpy": [kind, int(pos), int(has_gauss), float(cached)],
+                       "random": [version, list(state), gauss]}
     save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(folder / WORK_TENSORS))
     (folder / WORK_JSON).write_text(json.dumps(meta))
     return _digest(folder)
@@ -157,6 +158,8 @@ def verify(announced: dict[str, Any], cfg: SiteConfig) -> tuple[Path, int]:
             secret, or work someone else wrote), or files whose digest differs from the announced one.
     """
     d = cfg.train.distributed
+    if not isinstance(announced, dict):
+        raise NodeRefused(f"an announcement of type {type(announced).__name__}; expected a JSON object")
     name, local = str(announced.get("folder", "")), announced.get("local")
     if not _FOLDER.fullmatch(name):
         raise NodeRefused(f"work folder {name!r}; expected a round's .ranks-* folder inside state_dir")
@@ -170,7 +173,8 @@ def verify(announced: dict[str, Any], cfg: SiteConfig) -> tuple[Path, int]:
     try:
         digest = _digest(folder)
     except OSError as e:
-        raise NodeRefused(f"work folder {folder} unreadable ({e}): is state_dir the shared one on every node?") from None
+        raise NodeRefused(f"work folder {folder} unreadable ({e}): is state_dir the shared one on every "
+                          "node?") from None
     if digest != announced["digest"]:
         raise NodeRefused(f"work in {folder} differs from what node 0 announced (digest {digest[:12]}, "
                           f"announced {str(announced['digest'])[:12]})")

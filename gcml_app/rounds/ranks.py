@@ -85,8 +85,8 @@ def run_on_ranks(work: RoundWork, devices: list[torch.device],
 
     Returns:
         rank 0's :class:`~gcml_app.rounds.compute.Computed`, with ``ranks``: the world size, backend, how the
-        ranks started and in how many seconds, and per rank its machine (host name), device, phase timings, peak memory, cache
-        figures and the sha256 of its candidates' weights (``same_weights``: they all agree).
+        ranks started and in how many seconds, and per rank its machine (host name), device, phase timings,
+        peak memory, cache figures and the sha256 of its candidates' weights (``same_weights``: they all agree).
 
     Raises:
         ValueError: ``train.samples_per_case`` does not split over the devices.
@@ -170,7 +170,8 @@ def _how(cfg: SiteConfig, devices: list[torch.device]) -> tuple[int, str, str]:
     """A CPU rank's torch threads, the backend and the start method of this machine's ranks."""
     threads = cfg.train.num_threads or max(1, len(os.sched_getaffinity(0)) // len(devices))
     backend = "nccl" if devices[0].type == "cuda" else "gloo"
-    return threads, backend, "spawn" if devices[0].type == "cuda" or threads > 1 else "fork"  # see the module's docstring
+    method = "spawn" if devices[0].type == "cuda" or threads > 1 else "fork"  # see the module's docstring
+    return threads, backend, method
 
 
 def _admit(store: dist.Store, nonce: str, cfg: SiteConfig, waited_s: float) -> bool:
@@ -185,7 +186,8 @@ def _admit(store: dist.Store, nonce: str, cfg: SiteConfig, waited_s: float) -> b
         d = cfg.train.distributed
         missing = [k for k in range(1, d.nodes) if not store.check([f"node/{k}"])]
         raise RankFailed(f"node(s) {missing} did not join within train.rank_timeout_s = {cfg.train.rank_timeout_s:g} s "
-                         f"(is gcml node running there, with rendezvous {d.rendezvous} and the same state_dir?)", "prepare")
+                         f"(is gcml node running there, with rendezvous {d.rendezvous} and the same state_dir?)",
+                         "prepare")
     return False
 
 
@@ -225,7 +227,8 @@ def _ended(code: int) -> str:
 
 
 def _rank_entry(index: int, world: int, first: int, backend: str, host: str, port: int, devices: list[torch.device],
-                out: str, parent: int, timeout_s: float, threads: int, target: Callable[..., None], args: tuple) -> None:
+                out: str, parent: int, timeout_s: float, threads: int, target: Callable[..., None],
+                args: tuple) -> None:
     """One rank (``first + index``): die with the process that started it, wait for the round's go-ahead, join
     the group, run ``target``, leave the group."""
     # A fork inherits the parent's objects, garbage included (a finished round's rendezvous store, say, still
@@ -263,8 +266,9 @@ def _round_rank(rank: int, device: torch.device, out: Path, client: dist.Store,
     phase = Phase(lambda name: client.set(f"phase/{rank}", name))
     phase("prepare")
     done = compute(work, device, post, phase)
-    mine = {"host": socket.gethostname(), "device": str(device), "timings": done.timings, "peak_rss_mb": max(done.peak_mb.values()),
-            "cache": done.cache, "weights_sha256": _digest(done.produced.states)}
+    mine = {"host": socket.gethostname(), "device": str(device), "timings": done.timings,
+            "peak_rss_mb": max(done.peak_mb.values()), "cache": done.cache,
+            "weights_sha256": _digest(done.produced.states)}
     every: list[dict[str, Any]] = [{} for _ in range(world)]
     dist.all_gather_object(every, mine)
     if rank == 0:
@@ -325,7 +329,7 @@ def _failure(e: Exception, procs: list, store: dist.Store, world: int, timeout_s
     codes = {r: p.exitcode for r, p in enumerate(procs)}
     own = [r for r, x in errors.items() if not x["comms"]]
     died = [r for r, c in codes.items() if r not in errors and c not in (0, None, -signal.SIGTERM)]
-    if not own and world > len(procs):  # another node names its own ranks' ends a moment later
+    if not own and not died and world > len(procs):  # another node names its own ranks' ends a moment later
         deadline = time.monotonic() + GRACE_S
         while not own and time.monotonic() < deadline:
             time.sleep(POLL_S)

@@ -45,14 +45,16 @@ def _pm(x: dict[str, float]) -> str:
 def results_markdown(res: dict[str, Any], prov: dict[str, str]) -> str:
     """The fixed-budget table (test Dice per site, mean ± std over seeds), each method against ``local2x`` and
     ``local`` per site (mean paired difference in Dice points, seeds won), and with ``--until-plateau`` the
-    plateau table and each method's plateau against the best plateau alone; under a header naming the command, commit, date and settings."""
+    plateau table and each method's plateau against the best plateau alone; under a header naming the command,
+    commit, date and settings."""
     c, summary = res["config"], res["summary"]
     names = c["sites"]
     lines = [
         f"#### {c['scenario']}: served test Dice after round {c['rounds']}",
         "",
         f"`{prov['command']}` at commit `{prov['commit']}`, {prov['date']}: {len(names)} sites, {c['seeds']} seeds, "
-        f"{c['epochs']} epochs a round after a {c['warmup_epochs']}-epoch warm-up, gate {'on' if c['gate'] else 'off'}, "
+        f"{c['epochs']} epochs a round after a {c['warmup_epochs']}-epoch warm-up, "
+        f"gate {'on' if c['gate'] else 'off'}, "
         f"init {c.get('init', 'random')}.",
         "",
         "| method | " + " | ".join(names) + " | mean | compute |",
@@ -80,12 +82,14 @@ def results_markdown(res: dict[str, Any], prov: dict[str, str]) -> str:
         for m in c["methods"]:
             x = p[m]
             rounds = f"{sum(x['rounds']) / len(x['rounds']):.1f}" + ("" if x["plateau_reached"] == x["seeds"] else "*")
-            lines.append(f"| {m} | {rounds} | " + " | ".join(_pm(x["sites"][n]) for n in names) + f" | {x['mean']:.3f} |")
+            cells = " | ".join(_pm(x["sites"][n]) for n in names)
+            lines.append(f"| {m} | {rounds} | {cells} | {x['mean']:.3f} |")
         alone = [m for m in ("local", "local2x") if m in p]
         others = [m for m in c["methods"] if m not in ("local", "local2x")]
         if alone and others:
             best = {n: max(p[m]["sites"][n]["mean"] for m in alone) for n in names}
-            lines += ["", f"At the plateau against the best the site reaches alone (the higher of {' and '.join(alone)} "
+            both = " and ".join(alone)
+            lines += ["", f"At the plateau against the best the site reaches alone (the higher of {both} "
                       "at each site), Dice points.", "", "| method | " + " | ".join(names) + " |",
                       "|---|" + "---|" * len(names)]
             for m in others:

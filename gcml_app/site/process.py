@@ -12,7 +12,8 @@ import time
 from itertools import pairwise
 from pathlib import Path
 
-__all__ = ["OMP_SERVER_ONLY_ENV", "STARTED_ENV", "freeze_startup", "is_background_process", "is_training_process", "lower_priority", "process_started", "started_at"]
+__all__ = ["OMP_SERVER_ONLY_ENV", "STARTED_ENV", "freeze_startup", "is_background_process", "is_training_process",
+           "lower_priority", "process_started", "started_at"]
 
 STARTED_ENV = "GCML_TRAIN_STARTED"  # in a round's child: when MONAI Label started the relay (epoch seconds)
 # set by gcml_app.site.serve_main when OMP_WAIT_POLICY is its own, for the server alone (the warm trainer drops both)

@@ -51,7 +51,8 @@ def _nodes(port, **over):
 CONFIGS = [  # (train.distributed and train overrides, the error)
     (_nodes(29400, node_rank=2), {}, r"node_rank: found 2; expected 0 to 1 for 2 nodes"),
     (_nodes(29400, rendezvous="pacs.local"), {}, r"rendezvous: found 'pacs.local'; expected host:port"),
-    (_nodes(29400, rendezvous="h:99999"), {}, r"rendezvous: found 'h:99999'; expected host:port with a port of 1-65535"),
+    (_nodes(29400, rendezvous="h:99999"), {}, r"rendezvous: found 'h:99999'; expected host:port with a port of "
+                                               r"1-65535"),
     (_nodes(29400, nodes=1), {}, r"nodes.*greater than or equal to 2"),
     (_nodes(29400, nodes=3), {"samples_per_case": 4}, r"samples_per_case: found 4 with 1 gpus on each of 3 nodes; "
                                                       r"expected a multiple of 3"),
@@ -150,6 +151,12 @@ REFUSALS = [  # (what goes wrong, the node's refusal)
 ]
 
 
+def test_an_announcement_that_is_not_an_object_is_refused(tmp_path, monkeypatch):
+    cfg, *_ = _announced(tmp_path, monkeypatch)
+    with pytest.raises(NodeRefused, match="an announcement of type list; expected a JSON object"):
+        verify(["work"], cfg)
+
+
 @pytest.mark.parametrize("spoil, message", REFUSALS, ids=["secret", "folder", "nodes", "tampered", "extra-key"])
 def test_a_node_runs_only_work_it_can_verify(tmp_path, monkeypatch, spoil, message):
     cfg, store, announced, folder, _ = _announced(tmp_path, monkeypatch)
@@ -227,8 +234,8 @@ def test_a_node_with_another_secret_never_joins_and_the_round_fails_changing_not
         with pytest.raises(RoundFailed, match=r"node\(s\) \[1\] did not join within train.rank_timeout_s = 8 s "
                                               r"\(is gcml node running there"):
             run_round(cfg, store, cases_of(studies[0]), epochs=1)
-        until(lambda: "round refused: the announcement's MAC does not verify" in (config.parent / "node.log").read_text(),
-              timeout=30, what="the node's refusal in its log")
+        refused = "round refused: the announcement's MAC does not verify"
+        until(lambda: refused in (config.parent / "node.log").read_text(), timeout=30, what="the node's refusal")
     finally:
         _stop(node)
     assert store.served() is None and store.history()[-1]["outcome"] == "failed"
