@@ -183,11 +183,15 @@ def test_node_0_admits_only_nodes_that_prove_the_secret(tmp_path, monkeypatch):
 
 
 def _start_node(config, secret=SECRET, rounds=1):
+    """``gcml node`` for node 1, once it waits for rounds (its imports done: a round's short timeout is not spent
+    on them)."""
     env = {**os.environ, "GCML_NODES_SECRET": secret, "PYTHONUNBUFFERED": "1"}
     with open(config.parent / "node.log", "w") as log:  # the node keeps its own descriptor
-        return subprocess.Popen([sys.executable, "-m", "gcml_app.cli", "node", "--config", str(config), "--node-rank",
+        node = subprocess.Popen([sys.executable, "-m", "gcml_app.cli", "node", "--config", str(config), "--node-rank",
                                  "1", "--rounds", str(rounds)], env=env, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True)
+    until(lambda: "waiting for rounds" in (config.parent / "node.log").read_text(), timeout=120, what="node 1 up")
+    return node
 
 
 @pytest.mark.slow
