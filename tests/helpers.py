@@ -21,6 +21,9 @@ TINY = {
     "network": {"name": "UNet", "channels": [4, 8, 16], "strides": [2, 2], "num_res_units": 1},
     "train": {"epochs": 2, "batch_size": 2, "samples_per_case": 1, "lr": 0.005, "seed": 0, "num_threads": 2},
     "validation": {"fraction": 0.2, "min_cases": 1},
+    # mutual learning every round: the tests of DCML's plumbing see its three candidates; dcml.choose (the default)
+    # has its own tests (tests/rounds/test_choice.py, the simulator's gcml)
+    "dcml": {"choose": False},
     "state_dir": "state",
 }
 

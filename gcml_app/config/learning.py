@@ -374,9 +374,10 @@ class DCMLConfig(_Strict):
                                       "pool (a random subset): bounds a round's preprocessing and cache growth")
     train_incoming: bool = Field(True, description="false: the partner's model is a frozen teacher (forward "
                                  "passes only; one candidate, dcml_local)")
-    choose: bool = Field(False, description="score the partner's model on the site's validation cases before a DCML "
+    choose: bool = Field(True, description="score the partner's model on the site's validation cases before a DCML "
                          "round and choose from that: mutual learning, a frozen teacher, or training alone, each at "
-                         "local2x's compute (docs/design.md, 'Choosing how a partner's model is used')")
+                         "local2x's compute (docs/design.md, 'Choosing how a partner's model is used'); false = "
+                         "mutual learning every round")
 
 
 

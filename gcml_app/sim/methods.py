@@ -274,8 +274,8 @@ ARMS: dict[str, Method] = {
     "gcml-teacher": Gossip(dcml={"train_incoming": False}),  # the partner's model only teaches: 1.5x the crops
     "pooled": Pooled(),
     "pooled-epochs": Pooled(budget="epochs"),
-    # dcml.choose: each round mutual, a frozen teacher or alone, from the partner's Dice on the site's cases
-    "gcml-choose": Gossip(dcml={"choose": True}),
+    # dcml.choose off: mutual learning every round, as GCML did before the choice became the default
+    "gcml-mutual": Gossip(dcml={"choose": False}),
 }
-OPT_IN = ("gcml-choose",)  # run when named (--methods): the default run, and its checksum, stay as they were
+OPT_IN = ("gcml-mutual",)  # run when named (--methods); the default run's methods stay the 18 above
 DEFAULT_METHODS = [m for m in ARMS if m not in OPT_IN]

@@ -261,14 +261,18 @@ def test_malformed_layout_names_the_file(tmp_path, break_it, message):
 
 
 def test_simulate_until_plateau_reports_each_methods_stop_and_the_arm_of_each_choosing_round(tmp_path, capsys):
+    from helpers import write_config
+
     data, out = _layout(tmp_path, sites=("x", "y"), cases=5), tmp_path / "sim"
-    assert main(["simulate", "--data", str(data), "--config", str(_tiny_yaml(tmp_path)), "--out", str(out),
+    cfg = write_config(tmp_path / "cfg", validation={"fraction": 0.2, "min_cases": 1, "margin": 0.0},
+                       dcml={"choose": True})  # the default (the tests' tiny site turns it off)
+    assert main(["simulate", "--data", str(data), "--config", str(cfg), "--out", str(out),
                  "--seeds", "1", "--rounds", "3", "--epochs", "1", "--warmup-epochs", "1",
-                 "--methods", "local,gcml-choose", "--until-plateau", "1"]) == 0
+                 "--methods", "local,gcml,gcml-mutual", "--until-plateau", "1"]) == 0
     res = json.loads((out / "results.json").read_text())
     p = res["plateau"]
     assert (p["patience"], p["tolerance"]) == (1, res["config"]["validation"]["margin"])
-    for m in ("local", "gcml-choose"):
+    for m in ("local", "gcml", "gcml-mutual"):
         assert p[m]["rounds"][0] in (1, 2, 3) and set(p[m]["sites"]) == {"x", "y"}
         stop = p[m]["rounds"][0]
         at = {r["site"]: r["test_mean"] for r in res["rows"] if r["method"] == m and r["round"] == stop}
@@ -276,16 +280,17 @@ def test_simulate_until_plateau_reports_each_methods_stop_and_the_arm_of_each_ch
     assert all("val_mean" in r for r in res["rows"])
     assert "at the plateau" in capsys.readouterr().out
     history = [json.loads(line) for line in
-               (out / "runs" / "seed0" / "gcml-choose" / "y" / "models" / "history.jsonl").read_text().splitlines()]
+               (out / "runs" / "seed0" / "gcml" / "y" / "models" / "history.jsonl").read_text().splitlines()]
     dcml = [h for h in history if h.get("gossip") and h.get("event") in ("publish", "keep")]
     assert dcml and all(h["arm"]["arm"] in ("mutual", "teacher", "alone") and h["arm"]["why"] for h in dcml)
     arms = {(r["method"], r["site"], r["round"]): r.get("arm") for r in res["rows"]}  # each row says how, too
-    assert arms[("gcml-choose", "y", 3)] == dcml[-1]["arm"]["arm"] and arms[("local", "y", 3)] is None
+    assert arms[("gcml", "y", 3)] == dcml[-1]["arm"]["arm"] and arms[("local", "y", 3)] is None
+    assert arms[("gcml-mutual", "y", 3)] is None  # dcml.choose off: mutual learning, no choice to record
     # the tables, headed by what reproduces them
     md = (out / "results.md").read_text()
     assert md.startswith("#### data:") and "`gcml simulate --data " in md and "--until-plateau 1`" in md
     assert re.search(r"at commit `([0-9a-f]{7}(\+changes)?|unknown)`, \d{4}-\d\d-\d\d", md)
-    assert "| gcml-choose | " in md and "At the plateau" in md and "Against `local`" in md
+    assert "| gcml-mutual | " in md and "At the plateau" in md and "Against `local`" in md
     # rebuilt from results.json alone, with the provenance given: the same tables under that header
     assert tables.main([str(out), "--commit", "abc1234", "--date", "2026-01-02"]) == 0
     again = (out / "results.md").read_text()
@@ -434,7 +439,7 @@ def test_simulate_data_trains_on_an_unlabelled_pool_only_when_there_is_one(tmp_p
             for img in sorted((data / s / "imagesTr").glob("*.nii.gz"))[:3]:
                 shutil.copy(img, data / s / "imagesUn" / f"u{img.name}")
     cfg = write_config(tmp_path / "cfg", validation={"fraction": 0.2, "min_cases": 1, "margin": 0.0},
-                       dcml={"lambda_unl": 0.25, "confidence": 0.0})
+                       dcml={"lambda_unl": 0.25, "confidence": 0.0, "choose": False})
     out = tmp_path / "sim"
     assert main(["simulate", "--data", str(data), "--config", str(cfg), "--out", str(out), "--seeds", "1",
                  "--rounds", "1", "--epochs", "2", "--warmup-epochs", "1", "--methods", "local,local2x,gcml"]) == 0
