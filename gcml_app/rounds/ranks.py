@@ -4,7 +4,9 @@
 :func:`run_on_ranks` is called by :func:`~gcml_app.rounds.loop.run_round` when ``train.gpus`` names more
 than one device; :func:`launch`, the part that starts and watches the ranks, also runs a scoring run's
 ranks (:mod:`gcml_app.site.scoring`). The round's own process stays out of the group: it hosts the rendezvous store
-(a ``TCPStore`` on a port the OS picks, never a fixed or guessed one), starts one rank per device with
+(on one machine a ``FileStore`` in the round's folder and the group on the loopback interface: no port at all,
+nothing reachable from the network; across machines a ``TCPStore`` on ``train.distributed.rendezvous``,
+:mod:`gcml_app.rounds.nodes`), starts one rank per device with
 ``torch.multiprocessing``, relays rank 0's progress, and reads back what rank 0 wrote. It alone then
 decides and commits: the ranks never touch the model store.
 
@@ -59,7 +61,6 @@ logger = logging.getLogger(__name__)
 
 _spawn = importlib.import_module("torch.multiprocessing.spawn")  # the module: torch.multiprocessing.spawn is a function
 
-HOST = "127.0.0.1"  # the rendezvous of one machine's ranks (several machines: train.distributed.rendezvous)
 POLL_S = 0.25  # how often the round's process looks at its ranks (and relays progress)
 GRACE_S = 5.0  # after one rank fails, how long the others get to end before SIGTERM, then again before SIGKILL
 _PR_SET_PDEATHSIG = 1
@@ -136,16 +137,18 @@ def launch(target: Callable[..., None], args: tuple, devices: list[torch.device]
     world = local * (nodes.nodes if nodes else 1)
     threads, backend, method = _how(cfg, devices)
     timeout = timedelta(seconds=timeout_s)
-    host, port = nodes.address() if nodes else (HOST, 0)  # port 0: the OS picks
-    store = dist.TCPStore(host, port, is_master=True, timeout=timeout, wait_for_workers=False)
     launched = time.time()
-    try:
-        with tempfile.TemporaryDirectory(dir=cfg.state_dir, prefix=".ranks-") as out:
+    with tempfile.TemporaryDirectory(dir=cfg.state_dir, prefix=".ranks-") as out:
+        # one machine: a file in the round's folder, no socket at all; several: node 0's configured endpoint
+        where = ("tcp", *nodes.address()) if nodes else ("file", str(Path(out) / ".store"))
+        store = _store(where, timeout, master=True)
+        try:
+            where = ("tcp", where[1], store.port) if nodes else where
             nonce = announce(store, Path(out), pack(work, Path(out)), cfg, local) if nodes else None
             if not nodes:
                 store.set("go", "1")
             procs = mp.start_processes(_rank_entry, nprocs=local, join=False, start_method=method, args=(
-                world, 0, backend, host, store.port, devices, out, os.getpid(), timeout_s, threads, target, args))
+                world, 0, backend, where, devices, out, os.getpid(), timeout_s, threads, target, args))
             relayed, admitted = 0, nodes is None
             try:
                 while not procs.join(timeout=POLL_S, grace_period=GRACE_S):
@@ -160,10 +163,21 @@ def launch(target: Callable[..., None], args: tuple, devices: list[torch.device]
                 raise
             _relay(store, relayed, report)
             result = read(Path(out))
-        ready = [float(store.get(f"ready/{r}")) for r in range(world)]
-    finally:  # the store's server thread ends now, in this process: never left to a traceback, then a fork's collector
-        del store
+            ready = [float(store.get(f"ready/{r}")) for r in range(world)]
+        finally:  # a TCP store's server thread ends now, in this process: never left to a traceback, then a fork's
+            del store  # collector
     return result, {"backend": backend, "start": method, "start_s": round(max(ready) - launched, 3)}
+
+
+def _store(where: tuple, timeout: timedelta, master: bool = False) -> dist.Store:
+    """The round's rendezvous store: ``("file", path)`` on one machine, ``("tcp", host, port)`` across machines
+    (``master``: this process serves it)."""
+    if where[0] == "file":
+        store = dist.FileStore(where[1], -1)
+        store.set_timeout(timeout)
+        return store
+    _, host, port = where
+    return dist.TCPStore(host, port, is_master=master, timeout=timeout, wait_for_workers=False)
 
 
 def _how(cfg: SiteConfig, devices: list[torch.device]) -> tuple[int, str, str]:
@@ -202,8 +216,8 @@ def join_round(work: RoundWork, devices: list[torch.device], first: int, world: 
     """
     threads, backend, method = _how(cfg, devices)
     procs = mp.start_processes(_rank_entry, nprocs=len(devices), join=False, start_method=method, args=(
-        world, first, backend, host, port, devices, str(folder), os.getpid(), cfg.train.rank_timeout_s, threads,
-        _round_rank, (work,)))
+        world, first, backend, ("tcp", host, port), devices, str(folder), os.getpid(), cfg.train.rank_timeout_s,
+        threads, _round_rank, (work,)))
     try:
         while not procs.join(timeout=POLL_S, grace_period=GRACE_S):
             pass
@@ -226,11 +240,11 @@ def _ended(code: int) -> str:
     return f"ended: terminated by signal {signal.Signals(-code).name}" if code < 0 else f"ended: exit status {code}"
 
 
-def _rank_entry(index: int, world: int, first: int, backend: str, host: str, port: int, devices: list[torch.device],
+def _rank_entry(index: int, world: int, first: int, backend: str, where: tuple, devices: list[torch.device],
                 out: str, parent: int, timeout_s: float, threads: int, target: Callable[..., None],
                 args: tuple) -> None:
     """One rank (``first + index``): die with the process that started it, wait for the round's go-ahead, join
-    the group, run ``target``, leave the group."""
+    the group (on one machine over the loopback interface only), run ``target``, leave the group."""
     # A fork inherits the parent's objects, garbage included (a finished round's rendezvous store, say, still
     # held by a traceback): its garbage collection must never run their destructors here. A TCPStore's joins
     # its server thread, which does not exist in a fork: the rank would wait forever. Frozen, the collector
@@ -239,7 +253,9 @@ def _rank_entry(index: int, world: int, first: int, backend: str, host: str, por
     _die_with(parent)
     rank, device = first + index, devices[index]
     timeout = timedelta(seconds=timeout_s)
-    client = dist.TCPStore(host, port, is_master=False, timeout=timeout)
+    client = _store(where, timeout)
+    if where[0] == "file":  # one machine: gloo's and NCCL's own sockets on loopback, never on the site's network
+        os.environ["GLOO_SOCKET_IFNAME"] = os.environ["NCCL_SOCKET_IFNAME"] = "lo"
     client.set(f"phase/{rank}", "start")
     client.wait(["go"])  # several machines: until every node has proved itself
     if device.type == "cuda":

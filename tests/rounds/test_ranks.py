@@ -167,6 +167,27 @@ def test_a_rank_never_collects_what_the_parent_left_behind(tmp_path):
     no_ranks_left()
 
 
+def test_one_machines_ranks_listen_on_no_network_interface(tmp_path):
+    """The round's rendezvous is a file and the group talks over loopback: while every rank is up, no process of
+    the round listens on an address another machine could reach."""
+    cfg = _site(tmp_path)
+    cfg.state_dir.mkdir(parents=True)
+    result, _ = launch(_listening, (os.getpid(),), [torch.device("cpu")] * 2, cfg,
+                       lambda out: (out / "listening").read_text())
+    listening = result.split()
+    assert all(ip in ("127.0.0.1", "::1", "::ffff:127.0.0.1") for ip in listening), listening
+    no_ranks_left()
+
+
+def _listening(rank, device, out, client, post, parent):
+    dist.barrier()  # every rank in the group, its sockets open
+    if rank == 0:
+        procs = [psutil.Process(parent), *psutil.Process(parent).children(recursive=True)]
+        ips = [c.laddr.ip for p in procs for c in p.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN]
+        (out / "listening").write_text(" ".join(ips))
+    dist.barrier()
+
+
 def _collect(rank, device, out, client, post):
     gc.collect()
     dist.barrier()
