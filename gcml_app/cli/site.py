@@ -26,6 +26,9 @@ def _serve(args: argparse.Namespace) -> int:
 def _node(args: argparse.Namespace) -> int:
     import logging
 
+    from pydantic import ValidationError
+
+    from gcml_app.config.site import format_errors
     from gcml_app.rounds.node_service import serve_node
     from gcml_app.rounds.nodes import NodeRefused
 
@@ -39,8 +42,8 @@ def _node(args: argparse.Namespace) -> int:
     if args.node_rank is not None:
         try:
             d = type(d).model_validate({**d.model_dump(), "node_rank": args.node_rank})
-        except ValueError as e:
-            print(f"gcml node: --node-rank {args.node_rank}: {e}", file=sys.stderr)
+        except ValidationError as e:
+            print(f"gcml node: --node-rank {args.node_rank}: {'; '.join(format_errors(e))}", file=sys.stderr)
             return 2
         cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"distributed": d})})
     try:

@@ -284,3 +284,24 @@ def test_a_node_that_dies_mid_round_fails_the_round_and_leaves_no_rank(tmp_path,
     no_ranks_left()
 
 
+
+
+NODE_CLI = [  # (gcml node's arguments after --config, whether the YAML has train.distributed, the secret, the error)
+    (["--node-rank", "1"], False, SECRET, r"has no train.distributed section \(nodes, node_rank, rendezvous"),
+    (["--node-rank", "5"], True, SECRET, r"--node-rank 5: .*node_rank: found 5; expected 0 to 1 for 2 nodes"),
+    ([], True, SECRET, r"gcml node runs on nodes 1.. of train.distributed; node 0 is the MONAI Label server"),
+    (["--node-rank", "1"], True, None, r"environment variable GCML_NODES_SECRET .* is not set"),
+]
+
+
+@pytest.mark.parametrize("args, distributed, secret, message", NODE_CLI, ids=["no-section", "rank", "node-0", "secret"])
+def test_gcml_node_refuses_to_start_with_a_clear_message(tmp_path, monkeypatch, capsys, args, distributed, secret,
+                                                         message):
+    from gcml_app.cli import main
+
+    monkeypatch.delenv("GCML_NODES_SECRET", raising=False)
+    if secret:
+        monkeypatch.setenv("GCML_NODES_SECRET", secret)
+    config = _site(tmp_path, distributed=_nodes(_free_port()) if distributed else None)
+    assert main(["node", "--config", str(config), *args]) == 2
+    assert re.search(message, capsys.readouterr().err)
