@@ -196,7 +196,7 @@ class DistributedConfig(_Strict):
     node_rank: int = Field(ge=0, description="this machine's place: 0 = the MONAI Label server")
     rendezvous: str = Field(description="host:port of node 0's rendezvous on the site's training network")
     token_env: str = Field(description="environment variable holding the nodes' shared secret (at least 32 "
-                           "characters; gcml token new makes one), the same on every node")
+                           "characters, e.g. secrets.token_urlsafe(32)), the same on every node")
 
     @model_validator(mode="after")
     def _where(self) -> DistributedConfig:
