@@ -172,19 +172,26 @@ def test_one_machines_ranks_listen_on_no_network_interface(tmp_path):
     the round listens on an address another machine could reach."""
     cfg = _site(tmp_path)
     cfg.state_dir.mkdir(parents=True)
-    result, _ = launch(_listening, (os.getpid(),), [torch.device("cpu")] * 2, cfg,
+    before = _listening_in(os.getpid())  # what this test process had already (an earlier test's leftovers)
+    result, _ = launch(_listening, (os.getpid(), before), [torch.device("cpu")] * 2, cfg,
                        lambda out: (out / "listening").read_text())
     listening = result.split()
+    assert listening, "the ranks' own sockets were not seen"  # gloo's pairs listen: the probe sees them
     assert all(ip in ("127.0.0.1", "::1", "::ffff:127.0.0.1") for ip in listening), listening
     no_ranks_left()
 
 
-def _listening(rank, device, out, client, post, parent):
+def _listening_in(pid: int) -> set[tuple[str, int]]:
+    """Listening addresses of ``pid`` and its descendants."""
+    procs = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
+    return {(c.laddr.ip, c.laddr.port) for p in procs for c in p.net_connections(kind="inet")
+            if c.status == psutil.CONN_LISTEN}
+
+
+def _listening(rank, device, out, client, post, parent, before):
     dist.barrier()  # every rank in the group, its sockets open
     if rank == 0:
-        procs = [psutil.Process(parent), *psutil.Process(parent).children(recursive=True)]
-        ips = [c.laddr.ip for p in procs for c in p.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN]
-        (out / "listening").write_text(" ".join(ips))
+        (out / "listening").write_text(" ".join(ip for ip, _ in _listening_in(parent) - before))
     dist.barrier()
 
 
