@@ -16,6 +16,12 @@ def _serve(args: argparse.Namespace) -> int:
     from gcml_app.store import ModelStore
 
     cfg = load_config(args.config)  # fail here, with the key path, rather than inside the server
+    if cfg.train.distributed:  # node 0's secret: now, not as the first round's failure
+        try:
+            cfg.train.distributed.secret()
+        except KeyError as e:
+            print(f"gcml serve: {e.args[0]}", file=sys.stderr)
+            return 2
     store = ModelStore(cfg.state_dir / "models")
     check_network(cfg, first_model=store.served_version() is None and not store.working_path.exists())
     cmd = server_command(args.config, args.studies, args.host or cfg.serve.host, args.port or cfg.serve.port)

@@ -305,3 +305,15 @@ def test_gcml_node_refuses_to_start_with_a_clear_message(tmp_path, monkeypatch, 
     config = _site(tmp_path, distributed=_nodes(_free_port()) if distributed else None)
     assert main(["node", "--config", str(config), *args]) == 2
     assert re.search(message, capsys.readouterr().err)
+
+
+def test_gcml_serve_refuses_to_start_node_0_without_the_secret(tmp_path, monkeypatch, capsys):
+    from gcml_app.cli import main
+
+    monkeypatch.delenv("GCML_NODES_SECRET", raising=False)
+    monkeypatch.setattr(os, "execv", lambda *a: pytest.fail("the server started without the secret"))
+    config = _site(tmp_path, distributed=_nodes(_free_port()))
+    assert main(["serve", "--config", str(config), "--studies", str(tmp_path)]) == 2  # before it execs the server
+    assert "gcml serve: environment variable GCML_NODES_SECRET (train.distributed's shared secret) is not set" in (
+        capsys.readouterr().err)
+
