@@ -334,6 +334,11 @@ def _is_comms(e: Exception) -> bool:
 _COMMS = re.compile(r"gloo|nccl|connection (closed|reset)|broken pipe|timed out|timeout", re.IGNORECASE)
 
 
+def _errors(store: dist.Store, world: int) -> dict[int, dict[str, Any]]:
+    """The errors the ranks left in the store: rank -> ``{"error", "comms"}``."""
+    return {r: json.loads(store.get(f"error/{r}")) for r in range(world) if store.check([f"error/{r}"])}
+
+
 def _failure(e: Exception, procs: list, store: dist.Store, world: int, timeout_s: float) -> RankFailed:
     """What went wrong, in one line: which rank, in which phase, and the error it raised or how it ended.
 
@@ -341,7 +346,7 @@ def _failure(e: Exception, procs: list, store: dist.Store, world: int, timeout_s
     first, the message names the cause: a rank's own error first, else a rank that died without one (killed),
     else the timeout of a rank that waited for one that stopped answering.
     """
-    errors = {r: json.loads(store.get(f"error/{r}")) for r in range(world) if store.check([f"error/{r}"])}
+    errors = _errors(store, world)
     codes = {r: p.exitcode for r, p in enumerate(procs)}
     own = [r for r, x in errors.items() if not x["comms"]]
     died = [r for r, c in codes.items() if r not in errors and c not in (0, None, -signal.SIGTERM)]
@@ -349,7 +354,7 @@ def _failure(e: Exception, procs: list, store: dist.Store, world: int, timeout_s
         deadline = time.monotonic() + GRACE_S
         while not own and time.monotonic() < deadline:
             time.sleep(POLL_S)
-            errors = {r: json.loads(store.get(f"error/{r}")) for r in range(world) if store.check([f"error/{r}"])}
+            errors = _errors(store, world)
             own = [r for r, x in errors.items() if not x["comms"]]
     if own:
         i = own[0]

@@ -108,12 +108,12 @@ def run_seed(cfg: SiteConfig, sites: list[SimSite], out: Path, seed: int, method
                          "train_steps": cost["steps"], "crop_passes": cost["crop_passes"],
                          "seconds": round((now - t[0]) / len(per_site), 2)})
             models = run.root / method / n / "models"
+            store = ModelStore(models) if validation or (models / "history.jsonl").exists() else None
             if validation:
-                served = ModelStore(models).served()
+                served = store.served()
                 rows[-1]["val_mean"] = round(mean_dice(served.val_dice), 4) if served else 0.0
-            if r > 0 and (models / "history.jsonl").exists():  # dcml.choose: how the partner's model was used
-                if "arm" in (last := (ModelStore(models).history() or [{}])[-1]):
-                    rows[-1]["arm"] = last["arm"]["arm"]
+            if r > 0 and store is not None and "arm" in (last := (store.history() or [{}])[-1]):
+                rows[-1]["arm"] = last["arm"]["arm"]  # dcml.choose: how the partner's model was used
         t[0] = now
         if r > 0:
             bar.set_postfix(method=method, round=r)
