@@ -1,9 +1,10 @@
 """Markdown tables of a ``gcml simulate`` run, headed by what reproduces them: the command, the commit, the date
 and the settings. ``gcml simulate`` writes them to ``results.md``; the docs include that file as written.
 
-    python -m gcml_app.sim.tables OUT [--command "gcml simulate ..."] [--commit C] [--date D]
+    python -m gcml_app.sim.tables OUT [--command "gcml simulate ..."] [--commit C] [--date D] [--off DIR ...]
 
-rebuilds ``OUT/results.md`` from ``OUT/results.json`` (a run from before the file existed).
+rebuilds ``OUT/results.md`` from ``OUT/results.json`` (a run from before the file existed); with ``--off``, an
+``--interactive`` run's zero-click Dice is compared with runs without it.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-__all__ = ["provenance", "results_markdown"]
+__all__ = ["bench_markdown", "clicks_markdown", "on_off_markdown", "provenance", "results_markdown"]
 
 
 def provenance(argv: list[str]) -> dict[str, str]:
@@ -95,6 +96,76 @@ def results_markdown(res: dict[str, Any], prov: dict[str, str]) -> str:
             for m in others:
                 lines.append(f"| {m} | " + " | ".join(f"{100 * (p[m]['sites'][n]['mean'] - best[n]):+.1f}"
                                                       for n in names) + " |")
+    if "clicks" in res:
+        lines += clicks_markdown(res["clicks"], names)
+    return "\n".join(lines) + "\n"
+
+
+def clicks_markdown(clicks: dict[str, Any], names: list[str]) -> list[str]:
+    """``--interactive``: each method's test Dice after k simulated clicks per site (mean ± std over seeds) with
+    NoC@90, and each method against ``local2x`` after 3 clicks (mean paired difference in points, seeds won).
+
+    Args:
+        clicks: ``results.json``'s ``clicks`` (:func:`~gcml_app.sim.report.summarize_clicks`).
+    """
+    first = clicks[next(iter(clicks))][names[0]]
+    ks = sorted((int(k.split("_")[1]) for k in first if k.startswith("clicks_")))
+    lines = ["", "Test Dice after k simulated clicks (mean ± std over seeds); NoC@90: mean clicks to a Dice of 0.90, "
+             "capped at 20.", "", "| method | site | " + " | ".join(str(k) for k in ks) + " | NoC@90 |",
+             "|---|---|" + "---|" * (len(ks) + 1)]
+    for m, per in clicks.items():
+        for n in names:
+            v = per[n]
+            lines.append(f"| {m} | {n} | " + " | ".join(f"{v[f'clicks_{k}'][0]:.3f} ± {v[f'clicks_{k}'][1]:.3f}"
+                                                     for k in ks) + f" | {v['noc90'][0]:.1f} |")
+    rivals = [m for m in clicks if "vs_local2x_clicks_3" in clicks[m][names[0]]]
+    if rivals:
+        lines += ["", "After 3 clicks against `local2x`: mean paired difference in Dice points, seeds won.", "",
+                  "| method | " + " | ".join(names) + " | sites at or above |", "|---|" + "---|" * (len(names) + 1)]
+        for m in rivals:
+            d = [clicks[m][n]["vs_local2x_clicks_3"] for n in names]
+            lines.append(f"| {m} | " + " | ".join(f"{100 * x['mean']:+.1f} ({x['wins']}/{x['n']})" for x in d)
+                         + f" | {sum(x['mean'] >= 0 for x in d)} of {len(d)} |")
+    return lines
+
+
+def on_off_markdown(on: dict[str, Any], offs: list[tuple[dict[str, Any], str]]) -> str:
+    """Zero-click served test Dice with interaction on (``on``, a ``--interactive`` run) against off (runs without
+    it on the same scenario, seeds and budget): per method and site, the difference in points and its size in
+    pooled seed-stds, ``|on - off| / sqrt((std_on² + std_off²) / 2)``.
+
+    Args:
+        offs: ``(results, label)`` of each run without ``--interactive``; a method is taken from the first run that
+            has it, and the label (its commit) is named beside it.
+    """
+    names, rounds = on["config"]["sites"], on["config"]["rounds"]
+    lines = [f"Zero-click served test Dice after round {rounds}, interaction on − off: Dice points "
+             "(|difference| / pooled seed-std).", "", "| method | off run | " + " | ".join(names) + " | mean |",
+             "|---|---|" + "---|" * (len(names) + 1)]
+    for m, row in on["summary"].items():
+        off = next(((r, lab) for r, lab in offs if m in r["summary"]), None)
+        if off is None:
+            continue
+        if off[0]["config"]["rounds"] != rounds or off[0]["config"]["seeds"] != on["config"]["seeds"]:
+            raise ValueError(f"{off[1]}: {off[0]['config']['rounds']} rounds, {off[0]['config']['seeds']} seeds; "
+                             f"expected the interactive run's {rounds} and {on['config']['seeds']}")
+        cells = []
+        for n in names:
+            a, b = row["per_site"][n], off[0]["summary"][m]["per_site"][n]
+            pooled = ((a["std"] ** 2 + b["std"] ** 2) / 2) ** 0.5
+            size = abs(a["mean"] - b["mean"]) / pooled if pooled else float("inf")
+            cells.append(f"{100 * (a['mean'] - b['mean']):+.1f} ({size:.2f})")
+        mean = 100 * (row["mean"] - off[0]["summary"][m]["mean"])
+        lines.append(f"| {m} | {off[1]} | " + " | ".join(cells) + f" | {mean:+.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def bench_markdown(title: str, rows: list[tuple[str, str, str]], prov: dict[str, str]) -> str:
+    """A ``gcml bench`` mode's measures as a table (measure, result, target) under ``title`` and the command,
+    commit and date (:func:`provenance`)."""
+    lines = [f"#### {title}", "", f"`{prov['command']}` at commit `{prov['commit']}`, {prov['date']}.", "",
+             "| measure | result | target |", "|---|---|---|"]
+    lines += [f"| {what} | {result} | {target} |" for what, result, target in rows]
     return "\n".join(lines) + "\n"
 
 
@@ -104,6 +175,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--command", help="the command that made it (default: unknown)")
     ap.add_argument("--commit", help="the commit it ran at (default: this checkout's)")
     ap.add_argument("--date", help="the day it ran (default: results.json's modification day)")
+    ap.add_argument("--off", type=Path, action="append", default=[], metavar="DIR",
+                    help="an --interactive run's zero-click Dice against this run without --interactive (same "
+                         "scenario, seeds and rounds); repeat: a method is taken from the first run that has it")
     args = ap.parse_args(argv)
     res = json.loads((args.out / "results.json").read_text())
     had = res.get("provenance", {})
@@ -111,7 +185,14 @@ def main(argv: list[str] | None = None) -> int:
     prov = {"command": args.command or had.get("command", "unknown"),
             "commit": args.commit or had.get("commit") or provenance([])["commit"],
             "date": args.date or had.get("date") or day.date().isoformat()}
-    (args.out / "results.md").write_text(results_markdown(res, prov))
+    text = results_markdown(res, prov)
+    if args.off:
+        offs = []
+        for d in args.off:
+            r = json.loads((d / "results.json").read_text())
+            offs.append((r, f"`{r.get('provenance', {}).get('commit', d.name)}`"))
+        text += "\n" + on_off_markdown(res, offs)
+    (args.out / "results.md").write_text(text)
     print(f"wrote {args.out / 'results.md'}")
     return 0
 

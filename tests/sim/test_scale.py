@@ -40,8 +40,12 @@ def test_bench_scale_quick_writes_rounds_against_n(tmp_path, capsys):
     assert sc["size"] == name and sc["partners"] == 3 and sc["voxels"] > 0
     assert sc["disagreement_s"] > 0 and sc["epistemic_s"] > 0 and sc["disagreement_peak_above_mb"] >= 0
     printed = capsys.readouterr().out
-    assert "round memory per added case" in printed and "augmentation (train.augment: scanner)" in printed
+    assert "round memory per added case" in printed and "augmentation (`train.augment: scanner`)" in printed
     assert "scoring one unlabelled" in printed
+    md = (tmp_path / "scale.md").read_text()  # the same rows, as docs/results.md includes them
+    assert md.startswith("#### gcml bench --scale") and "`gcml bench --scale --quick --out " in md
+    assert f"{name} ({s['voxels'] / 1e6:.1f} M voxels a case): second-round loading against the first" in md
+    assert "| <= 0.5x |" in md and "| <= 8 MB |" in md
 
 
 @pytest.mark.slow
@@ -54,4 +58,6 @@ def test_the_gpu_check_runs_on_the_cpu_path(tmp_path, capsys):
     assert r["dcml_step"]["amp_off"]["precision"] == "fp32"
     assert r["round"]["published"] and r["round"]["cache"]["misses"] == 8
     assert r["infer"]["label_written"] and r["infer"]["model_version"] == 1
-    assert "GPU check on" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "the check: OK (target OK)" in printed and "DCML step, fp32: " in printed
+    assert "| the check | OK | OK |" in (tmp_path / "gpu_check.md").read_text()

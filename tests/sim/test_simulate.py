@@ -370,7 +370,11 @@ def test_bench_quick_writes_every_key(tmp_path, capsys):
     assert all(v["target_ratio"] == 2.1 for v in r["dcml_step"].values())
     assert (tmp_path / "b" / "bench.png").stat().st_size > 10_000
     assert all(v["ratio"] > 1.0 for v in r["dcml_step"].values())
-    assert "DCML step vs supervised step" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "DCML step against a supervised step, site: " in printed and "(target <= 2.1x)" in printed
+    md = (tmp_path / "b" / "bench.md").read_text()  # the rows printed, as a table headed by the command
+    assert md.startswith("#### gcml bench:") and f"`gcml bench --out {tmp_path / 'b'} --quick` at commit" in md
+    assert f"| `gcml_seg` against stock `BasicInferTask` (median ratio) | {r['infer']['ratio_median']:.3f}x | <= 1.05x |" in md
 
 
 @pytest.mark.slow

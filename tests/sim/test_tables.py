@@ -1,0 +1,115 @@
+"""The Markdown tables that docs/results.md includes as written: clicks, interaction on against off, a bench mode."""
+
+import json
+import re
+
+import pytest
+
+from gcml_app.sim import tables
+
+PROV = {"command": "gcml bench --clicks --out b", "commit": "abc1234", "date": "2026-12-04"}
+
+
+def _clicks(d3: float) -> dict:
+    """A two-site summary: ``gcml`` is ``d3`` above ``local2x`` after 3 clicks at site a, below at site b."""
+    site = {"clicks_0": [0.7, 0.01], "clicks_3": [0.8, 0.02], "noc90": [12.0, 1.0]}
+    return {"local2x": {"a": site, "b": site},
+            "gcml": {n: {**site, "vs_local2x_clicks_3": {"mean": d, "std": 0.0, "wins": int(d > 0), "ties": 0, "n": 1}}
+                     for n, d in (("a", d3), ("b", -0.01))}}
+
+
+@pytest.mark.parametrize("d3, at_or_above", [(0.02, "1 of 2"), (-0.03, "0 of 2"), (0.0, "1 of 2")])
+def test_clicks_table_counts_the_sites_at_or_above_local2x(d3, at_or_above):
+    lines = tables.clicks_markdown(_clicks(d3), ["a", "b"])
+    assert "| method | site | 0 | 3 | NoC@90 |" in lines
+    assert "| local2x | a | 0.700 ± 0.010 | 0.800 ± 0.020 | 12.0 |" in lines
+    (row,) = [x for x in lines if x.startswith("| gcml | ") and "of 2" in x]
+    assert row == f"| gcml | {100 * d3:+.1f} ({int(d3 > 0)}/1) | -1.0 (0/1) | {at_or_above} |"
+
+
+def _run(means: dict, stds: dict, rounds: int = 6, seeds: int = 3) -> dict:
+    return {"config": {"sites": ["a"], "rounds": rounds, "seeds": seeds},
+            "summary": {m: {"mean": means[m], "per_site": {"a": {"mean": means[m], "std": stds[m]}}} for m in means}}
+
+
+@pytest.mark.parametrize("on, off, std_on, std_off, cell", [
+    (0.80, 0.78, 0.03, 0.04, "+2.0 (0.57)"),   # |0.02| / sqrt((0.03² + 0.04²) / 2)
+    (0.70, 0.76, 0.02, 0.02, "-6.0 (3.00)"),
+    (0.75, 0.75, 0.00, 0.00, "+0.0 (inf)"),    # no spread: any difference is "infinitely" many stds; none is 0/0
+])
+def test_on_off_difference_in_points_and_pooled_stds(on, off, std_on, std_off, cell):
+    md = tables.on_off_markdown(_run({"gcml": on}, {"gcml": std_on}),
+                                [(_run({"gcml": off}, {"gcml": std_off}), "`abc1234`")])
+    assert f"| gcml | `abc1234` | {cell} |" in md
+
+
+def test_on_off_takes_each_method_from_the_first_run_that_has_it():
+    on = _run({"local": 0.7, "gcml": 0.8}, {"local": 0.01, "gcml": 0.01})
+    md = tables.on_off_markdown(on, [(_run({"gcml": 0.79}, {"gcml": 0.01}), "`new`"),
+                                     (_run({"local": 0.69, "gcml": 0.5}, {"local": 0.01, "gcml": 0.01}), "`old`")])
+    assert "| local | `old` | +1.0 (1.00) |" in md and "| gcml | `new` | +1.0 (1.00) |" in md
+
+
+def test_on_off_refuses_runs_of_another_budget():
+    with pytest.raises(ValueError, match=r"`off`: 8 rounds, 3 seeds; expected the interactive run's 6 and 3"):
+        tables.on_off_markdown(_run({"gcml": 0.8}, {"gcml": 0.0}), [(_run({"gcml": 0.8}, {"gcml": 0.0}, rounds=8),
+                                                                     "`off`")])
+
+
+def test_bench_table_is_headed_by_what_reproduces_it():
+    md = tables.bench_markdown("gcml bench --clicks: a click", [("a click", "0.84 s: 0.141x", "<= 0.25x"),
+                                                               ("gcml_seg", "5.93 s", "")], PROV)
+    assert md.splitlines()[:3] == ["#### gcml bench --clicks: a click", "",
+                                   "`gcml bench --clicks --out b` at commit `abc1234`, 2026-12-04."]
+    assert "| a click | 0.84 s: 0.141x | <= 0.25x |" in md and md.endswith("| gcml_seg | 5.93 s |  |\n")
+
+
+def test_tables_cli_adds_the_on_off_table(tmp_path):
+    on, off = tmp_path / "on", tmp_path / "off"
+    for d, run in ((on, _run({"gcml": 0.8}, {"gcml": 0.02})), (off, _run({"gcml": 0.75}, {"gcml": 0.02}))):
+        d.mkdir()
+        run["config"].update(scenario="s", methods=["gcml"], epochs=4, warmup_epochs=20, gate=True)
+        run["summary"]["gcml"].update(std=0.02, cost={})
+        run["provenance"] = {"command": "gcml simulate", "commit": d.name + "1234", "date": "2026-12-04"}
+        (d / "results.json").write_text(json.dumps(run))
+    assert tables.main([str(on), "--off", str(off)]) == 0
+    md = (on / "results.md").read_text()
+    assert re.search(r"\| gcml \| `off1234` \| \+5\.0 \(2\.50\) \| \+5\.0 \|", md), md
+
+
+SOAK = {"minutes": 20.0, "clients": 4, "checks": {"labels_saved": 60, "label_saves": 446, "labels_lost": 0,
+                                                   "corrupt_files": 0, "rounds_by_outcome": {"publish": 14, "keep": 87},
+                                                   "rounds_without_reason": 0, "served_version": 14},
+        "latency": {"gcml_seg": {"n": 446, "p50_s": 0.0535, "p95_s": 0.0733}},
+        "idle_seg": {"n": 30, "p50_s": 0.0541, "p95_s": 0.0744}, "idle_seg_back_to_back": {"p50_s": 0.05, "p95_s": 0.06},
+        "seg_p95_ratio": 0.986, "targets": {"seg_p95_ratio": 2.0, "rss_growth_last_half": 0.05},
+        "rss_growth_last_half": 0.0011, "server_fds": {"start": 12, "half": 13, "end": 13}, "errors": {}}
+CLICKS = {"shape_xyz_1mm": [192, 192, 160], "roi_size": [96] * 3, "target_ratio": 0.25,
+          "median_s": {"gcml_seg": 5.93, "first_click_after_gcml_seg": 1.13, "click_1": 0.84, "click_5": 1.7,
+                       "first_click_uncached": 6.39},
+          "ratio_to_gcml_seg": {"first_click_after_gcml_seg": 0.191, "click_1": 0.141, "click_5": 0.286,
+                                "first_click_uncached": 1.078}}
+
+
+@pytest.mark.parametrize("argv, module, fn, result, rc, row", [
+    (["--soak", "20"], "gcml_app.sim.soak", "soak_bench", SOAK, 0,
+     "| `gcml_seg` p95 under load against idle | 0.986x | <= 2.0x |"),
+    (["--soak", "20"], "gcml_app.sim.soak", "soak_bench", {**SOAK, "seg_p95_ratio": 2.5}, 2,  # a target missed: exit 2
+     "| `gcml_seg` p95 under load against idle | 2.5x | <= 2.0x |"),
+    (["--clicks"], "gcml_app.sim.clickbench", "click_bench", CLICKS, 0,
+     "| each click after that | 0.84 s: 0.141x a full `gcml_seg` | <= 0.25x |"),
+])
+def test_a_bench_mode_prints_its_rows_and_writes_them_as_markdown(tmp_path, monkeypatch, capsys, argv, module, fn,
+                                                                 result, rc, row):
+    """The formatting of one mode against its result's shape (the measurement itself is a slow test of its own)."""
+    import importlib
+
+    from gcml_app.cli import main
+
+    monkeypatch.setattr(importlib.import_module(module), fn, lambda *a, **k: result)
+    assert main(["bench", *argv, "--out", str(tmp_path)]) == rc
+    name = "soak" if "--soak" in argv else "clicks"
+    md = (tmp_path / f"{name}.md").read_text()
+    assert row in md and f"`gcml bench {' '.join(argv)} --out {tmp_path}` at commit" in md
+    what, result_cell, target = (c.strip() for c in row.strip("|").split("|"))
+    assert f"{what}: {result_cell}" + (f" (target {target})" if target else "") in capsys.readouterr().out
