@@ -80,3 +80,11 @@ def test_every_quoted_gcml_command_names_flags_gcml_accepts(doc, command):
     flags = [w.split("=")[0].rstrip(").,;:") for w in rest if w.startswith("--")]
     unknown = [f for f in flags if f not in known]
     assert not unknown, f"{doc.name}: `{command}`: {parser.prog} has no {unknown}"
+
+
+def test_readme_stays_a_front_door():
+    """The README gets a newcomer running and links out; the detail lives in docs/ (one page per reader)."""
+    lines = (ROOT / "README.md").read_text().splitlines()
+    assert len(lines) <= 250, f"README.md has {len(lines)} lines; move detail to docs/"
+    linked = set(re.findall(r"\]\((docs/[\w-]+\.md)", "\n".join(lines)))
+    assert linked == {f"docs/{p.name}" for p in (ROOT / "docs").glob("*.md")}, "every docs page linked from the README"

@@ -181,7 +181,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--rounds", type=int, default=8)
     s.add_argument("--epochs", type=int, default=5, help="passes over a site's training cases per round, every method")
     s.add_argument("--warmup-epochs", type=int, default=20, help="round-0 local epochs (the shared warm-up)")
-    s.add_argument("--methods", default=None, help="comma-separated; default: all (see the README)")
+    s.add_argument("--methods", default=None, help="comma-separated; default: all (docs/results.md lists them)")
     s.add_argument("--gate", default="on", choices=["on", "off"], help="the gate policy of every method")
     s.add_argument("--transport", default="float32", choices=["float32", "float16"])
     s.add_argument("--jobs", type=int, default=1, help="seeds run in parallel processes")

@@ -154,7 +154,7 @@ SCENARIOS: dict[str, list[tuple[str, int, int, int]]] = {
     # "A+B": one case in MIX_EVERY from scanner B, the rest from A (train, validation and test alike)
     "mixed-scanners": [("s1+t2", 12, 4, 20), ("s2+ct", 4, 4, 20), ("t2+s1", 4, 4, 20), ("ct+s2", 4, 4, 20)],
 }
-"""Named synthetic federations (see the README):
+"""Named synthetic federations (measured in docs/results.md):
 
 - ``few-labels``: five scanners, one anatomy and label meaning; one data-rich site and four with
   2-4 labelled training cases; 4 validation and 20 test cases each.
