@@ -134,19 +134,30 @@ def _bench_soak(args: argparse.Namespace) -> int:
     r = soak_bench(args.out, minutes=args.soak, clients=args.clients, quick=args.quick)
     c, t = r["checks"], r["targets"]
     seg, idle = r["latency"].get("gcml_seg", {}), r["idle_seg"]
+    fds, rss = r.get("server_fds") or {}, r.get("server_rss_mb") or {}
+    growth = r.get("rss_growth_last_half")
     rows: list[Row] = [
         ("load", f"{r['clients']} clients for {r['minutes']:g} min", ""),
         ("label saves (cases)", f"{c['label_saves']} ({c['labels_saved']})", ""),
-        ("labels lost, corrupt files", f"{c['labels_lost']}, {c['corrupt_files']}", "0, 0"),
-        ("rounds by outcome; without a recorded reason", f"{c['rounds_by_outcome']}; {c['rounds_without_reason']}",
-         "0 without"),
-        ("served model", f"v{c['served_version']}, verifies", "verifies"),
-        ("`gcml_seg` p50 / p95 under load", f"{seg.get('p50_s')} / {seg.get('p95_s')} s", ""),
-        ("`gcml_seg` p50 / p95 idle (back to back)", f"{idle.get('p50_s')} / {idle['p95_s']} s "
-         f"({r['idle_seg_back_to_back'].get('p50_s')} / {r['idle_seg_back_to_back']['p95_s']} s)", ""),
+        ("labels lost, corrupt files; the datastore JSON", f"{c['labels_lost']}, {c['corrupt_files']}; "
+         f"{'valid' if c.get('datastore_json_valid') else 'INVALID'}", "0, 0; valid"),
+        ("rounds on record; without a reason", ", ".join(f"{k} {v}" for k, v in c["rounds_by_outcome"].items())
+         + f"; {c['rounds_without_reason']}", "0 without"),
+        ("served model", f"v{c['served_version']}, {'verifies' if c.get('served_verifies') else 'DOES NOT verify'}",
+         "verifies"),
+        ("partner restart, half-way", f"down {(r.get('partner_restart') or {}).get('down_s')} s", ""),
+        ("`gcml_seg` p50 / p95 under load", f"{_ms(seg.get('p50_s') or 0)} / {_ms(seg.get('p95_s') or 0)}", ""),
+        ("`gcml_seg` p50 / p95 idle (back to back)", f"{_ms(idle.get('p50_s') or 0)} / {_ms(idle['p95_s'])} "
+         f"({_ms(r['idle_seg_back_to_back'].get('p50_s') or 0)} / {_ms(r['idle_seg_back_to_back']['p95_s'])})", ""),
         ("`gcml_seg` p95 under load against idle", f"{r['seg_p95_ratio']}x", f"<= {t['seg_p95_ratio']}x"),
-        ("server RSS growth over the last half", f"{r.get('rss_growth_last_half')}", f"<= {t['rss_growth_last_half']}"),
-        ("server open descriptors (start, half-way, end)", f"{r.get('server_fds')}", "no growth"),
+        ("server RSS over the last half", (f"{rss.get('half')} -> {rss.get('end')} MB: " if rss else "")
+         + (f"{growth:+.2%}" if growth is not None else "not measured"), f"<= {t['rss_growth_last_half']:.0%}"),
+        ("server open descriptors: start, half-way, end (max)",
+         f"{fds.get('start')}, {fds.get('half')}, {fds.get('end')} ({fds.get('max')})", "no growth"),
+        ("warm trainer RSS: start, end", f"{(r.get('warm_rss_mb') or {}).get('start')}, "
+         f"{(r.get('warm_rss_mb') or {}).get('end')} MB", ""),
+        ("`gcml status` / `gcml sync` from a shell, p50", " / ".join(
+            _ms(r["latency"].get(k, {}).get("p50_s") or 0) for k in ("gcml status", "gcml sync")), ""),
         ("errors", f"{r['errors'] or 'none'}", ""),
     ]
     _report(args, "soak", f"gcml bench --soak {r['minutes']:g}: a working day's load", rows,

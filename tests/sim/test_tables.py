@@ -79,9 +79,11 @@ def test_tables_cli_adds_the_on_off_table(tmp_path):
 
 SOAK = {"minutes": 20.0, "clients": 4, "checks": {"labels_saved": 60, "label_saves": 446, "labels_lost": 0,
                                                    "corrupt_files": 0, "rounds_by_outcome": {"publish": 14, "keep": 87},
-                                                   "rounds_without_reason": 0, "served_version": 14},
+                                                   "rounds_without_reason": 0, "served_version": 14,
+                                                   "served_verifies": True, "datastore_json_valid": True},
         "latency": {"gcml_seg": {"n": 446, "p50_s": 0.0535, "p95_s": 0.0733}},
-        "idle_seg": {"n": 30, "p50_s": 0.0541, "p95_s": 0.0744}, "idle_seg_back_to_back": {"p50_s": 0.05, "p95_s": 0.06},
+        "idle_seg": {"n": 30, "p50_s": 0.0541, "p95_s": 0.0744},
+        "idle_seg_back_to_back": {"p50_s": 0.05, "p95_s": 0.06},
         "seg_p95_ratio": 0.986, "targets": {"seg_p95_ratio": 2.0, "rss_growth_last_half": 0.05},
         "rss_growth_last_half": 0.0011, "server_fds": {"start": 12, "half": 13, "end": 13}, "errors": {}}
 CLICKS = {"shape_xyz_1mm": [192, 192, 160], "roi_size": [96] * 3, "target_ratio": 0.25,
