@@ -129,7 +129,9 @@ def run_demo(out: str | Path, port: int = 8001, cases: int = 12, labelled: int =
             report["sites"][s].update(warmup_version=version, warmup_dice=mean)
             print(f"      {s}: {summarize(record)}")
 
-        print(f"[4/5] gossip: {rounds} rounds; each site pulls a partner's model and runs {gossip_epochs} DCML epochs")
+        print(f"[4/5] gossip: {rounds} rounds; each site pulls a partner's model and, as it measures it on its "
+              "own cases, learns mutually with it, distils from it or trains alone, at the compute of "
+              f"{gossip_epochs} DCML epochs")
         t0 = time.perf_counter()
         for r in range(1, rounds + 1):
             for s in sites:

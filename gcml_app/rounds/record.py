@@ -111,11 +111,17 @@ def partner_gain(record: RoundRecord) -> float:
     return max(gains, default=0.0)
 
 
+ARM_WORDS = {"mutual": "mutual learning", "teacher": "distilled from it", "alone": "trained alone"}
+"""How ``summarize`` names a DCML round's arm (``dcml.choose``)."""
+
+
 def summarize(record: RoundRecord) -> str:
     """One line for a round record, e.g. for ``gcml sync`` and the demo.
 
     Example:
-        ``"published v5: gossip with site-b v3, dcml_local 0.712 > served 0.690; pulled 42.7 kB"``
+        ``"published v5: gossip with site-b v3, dcml_local 0.712 > served 0.690; pulled 42.7 kB"``, or with
+        ``dcml.choose``: ``"kept v2: gossip with site-c v2 (trained alone; partner -12.4 Dice points on our
+        cases), best candidate local 0.861, not enough over served 0.906; ..."``
     """
     g = record.get("gossip") or {}
     pulled = f"; pulled {pulled_bytes(record) / 1000:.1f} kB"
@@ -127,6 +133,8 @@ def summarize(record: RoundRecord) -> str:
     if record.get("mode") == "adopt":
         return f"adopted v{record.get('version')} unvalidated from {g.get('peer')}{pulled}"
     how = f"gossip with {g['peer']} v{g.get('peer_version')}" if g else f"{record.get('mode')} round"
+    if arm := record.get("arm"):  # dcml.choose: how the partner's model was used, and its measured gap
+        how += f" ({ARM_WORDS.get(arm['arm'], arm['arm'])}; partner {100 * arm['gain']:+.1f} Dice points on our cases)"
     if event == "publish" or record.get("published"):
         winner = record.get("winner")
         score = f"{winner} {means.get(winner, 0):.3f}" + (f" > served {means['served']:.3f}" if "served" in means else "")

@@ -110,3 +110,18 @@ def test_with_the_rule_off_a_dcml_round_records_no_arm(cfg, studies):
     run_round(cfg, store, cases, epochs=1)
     rec = run_round(cfg, store, cases, epochs=1, incoming=_partner(cfg, build_network(cfg).state_dict()))
     assert "arm" not in rec and rec["mode"] == "dcml"
+
+
+@pytest.mark.parametrize("arm, words", [("mutual", "mutual learning"), ("teacher", "distilled from it"),
+                                        ("alone", "trained alone")])
+@pytest.mark.parametrize("event, start", [("publish", "published v3: "), ("keep", "kept v2: ")])
+def test_the_round_line_names_the_arm_and_the_partners_gap(arm, words, event, start):
+    """What ``gcml sync`` and the demo print: how the partner's model was used, and why (its measured gap)."""
+    from gcml_app.rounds import summarize
+
+    rec = {"event": event, "published": event == "publish", "version": 3 if event == "publish" else 2,
+           "winner": "local", "mean": {"served": 0.8, "local": 0.85},
+           "gossip": {"peer": "site-b", "peer_version": 4, "attempts": []},
+           "arm": {"arm": arm, "gain": -0.124, "se": 0.02, "upper": -0.09, "scored_cases": 4, "why": "..."}}
+    line = summarize(rec)
+    assert line.startswith(start + f"gossip with site-b v4 ({words}; partner -12.4 Dice points on our cases), ")
