@@ -153,7 +153,8 @@ def on_off_markdown(on: dict[str, Any], offs: list[tuple[dict[str, Any], str]]) 
         for n in names:
             a, b = row["per_site"][n], off[0]["summary"][m]["per_site"][n]
             pooled = ((a["std"] ** 2 + b["std"] ** 2) / 2) ** 0.5
-            size = abs(a["mean"] - b["mean"]) / pooled if pooled else float("inf")
+            gap = abs(a["mean"] - b["mean"])
+            size = gap / pooled if pooled else (float("inf") if gap else 0.0)  # no spread: any gap is "infinite"
             cells.append(f"{100 * (a['mean'] - b['mean']):+.1f} ({size:.2f})")
         mean = 100 * (row["mean"] - off[0]["summary"][m]["mean"])
         lines.append(f"| {m} | {off[1]} | " + " | ".join(cells) + f" | {mean:+.1f} |")

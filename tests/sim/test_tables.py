@@ -35,7 +35,8 @@ def _run(means: dict, stds: dict, rounds: int = 6, seeds: int = 3) -> dict:
 @pytest.mark.parametrize("on, off, std_on, std_off, cell", [
     (0.80, 0.78, 0.03, 0.04, "+2.0 (0.57)"),   # |0.02| / sqrt((0.03² + 0.04²) / 2)
     (0.70, 0.76, 0.02, 0.02, "-6.0 (3.00)"),
-    (0.75, 0.75, 0.00, 0.00, "+0.0 (inf)"),    # no spread: any difference is "infinitely" many stds; none is 0/0
+    (0.75, 0.75, 0.00, 0.00, "+0.0 (0.00)"),   # no spread and no difference: not 0/0
+    (0.76, 0.75, 0.00, 0.00, "+1.0 (inf)"),    # no spread: any difference is "infinitely" many stds
 ])
 def test_on_off_difference_in_points_and_pooled_stds(on, off, std_on, std_off, cell):
     md = tables.on_off_markdown(_run({"gcml": on}, {"gcml": std_on}),
