@@ -93,8 +93,9 @@ def _bench_clicks(args: argparse.Namespace) -> int:
     shape = "x".join(map(str, r["shape_xyz_1mm"]))
     rows: list[Row] = [(f"`gcml_seg`, the whole {shape} volume (ROI {r['roi_size'][0]})", f"{m['gcml_seg']:.2f} s", "")]
     for key, what, tgt in (("first_click_after_gcml_seg", "the first click after the case's `gcml_seg`", target),
-                           ("click_1", "each click after that", target),
-                           ("click_5", "five clicks in three places", ""),
+                           ("click_1", "a click in a new place after that", target),
+                           ("click_in_session", "each click of five in three places (all sent each time)", target),
+                           ("click_5", "those five clicks at once, no window kept (a new model version)", ""),
                            ("first_click_uncached", "the first click on a case never auto-segmented", "")):
         rows.append((what, f"{m[key]:.2f} s: {q[key]:.3f}x a full `gcml_seg`", tgt))
     _report(args, "clicks", "gcml bench --clicks: a click against a full gcml_seg", rows, "clicks.json")

@@ -407,6 +407,9 @@ class InteractiveConfig(_Strict):
     cache_images: int = Field(4, ge=0, description="zero-click predictions gcml_edit keeps in memory (per image "
                               "and served version; uint8, a 1 mm CT about 60 MB each), so a click costs only the windows "
                               "around the clicks")
+    cache_windows: int = Field(32, ge=0, description="predictions of click windows gcml_edit keeps (uint8, ROI-sized: "
+                               "under 1 MB each at ROI 96), so a new click costs only the windows its signal reaches "
+                               "(Slicer sends every click so far with each request)")
 
 
 class FinetuneConfig(_Strict):

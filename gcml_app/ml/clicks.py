@@ -11,7 +11,9 @@ with 1 at the click (DeepEdit's), the maximum over a channel's clicks, and exact
   from the label, then rounds of clicks on the model's own errors (forward passes without gradient).
 - :func:`refine` answers clicks without a whole-volume pass: the network runs on ``roi_size`` windows
   around the clicks (never a whole-volume resize), and a change is kept only where it is connected to a
-  click's neighbourhood, so far from every click the result *is* the auto-segmentation.
+  click's neighbourhood, so far from every click the result *is* the auto-segmentation. A window's
+  prediction depends only on the image there and the clicks whose signal reaches it, so with a window
+  cache a new click costs only the windows it reaches.
 - :func:`click_curve` is the evaluation protocol of the DeepEdit and DeepGrow papers: each click at the
   centre of the largest remaining error, deterministic; Dice after k clicks and NoC (clicks to a Dice).
 """
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -28,8 +31,8 @@ from scipy import ndimage
 from gcml_app.ml.device import Precision
 from gcml_app.ml.evaluate import dice_of, predict
 
-__all__ = ["Click", "ClickSimulator", "click_curve", "click_simulator", "click_windows", "guidance_signal", "largest_error_click",
-           "refine"]
+__all__ = ["Click", "ClickSimulator", "click_curve", "click_simulator", "click_windows", "clicks_reaching",
+           "guidance_signal", "largest_error_click", "refine"]
 
 Click = tuple[int, tuple[int, int, int]]
 """``(guidance channel, (d, h, w))`` in network space; channel 0 is background."""
@@ -191,10 +194,29 @@ def click_windows(clicks: Sequence[Click], shape: Sequence[int], roi: Sequence[i
     return origins
 
 
+def clicks_reaching(clicks: Sequence[Click], origin: Sequence[int], roi: Sequence[int],
+                    sigma: float) -> tuple[Click, ...]:
+    """The clicks whose guidance signal reaches the window at ``origin`` (their ``4 sigma`` box meets it), sorted.
+
+    The window's whole input, and so its prediction, is the image there plus the signal of these clicks
+    (:func:`guidance_signal` is exactly zero beyond ``4 sigma``): with the same image, network and these
+    clicks, the window's prediction is the same, whatever other clicks the request carries.
+    """
+    r = int(math.ceil(4 * sigma))
+    return tuple(sorted((int(c), tuple(int(v) for v in p)) for c, p in clicks
+                        if all(origin[i] - r <= p[i] < origin[i] + roi[i] + r for i in range(3))))
+
+
+class _Windows(Protocol):
+    def get(self, key: tuple) -> Any: ...
+
+    def put(self, key: tuple, value: Any) -> None: ...
+
+
 @torch.no_grad()
 def refine(model: torch.nn.Module, image: torch.Tensor, base: torch.Tensor, clicks: Sequence[Click],
            roi_size: Sequence[int], sigma: float = 3.0, device: str | torch.device = "cpu",
-           amp: Precision | None = None) -> torch.Tensor:
+           amp: Precision | None = None, windows: _Windows | None = None, key: tuple = ()) -> torch.Tensor:
     """The segmentation after ``clicks``: the network on windows around them, merged into ``base`` near them.
 
     Each window (:func:`click_windows`) is ``roi_size`` at network spacing, holds the image and the guidance
@@ -203,11 +225,17 @@ def refine(model: torch.nn.Module, image: torch.Tensor, base: torch.Tensor, clic
     a missed organ adds the organ, a background click on a false positive removes it, and a change far from
     every click (a window's edge) is dropped, so there the result equals ``base``.
 
+    Slicer sends every click so far with each request; with ``windows`` (a cache with ``get``/``put``) a
+    window whose reaching clicks (:func:`clicks_reaching`) are unchanged is not run again, so a new click
+    costs the windows its signal reaches, not all of them. The answer is the same with or without it.
+
     Args:
         model: an interactive network, ``(1, C_in + G, *roi)`` -> logits ``(1, G, *roi)``.
         image: ``(C_in, D, H, W)`` in network space.
         base: ``(1, D, H, W)`` the zero-click prediction (channels ``0..G-1``).
         clicks: in network space.
+        windows: window predictions ``(d, h, w)`` uint8 by ``(*key, origin, reaching clicks)``.
+        key: what else a window's prediction depends on: the image, the network's version, the device.
 
     Returns:
         ``(1, D, H, W)`` uint8 on ``base``'s device.
@@ -228,12 +256,18 @@ def refine(model: torch.nn.Module, image: torch.Tensor, base: torch.Tensor, clic
         hi = [min(shape[i], o[i] + roi[i]) for i in range(3)]
         sl = tuple(slice(o[i], hi[i]) for i in range(3))
         win = [hi[i] - o[i] for i in range(3)]
-        x = torch.zeros((1, image.shape[0] + channels, *roi), dtype=torch.float32, device=device)
-        x[0, :image.shape[0], :win[0], :win[1], :win[2]] = image[(slice(None), *sl)].to(device, torch.float32)
-        x[0, image.shape[0]:] = guidance_signal(clicks, channels, roi, o, sigma, device)
-        with amp.autocast():
-            z = model(x)
-        pred = z[0, :, :win[0], :win[1], :win[2]].argmax(0).to(base.device, torch.uint8)
+        reach = clicks_reaching(clicks, o, roi, sigma)  # the window's input: the image and these clicks' signal
+        wkey = (*key, tuple(roi), float(sigma), o, reach)
+        pred = windows.get(wkey) if windows is not None else None
+        if pred is None:
+            x = torch.zeros((1, image.shape[0] + channels, *roi), dtype=torch.float32, device=device)
+            x[0, :image.shape[0], :win[0], :win[1], :win[2]] = image[(slice(None), *sl)].to(device, torch.float32)
+            x[0, image.shape[0]:] = guidance_signal(reach, channels, roi, o, sigma, device)
+            with amp.autocast():
+                z = model(x)
+            pred = z[0, :, :win[0], :win[1], :win[2]].argmax(0).to(base.device, torch.uint8)
+            if windows is not None:
+                windows.put(wkey, pred)
         new[sl] = pred
         touched[sl] = True
         box_lo = [min(box_lo[i], o[i]) for i in range(3)]

@@ -4,9 +4,11 @@ The site's own infer tasks run in-process on a synthetic CT of 192 x 192 x 160 v
 ``gcml bench --scale`` uses) with a realistic network (a UNet of 16-128 channels, ROI 96): a full ``gcml_seg``
 (sliding windows over the volume), the first click on a case nobody auto-segmented in this server (no cached
 zero-click prediction: it is computed, then kept), the first click after the case's ``gcml_seg`` (its
-prediction cached, the image loaded and resampled once more), and the clicks after that (1 and 5 clicks: the
-image kept too, the windows around the clicks only). Each is the whole MONAI Label task call (load, transforms, network, restore, write), as
-Slicer waits for it. Ratios are measured in one run.
+prediction cached, the image loaded and resampled once more), a click in a new place (the image kept too: the
+window around the click only), each request of a session of five clicks in three places (Slicer sends every
+click so far; the windows a new click does not reach are kept), and those five clicks at once with no window
+kept (after a new model version). Each is the whole MONAI Label task call (load, transforms, network, restore,
+write), as Slicer waits for it. Ratios are measured in one run.
 """
 
 from __future__ import annotations
@@ -74,26 +76,39 @@ def click_bench(out: str | Path, quick: bool = False, repeats: int = 3) -> dict[
     lab = sitk.GetArrayFromImage(label)
     k, j, i = (int(v.mean()) for v in (lab == 1).nonzero())  # a click in the organ, in IJK
     clicks1 = {"organ": [[i, j, k]], "background": []}
-    clicks5 = {"organ": [[i, j, k], [i + 6, j, k], [i, j + 6, k]], "background": [[5, 5, 5], [i, j, max(0, k - 30)]]}
+    # five clicks in three places, in the order a radiologist makes them; Slicer sends every click so far
+    session = [("organ", [i, j, k]), ("background", [5, 5, 5]), ("background", [i, j, max(0, k - 30)]),
+               ("organ", [i + 6, j, k]), ("organ", [i, j + 6, k])]
 
-    def timed(task, params, fresh=False, new_case=False) -> float:
+    def so_far(n: int) -> dict[str, list]:
+        return {name: [p for c, p in session[:n] if c == name] for name in ("organ", "background")}
+
+    def timed(task, params, fresh=False, new_case=False, new_place=False) -> float:
         if fresh:
             cache._items.clear()
         if new_case:
             edit._images._items.clear()
+        if new_case or new_place:
+            edit._windows._items.clear()
         t0 = time.perf_counter()
         task({"image": str(path), "device": "cpu", "result_extension": ".nii.gz", **params})
         return time.perf_counter() - t0
+
+    def a_session() -> list[float]:
+        """Requests 2..5 of the session (the first is ``click_1``'s measure), its windows kept between them."""
+        timed(edit, so_far(1), new_place=True)
+        return [timed(edit, so_far(n)) for n in range(2, len(session) + 1)]
 
     timed(seg, {})  # the first call builds and loads the network
     full = [timed(seg, {}) for _ in range(repeats)]
     first = [timed(edit, clicks1, fresh=True, new_case=True) for _ in range(repeats)]
     after_seg = [timed(edit, clicks1, new_case=True) for _ in range(repeats)]
-    one = [timed(edit, clicks1) for _ in range(repeats)]
-    five = [timed(edit, clicks5) for _ in range(repeats)]
+    one = [timed(edit, clicks1, new_place=True) for _ in range(repeats)]
+    in_session = [t for _ in range(repeats) for t in a_session()]
+    five = [timed(edit, so_far(len(session)), new_place=True) for _ in range(repeats)]
     med = {k: statistics.median(v) for k, v in (("gcml_seg", full), ("first_click_uncached", first),
                                                   ("first_click_after_gcml_seg", after_seg), ("click_1", one),
-                                                  ("click_5", five))}
+                                                  ("click_in_session", in_session), ("click_5", five))}
     result = {
         "quick": quick, "shape_xyz_1mm": list(shape), "roi_size": list(cfg.roi_size),
         "network": cfg.network.model_dump(mode="json"), "torch_threads": torch.get_num_threads(),

@@ -148,6 +148,7 @@ class GCMLEditInfer(GCMLSegInfer):
         # the last images clicked on, in network space (a radiologist clicks on one case many times): a click then
         # skips loading and resampling; at most 2, a 1 mm CT being float32 (a 58 M-voxel CT: 232 MB)
         self._images = PredictionCache(min(2, cfg.interactive.cache_images))
+        self._windows = PredictionCache(cfg.interactive.cache_windows)  # refine's windows, by their exact input
         self.type = InferType.DEEPEDIT
         self.labels = {"background": 0, **cfg.labels}  # DeepEdit's layout: Slicer shows a tool per label
         self.description = f"Click to correct: the personalized model of site {cfg.site} with clicks (GCML)"
@@ -160,6 +161,7 @@ class GCMLEditInfer(GCMLSegInfer):
             key = (str(path), st.st_mtime_ns, st.st_size)
         except (OSError, TypeError):
             key = None
+        data["gcml_image_key"] = key  # what the file held: a click window's prediction is kept by it
         hit = self._images.get(key) if key is not None else None
         if hit is not None:
             data["image"] = hit
@@ -184,7 +186,9 @@ class GCMLEditInfer(GCMLSegInfer):
         base = self.base_prediction(data, network, device)
         with torch.no_grad():
             pred = refine(network, image.as_tensor(), base, mapped, self.cfg.roi_size, self.cfg.interactive.sigma,
-                          device, precision(self.cfg, torch.device(device)))
+                          device, precision(self.cfg, torch.device(device)),
+                          windows=self._windows if data.get("gcml_image_key") else None,
+                          key=(data.get("gcml_image_key"), int(data["gcml_model_version"]), str(device)))
         data["pred"] = pred.to(torch.float32)
         data["gcml_clicks"] = len(clicks)
         return data

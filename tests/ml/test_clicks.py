@@ -8,7 +8,8 @@ import torch
 from helpers import TINY
 
 from gcml_app.config import SiteConfig
-from gcml_app.ml.clicks import ClickSimulator, click_windows, guidance_signal, largest_error_click, refine
+from gcml_app.ml.clicks import (ClickSimulator, click_windows, clicks_reaching, guidance_signal, largest_error_click,
+                                refine)
 from gcml_app.ml.network import arch_fingerprint, build_network, convert_guidance, fit_state, toggled_interactive
 
 
@@ -104,6 +105,45 @@ def test_refine_adds_a_clicked_organ_removes_a_clicked_false_positive_and_leaves
 ])
 def test_click_windows(clicks, shape, roi, expected):
     assert click_windows(clicks, shape, roi) == expected
+
+
+@pytest.mark.parametrize("clicks, origin, expected", [
+    ([(1, (20, 20, 20))], (4, 4, 4), [(1, (20, 20, 20))]),
+    ([(1, (47, 20, 20))], (4, 4, 4), [(1, (47, 20, 20))]),    # 12 = 4 sigma past the window's last voxel (35)
+    ([(1, (48, 20, 20))], (4, 4, 4), []),                     # 13 past: its signal is exactly zero there
+    ([(0, (20, 20, 20)), (1, (5, 5, 5)), (2, (60, 60, 60))], (4, 4, 4), [(0, (20, 20, 20)), (1, (5, 5, 5))]),
+])
+def test_clicks_reaching_a_window(clicks, origin, expected):
+    assert list(clicks_reaching(clicks, origin, (32, 32, 32), 3.0)) == expected
+    signal = guidance_signal(clicks, 3, (32, 32, 32), origin, 3.0)
+    assert torch.equal(signal, guidance_signal(expected, 3, (32, 32, 32), origin, 3.0))  # the window's whole input
+
+
+class _Cache(dict):
+    def put(self, key, value):
+        self[key] = value
+
+
+def test_a_window_cache_gives_the_same_answers_and_runs_only_the_windows_a_new_click_reaches():
+    torch.manual_seed(0)
+    net = build_network(_cfg(True)).eval()
+    calls = []
+    net.register_forward_hook(lambda m, i, o: calls.append(1))
+    image = torch.rand(1, 64, 64, 64)
+    base = (image[:1] > 0.5).to(torch.uint8)
+    session = [(1, (10, 10, 10)), (1, (12, 10, 10)), (0, (50, 50, 50)), (1, (10, 50, 30)), (0, (52, 50, 50))]
+    cache = _Cache()
+    ran = []
+    for n in range(1, len(session) + 1):  # Slicer sends every click so far with each request
+        before = len(calls)
+        cached = refine(net, image, base, session[:n], (32, 32, 32), 3.0, windows=cache, key=("ct", 1))
+        ran.append(len(calls) - before)
+        assert torch.equal(cached, refine(net, image, base, session[:n], (32, 32, 32), 3.0))
+    # 1: a window; 2: beside the first, its window again; 3, 4: a new place each; 5: beside the third
+    assert ran == [1, 1, 1, 1, 1] and len(click_windows(session, (64, 64, 64), (32, 32, 32))) == 3
+    before = len(calls)
+    refine(net, image, base, session, (32, 32, 32), 3.0, windows=cache, key=("ct", 2))  # another version: all again
+    assert len(calls) - before == 3
 
 
 # ---------------------------------------------------------------- layouts: with and without guidance

@@ -480,7 +480,8 @@ def test_bench_clicks_quick_writes_the_ratios(tmp_path):
     from gcml_app.sim.clickbench import click_bench
 
     r = click_bench(tmp_path / "b", quick=True, repeats=1)
-    assert set(r["median_s"]) == {"gcml_seg", "first_click_uncached", "first_click_after_gcml_seg", "click_1", "click_5"}
+    assert set(r["median_s"]) == {"gcml_seg", "first_click_uncached", "first_click_after_gcml_seg", "click_1",
+                                  "click_in_session", "click_5"}
     assert all(v > 0 for v in r["median_s"].values()) and set(r["ratio_to_gcml_seg"]) == set(r["median_s"]) - {"gcml_seg"}
     assert (tmp_path / "b" / "clicks.json").exists()
 
