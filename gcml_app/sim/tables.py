@@ -180,7 +180,14 @@ def main(argv: list[str] | None = None) -> int:
                     help="an --interactive run's zero-click Dice against this run without --interactive (same "
                          "scenario, seeds and rounds); repeat: a method is taken from the first run that has it")
     args = ap.parse_args(argv)
-    res = json.loads((args.out / "results.json").read_text())
+
+    def load(d: Path) -> dict[str, Any]:
+        try:
+            return json.loads((d / "results.json").read_text())
+        except (OSError, ValueError) as e:
+            ap.error(f"{d}: no readable results.json ({type(e).__name__}: {e}); expected a gcml simulate --out folder")
+
+    res = load(args.out)
     had = res.get("provenance", {})
     day = datetime.datetime.fromtimestamp((args.out / "results.json").stat().st_mtime, datetime.timezone.utc)
     prov = {"command": args.command or had.get("command", "unknown"),
@@ -190,9 +197,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.off:
         offs = []
         for d in args.off:
-            r = json.loads((d / "results.json").read_text())
+            r = load(d)
             offs.append((r, f"`{r.get('provenance', {}).get('commit', d.name)}`"))
-        text += "\n" + on_off_markdown(res, offs)
+        try:
+            text += "\n" + on_off_markdown(res, offs)
+        except (KeyError, ValueError) as e:
+            ap.error(f"--off: {e}" if isinstance(e, ValueError) else f"--off: the runs differ: no {e} in one of them")
     (args.out / "results.md").write_text(text)
     print(f"wrote {args.out / 'results.md'}")
     return 0

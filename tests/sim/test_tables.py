@@ -78,6 +78,34 @@ def test_tables_cli_adds_the_on_off_table(tmp_path):
     assert re.search(r"\| gcml \| `off1234` \| \+5\.0 \(2\.50\) \| \+5\.0 \|", md), md
 
 
+@pytest.mark.parametrize("off, message", [
+    ("missing", r"missing: no readable results.json \(FileNotFoundError"),
+    ("broken", r"broken: no readable results.json \(JSONDecodeError"),
+    ("longer", r"--off: `longer1234`: 8 rounds, 3 seeds; expected the interactive run's 6 and 3"),
+])
+def test_tables_cli_names_a_bad_run_without_a_traceback(tmp_path, capsys, off, message):
+    on = tmp_path / "on"
+    on.mkdir()
+    run = _run({"gcml": 0.8}, {"gcml": 0.02})
+    run["config"].update(scenario="s", methods=["gcml"], epochs=4, warmup_epochs=20, gate=True)
+    run["summary"]["gcml"].update(std=0.02, cost={})
+    (on / "results.json").write_text(json.dumps(run))
+    if off == "broken":
+        (tmp_path / off).mkdir()
+        (tmp_path / off / "results.json").write_text("{not json")
+    elif off == "longer":
+        (tmp_path / off).mkdir()
+        longer = _run({"gcml": 0.7}, {"gcml": 0.02}, rounds=8)
+        longer["provenance"] = {"commit": "longer1234"}
+        (tmp_path / off / "results.json").write_text(json.dumps(longer))
+    with pytest.raises(SystemExit) as exit_:
+        tables.main([str(on), "--off", str(tmp_path / off)])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert re.search(message, err) and "Traceback" not in err, err
+    assert not (on / "results.md").exists()  # nothing half-written
+
+
 SOAK = {"minutes": 20.0, "clients": 4, "checks": {"labels_saved": 60, "label_saves": 446, "labels_lost": 0,
                                                    "corrupt_files": 0, "rounds_by_outcome": {"publish": 14, "keep": 87},
                                                    "rounds_without_reason": 0, "served_version": 14,
