@@ -134,6 +134,23 @@ def test_round_rows_newest_first(history):
     assert len(round_rows(history)) == 6  # the rollback is not a round
 
 
+@pytest.mark.parametrize("arm, gain, peer", [
+    ("alone", -0.411, "site-b (trained alone; -41.1 Dice points)"),
+    ("teacher", -0.02, "site-b (distilled from it; -2.0 Dice points)"),
+    ("mutual", 0.013, "site-b (mutual learning; +1.3 Dice points)"),
+    (None, None, "site-b"),                                       # a server without dcml.choose
+])
+def test_a_round_row_names_how_the_partners_model_was_used(history, arm, gain, peer):
+    from gcml_app.rounds.record import ARM_WORDS
+    from GCMLFederationLib import model
+
+    assert model._ARMS == ARM_WORDS  # the Slicer module's words are the server's
+    kept = {**next(r for r in history if r.get("event") == "keep")}
+    if arm:
+        kept["arm"] = {"arm": arm, "gain": gain, "reason": "..."}
+    assert round_rows([kept])[0]["peer"] == peer
+
+
 def test_a_failed_round_shows_why_beside_the_others(history):
     oom = ("out of GPU memory while train on cuda:0 (bfloat16): lower train.samples_per_case (4), "
            "roi_size ([96, 96, 96]) or train.batch_size (2)")

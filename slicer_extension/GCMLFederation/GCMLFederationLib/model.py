@@ -26,6 +26,8 @@ __all__ = [
 
 _CANDIDATES = {"local": "local model", "dcml_local": "our model after DCML", "dcml_incoming": "partner model after DCML",
                "average": "average of both"}
+_ARMS = {"mutual": "mutual learning", "teacher": "distilled from it", "alone": "trained alone"}
+"""How a round used the partner's model (``dcml.choose``), as the server's ``ARM_WORDS`` says it."""
 
 
 def _dice(val_dice: dict[str, float]) -> str:
@@ -167,7 +169,8 @@ def _attempts(rec: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def round_rows(history: list[dict[str, Any]], n: int = 10) -> list[dict[str, str]]:
-    """The last ``n`` rounds, newest first: ``{"time", "trigger", "peer", "result", "bytes"}``."""
+    """The last ``n`` rounds, newest first: ``{"time", "trigger", "peer", "result", "bytes"}``; with
+    ``dcml.choose`` the peer cell says how the partner's model was used and its measured gap on our cases."""
     rounds = [r for r in history if r.get("event") in ("publish", "keep", "gossip", "labels", "superseded", "failed")]
     rows = []
     for rec in reversed(rounds[-n:]):
@@ -176,6 +179,8 @@ def round_rows(history: list[dict[str, Any]], n: int = 10) -> list[dict[str, str
         if not peer and _attempts(rec):
             peer = ", ".join(a["peer"] for a in _attempts(rec))
         nbytes = g.get("bytes_pulled", rec.get("bytes_pulled", 0)) or 0  # top level: servers before 0.1's layout
+        if peer and (arm := rec.get("arm")):  # how the partner's model was used, and its gap on our cases
+            peer += f" ({_ARMS.get(arm.get('arm'), arm.get('arm'))}; {100 * arm.get('gain', 0.0):+.1f} Dice points)"
         rows.append({
             "time": rec.get("time", ""),
             "trigger": rec.get("trigger", "train"),
