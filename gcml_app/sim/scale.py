@@ -187,7 +187,7 @@ def _slope(xs: list[int], ys: list[float]) -> float:
 
 
 def augment_cost(roi: int, draws: int) -> dict[str, float]:
-    """Seconds one training crop of ``roi``\ :sup:`3` spends in ``train.augment: scanner`` on one CPU thread (the
+    """Seconds one training crop of ``roi``³ spends in ``train.augment: scanner`` on one CPU thread (the
     loader's background thread; ``train.num_workers`` processes divide it): the mean and p95 over ``draws``
     crops at the recipe's probabilities, and every transform firing at once."""
     from monai.transforms import Compose

@@ -2,9 +2,11 @@
 and the settings. ``gcml simulate`` writes them to ``results.md``; the docs include that file as written.
 
     python -m gcml_app.sim.tables OUT [--command "gcml simulate ..."] [--commit C] [--date D] [--off DIR ...]
+                                      [--patience P]
 
 rebuilds ``OUT/results.md`` from ``OUT/results.json`` (a run from before the file existed); with ``--off``, an
-``--interactive`` run's zero-click Dice is compared with runs without it.
+``--interactive`` run's zero-click Dice is compared with runs without it; with ``--patience``, an
+``--until-plateau`` run's plateau is read again at patience ``P`` from its rows.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ import shlex
 import subprocess
 from pathlib import Path
 from typing import Any
+
+from gcml_app.sim.report import summarize_plateau
 
 __all__ = ["bench_markdown", "clicks_markdown", "on_off_markdown", "provenance", "results_markdown"]
 
@@ -179,6 +183,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--off", type=Path, action="append", default=[], metavar="DIR",
                     help="an --interactive run's zero-click Dice against this run without --interactive (same "
                          "scenario, seeds and rounds); repeat: a method is taken from the first run that has it")
+    ap.add_argument("--patience", type=int, metavar="P",
+                    help="read an --until-plateau run's plateau again at another patience (rounds without a gain), "
+                         "from its rows: later rounds do not change earlier ones")
     args = ap.parse_args(argv)
 
     def load(d: Path) -> dict[str, Any]:
@@ -193,6 +200,12 @@ def main(argv: list[str] | None = None) -> int:
     prov = {"command": args.command or had.get("command", "unknown"),
             "commit": args.commit or had.get("commit") or provenance([])["commit"],
             "date": args.date or had.get("date") or day.date().isoformat()}
+    if args.patience is not None:
+        if "plateau" not in res or args.patience < 1:
+            ap.error(f"--patience {args.patience}: expected a run of gcml simulate --until-plateau and a patience >= 1")
+        c = res["config"]
+        res["plateau"] = summarize_plateau(res["rows"], c["methods"], c["sites"], res["plateau"]["tolerance"],
+                                           args.patience)
     text = results_markdown(res, prov)
     if args.off:
         offs = []

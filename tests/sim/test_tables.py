@@ -148,3 +148,42 @@ def test_a_bench_mode_prints_its_rows_and_writes_them_as_markdown(tmp_path, monk
     assert row in md and f"`gcml bench {' '.join(argv)} --out {tmp_path}` at commit" in md
     what, result_cell, target = (c.strip() for c in row.strip("|").split("|"))
     assert f"{what}: {result_cell}" + (f" (target {target})" if target else "") in capsys.readouterr().out
+
+
+def _plateau_run(val: list[float], test: list[float]) -> dict:
+    """One seed, one site, methods ``local`` and ``gcml`` with the same curves, run with ``--until-plateau 2``."""
+    rows = [{"seed": 0, "method": m, "round": k, "site": "a", "val_mean": v, "test_mean": t}
+            for m in ("local", "gcml") for k, (v, t) in enumerate(zip(val, test))]
+    run = _run({"local": test[-1], "gcml": test[-1]}, {"local": 0.0, "gcml": 0.0}, rounds=len(val) - 1, seeds=1)
+    run["config"].update(scenario="s", methods=["local", "gcml"], epochs=4, warmup_epochs=20, gate=True)
+    for m in ("local", "gcml"):
+        run["summary"][m].update(std=0.0, cost={})
+    run["summary"]["gcml"]["per_site"]["a"]["vs_local"] = {"mean": 0.0, "wins": 0, "n": 1}
+    run.update(rows=rows, provenance={"command": "gcml simulate", "commit": "abc1234", "date": "2026-12-04"})
+    from gcml_app.sim.report import summarize_plateau
+    run["plateau"] = summarize_plateau(rows, ["local", "gcml"], ["a"], 0.005, 2)
+    return run
+
+
+@pytest.mark.parametrize("patience, stop, test", [
+    (None, 4, "0.740"),  # as run: two rounds without a gain (the gate kept the served model) stop it at 4
+    (2, 4, "0.740"),
+    (3, 8, "0.810"),     # three: the gain at round 5 counts; it stops after three more flat rounds (6-8)
+])
+def test_tables_cli_reads_the_plateau_again_at_another_patience(tmp_path, patience, stop, test):
+    val = [0.60, 0.70, 0.75, 0.75, 0.75, 0.80, 0.80, 0.80, 0.80]
+    tests = [0.60, 0.70, 0.74, 0.74, 0.74, 0.81, 0.81, 0.81, 0.81]
+    (tmp_path / "results.json").write_text(json.dumps(_plateau_run(val, tests)))
+    assert tables.main([str(tmp_path)] + (["--patience", str(patience)] if patience else [])) == 0
+    md = (tmp_path / "results.md").read_text()
+    assert f"up by at most 0.005 for {patience or 2} rounds" in md
+    assert f"| gcml | {stop}.0 | {test} ± 0.000 | {test} |" in md, md
+
+
+def test_tables_cli_refuses_a_patience_for_a_run_without_a_plateau(tmp_path, capsys):
+    run = _plateau_run([0.6, 0.7, 0.7], [0.6, 0.7, 0.7])
+    del run["plateau"]
+    (tmp_path / "results.json").write_text(json.dumps(run))
+    with pytest.raises(SystemExit):
+        tables.main([str(tmp_path), "--patience", "3"])
+    assert "expected a run of gcml simulate --until-plateau" in capsys.readouterr().err
