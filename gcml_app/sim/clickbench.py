@@ -85,11 +85,11 @@ def click_bench(out: str | Path, quick: bool = False, repeats: int = 3) -> dict[
 
     def timed(task, params, fresh=False, new_case=False, new_place=False) -> float:
         if fresh:
-            cache._items.clear()
+            cache.clear()
         if new_case:
-            edit._images._items.clear()
+            edit._images.clear()
         if new_case or new_place:
-            edit._windows._items.clear()
+            edit._windows.clear()
         t0 = time.perf_counter()
         task({"image": str(path), "device": "cpu", "result_extension": ".nii.gz", **params})
         return time.perf_counter() - t0

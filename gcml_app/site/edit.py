@@ -124,6 +124,10 @@ class PredictionCache:
                 return self._items[key]
         return None
 
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+
     def put(self, key: tuple, pred: Any) -> None:
         if self.size < 1:
             return

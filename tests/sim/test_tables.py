@@ -6,6 +6,7 @@ import re
 import pytest
 
 from gcml_app.sim import tables
+from gcml_app.sim.report import summarize_plateau
 
 PROV = {"command": "gcml bench --clicks --out b", "commit": "abc1234", "date": "2026-12-04"}
 
@@ -160,7 +161,6 @@ def _plateau_run(val: list[float], test: list[float]) -> dict:
         run["summary"][m].update(std=0.0, cost={})
     run["summary"]["gcml"]["per_site"]["a"]["vs_local"] = {"mean": 0.0, "wins": 0, "n": 1}
     run.update(rows=rows, provenance={"command": "gcml simulate", "commit": "abc1234", "date": "2026-12-04"})
-    from gcml_app.sim.report import summarize_plateau
     run["plateau"] = summarize_plateau(rows, ["local", "gcml"], ["a"], 0.005, 2)
     return run
 
