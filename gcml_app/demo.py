@@ -28,7 +28,7 @@ from tqdm import tqdm
 from gcml_app.rounds import summarize
 from gcml_app.rounds.record import pulled_bytes
 from gcml_app.sim.sample import STYLES, site_yamls
-from gcml_app.site.client import SiteClient
+from gcml_app.site.client import ParamsClient, SiteClient
 from gcml_app.site.launch import SiteServer, free_port, start_together
 
 __all__ = ["run_demo"]
@@ -74,8 +74,6 @@ def _plot(path: Path, curves: dict[str, list[float]], rounds: int) -> None:
 def run_demo(out: str | Path, port: int = 8001, cases: int = 12, labelled: int = 8, warmup_epochs: int = 30,
              gossip_epochs: int = 5, rounds: int = 3, wait: bool = True, pacs: bool = False) -> int:
     """Run the demo; see the module docstring. ``port`` is site A's (B and C take the next two); 0 = free ports."""
-    from monailabel.client import MONAILabelClient
-
     from gcml_app.sim.phantoms import write_dicom_studies, write_studies
     from gcml_app.site.orthanc import INSTALL_HINT, Orthanc, find_orthanc
     from gcml_app.site.dicomweb import pacs_client, stow_folder
@@ -165,8 +163,9 @@ def run_demo(out: str | Path, port: int = 8001, cases: int = 12, labelled: int =
         print(f"      wrote {out / 'demo.json'} and {out / 'demo.png'}")
 
         a = servers["site-a"]
-        sample = MONAILabelClient(a.url).next_sample("random", {})
-        _, params = MONAILabelClient(a.url).infer("gcml_seg", sample["id"], {})
+        client = ParamsClient(a.url)
+        sample = client.next_sample("random", {})
+        _, params = client.infer("gcml_seg", sample["id"], {})
         print(f"      site-a auto-segmented {sample['id']} with its version {params.get('gcml_model_version')}")
         print()
         print(f"  In 3D Slicer: MONAI Label module -> Server: {a.url}  (site A; B and C also keep serving)")

@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 import pytest
 from helpers import make_studies, write_config
 
 from gcml_app.config import SiteConfig, load_config
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _temporary_files_under_pytest(tmp_path_factory):
+    """This process's temporary files (the stock MONAI Label client's saved results, torch's rank error files)
+    go under pytest's base folder, which pytest prunes, not the system's; the servers the tests start keep
+    theirs, so a client's copy of a result never shares a path with the server's own."""
+    before, tempfile.tempdir = tempfile.tempdir, str(tmp_path_factory.mktemp("tmp"))
+    yield
+    tempfile.tempdir = before
 
 
 @pytest.fixture

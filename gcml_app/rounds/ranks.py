@@ -161,6 +161,8 @@ def launch(target: Callable[..., None], args: tuple, devices: list[torch.device]
                     if p.is_alive():
                         p.kill()
                 raise
+            finally:
+                _drop_error_files(procs)
             _relay(store, relayed, report)
             result = read(Path(out))
             ready = [float(store.get(f"ready/{r}")) for r in range(world)]
@@ -234,6 +236,16 @@ def join_round(work: RoundWork, devices: list[torch.device], first: int, world: 
             if p.is_alive():
                 p.kill()
         raise
+    finally:
+        _drop_error_files(procs)
+
+
+def _drop_error_files(procs: _spawn.ProcessContext) -> None:
+    """Delete the files through which ``start_processes`` hands a rank's exception to this process
+    (``pytorch-errorfile-*.pickle`` in the temporary folder): torch reads them and leaves them."""
+    for f in procs.error_files:
+        with contextlib.suppress(OSError):
+            os.unlink(f)
 
 
 def _ended(code: int) -> str:

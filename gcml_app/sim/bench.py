@@ -38,7 +38,6 @@ from typing import Any
 import psutil
 import requests
 import torch
-from monailabel.client import MONAILabelClient
 from monailabel.tasks.infer.basic_infer import BasicInferTask
 
 from gcml_app.config import SiteConfig, load_config
@@ -48,7 +47,7 @@ from gcml_app.ml.network import build_network
 from gcml_app.ml.supervised import supervised_step
 from gcml_app.sim.phantoms import write_studies
 from gcml_app.sim.sample import site_yamls
-from gcml_app.site.client import SiteClient
+from gcml_app.site.client import ParamsClient, SiteClient
 from gcml_app.site.infer import GCMLSegInfer
 from gcml_app.site.launch import SiteServer, free_port, start_together
 from gcml_app.store import ModelStore
@@ -161,7 +160,7 @@ def _warm_trainer_memory(site: SiteClient) -> dict[str, float] | None:
 def _latency_under_training(url: str, case: str, n: int, epochs: int) -> dict[str, Any]:
     """``gcml_seg`` latency over HTTP: ``5 n`` requests idle, then back to back for a whole training round
     (from ``/train`` to its end, the round's process start-up included), split at the round's first epoch."""
-    client = MONAILabelClient(url)
+    client = ParamsClient(url)
     client.infer("gcml_seg", case, {})
     idle = []
     for _ in range(5 * n):  # the baseline's own p95 needs more than a handful of requests
@@ -195,7 +194,7 @@ def _latency_under_scoring(url: str, case: str, n: int, methods: tuple[str, ...]
                            ) -> dict[str, Any]:
     """``gcml_seg`` latency over HTTP: ``5 n`` requests idle, then back to back while MONAI Label's scoring
     subprocess scores every unlabelled image with each of ``methods`` in turn (``POST /scoring/<method>``)."""
-    client = MONAILabelClient(url)
+    client = ParamsClient(url)
     site = SiteClient(url)
     client.infer("gcml_seg", case, {})
     idle = []

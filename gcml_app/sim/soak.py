@@ -42,13 +42,12 @@ import numpy as np
 import psutil
 import SimpleITK as sitk
 import yaml
-from monailabel.client import MONAILabelClient
 from monailabel.client.client import MONAILabelClientException
 
 from gcml_app.config import load_config
 from gcml_app.sim.phantoms import write_studies
 from gcml_app.sim.sample import site_yamls
-from gcml_app.site.client import SiteClient
+from gcml_app.site.client import ParamsClient, SiteClient
 from gcml_app.site.launch import SiteServer, free_port, start_together
 from gcml_app.store import ModelStore
 
@@ -97,7 +96,7 @@ def _client(url: str, ids: list[str], truth: dict[str, Path], saved: dict[str, i
             log: _Log, stop: threading.Event, seed: int, think: tuple[float, float]) -> None:
     """One radiologist: info, next sample, auto-segmentation, save its label; ``think`` seconds (uniform)
     correcting each case, a third of that between cases."""
-    rng, client = random.Random(seed), MONAILabelClient(url)
+    rng, client = random.Random(seed), ParamsClient(url)
     while not stop.is_set():
         log.timed("info", client.info)
         sample = log.timed("next_sample", client.next_sample, "random", {})
@@ -241,7 +240,7 @@ def soak_bench(out: str | Path, minutes: float = 20.0, clients: int = 4, seed: i
 def _idle(url: str, images: list[str], n: int) -> tuple[list[float], list[float]]:
     """``gcml_seg`` seconds on the quiet site: ``n`` calls over ``images`` in turn with a pause between
     them (the baseline), then ``n`` back to back on one image."""
-    client = MONAILabelClient(url)
+    client = ParamsClient(url)
     client.infer("gcml_seg", images[0], {})
     paced, warm = [], []
     for k in range(n):

@@ -1,20 +1,26 @@
-"""A small client of a site's internal ``/gcml`` surface (used by ``gcml sync``, the demo and tests).
+"""Clients of a site's server: :class:`SiteClient` for its internal ``/gcml`` surface (used by ``gcml sync``, the
+demo and tests), :class:`ParamsClient` for MONAI Label's own routes as Slicer calls them, when only an answer's
+params are read (benchmarks, the demo).
 
 Example:
     >>> site = SiteClient("http://127.0.0.1:8001")
     >>> record = site.round(peers=["site-b"])        # start a gossip round and wait for its record
     >>> site.status()["served"]["version"]
+    >>> _, params = ParamsClient("http://127.0.0.1:8001").infer("gcml_seg", "case_001", {})
 """
 
 from __future__ import annotations
 
+import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import requests
+from monailabel.client import MONAILabelClient
 
-__all__ = ["RoundFailed", "SiteClient"]
+__all__ = ["ParamsClient", "RoundFailed", "SiteClient"]
 
 
 class RoundFailed(RuntimeError):
@@ -103,3 +109,29 @@ class SiteClient:
               progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
         """:meth:`sync` then :meth:`wait`."""
         return self.wait(self.sync(peers, epochs), timeout, progress)
+
+
+class ParamsClient(MONAILabelClient):
+    """MONAI Label's client (the calls Slicer makes) for a caller that reads only an answer's params: ``infer``
+    deletes the label image it saved and returns ``(None, params)``.
+
+    The stock client saves each result as ``tmpdir/<the server's temporary file name>``, by default in the
+    system's temporary folder, and never deletes it. On the server's machine that is the path of the server's
+    own copy, which the server deletes once it has answered: the two race, and a working day of requests
+    fills the folder (a 192x192x160 label is 1.2 MB). This client saves into a folder of its own, removed with
+    the client, and deletes each result as soon as it has been read.
+
+    Args:
+        url: the server's base URL; other keyword arguments go to :class:`~monailabel.client.MONAILabelClient`.
+    """
+
+    def __init__(self, url: str, **kw: Any):
+        self._own = tempfile.TemporaryDirectory(prefix="gcml-client-")
+        super().__init__(url, tmpdir=self._own.name, **kw)
+
+    def infer(self, model: str, image_id: str, params: dict[str, Any], *args: Any, **kw: Any
+              ) -> tuple[None, dict[str, Any]]:
+        path, answer = super().infer(model, image_id, params, *args, **kw)
+        if path:
+            Path(path).unlink(missing_ok=True)
+        return None, answer

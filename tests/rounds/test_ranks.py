@@ -3,7 +3,9 @@
 import gc
 import os
 import signal
+import tempfile
 import time
+from pathlib import Path
 
 import psutil
 import pytest
@@ -136,6 +138,7 @@ def test_a_rank_that_fails_fails_the_round_and_changes_nothing(tmp_path, studies
     cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"rank_timeout_s": timeout})})
     served, working = store.served(), store.working_info()
     monkeypatch.setattr(supervised, "supervised_step", fault)  # the ranks are forks: they inherit the fault
+    errorfiles = set(Path(tempfile.gettempdir()).glob("pytorch-errorfile-*"))
     t = time.monotonic()
     with pytest.raises(RoundFailed, match=reason) as e:
         run_round(cfg, store, cases, epochs=1, extra={"round_id": "r-fault"})
@@ -145,6 +148,7 @@ def test_a_rank_that_fails_fails_the_round_and_changes_nothing(tmp_path, studies
     last = store.history()[-1]
     assert (last["event"], last["outcome"], last["round_id"], last["phase"]) == ("failed", "failed", "r-fault", "train")
     assert not list(cfg.state_dir.glob(".ranks-*"))  # rank 0's result folder is gone with the round
+    assert set(Path(tempfile.gettempdir()).glob("pytorch-errorfile-*")) == errorfiles  # and torch's error file
     no_ranks_left()
 
 

@@ -1,6 +1,8 @@
 """A real MONAI Label server with this app on a free loopback port, driven like 3D Slicer drives it."""
 
 import json
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,6 +13,7 @@ from monailabel.client import MONAILabelClient
 from monailabel.client.client import MONAILabelClientException
 
 from gcml_app.config import load_config
+from gcml_app.site.client import ParamsClient
 from gcml_app.site.launch import SiteServer
 from gcml_app.store import ModelStore
 
@@ -119,6 +122,17 @@ def test_slicer_loop_trains_serves_and_picks_up_new_versions(site, tmp_path):
         assert r.status_code == 500 and r.json()["detail"].startswith("internal error: JSONDecodeError: ")
     finally:
         pointer.write_bytes(saved)
+
+
+def test_a_params_client_reads_the_answer_and_keeps_no_file(site, tmp_path):
+    # After the Slicer loop above: a model is served. The stock client keeps every result it saves.
+    kept, _ = MONAILabelClient(site["url"], tmpdir=str(tmp_path)).infer("gcml_seg", "case_000", {})
+    assert Path(kept).parent == tmp_path and Path(kept).is_file()
+    client = ParamsClient(site["url"])
+    folder = Path(client._tmpdir)
+    path, params = client.infer("gcml_seg", "case_000", {})
+    assert path is None and params["gcml_model_version"] >= 1
+    assert folder.is_dir() and folder != Path(tempfile.gettempdir()) and not list(folder.iterdir())
 
 
 def _snapshot(studies):
