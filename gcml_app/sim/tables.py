@@ -19,9 +19,12 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+from scipy import stats
+
 from gcml_app.sim.report import summarize_plateau
 
-__all__ = ["bench_markdown", "clicks_markdown", "on_off_markdown", "provenance", "results_markdown"]
+__all__ = ["bench_markdown", "clicks_markdown", "on_off_markdown", "provenance", "results_markdown", "worse_by_chance",
+           "worse_by_one_std"]
 
 
 def provenance(argv: list[str]) -> dict[str, str]:
@@ -136,13 +139,14 @@ def clicks_markdown(clicks: dict[str, Any], names: list[str]) -> list[str]:
 def on_off_markdown(on: dict[str, Any], offs: list[tuple[dict[str, Any], str]]) -> str:
     """Zero-click served test Dice with interaction on (``on``, a ``--interactive`` run) against off (runs without
     it on the same scenario, seeds and budget): per method and site, the difference in points and its size in
-    pooled seed-stds, ``|on - off| / sqrt((std_on² + std_off²) / 2)``.
+    pooled seed-stds, ``|on - off| / sqrt((std_on² + std_off²) / 2)``; under it, per method, how often as many
+    sites would be worse by more than one of them if interaction changed nothing (:func:`worse_by_chance`).
 
     Args:
         offs: ``(results, label)`` of each run without ``--interactive``; a method is taken from the first run that
             has it, and the label (its commit) is named beside it.
     """
-    names, rounds = on["config"]["sites"], on["config"]["rounds"]
+    names, rounds, chances = on["config"]["sites"], on["config"]["rounds"], []
     lines = [f"Zero-click served test Dice after round {rounds}, interaction on − off: Dice points "
              "(|difference| / pooled seed-std).", "", "| method | off run | " + " | ".join(names) + " | mean |",
              "|---|---|" + "---|" * (len(names) + 1)]
@@ -153,16 +157,43 @@ def on_off_markdown(on: dict[str, Any], offs: list[tuple[dict[str, Any], str]]) 
         if off[0]["config"]["rounds"] != rounds or off[0]["config"]["seeds"] != on["config"]["seeds"]:
             raise ValueError(f"{off[1]}: {off[0]['config']['rounds']} rounds, {off[0]['config']['seeds']} seeds; "
                              f"expected the interactive run's {rounds} and {on['config']['seeds']}")
-        cells = []
+        cells, worse = [], 0
         for n in names:
             a, b = row["per_site"][n], off[0]["summary"][m]["per_site"][n]
             pooled = ((a["std"] ** 2 + b["std"] ** 2) / 2) ** 0.5
             gap = abs(a["mean"] - b["mean"])
             size = gap / pooled if pooled else (float("inf") if gap else 0.0)  # no spread: any gap is "infinite"
             cells.append(f"{100 * (a['mean'] - b['mean']):+.1f} ({size:.2f})")
+            worse += a["mean"] < b["mean"] and size > 1
         mean = 100 * (row["mean"] - off[0]["summary"][m]["mean"])
         lines.append(f"| {m} | {off[1]} | " + " | ".join(cells) + f" | {mean:+.1f} |")
+        chances.append((m, worse, len(names)))
+    seeds = on["config"]["seeds"]
+    if chances and seeds > 1:
+        p = worse_by_one_std(seeds)
+        lines.append("")
+        lines += [f"{m}: worse by more than one pooled seed-std at {k} of {n} sites; with no effect at all, "
+                  f"{k} or more happen by chance with probability {worse_by_chance(k, n, seeds):.2f} (each site: "
+                  f"{p:.3f}, {seeds} seeds a side)." for m, k, n in chances]
     return "\n".join(lines) + "\n"
+
+
+def worse_by_one_std(seeds: int) -> float:
+    """The chance that a site's mean over ``seeds`` seeds with one setting falls more than one pooled seed-std
+    below its mean with another, when the setting has no effect (both normal with one variance).
+
+    The difference of the two means over its standard error, ``t = d / (s * sqrt(2 / seeds))``, has Student's t
+    distribution with ``2 seeds - 2`` degrees of freedom, so ``d < -s`` is ``t < -sqrt(seeds / 2)``: 0.144 at
+    3 seeds. "Within one seed-std at every site" is a coin that a method with no effect loses often: at 16 sites
+    and 3 seeds, all 16 are within (either side) with probability 0.004.
+    """
+    return float(stats.t.cdf(-(seeds / 2) ** 0.5, 2 * seeds - 2))
+
+
+def worse_by_chance(k: int, sites: int, seeds: int) -> float:
+    """The chance of ``k`` or more of ``sites`` independent sites each being worse by more than one pooled
+    seed-std when the setting has no effect (:func:`worse_by_one_std`; binomial)."""
+    return float(stats.binom.sf(k - 1, sites, worse_by_one_std(seeds)))
 
 
 def bench_markdown(title: str, rows: list[tuple[str, str, str]], prov: dict[str, str]) -> str:

@@ -3,6 +3,7 @@
 import json
 import re
 
+import numpy as np
 import pytest
 
 from gcml_app.sim import tables
@@ -43,6 +44,29 @@ def test_on_off_difference_in_points_and_pooled_stds(on, off, std_on, std_off, c
     md = tables.on_off_markdown(_run({"gcml": on}, {"gcml": std_on}),
                                 [(_run({"gcml": off}, {"gcml": std_off}), "`abc1234`")])
     assert f"| gcml | `abc1234` | {cell} |" in md
+
+
+@pytest.mark.parametrize("on, off, worse, chance", [
+    (0.70, 0.76, 1, "0.14"),   # 3.00 stds below: one site of one; by chance at 0.144
+    (0.80, 0.78, 0, "1.00"),   # above: none, which chance always gives
+    (0.755, 0.76, 0, "1.00"),  # below by 0.25 std: within one
+])
+def test_on_off_says_how_often_chance_alone_is_that_far_below(on, off, worse, chance):
+    md = tables.on_off_markdown(_run({"gcml": on}, {"gcml": 0.02}), [(_run({"gcml": off}, {"gcml": 0.02}), "`o`")])
+    assert md.splitlines()[-1] == (f"gcml: worse by more than one pooled seed-std at {worse} of 1 sites; with no "
+                                   f"effect at all, {worse} or more happen by chance with probability {chance} "
+                                   "(each site: 0.144, 3 seeds a side).")
+
+
+@pytest.mark.parametrize("seeds", [2, 3, 5])
+def test_the_chance_of_one_std_below_matches_a_simulation_of_no_effect(seeds):
+    rng = np.random.default_rng(seeds)
+    a, b = rng.normal(size=(2, 200_000, seeds))
+    pooled = np.sqrt((a.var(axis=1, ddof=1) + b.var(axis=1, ddof=1)) / 2)
+    below = np.mean(a.mean(axis=1) - b.mean(axis=1) < -pooled)
+    assert abs(below - tables.worse_by_one_std(seeds)) < 0.004, (below, tables.worse_by_one_std(seeds))
+    assert tables.worse_by_chance(1, 1, seeds) == pytest.approx(tables.worse_by_one_std(seeds))
+    assert tables.worse_by_chance(0, 16, seeds) == pytest.approx(1.0)
 
 
 def test_on_off_takes_each_method_from_the_first_run_that_has_it():
