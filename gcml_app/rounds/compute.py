@@ -128,6 +128,7 @@ class _Data:
     amp: Precision
     cache: dict[str, Any]
     unlabelled: DataLoader | None = None
+    loader_rng: dict[str, Any] | None = None  # the random generators' states as ``loader`` was built
 
     @classmethod
     def prepare(cls, work: RoundWork, device: torch.device, amp: Precision) -> _Data:
@@ -146,23 +147,31 @@ class _Data:
         entries = cache.prepare(cases, evict=rank() == 0)
         labelled, unl = entries[:len(entries) - len(unl)], [e for e in entries[len(entries) - len(unl):] if e]
         val = CachedCases(share(labelled[:len(work.val_ids)]))
-        loader = unlabelled = None
+        loader = unlabelled = drawn = None
         if trains:  # built after the round's seed is set: MONAI's DataLoader seeds the random crops from it
             train = Dataset(CachedCases(labelled[len(work.val_ids):], indices=True), crop_transforms(cfg))
+            drawn = rng_state()
             loader = _loader(train, batch, t.num_workers, pin)
             if unl:
                 unlabelled = _loader(Dataset(CachedCases(unl), unlabelled_crop_transforms(cfg)),
                                      cfg.dcml.unlabelled_batch, 0, pin)
-        return cls(cfg, val, loader, device, amp, {**cache.stats.as_record(), "unlabelled": len(unl)}, unlabelled)
+        return cls(cfg, val, loader, device, amp, {**cache.stats.as_record(), "unlabelled": len(unl)}, unlabelled,
+                   drawn)
 
     def loader_for(self, producer: Producer) -> DataLoader | None:
         """The training crops in ``producer``'s batch: the prepared loader, or the same crops re-batched when
         the round's choice changed the producer (:class:`~gcml_app.rounds.producers.Alone` takes
-        ``train.batch_size``, DCML's half)."""
+        ``train.batch_size``, DCML's half). Re-batched from the random state the prepared loader was built in,
+        it is the loader a round of that producer would have built: the same crops in the same batches."""
         batch = producer.batch_size(self.cfg)
         if self.loader is None or self.loader.batch_size == batch:
             return self.loader
-        return _loader(self.loader.dataset, batch, self.cfg.train.num_workers, self.device.type == "cuda")
+        now = rng_state()
+        if self.loader_rng is not None:
+            _restore(self.loader_rng)
+        loader = _loader(self.loader.dataset, batch, self.cfg.train.num_workers, self.device.type == "cuda")
+        _restore(now)
+        return loader
 
     def score(self, model: GCMLNet) -> list[dict[str, float]]:
         """Dice per label of every validation case (sliding window), each rank scoring its share."""
@@ -234,8 +243,10 @@ def compute(work: RoundWork, device: torch.device, report: Progress | None = Non
         scores[SERVED] = data.score(probe)
         clicked[SERVED] = data.click_score(probe)
         if cfg.dcml.choose and isinstance(producer, DCML):  # how to use the partner: from its Dice on our cases
+            drawn = rng_state()  # the choice only looks: the arm it picks draws what it would draw alone
             probe.load_state_dict(fit_state(producer.state, cfg))
             producer = producer.for_arm(choose_arm(data.score(probe), scores[SERVED], cfg.validation))
+            _restore(drawn)
     lap("validate_s", peak="validate_served")
 
     phase("train")

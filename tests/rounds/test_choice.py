@@ -125,3 +125,28 @@ def test_the_round_line_names_the_arm_and_the_partners_gap(arm, words, event, st
            "arm": {"arm": arm, "gain": -0.124, "se": 0.02, "upper": -0.09, "scored_cases": 4, "why": "..."}}
     line = summarize(rec)
     assert line.startswith(start + f"gossip with site-b v4 ({words}; partner -12.4 Dice points on our cases), ")
+
+
+@pytest.mark.slow
+def test_a_round_alone_is_exactly_local2xs_round_from_the_same_start_and_seed(tmp_path, studies):
+    # The choice only looks (the partner's Dice on our cases): it draws nothing, so a site whose partners bring
+    # nothing trains exactly as it would alone at the same compute, and a comparison with local2x is paired.
+    import shutil
+
+    from helpers import write_config
+
+    from gcml_app.config import load_config
+
+    cfg = load_config(write_config(tmp_path / "site", dcml={"choose": True}))
+    cases = cases_of(studies[0])
+    run_round(cfg, ModelStore(cfg.state_dir / "models"), cases, epochs=3)
+    shutil.copytree(tmp_path / "site", tmp_path / "twin")
+    twin = load_config(write_config(tmp_path / "twin", dcml={"choose": True}))
+    torch.manual_seed(11)  # an untrained network: far worse on our cases
+    far = _partner(twin, build_network(twin).state_dict())
+
+    alone = run_round(twin, ModelStore(twin.state_dir / "models"), cases_of(studies[0]), epochs=1, incoming=far,
+                      seed=77)
+    local2x = run_round(cfg, ModelStore(cfg.state_dir / "models"), cases, epochs=2, seed=77)
+    assert alone["arm"]["arm"] == "alone"
+    assert alone["losses"] == local2x["losses"] and alone["per_case"] == local2x["per_case"]
