@@ -64,6 +64,9 @@ BAD = [
     ({"interactive": {"gate_clicks": 21}}, r"interactive.gate_clicks: found 21; expected less than or equal to 20"),
     ({"interactive": {"sigma": 0}}, r"interactive.sigma: found 0; expected greater than 0"),
     ({"interactive": {"clicks": 3}}, r"interactive.clicks: found unknown key"),
+    ({"dcml": {"choose": False, "pulled_candidate": True}},
+     r"dcml: found \{'choose': False, 'pulled_candidate': True\}; expected pulled_candidate: true only with "
+     r"choose: true \(the choice scores the partner's model"),
 ]
 
 

@@ -378,7 +378,17 @@ class DCMLConfig(_Strict):
                          "round and choose from that: mutual learning, a frozen teacher, or training alone, each at "
                          "local2x's compute (docs/design.md, 'Choosing how a partner's model is used'); false = "
                          "mutual learning every round")
+    pulled_candidate: bool = Field(False, description="with choose: the partner's model as pulled is also a "
+                                   "candidate for the gate, scored by the choice (no training); served unchanged, "
+                                   "as adopted from the partner, only if it beats the served model and every "
+                                   "trained candidate on the site's validation cases")
 
+    @model_validator(mode="after")
+    def _pulled_needs_choose(self) -> DCMLConfig:
+        if self.pulled_candidate and not self.choose:
+            raise ValueError("pulled_candidate: true only with choose: true (the choice scores the partner's model "
+                             "on the site's validation cases; without it nothing does)")
+        return self
 
 
 class InteractiveConfig(_Strict):

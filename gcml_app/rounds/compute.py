@@ -32,7 +32,7 @@ from gcml_app.ml.evaluate import dice_per_case
 from gcml_app.ml.gate import SERVED
 from gcml_app.ml.network import GCMLNet, build_network, fit_state
 from gcml_app.ml.transforms import crop_transforms, unlabelled_crop_transforms
-from gcml_app.rounds.producers import DCML, Produced, Producer, RoundInputs, choose_arm
+from gcml_app.rounds.producers import DCML, PULLED, Produced, Producer, RoundInputs, choose_arm
 
 __all__ = ["Computed", "Laps", "Phase", "RoundWork", "compute", "rng_state"]
 
@@ -235,7 +235,7 @@ def compute(work: RoundWork, device: torch.device, report: Progress | None = Non
     phase("validate")
     scores: dict[str, list[dict[str, float]]] = {}
     clicked: dict[str, float | None] = {}
-    probe = None
+    probe = pulled = None
     producer = work.producer
     if work.served is not None:
         probe = build_network(cfg).to(device)
@@ -244,8 +244,12 @@ def compute(work: RoundWork, device: torch.device, report: Progress | None = Non
         clicked[SERVED] = data.click_score(probe)
         if cfg.dcml.choose and isinstance(producer, DCML):  # how to use the partner: from its Dice on our cases
             drawn = rng_state()  # the choice only looks: the arm it picks draws what it would draw alone
-            probe.load_state_dict(fit_state(producer.state, cfg))
-            producer = producer.for_arm(choose_arm(data.score(probe), scores[SERVED], cfg.validation))
+            state = fit_state(producer.state, cfg)
+            probe.load_state_dict(state)
+            partner = data.score(probe)
+            if cfg.dcml.pulled_candidate:  # the partner's model as pulled: a candidate, already scored
+                pulled = (state, partner, data.click_score(probe))
+            producer = producer.for_arm(choose_arm(partner, scores[SERVED], cfg.validation))
             _restore(drawn)
     lap("validate_s", peak="validate_served")
 
@@ -259,6 +263,8 @@ def compute(work: RoundWork, device: torch.device, report: Progress | None = Non
         probe.load_state_dict(state)
         scores[name] = data.score(probe)
         clicked[name] = data.click_score(probe)
+    if pulled is not None:
+        produced.states[PULLED], scores[PULLED], clicked[PULLED] = pulled
     lap("validate_s", peak="validate_candidates")
     gpu = round(torch.cuda.max_memory_allocated(device) / 2**20, 1) if device.type == "cuda" else None
     return Computed(produced, scores, clicked, data.cache, lap.laps, lap.peak_mb, str(amp), gpu)

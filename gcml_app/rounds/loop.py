@@ -37,7 +37,7 @@ from gcml_app.ml.network import arch_fingerprint, build_network, fit_state, othe
 from gcml_app.ml.split import FixedSplit, labels_for_validation
 from gcml_app.rounds.compute import Laps, Phase, RoundWork, compute, rng_state
 from gcml_app.rounds.lock import exclusive
-from gcml_app.rounds.producers import DCML, Local, Produced, Producer
+from gcml_app.rounds.producers import DCML, PULLED, Local, Produced, Producer
 from gcml_app.rounds.ranks import run_on_ranks
 from gcml_app.rounds.record import RoundRecord, provenance
 from gcml_app.store import Manifest, ModelStore, StoreError
@@ -290,8 +290,11 @@ def _commit(cfg: SiteConfig, store: ModelStore, served: Manifest | None, arch: s
     round wins, and the round is recorded as superseded instead of undoing it.
     """
     states, mode, origin = produced.states, produced.mode, producer.origin
+    if decision.publish and decision.winner == PULLED:  # the partner's model as pulled: served unchanged, adopted
+        mode = "adopt"
     step: dict[str, Any] = {"site": cfg.site, "mode": mode, "candidate": decision.winner}
-    if producer.incoming_sha256 is not None and mode == "dcml":  # a partner the site trained alone beside is no parent
+    # a partner the site trained alone beside is no parent; one whose model it serves as pulled is
+    if producer.incoming_sha256 is not None and mode in ("dcml", "adopt"):
         step.update(origin or {"incoming_sha256": producer.incoming_sha256})
     new_working = decision.winner if decision.publish else max(
         states, key=lambda k: (decision.evidence[k].gain, k == produced.kept))

@@ -35,8 +35,8 @@ from gcml_app.ml.network import GCMLNet, build_network
 from gcml_app.ml.supervised import average_state, supervised_train
 from gcml_app.util.files import sha256_bytes
 
-__all__ = ["ARMS", "Alone", "Choice", "DCML", "Local", "Produced", "Producer", "RoundInputs", "State", "choose_arm",
-           "load_incoming"]
+__all__ = ["ARMS", "PULLED", "Alone", "Choice", "DCML", "Local", "Produced", "Producer", "RoundInputs", "State",
+           "choose_arm", "load_incoming"]
 
 State = dict[str, torch.Tensor]
 
@@ -79,6 +79,7 @@ class Produced:
 
 
 ARMS = ("mutual", "teacher", "alone")
+PULLED = "pulled"  # the candidate that is the partner's model as pulled (dcml.pulled_candidate)
 
 
 @dataclass(frozen=True)

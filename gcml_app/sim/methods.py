@@ -276,6 +276,8 @@ ARMS: dict[str, Method] = {
     "pooled-epochs": Pooled(budget="epochs"),
     # dcml.choose off: mutual learning every round, as GCML did before the choice became the default
     "gcml-mutual": Gossip(dcml={"choose": False}),
+    # dcml.pulled_candidate: the partner's model as pulled is a candidate too (served unchanged if it wins)
+    "gcml-pulled": Gossip(dcml={"pulled_candidate": True}),
 }
-OPT_IN = ("gcml-mutual",)  # run when named (--methods); the default run's methods stay the 18 above
+OPT_IN = ("gcml-mutual", "gcml-pulled")  # run when named (--methods); the default run's methods stay the 18 above
 DEFAULT_METHODS = [m for m in ARMS if m not in OPT_IN]

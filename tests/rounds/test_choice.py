@@ -150,3 +150,41 @@ def test_a_round_alone_is_exactly_local2xs_round_from_the_same_start_and_seed(tm
     local2x = run_round(cfg, ModelStore(cfg.state_dir / "models"), cases, epochs=2, seed=77)
     assert alone["arm"]["arm"] == "alone"
     assert alone["losses"] == local2x["losses"] and alone["per_case"] == local2x["per_case"]
+
+
+@pytest.mark.slow
+def test_a_partner_model_better_on_our_cases_is_a_candidate_as_pulled_and_served_unchanged(tmp_path, studies,
+                                                                                           monkeypatch):
+    import shutil
+
+    from helpers import write_config
+
+    from gcml_app.config import load_config
+    from gcml_app.rounds.producers import Produced
+
+    cfg = load_config(write_config(tmp_path / "site", dcml={"choose": True, "pulled_candidate": True}))
+    store = ModelStore(cfg.state_dir / "models")
+    cases = cases_of(studies[0])
+    run_round(cfg, store, cases, epochs=1)  # a weak served model
+    shutil.copytree(tmp_path / "site", tmp_path / "twin")
+    twin = load_config(write_config(tmp_path / "twin"))
+    run_round(twin, ModelStore(twin.state_dir / "models"), cases, epochs=12)  # the partner trains longer
+    strong = ModelStore(twin.state_dir / "models").working()[0]
+    # the round's training makes nothing better than what it starts from: only the pulled model can win
+    monkeypatch.setattr(DCML, "produce", lambda self, inputs: Produced("dcml", {
+        "dcml_local": {k: v.clone() for k, v in inputs.model.state_dict().items()}}, "dcml_local", [],
+        self.choice.as_record()))
+
+    rec = run_round(cfg, store, cases, epochs=1, incoming=_partner(cfg, strong),
+                    origin={"peer": "site-b", "peer_version": 7})
+    assert rec["arm"]["arm"] == "mutual" and rec["arm"]["gain"] > 0.005, rec["arm"]
+    partner_mean = [sum(c.values()) / len(c) for c in rec["per_case"]["pulled"]]
+    served_mean = [sum(c.values()) / len(c) for c in rec["per_case"]["served"]]
+    assert sum(partner_mean) / len(partner_mean) - sum(served_mean) / len(served_mean) == pytest.approx(
+        rec["arm"]["gain"], abs=1e-5)  # the choice's scores are the candidate's
+    assert rec["winner"] == "pulled" and rec["published"], rec["reason"]
+    man = store.served()
+    assert man.made_by == {"mode": "adopt", "candidate": "pulled", "peer": "site-b"}
+    assert man.produced_by == "adopted:site-b" and man.lineage[0]["peer"] == "site-b"
+    served = store.load(man.version)
+    assert all(torch.equal(served[k], strong[k]) for k in strong)  # unchanged: the partner's weights
