@@ -172,9 +172,10 @@ def on_off_markdown(on: dict[str, Any], offs: list[tuple[dict[str, Any], str]]) 
     if chances and seeds > 1:
         p = worse_by_one_std(seeds)
         lines.append("")
-        lines += [f"{m}: worse by more than one pooled seed-std at {k} of {n} sites; with no effect at all, "
-                  f"{k} or more happen by chance with probability {worse_by_chance(k, n, seeds):.2f} (each site: "
-                  f"{p:.3f}, {seeds} seeds a side)." for m, k, n in chances]
+        lines += [f"{m}: worse by more than one pooled seed-std at {k} of {n} sites" + (
+            f"; with no effect at all, {k} or more happen by chance with probability "
+            f"{worse_by_chance(k, n, seeds):.2f} (each site: {p:.3f}, {seeds} seeds a side)." if k else ".")
+            for m, k, n in chances]
     return "\n".join(lines) + "\n"
 
 
