@@ -11,10 +11,11 @@ gathered, so every rank, and the decision, sees the table one device would compu
 
 from __future__ import annotations
 
+import contextlib
 import random
 import resource
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -75,6 +76,19 @@ def _restore(rng: dict[str, Any]) -> None:
     torch.set_rng_state(rng["torch"])
     np.random.set_state(rng["numpy"])
     random.setstate(rng["random"])
+
+
+@contextlib.contextmanager
+def _draws_nothing(start: dict[str, Any] | None = None) -> Iterator[None]:
+    """What runs inside leaves the CPU random generators as it found them (from ``start``, a :func:`rng_state`,
+    when given: the block then draws as it would have there)."""
+    now = rng_state()
+    if start is not None:
+        _restore(start)
+    try:
+        yield
+    finally:
+        _restore(now)
 
 
 @dataclass
@@ -166,12 +180,8 @@ class _Data:
         batch = producer.batch_size(self.cfg)
         if self.loader is None or self.loader.batch_size == batch:
             return self.loader
-        now = rng_state()
-        if self.loader_rng is not None:
-            _restore(self.loader_rng)
-        loader = _loader(self.loader.dataset, batch, self.cfg.train.num_workers, self.device.type == "cuda")
-        _restore(now)
-        return loader
+        with _draws_nothing(self.loader_rng):
+            return _loader(self.loader.dataset, batch, self.cfg.train.num_workers, self.device.type == "cuda")
 
     def score(self, model: GCMLNet) -> list[dict[str, float]]:
         """Dice per label of every validation case (sliding window), each rank scoring its share."""
@@ -243,14 +253,13 @@ def compute(work: RoundWork, device: torch.device, report: Progress | None = Non
         scores[SERVED] = data.score(probe)
         clicked[SERVED] = data.click_score(probe)
         if cfg.dcml.choose and isinstance(producer, DCML):  # how to use the partner: from its Dice on our cases
-            drawn = rng_state()  # the choice only looks: the arm it picks draws what it would draw alone
-            state = fit_state(producer.state, cfg)
-            probe.load_state_dict(state)
-            partner = data.score(probe)
-            if cfg.dcml.pulled_candidate:  # the partner's model as pulled: a candidate, already scored
-                pulled = (state, partner, data.click_score(probe))
+            with _draws_nothing():  # the choice only looks: the arm it picks draws what it would draw alone
+                state = fit_state(producer.state, cfg)
+                probe.load_state_dict(state)
+                partner = data.score(probe)
+                if cfg.dcml.pulled_candidate:  # the partner's model as pulled: a candidate, already scored
+                    pulled = (state, partner, data.click_score(probe))
             producer = producer.for_arm(choose_arm(partner, scores[SERVED], cfg.validation))
-            _restore(drawn)
     lap("validate_s", peak="validate_served")
 
     phase("train")

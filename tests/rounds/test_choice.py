@@ -3,6 +3,8 @@ every arm at local2x's compute."""
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 from helpers import cases_of
@@ -127,26 +129,28 @@ def test_the_round_line_names_the_arm_and_the_partners_gap(arm, words, event, st
     assert line.startswith(start + f"gossip with site-b v4 ({words}; partner -12.4 Dice points on our cases), ")
 
 
-@pytest.mark.slow
-def test_a_round_alone_is_exactly_local2xs_round_from_the_same_start_and_seed(tmp_path, studies):
-    # The choice only looks (the partner's Dice on our cases): it draws nothing, so a site whose partners bring
-    # nothing trains exactly as it would alone at the same compute, and a comparison with local2x is paired.
-    import shutil
-
+def _site_and_twin(tmp_path, studies, epochs, dcml, twin_dcml):
+    """A tiny site after one round of ``epochs``, and a copy of it (state folder and all) with ``twin_dcml``."""
     from helpers import write_config
 
     from gcml_app.config import load_config
 
-    cfg = load_config(write_config(tmp_path / "site", dcml={"choose": True}))
+    cfg = load_config(write_config(tmp_path / "site", dcml=dcml))
     cases = cases_of(studies[0])
-    run_round(cfg, ModelStore(cfg.state_dir / "models"), cases, epochs=3)
+    run_round(cfg, ModelStore(cfg.state_dir / "models"), cases, epochs=epochs)
     shutil.copytree(tmp_path / "site", tmp_path / "twin")
-    twin = load_config(write_config(tmp_path / "twin", dcml={"choose": True}))
+    return cfg, load_config(write_config(tmp_path / "twin", dcml=twin_dcml)), cases
+
+
+@pytest.mark.slow
+def test_a_round_alone_is_exactly_local2xs_round_from_the_same_start_and_seed(tmp_path, studies):
+    # The choice only looks (the partner's Dice on our cases): it draws nothing, so a site whose partners bring
+    # nothing trains exactly as it would alone at the same compute, and a comparison with local2x is paired.
+    cfg, twin, cases = _site_and_twin(tmp_path, studies, 3, {"choose": True}, {"choose": True})
     torch.manual_seed(11)  # an untrained network: far worse on our cases
     far = _partner(twin, build_network(twin).state_dict())
 
-    alone = run_round(twin, ModelStore(twin.state_dir / "models"), cases_of(studies[0]), epochs=1, incoming=far,
-                      seed=77)
+    alone = run_round(twin, ModelStore(twin.state_dir / "models"), cases, epochs=1, incoming=far, seed=77)
     local2x = run_round(cfg, ModelStore(cfg.state_dir / "models"), cases, epochs=2, seed=77)
     assert alone["arm"]["arm"] == "alone"
     assert alone["losses"] == local2x["losses"] and alone["per_case"] == local2x["per_case"]
@@ -155,19 +159,11 @@ def test_a_round_alone_is_exactly_local2xs_round_from_the_same_start_and_seed(tm
 @pytest.mark.slow
 def test_a_partner_model_better_on_our_cases_is_a_candidate_as_pulled_and_served_unchanged(tmp_path, studies,
                                                                                            monkeypatch):
-    import shutil
-
-    from helpers import write_config
-
-    from gcml_app.config import load_config
     from gcml_app.rounds.producers import Produced
 
-    cfg = load_config(write_config(tmp_path / "site", dcml={"choose": True, "pulled_candidate": True}))
+    # a weak served model; its twin is the partner
+    cfg, twin, cases = _site_and_twin(tmp_path, studies, 1, {"choose": True, "pulled_candidate": True}, {})
     store = ModelStore(cfg.state_dir / "models")
-    cases = cases_of(studies[0])
-    run_round(cfg, store, cases, epochs=1)  # a weak served model
-    shutil.copytree(tmp_path / "site", tmp_path / "twin")
-    twin = load_config(write_config(tmp_path / "twin"))
     run_round(twin, ModelStore(twin.state_dir / "models"), cases, epochs=12)  # the partner trains longer
     strong = ModelStore(twin.state_dir / "models").working()[0]
     # the round's training makes nothing better than what it starts from: only the pulled model can win
