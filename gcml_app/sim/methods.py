@@ -278,6 +278,9 @@ ARMS: dict[str, Method] = {
     "gcml-mutual": Gossip(dcml={"choose": False}),
     # dcml.pulled_candidate: the partner's model as pulled is a candidate too (served unchanged if it wins)
     "gcml-pulled": Gossip(dcml={"pulled_candidate": True}),
+    # dcml.shown_worse: teacher: a partner shown worse (within max_label_drop) teaches instead of the site
+    # training alone, as the choice did before alone became the default
+    "gcml-distil": Gossip(dcml={"shown_worse": "teacher"}),
 }
-OPT_IN = ("gcml-mutual", "gcml-pulled")  # run when named (--methods); the default run's methods stay the 18 above
+OPT_IN = ("gcml-mutual", "gcml-pulled", "gcml-distil")  # run when named (--methods); the default run: the 18 above
 DEFAULT_METHODS = [m for m in ARMS if m not in OPT_IN]
