@@ -23,8 +23,8 @@ from scipy import stats
 
 from gcml_app.sim.report import summarize_plateau
 
-__all__ = ["bench_markdown", "clicks_markdown", "on_off_markdown", "provenance", "results_markdown", "worse_by_chance",
-           "worse_by_one_std"]
+__all__ = ["arms_markdown", "bench_markdown", "clicks_markdown", "on_off_markdown", "provenance", "results_markdown",
+           "worse_by_chance", "worse_by_one_std"]
 
 
 def provenance(argv: list[str]) -> dict[str, str]:
@@ -82,6 +82,7 @@ def results_markdown(res: dict[str, Any], prov: dict[str, str]) -> str:
                 cells = [row["per_site"][n][f"vs_{rival}"] for n in names]
                 lines.append(f"| {m} | " + " | ".join(f"{100 * x['mean']:+.1f} ({x['wins']}/{x['n']})" for x in cells)
                              + " |")
+    lines += arms_markdown(res["rows"])
     if "plateau" in res:
         p = res["plateau"]
         lines += ["", f"At the plateau (validation Dice up by at most {p['tolerance']:g} for {p['patience']} rounds; "
@@ -106,6 +107,27 @@ def results_markdown(res: dict[str, Any], prov: dict[str, str]) -> str:
     if "clicks" in res:
         lines += clicks_markdown(res["clicks"], names)
     return "\n".join(lines) + "\n"
+
+
+ARMS = ("mutual", "teacher", "alone")  # gcml_app.rounds.producers.ARMS, not imported: the tables need no torch
+
+
+def arms_markdown(rows: list[dict[str, Any]]) -> list[str]:
+    """``dcml.choose``: per method, the rounds each arm was chosen (all sites, seeds and rounds) and the share of
+    them whose candidate the gate published; nothing when no method chose (``rows`` without ``arm``)."""
+    chosen: dict[str, dict[str, list[bool]]] = {}
+    for r in rows:
+        if r.get("arm"):
+            chosen.setdefault(r["method"], {}).setdefault(r["arm"], []).append(bool(r["published"]))
+    if not chosen:
+        return []
+    lines = ["", "How the choice used the partner's model (`dcml.choose`): rounds per arm over all sites and seeds, "
+             "and the share of them the gate published.", "", "| method | " + " | ".join(ARMS) + " |",
+             "|---|" + "---|" * len(ARMS)]
+    for m, arms in chosen.items():
+        cells = [f"{len(p)} ({100 * sum(p) / len(p):.0f}%)" if (p := arms.get(a)) else "0" for a in ARMS]
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def clicks_markdown(clicks: dict[str, Any], names: list[str]) -> list[str]:

@@ -291,6 +291,11 @@ def test_simulate_until_plateau_reports_each_methods_stop_and_the_arm_of_each_ch
     assert md.startswith("#### data:") and "`gcml simulate --data " in md and "--until-plateau 1`" in md
     assert re.search(r"at commit `([0-9a-f]{7}(\+changes)?|unknown)`, \d{4}-\d\d-\d\d", md)
     assert "| gcml-mutual | " in md and "At the plateau" in md and "Against `local`" in md
+    chosen = [r for r in res["rows"] if r["method"] == "gcml" and r.get("arm")]  # the arms' table counts the rows
+    cells = {a: sum(r["arm"] == a for r in chosen) for a in ("mutual", "teacher", "alone")}
+    table = md.split("How the choice used")[1].split("\n\n")[1].splitlines()[2:]  # under its header
+    assert chosen and {x.split(" | ")[0].strip("| "): [int(c.split()[0]) for c in x.strip("| ").split(" | ")[1:]]
+                       for x in table} == {"gcml": list(cells.values())}  # gcml-mutual does not choose
     # rebuilt from results.json alone, with the provenance given: the same tables under that header
     assert tables.main([str(out), "--commit", "abc1234", "--date", "2026-01-02"]) == 0
     again = (out / "results.md").read_text()
