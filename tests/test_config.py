@@ -67,9 +67,9 @@ BAD = [
     ({"dcml": {"choose": False, "pulled_candidate": True}},
      r"dcml: found \{'choose': False, 'pulled_candidate': True\}; expected pulled_candidate: true only with "
      r"choose: true \(the choice scores the partner's model"),
-    ({"dcml": {"shown_worse": "mutual"}}, r"dcml.shown_worse: found 'mutual'; expected 'alone' or 'teacher'"),
-    ({"dcml": {"choose": False, "shown_worse": "teacher"}},
-     r"dcml: found \{'choose': False, 'shown_worse': 'teacher'\}; expected shown_worse: teacher only with "
+    ({"dcml": {"shown_worse": "mutual"}}, r"dcml.shown_worse: found 'mutual'; expected 'teacher' or 'alone'"),
+    ({"dcml": {"choose": False, "shown_worse": "alone"}},
+     r"dcml: found \{'choose': False, 'shown_worse': 'alone'\}; expected shown_worse: alone only with "
      r"choose: true"),
 ]
 

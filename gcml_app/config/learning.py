@@ -375,15 +375,14 @@ class DCMLConfig(_Strict):
     train_incoming: bool = Field(True, description="false: the partner's model is a frozen teacher (forward "
                                  "passes only; one candidate, dcml_local)")
     choose: bool = Field(True, description="score the partner's model on the site's validation cases before a DCML "
-                         "round and choose from that: mutual learning or training alone (a frozen teacher with "
-                         "shown_worse: teacher), each at "
+                         "round and choose from that: mutual learning, a frozen teacher, or training alone, each at "
                          "local2x's compute (docs/design.md, 'Choosing how a partner's model is used'); false = "
                          "mutual learning every round")
-    shown_worse: Literal["alone", "teacher"] = Field("alone", description="with choose, a partner shown worse "
-                                                     "on the site's validation cases: the site trains alone "
-                                                     "(local2x's round), or 'teacher': distilled from the partner "
-                                                     "as a frozen teacher when it is worse by no more than "
-                                                     "validation.max_label_drop")
+    shown_worse: Literal["teacher", "alone"] = Field("teacher", description="with choose, a partner shown worse "
+                                                     "on the site's validation cases by no more than "
+                                                     "validation.max_label_drop: distilled from as a frozen "
+                                                     "teacher, or 'alone': the site trains alone (local2x's "
+                                                     "round), as it does beside a partner worse by more")
     pulled_candidate: bool = Field(False, description="with choose: the partner's model as pulled is also a "
                                    "candidate for the gate, scored by the choice (no training); served unchanged, "
                                    "as adopted from the partner, only if it beats the served model and every "
@@ -394,7 +393,7 @@ class DCMLConfig(_Strict):
         if self.pulled_candidate and not self.choose:
             raise ValueError("pulled_candidate: true only with choose: true (the choice scores the partner's model "
                              "on the site's validation cases; without it nothing does)")
-        if self.shown_worse != "alone" and not self.choose:
+        if self.shown_worse != "teacher" and not self.choose:
             raise ValueError(f"shown_worse: {self.shown_worse} only with choose: true (without the choice every "
                              "DCML round is mutual learning; nothing is shown worse)")
         return self

@@ -100,16 +100,16 @@ class Choice:
                 "why": self.why}
 
 
-def choose_arm(partner: CaseScores, served: CaseScores, v: ValidationConfig, shown_worse: str = "alone") -> Choice:
+def choose_arm(partner: CaseScores, served: CaseScores, v: ValidationConfig, shown_worse: str = "teacher") -> Choice:
     """The arm of a DCML round, from the partner's and the served model's per-case Dice on the same cases.
 
     ``upper`` is the upper end of a one-sided ``1 - validation.alpha`` interval on the partner's mean paired
     gain (the gate's confidence). Unless the partner is shown worse (``upper < 0``), mutual learning: both
-    models train, as DCML always did. Shown worse, the site's model takes the whole budget: alone (the
-    default, ``dcml.shown_worse: alone``), or, with ``shown_worse: teacher`` and a partner worse by no more
-    than ``validation.max_label_drop`` (the drop the gate never lets a served label take), distilled from the
-    partner as a frozen teacher that only answers forward passes. Few cases give a wide interval, so a site
-    with little validation evidence keeps mutual learning.
+    models train, as DCML always did. Shown worse, the site's model takes the whole budget: distilled from the
+    partner as a frozen teacher that only answers forward passes (``dcml.shown_worse: teacher``, the default)
+    or alone (``shown_worse: alone``). Shown worse by more than ``validation.max_label_drop`` (the drop the gate
+    never lets a served label take), alone in either case. Few cases give a wide interval, so a site with
+    little validation evidence keeps mutual learning.
     """
     gain, se, upper = paired_bound(partner, served, v.alpha)
     band = f"partner - served {gain:+.4f}, upper bound {upper:+.4f} at alpha {v.alpha:g} over {len(served)} cases"

@@ -278,9 +278,8 @@ ARMS: dict[str, Method] = {
     "gcml-mutual": Gossip(dcml={"choose": False}),
     # dcml.pulled_candidate: the partner's model as pulled is a candidate too (served unchanged if it wins)
     "gcml-pulled": Gossip(dcml={"pulled_candidate": True}),
-    # dcml.shown_worse: teacher: a partner shown worse (within max_label_drop) teaches instead of the site
-    # training alone, as the choice did before alone became the default
-    "gcml-distil": Gossip(dcml={"shown_worse": "teacher"}),
+    # dcml.shown_worse: alone: a partner shown worse on our cases never teaches; the site trains alone
+    "gcml-alone": Gossip(dcml={"shown_worse": "alone"}),
 }
-OPT_IN = ("gcml-mutual", "gcml-pulled", "gcml-distil")  # run when named (--methods); the default run: the 18 above
+OPT_IN = ("gcml-mutual", "gcml-pulled", "gcml-alone")  # run when named (--methods); the default run: the 18 above
 DEFAULT_METHODS = [m for m in ARMS if m not in OPT_IN]

@@ -31,21 +31,21 @@ BETTER = [0.05, 0.04, 0.06, 0.05, 0.03, 0.07]
 
 CHOICES = [
     # (the partner's Dice per case minus the served model's, dcml.shown_worse, the arm, words of its reason)
-    (MUCH_WORSE, "alone", "alone", "shown worse, the site trains alone"),
-    (A_LITTLE_WORSE, "alone", "alone", "shown worse, the site trains alone"),
-    (SIMILAR, "alone", "mutual", "not shown worse"),
-    (BETTER, "alone", "mutual", "not shown worse"),
-    ([-0.40], "alone", "mutual", "over 1 cases: not shown worse"),  # one case: no spread, no evidence
     (MUCH_WORSE, "teacher", "alone", "worse by more than max_label_drop 0.02, the site trains alone"),
     (A_LITTLE_WORSE, "teacher", "teacher", "shown worse, the partner only teaches"),
     (SIMILAR, "teacher", "mutual", "not shown worse"),
     (BETTER, "teacher", "mutual", "not shown worse"),
+    ([-0.40], "teacher", "mutual", "over 1 cases: not shown worse"),  # one case: no spread, no evidence
+    (MUCH_WORSE, "alone", "alone", "shown worse, the site trains alone"),
+    (A_LITTLE_WORSE, "alone", "alone", "shown worse, the site trains alone"),  # never a teacher
+    (SIMILAR, "alone", "mutual", "not shown worse"),
+    (BETTER, "alone", "mutual", "not shown worse"),
 ]
 
 
 @pytest.mark.parametrize("offsets, shown_worse, arm, why", CHOICES, ids=[
     "much-worse", "a-little-worse", "similar", "better", "one-case",
-    "teacher-much-worse", "teacher-a-little-worse", "teacher-similar", "teacher-better"])
+    "alone-much-worse", "alone-a-little-worse", "alone-similar", "alone-better"])
 def test_the_arm_follows_the_partners_paired_dice_and_its_spread(offsets, shown_worse, arm, why):
     choice = choose_arm(_cases(offsets), _cases([0.0] * len(offsets)), ValidationConfig(), shown_worse)
     assert choice.arm == arm and why in choice.why
@@ -62,7 +62,7 @@ def test_every_arm_spends_local2xs_image_passes(cfg, arm):
         passes = 2 * epochs * batches * b  # Alone: the working model, twice the epochs
     else:
         choice = choose_arm(_cases([0.0] * 6 if arm == "mutual" else [-0.01] * 5 + [-0.011]),
-                            _cases([0.0] * 6), ValidationConfig(), shown_worse="teacher")
+                            _cases([0.0] * 6), ValidationConfig())
         assert choice.arm == arm
         producer = dcml.for_arm(choice)
         per_step = b * (1 + (1.0 if arm == "mutual" else FORWARD_COST))
