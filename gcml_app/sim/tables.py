@@ -82,7 +82,7 @@ def results_markdown(res: dict[str, Any], prov: dict[str, str]) -> str:
                 cells = [row["per_site"][n][f"vs_{rival}"] for n in names]
                 lines.append(f"| {m} | " + " | ".join(f"{100 * x['mean']:+.1f} ({x['wins']}/{x['n']})" for x in cells)
                              + " |")
-    lines += arms_markdown(res["rows"])
+    lines += arms_markdown(res.get("rows", []))
     if "plateau" in res:
         p = res["plateau"]
         lines += ["", f"At the plateau (validation Dice up by at most {p['tolerance']:g} for {p['patience']} rounds; "
