@@ -383,6 +383,11 @@ class DCMLConfig(_Strict):
                                                      "validation.max_label_drop: distilled from as a frozen "
                                                      "teacher, or 'alone': the site trains alone (local2x's "
                                                      "round), as it does beside a partner worse by more")
+    mutual_bar: Literal["bound", "mean"] = Field("bound", description="with choose, when the partner's model "
+                                                 "counts as worse: 'bound' (the default) when shown worse, the "
+                                                 "upper end of the gate's interval on its paired gain below 0; "
+                                                 "'mean': when its mean paired gain is below 0, so mutual "
+                                                 "learning only beside a partner at least as good on our cases")
     pulled_candidate: bool = Field(False, description="with choose: the partner's model as pulled is also a "
                                    "candidate for the gate, scored by the choice (no training); served unchanged, "
                                    "as adopted from the partner, only if it beats the served model and every "
@@ -393,6 +398,9 @@ class DCMLConfig(_Strict):
         if self.pulled_candidate and not self.choose:
             raise ValueError("pulled_candidate: true only with choose: true (the choice scores the partner's model "
                              "on the site's validation cases; without it nothing does)")
+        if self.mutual_bar != "bound" and not self.choose:
+            raise ValueError(f"mutual_bar: {self.mutual_bar} only with choose: true (without the choice every "
+                             "DCML round is mutual learning)")
         if self.shown_worse != "teacher" and not self.choose:
             raise ValueError(f"shown_worse: {self.shown_worse} only with choose: true (without the choice every "
                              "DCML round is mutual learning; nothing is shown worse)")

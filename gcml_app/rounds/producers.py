@@ -100,7 +100,8 @@ class Choice:
                 "why": self.why}
 
 
-def choose_arm(partner: CaseScores, served: CaseScores, v: ValidationConfig, shown_worse: str = "teacher") -> Choice:
+def choose_arm(partner: CaseScores, served: CaseScores, v: ValidationConfig, shown_worse: str = "teacher",
+               mutual_bar: str = "bound") -> Choice:
     """The arm of a DCML round, from the partner's and the served model's per-case Dice on the same cases.
 
     ``upper`` is the upper end of a one-sided ``1 - validation.alpha`` interval on the partner's mean paired
@@ -109,15 +110,23 @@ def choose_arm(partner: CaseScores, served: CaseScores, v: ValidationConfig, sho
     partner as a frozen teacher that only answers forward passes (``dcml.shown_worse: teacher``, the default)
     or alone (``shown_worse: alone``). Shown worse by more than ``validation.max_label_drop`` (the drop the gate
     never lets a served label take), alone in either case. Few cases give a wide interval, so a site with
-    little validation evidence keeps mutual learning.
+    little validation evidence keeps mutual learning. With ``dcml.mutual_bar: mean`` the partner counts as
+    worse when its mean paired gain is below 0 (a partner worse in the estimate, shown or not): mutual
+    learning only beside a partner at least as good on our cases.
     """
     gain, se, upper = paired_bound(partner, served, v.alpha)
     band = f"partner - served {gain:+.4f}, upper bound {upper:+.4f} at alpha {v.alpha:g} over {len(served)} cases"
-    if upper >= 0:
+    if mutual_bar == "mean":
+        if gain >= 0:
+            return Choice("mutual", gain, se, upper, len(served), f"{band}: at least as good, both models train")
+        worse = "worse in the mean"
+    elif upper >= 0:
         return Choice("mutual", gain, se, upper, len(served), f"{band}: not shown worse, both models train")
+    else:
+        worse = "shown worse"
     if shown_worse == "teacher" and upper >= -v.max_label_drop:
-        return Choice("teacher", gain, se, upper, len(served), f"{band}: shown worse, the partner only teaches")
-    far = f"worse by more than max_label_drop {v.max_label_drop:g}" if shown_worse == "teacher" else "shown worse"
+        return Choice("teacher", gain, se, upper, len(served), f"{band}: {worse}, the partner only teaches")
+    far = f"worse by more than max_label_drop {v.max_label_drop:g}" if shown_worse == "teacher" else worse
     return Choice("alone", gain, se, upper, len(served), f"{band}: {far}, the site trains alone")
 
 

@@ -280,6 +280,9 @@ ARMS: dict[str, Method] = {
     "gcml-pulled": Gossip(dcml={"pulled_candidate": True}),
     # dcml.shown_worse: alone: a partner shown worse on our cases never teaches; the site trains alone
     "gcml-alone": Gossip(dcml={"shown_worse": "alone"}),
+    # dcml.mutual_bar: mean: mutual learning only beside a partner at least as good on our cases in the mean
+    "gcml-mean": Gossip(dcml={"mutual_bar": "mean"}),
 }
-OPT_IN = ("gcml-mutual", "gcml-pulled", "gcml-alone")  # run when named (--methods); the default run: the 18 above
+# run when named (--methods); the default run: the 18 above
+OPT_IN = ("gcml-mutual", "gcml-pulled", "gcml-alone", "gcml-mean")
 DEFAULT_METHODS = [m for m in ARMS if m not in OPT_IN]

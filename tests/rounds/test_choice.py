@@ -28,9 +28,11 @@ MUCH_WORSE = [-0.40, -0.35, -0.45, -0.38, -0.42, -0.36]
 A_LITTLE_WORSE = [-0.012, -0.008, -0.010, -0.011, -0.009, -0.010]
 SIMILAR = [-0.03, 0.02, -0.01, 0.03, -0.02, 0.01]
 BETTER = [0.05, 0.04, 0.06, 0.05, 0.03, 0.07]
+SIMILAR_BELOW = [-0.03, 0.02, -0.02, 0.03, -0.02, 0.01]  # mean -0.0017: worse in the mean, not shown worse
 
 CHOICES = [
-    # (the partner's Dice per case minus the served model's, dcml.shown_worse, the arm, words of its reason)
+    # (the partner's Dice per case minus the served model's, dcml.shown_worse, the arm, words of its reason);
+    # dcml.mutual_bar: bound (the default) here, mean in MEAN_BAR below
     (MUCH_WORSE, "teacher", "alone", "worse by more than max_label_drop 0.02, the site trains alone"),
     (A_LITTLE_WORSE, "teacher", "teacher", "shown worse, the partner only teaches"),
     (SIMILAR, "teacher", "mutual", "not shown worse"),
@@ -42,6 +44,18 @@ CHOICES = [
     (BETTER, "alone", "mutual", "not shown worse"),
 ]
 
+MEAN_BAR = [
+    # dcml.mutual_bar: mean: a partner worse in the mean, shown or not, no longer learns mutually
+    (MUCH_WORSE, "teacher", "alone", "worse by more than max_label_drop 0.02, the site trains alone"),
+    (A_LITTLE_WORSE, "teacher", "teacher", "worse in the mean, the partner only teaches"),
+    (SIMILAR_BELOW, "teacher", "mutual", "not shown worse"),  # the default bar, for contrast
+    (SIMILAR_BELOW, "teacher", "teacher", "worse in the mean, the partner only teaches"),
+    (BETTER, "teacher", "mutual", "at least as good, both models train"),
+    ([-0.40], "teacher", "teacher", "over 1 cases: worse in the mean, the partner only teaches"),  # se inf
+    (SIMILAR_BELOW, "alone", "alone", "worse in the mean, the site trains alone"),
+    (BETTER, "alone", "mutual", "at least as good, both models train"),
+]
+
 
 @pytest.mark.parametrize("offsets, shown_worse, arm, why", CHOICES, ids=[
     "much-worse", "a-little-worse", "similar", "better", "one-case",
@@ -50,6 +64,15 @@ def test_the_arm_follows_the_partners_paired_dice_and_its_spread(offsets, shown_
     choice = choose_arm(_cases(offsets), _cases([0.0] * len(offsets)), ValidationConfig(), shown_worse)
     assert choice.arm == arm and why in choice.why
     assert choice.gain == pytest.approx(sum(offsets) / len(offsets)) and choice.cases == len(offsets)
+
+
+@pytest.mark.parametrize("offsets, shown_worse, arm, why", MEAN_BAR, ids=[
+    "much-worse", "a-little-worse", "similar-below-bound-bar", "similar-below", "better", "one-case",
+    "alone-similar-below", "alone-better"])
+def test_with_the_mean_bar_only_a_partner_at_least_as_good_learns_mutually(offsets, shown_worse, arm, why):
+    bar = "bound" if why == "not shown worse" else "mean"
+    choice = choose_arm(_cases(offsets), _cases([0.0] * len(offsets)), ValidationConfig(), shown_worse, bar)
+    assert choice.arm == arm and why in choice.why
 
 
 @pytest.mark.parametrize("arm", ["mutual", "teacher", "alone"])
