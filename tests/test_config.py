@@ -71,6 +71,9 @@ BAD = [
     ({"dcml": {"choose": False, "shown_worse": "alone"}},
      r"dcml: found \{'choose': False, 'shown_worse': 'alone'\}; expected shown_worse: alone only with "
      r"choose: true"),
+    ({"dcml": {"interval": "t"}}, r"dcml.interval: found 't'; expected 'normal' or 'student'"),
+    ({"dcml": {"choose": False, "interval": "student"}},
+     r"dcml: found \{'choose': False, 'interval': 'student'\}; expected interval: student only with choose: true"),
     ({"dcml": {"mutual_bar": "median"}}, r"dcml.mutual_bar: found 'median'; expected 'bound' or 'mean'"),
     ({"dcml": {"choose": False, "mutual_bar": "mean"}},
      r"dcml: found \{'choose': False, 'mutual_bar': 'mean'\}; expected mutual_bar: mean only with choose: true"),

@@ -383,6 +383,10 @@ class DCMLConfig(_Strict):
                                                      "validation.max_label_drop: distilled from as a frozen "
                                                      "teacher, or 'alone': the site trains alone (local2x's "
                                                      "round), as it does beside a partner worse by more")
+    interval: Literal["normal", "student"] = Field("normal", description="with choose, the quantile of the "
+                                                   "one-sided interval on the partner's paired gain: the "
+                                                   "normal's, or 'student': Student's t with n - 1 degrees of "
+                                                   "freedom for n validation cases (wider with few cases)")
     mutual_bar: Literal["bound", "mean"] = Field("bound", description="with choose, when the partner's model "
                                                  "counts as worse: 'bound' (the default) when shown worse, the "
                                                  "upper end of the gate's interval on its paired gain below 0; "
@@ -398,6 +402,9 @@ class DCMLConfig(_Strict):
         if self.pulled_candidate and not self.choose:
             raise ValueError("pulled_candidate: true only with choose: true (the choice scores the partner's model "
                              "on the site's validation cases; without it nothing does)")
+        if self.interval != "normal" and not self.choose:
+            raise ValueError(f"interval: {self.interval} only with choose: true (without the choice no interval "
+                             "is computed)")
         if self.mutual_bar != "bound" and not self.choose:
             raise ValueError(f"mutual_bar: {self.mutual_bar} only with choose: true (without the choice every "
                              "DCML round is mutual learning)")

@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from statistics import NormalDist
 from dataclasses import dataclass, field
+from statistics import NormalDist
 from typing import Any
+
+from scipy import stats
 
 from gcml_app.config import ValidationConfig
 from gcml_app.ml.evaluate import mean_dice, mean_over_cases
@@ -46,24 +48,32 @@ def sign_test_p(deltas: Sequence[float]) -> float:
     return sum(math.comb(n, i) for i in range(k, n + 1)) / 2**n
 
 
-def paired_bound(model: CaseScores, served: CaseScores, alpha: float) -> tuple[float, float, float]:
+def paired_bound(model: CaseScores, served: CaseScores, alpha: float, student: bool = False
+                 ) -> tuple[float, float, float]:
     """How much better ``model`` is than ``served`` on the same cases, with the upper end of a one-sided interval.
 
     Returns:
-        ``(mean paired gain, its standard error, mean + z * se)`` where ``z`` is the normal quantile of
-        ``1 - alpha``: below 0, ``model`` is worse at that confidence. One case: no spread, ``se`` is inf.
+        ``(mean paired gain, its standard error, mean + q * se)`` where ``q`` is the ``1 - alpha`` quantile of
+        the normal distribution, or with ``student`` of Student's t with ``n - 1`` degrees of freedom (the
+        exact quantile for a mean whose spread is estimated from ``n`` cases; wider with few). Below 0,
+        ``model`` is worse at that confidence. One case: no spread, ``se`` is inf.
 
     Example:
         >>> [round(x, 3) for x in paired_bound([{"a": .5}, {"a": .6}], [{"a": .8}, {"a": .8}], 0.05)]
         [-0.25, 0.05, -0.168]
+        >>> round(paired_bound([{"a": .5}, {"a": .6}], [{"a": .8}, {"a": .8}], 0.05, student=True)[2], 3)
+        0.066
     """
     deltas = [mean_dice(m) - mean_dice(s) for m, s in zip(model, served)]
     n = len(deltas)
     if n == 0:
         raise ValueError("paired_bound: found no cases; expected the same validation cases for both models")
     gain = sum(deltas) / n
-    se = math.sqrt(sum((d - gain) ** 2 for d in deltas) / (n - 1) / n) if n > 1 else math.inf
-    return gain, se, gain + NormalDist().inv_cdf(1 - alpha) * se
+    if n == 1:
+        return gain, math.inf, math.inf
+    se = math.sqrt(sum((d - gain) ** 2 for d in deltas) / (n - 1) / n)
+    q = float(stats.t.ppf(1 - alpha, n - 1)) if student else NormalDist().inv_cdf(1 - alpha)
+    return gain, se, gain + q * se
 
 
 @dataclass(frozen=True)

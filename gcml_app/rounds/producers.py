@@ -101,7 +101,7 @@ class Choice:
 
 
 def choose_arm(partner: CaseScores, served: CaseScores, v: ValidationConfig, shown_worse: str = "teacher",
-               mutual_bar: str = "bound") -> Choice:
+               mutual_bar: str = "bound", interval: str = "normal") -> Choice:
     """The arm of a DCML round, from the partner's and the served model's per-case Dice on the same cases.
 
     ``upper`` is the upper end of a one-sided ``1 - validation.alpha`` interval on the partner's mean paired
@@ -112,10 +112,13 @@ def choose_arm(partner: CaseScores, served: CaseScores, v: ValidationConfig, sho
     never lets a served label take), alone in either case. Few cases give a wide interval, so a site with
     little validation evidence keeps mutual learning. With ``dcml.mutual_bar: mean`` the partner counts as
     worse when its mean paired gain is below 0 (a partner worse in the estimate, shown or not): mutual
-    learning only beside a partner at least as good on our cases.
+    learning only beside a partner at least as good on our cases. ``interval``: the interval's quantile, the
+    normal's (``dcml.interval: normal``) or Student's t with ``n - 1`` degrees of freedom (``student``).
     """
-    gain, se, upper = paired_bound(partner, served, v.alpha)
-    band = f"partner - served {gain:+.4f}, upper bound {upper:+.4f} at alpha {v.alpha:g} over {len(served)} cases"
+    gain, se, upper = paired_bound(partner, served, v.alpha, student=interval == "student")
+    quantile = " (Student's t)" if interval == "student" else ""
+    band = (f"partner - served {gain:+.4f}, upper bound {upper:+.4f} at alpha {v.alpha:g}{quantile} over "
+            f"{len(served)} cases")
     if mutual_bar == "mean":
         if gain >= 0:
             return Choice("mutual", gain, se, upper, len(served), f"{band}: at least as good, both models train")

@@ -282,7 +282,9 @@ ARMS: dict[str, Method] = {
     "gcml-alone": Gossip(dcml={"shown_worse": "alone"}),
     # dcml.mutual_bar: mean: mutual learning only beside a partner at least as good on our cases in the mean
     "gcml-mean": Gossip(dcml={"mutual_bar": "mean"}),
+    # dcml.interval: student: the choice's interval from Student's t (n - 1 degrees of freedom), not the normal
+    "gcml-t": Gossip(dcml={"interval": "student"}),
 }
 # run when named (--methods); the default run: the 18 above
-OPT_IN = ("gcml-mutual", "gcml-pulled", "gcml-alone", "gcml-mean")
+OPT_IN = ("gcml-mutual", "gcml-pulled", "gcml-alone", "gcml-mean", "gcml-t")
 DEFAULT_METHODS = [m for m in ARMS if m not in OPT_IN]

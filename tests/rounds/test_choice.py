@@ -75,6 +75,26 @@ def test_with_the_mean_bar_only_a_partner_at_least_as_good_learns_mutually(offse
     assert choice.arm == arm and why in choice.why
 
 
+SPREAD_WORSE = [-0.06, 0.01, -0.03, -0.02]  # 4 cases, mean -0.025, se 0.014
+SPREAD_FAR = [-0.11, -0.01, -0.07, -0.05]  # 4 cases, mean -0.06, se 0.021
+
+INTERVALS = [
+    # (offsets, dcml.interval, the arm, the upper bound): q = 1.645 (normal) or 2.353 (t, 3 degrees of freedom)
+    (SPREAD_WORSE, "normal", "teacher", -0.0013),
+    (SPREAD_WORSE, "student", "mutual", +0.0090),
+    (SPREAD_FAR, "normal", "alone", -0.0258),
+    (SPREAD_FAR, "student", "teacher", -0.0110),
+]
+
+
+@pytest.mark.parametrize("offsets, interval, arm, upper", INTERVALS, ids=[
+    "worse-normal", "worse-student", "far-normal", "far-student"])
+def test_students_t_widens_the_interval_that_four_cases_give(offsets, interval, arm, upper):
+    choice = choose_arm(_cases(offsets), _cases([0.0] * len(offsets)), ValidationConfig(), interval=interval)
+    assert choice.arm == arm and choice.upper == pytest.approx(upper, abs=2e-4)
+    assert ("(Student's t)" in choice.why) == (interval == "student")
+
+
 @pytest.mark.parametrize("arm", ["mutual", "teacher", "alone"])
 def test_every_arm_spends_local2xs_image_passes(cfg, arm):
     epochs, batches = 4, 6  # the round's loader at DCML's batch (half of train.batch_size)
