@@ -30,7 +30,8 @@ def summarize_rows(rows: list[dict], methods: list[str], names: list[str], round
     and the paired difference to ``local`` and to ``local2x`` per site (mean, std, seeds won).
 
     The cost is what a site's rounds 1..``rounds`` trained, per seed: optimizer steps and crop passes (a
-    crop through one model forward and backward), mean over sites, and as a multiple of ``local``'s."""
+    crop through one model forward and backward), mean over sites, and as a multiple of ``local``'s (of half
+    ``local2x``'s in a run without ``local``)."""
     final = {(r["method"], r["site"], r["seed"]): r["test_mean"] for r in rows if r["round"] == rounds}
     seeds = sorted({r["seed"] for r in rows})
     out = {}
@@ -55,9 +56,12 @@ def summarize_rows(rows: list[dict], methods: list[str], names: list[str], round
             d = [statistics.fmean(final[(m, n, s)] - final[("local2x", n, s)] for n in names) for s in seeds]
             out[m]["vs_local2x"] = {"mean": round(statistics.fmean(d), 4), "wins": sum(x > 0 for x in d), "n": len(d),
                                     "sites_at_or_above": sum(per_site[n]["vs_local2x"]["mean"] >= 0 for n in names)}
-    if "local" in out and out["local"]["cost"]["crop_passes"]:
+    # the unit: local's crop passes, or half of local2x's (twice local's epochs over the same crops) without it
+    unit = (out["local"]["cost"]["crop_passes"] if "local" in out
+            else out["local2x"]["cost"]["crop_passes"] / 2 if "local2x" in out else 0)
+    if unit:
         for m in out:
-            out[m]["cost"]["vs_local"] = round(out[m]["cost"]["crop_passes"] / out["local"]["cost"]["crop_passes"], 3)
+            out[m]["cost"]["vs_local"] = round(out[m]["cost"]["crop_passes"] / unit, 3)
     return out
 
 

@@ -509,3 +509,22 @@ def test_bench_ddp_quick_runs_one_and_two_ranks_and_writes_the_ratios(tmp_path):
             "crops_per_s", "validate_s_per_case", "round_wall_s"}
     with pytest.raises(ValueError, match="found 1 ranks; expected at least 2"):
         ddp_bench(tmp_path / "c", ranks=1, quick=True)
+
+
+COMPUTE_UNITS = [
+    # (methods run, each one's crop passes a round) -> each one's compute as a multiple of local's
+    (("local", "local2x", "gcml"), (10, 20, 20), {"local": 1.0, "local2x": 2.0, "gcml": 2.0}),
+    (("local2x", "gcml"), (20, 20), {"local2x": 2.0, "gcml": 2.0}),  # no local: half of local2x's
+    (("gcml",), (20,), {}),  # neither: no unit, no multiple
+]
+
+
+@pytest.mark.parametrize("methods, passes, multiple", COMPUTE_UNITS, ids=["with-local", "local2x-only", "neither"])
+def test_compute_is_a_multiple_of_locals_crop_passes(methods, passes, multiple):
+    from gcml_app.sim.report import summarize_rows
+
+    rows = [{"method": m, "site": "a", "seed": s, "round": r, "test_mean": 0.5, "bytes_received": 0,
+             "published": False, "crop_passes": p, "train_steps": p} for m, p in zip(methods, passes)
+            for s in (0, 1) for r in (0, 1, 2)]
+    summary = summarize_rows(rows, list(methods), ["a"], 2)
+    assert {m: summary[m]["cost"]["vs_local"] for m in methods if "vs_local" in summary[m]["cost"]} == multiple
