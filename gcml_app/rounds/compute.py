@@ -259,8 +259,7 @@ def compute(work: RoundWork, device: torch.device, report: Progress | None = Non
                 partner = data.score(probe)
                 if cfg.dcml.pulled_candidate:  # the partner's model as pulled: a candidate, already scored
                     pulled = (state, partner, data.click_score(probe))
-            producer = producer.for_arm(choose_arm(partner, scores[SERVED], cfg.validation,
-                                                   cfg.dcml.shown_worse, cfg.dcml.mutual_bar, cfg.dcml.interval))
+            producer = producer.for_arm(choose_arm(partner, scores[SERVED], cfg.validation, cfg.dcml))
     lap("validate_s", peak="validate_served")
 
     phase("train")

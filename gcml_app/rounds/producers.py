@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from monai.data import DataLoader
 
-from gcml_app.config import SiteConfig, ValidationConfig
+from gcml_app.config import DCMLConfig, SiteConfig, ValidationConfig
 from gcml_app.errors import IncomingModelRejected
 from gcml_app.federation.payload import verify_weights
 from gcml_app.ml.clicks import click_simulator
@@ -100,26 +100,28 @@ class Choice:
                 "why": self.why}
 
 
-def choose_arm(partner: CaseScores, served: CaseScores, v: ValidationConfig, shown_worse: str = "teacher",
-               mutual_bar: str = "bound", interval: str = "normal") -> Choice:
+def choose_arm(partner: CaseScores, served: CaseScores, v: ValidationConfig, d: DCMLConfig | None = None
+               ) -> Choice:
     """The arm of a DCML round, from the partner's and the served model's per-case Dice on the same cases.
 
     ``upper`` is the upper end of a one-sided ``1 - validation.alpha`` interval on the partner's mean paired
     gain (the gate's confidence). Unless the partner is shown worse (``upper < 0``), mutual learning: both
     models train, as DCML always did. Shown worse, the site's model takes the whole budget: distilled from the
-    partner as a frozen teacher that only answers forward passes (``dcml.shown_worse: teacher``, the default)
+    partner as a frozen teacher that only answers forward passes (``d.shown_worse: teacher``, the default)
     or alone (``shown_worse: alone``). Shown worse by more than ``validation.max_label_drop`` (the drop the gate
     never lets a served label take), alone in either case. Few cases give a wide interval, so a site with
-    little validation evidence keeps mutual learning. With ``dcml.mutual_bar: mean`` the partner counts as
+    little validation evidence keeps mutual learning. With ``d.mutual_bar: mean`` the partner counts as
     worse when its mean paired gain is below 0 (a partner worse in the estimate, shown or not): mutual
-    learning only beside a partner at least as good on our cases. ``interval``: the interval's quantile, the
-    normal's (``dcml.interval: normal``) or Student's t with ``n - 1`` degrees of freedom (``student``).
+    learning only beside a partner at least as good on our cases. ``d.interval``: the interval's quantile,
+    the normal's (``normal``) or Student's t with ``n - 1`` degrees of freedom (``student``).
+    ``d`` defaults to ``DCMLConfig()``.
     """
-    gain, se, upper = paired_bound(partner, served, v.alpha, student=interval == "student")
-    quantile = " (Student's t)" if interval == "student" else ""
+    d = d or DCMLConfig()
+    gain, se, upper = paired_bound(partner, served, v.alpha, student=d.interval == "student")
+    quantile = " (Student's t)" if d.interval == "student" else ""
     band = (f"partner - served {gain:+.4f}, upper bound {upper:+.4f} at alpha {v.alpha:g}{quantile} over "
             f"{len(served)} cases")
-    if mutual_bar == "mean":
+    if d.mutual_bar == "mean":
         if gain >= 0:
             return Choice("mutual", gain, se, upper, len(served), f"{band}: at least as good, both models train")
         worse = "worse in the mean"
@@ -127,9 +129,9 @@ def choose_arm(partner: CaseScores, served: CaseScores, v: ValidationConfig, sho
         return Choice("mutual", gain, se, upper, len(served), f"{band}: not shown worse, both models train")
     else:
         worse = "shown worse"
-    if shown_worse == "teacher" and upper >= -v.max_label_drop:
+    if d.shown_worse == "teacher" and upper >= -v.max_label_drop:
         return Choice("teacher", gain, se, upper, len(served), f"{band}: {worse}, the partner only teaches")
-    far = f"worse by more than max_label_drop {v.max_label_drop:g}" if shown_worse == "teacher" else worse
+    far = f"worse by more than max_label_drop {v.max_label_drop:g}" if d.shown_worse == "teacher" else worse
     return Choice("alone", gain, se, upper, len(served), f"{band}: {far}, the site trains alone")
 
 

@@ -10,7 +10,7 @@ import torch
 from helpers import cases_of
 from safetensors.torch import save_file
 
-from gcml_app.config import ValidationConfig
+from gcml_app.config import DCMLConfig, ValidationConfig
 from gcml_app.ml.dcml import FORWARD_COST
 from gcml_app.ml.network import build_network
 from gcml_app.rounds.loop import run_round
@@ -61,7 +61,8 @@ MEAN_BAR = [
     "much-worse", "a-little-worse", "similar", "better", "one-case",
     "alone-much-worse", "alone-a-little-worse", "alone-similar", "alone-better"])
 def test_the_arm_follows_the_partners_paired_dice_and_its_spread(offsets, shown_worse, arm, why):
-    choice = choose_arm(_cases(offsets), _cases([0.0] * len(offsets)), ValidationConfig(), shown_worse)
+    choice = choose_arm(_cases(offsets), _cases([0.0] * len(offsets)), ValidationConfig(),
+                        DCMLConfig(shown_worse=shown_worse))
     assert choice.arm == arm and why in choice.why
     assert choice.gain == pytest.approx(sum(offsets) / len(offsets)) and choice.cases == len(offsets)
 
@@ -71,7 +72,8 @@ def test_the_arm_follows_the_partners_paired_dice_and_its_spread(offsets, shown_
     "alone-similar-below", "alone-better"])
 def test_with_the_mean_bar_only_a_partner_at_least_as_good_learns_mutually(offsets, shown_worse, arm, why):
     bar = "bound" if why == "not shown worse" else "mean"
-    choice = choose_arm(_cases(offsets), _cases([0.0] * len(offsets)), ValidationConfig(), shown_worse, bar)
+    choice = choose_arm(_cases(offsets), _cases([0.0] * len(offsets)), ValidationConfig(),
+                        DCMLConfig(shown_worse=shown_worse, mutual_bar=bar))
     assert choice.arm == arm and why in choice.why
 
 
@@ -90,7 +92,8 @@ INTERVALS = [
 @pytest.mark.parametrize("offsets, interval, arm, upper", INTERVALS, ids=[
     "worse-normal", "worse-student", "far-normal", "far-student"])
 def test_students_t_widens_the_interval_that_four_cases_give(offsets, interval, arm, upper):
-    choice = choose_arm(_cases(offsets), _cases([0.0] * len(offsets)), ValidationConfig(), interval=interval)
+    choice = choose_arm(_cases(offsets), _cases([0.0] * len(offsets)), ValidationConfig(),
+                        DCMLConfig(interval=interval))
     assert choice.arm == arm and choice.upper == pytest.approx(upper, abs=2e-4)
     assert ("(Student's t)" in choice.why) == (interval == "student")
 
