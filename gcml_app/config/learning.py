@@ -399,19 +399,24 @@ class DCMLConfig(_Strict):
 
     @model_validator(mode="after")
     def _choice_options_need_choose(self) -> DCMLConfig:
-        if self.pulled_candidate and not self.choose:
-            raise ValueError("pulled_candidate: true only with choose: true (the choice scores the partner's model "
-                             "on the site's validation cases; without it nothing does)")
-        if self.interval != "normal" and not self.choose:
-            raise ValueError(f"interval: {self.interval} only with choose: true (without the choice no interval "
-                             "is computed)")
-        if self.mutual_bar != "bound" and not self.choose:
-            raise ValueError(f"mutual_bar: {self.mutual_bar} only with choose: true (without the choice every "
-                             "DCML round is mutual learning)")
-        if self.shown_worse != "teacher" and not self.choose:
-            raise ValueError(f"shown_worse: {self.shown_worse} only with choose: true (without the choice every "
-                             "DCML round is mutual learning; nothing is shown worse)")
+        if self.choose:
+            return self
+        for key, default, why in _NEED_CHOOSE:
+            value = getattr(self, key)
+            if value != default:
+                shown = str(value).lower() if isinstance(value, bool) else value
+                raise ValueError(f"{key}: {shown} only with choose: true ({why})")
         return self
+
+
+# the choice's options, their defaults, and why another value means nothing without dcml.choose
+_NEED_CHOOSE = [
+    ("pulled_candidate", False, "the choice scores the partner's model on the site's validation cases; without it "
+     "nothing does"),
+    ("interval", "normal", "without the choice no interval is computed"),
+    ("mutual_bar", "bound", "without the choice every DCML round is mutual learning"),
+    ("shown_worse", "teacher", "without the choice every DCML round is mutual learning; nothing is shown worse"),
+]
 
 
 class InteractiveConfig(_Strict):

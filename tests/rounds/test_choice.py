@@ -45,15 +45,16 @@ CHOICES = [
 ]
 
 MEAN_BAR = [
-    # dcml.mutual_bar: mean: a partner worse in the mean, shown or not, no longer learns mutually
-    (MUCH_WORSE, "teacher", "alone", "worse by more than max_label_drop 0.02, the site trains alone"),
-    (A_LITTLE_WORSE, "teacher", "teacher", "worse in the mean, the partner only teaches"),
-    (SIMILAR_BELOW, "teacher", "mutual", "not shown worse"),  # the default bar, for contrast
-    (SIMILAR_BELOW, "teacher", "teacher", "worse in the mean, the partner only teaches"),
-    (BETTER, "teacher", "mutual", "at least as good, both models train"),
-    ([-0.40], "teacher", "teacher", "over 1 cases: worse in the mean, the partner only teaches"),  # se inf
-    (SIMILAR_BELOW, "alone", "alone", "worse in the mean, the site trains alone"),
-    (BETTER, "alone", "mutual", "at least as good, both models train"),
+    # (offsets, dcml.mutual_bar, dcml.shown_worse, the arm, words of its reason): with the mean bar a partner
+    # worse in the mean, shown or not, no longer learns mutually
+    (MUCH_WORSE, "mean", "teacher", "alone", "worse by more than max_label_drop 0.02, the site trains alone"),
+    (A_LITTLE_WORSE, "mean", "teacher", "teacher", "worse in the mean, the partner only teaches"),
+    (SIMILAR_BELOW, "bound", "teacher", "mutual", "not shown worse"),  # the default bar, for contrast
+    (SIMILAR_BELOW, "mean", "teacher", "teacher", "worse in the mean, the partner only teaches"),
+    (BETTER, "mean", "teacher", "mutual", "at least as good, both models train"),
+    ([-0.40], "mean", "teacher", "teacher", "over 1 cases: worse in the mean, the partner only teaches"),  # se inf
+    (SIMILAR_BELOW, "mean", "alone", "alone", "worse in the mean, the site trains alone"),
+    (BETTER, "mean", "alone", "mutual", "at least as good, both models train"),
 ]
 
 
@@ -67,11 +68,10 @@ def test_the_arm_follows_the_partners_paired_dice_and_its_spread(offsets, shown_
     assert choice.gain == pytest.approx(sum(offsets) / len(offsets)) and choice.cases == len(offsets)
 
 
-@pytest.mark.parametrize("offsets, shown_worse, arm, why", MEAN_BAR, ids=[
+@pytest.mark.parametrize("offsets, bar, shown_worse, arm, why", MEAN_BAR, ids=[
     "much-worse", "a-little-worse", "similar-below-bound-bar", "similar-below", "better", "one-case",
     "alone-similar-below", "alone-better"])
-def test_with_the_mean_bar_only_a_partner_at_least_as_good_learns_mutually(offsets, shown_worse, arm, why):
-    bar = "bound" if why == "not shown worse" else "mean"
+def test_with_the_mean_bar_only_a_partner_at_least_as_good_learns_mutually(offsets, bar, shown_worse, arm, why):
     choice = choose_arm(_cases(offsets), _cases([0.0] * len(offsets)), ValidationConfig(),
                         DCMLConfig(shown_worse=shown_worse, mutual_bar=bar))
     assert choice.arm == arm and why in choice.why
