@@ -41,7 +41,7 @@ from gcml_app.federation.state import GossipState
 from gcml_app.ml.split import FixedSplit, labels_for_validation
 from gcml_app.ml.cache import cache_root
 from gcml_app.site.datastore import GCMLDatastore
-from gcml_app.site.edit import GCMLEditInfer, PredictionCache, parse_clicks, warm_writer
+from gcml_app.site.edit import GCMLEditInfer, PredictionCache, image_cache, parse_clicks, warm_writer
 from gcml_app.site.infer import GCMLSegInfer
 from gcml_app.site.disk import disk_usage, sweep_at_start
 from gcml_app.site.process import freeze_startup, is_background_process
@@ -133,8 +133,10 @@ class GCMLApp(MONAILabelApp):
         if not self.cfg.interactive.enabled:
             return {"gcml_seg": GCMLSegInfer(self.cfg, self.store)}
         # one network, two tasks: gcml_seg (zero guidance) leaves its prediction where gcml_edit's clicks start
-        cache = PredictionCache(self.cfg.interactive.cache_images)
-        return {"gcml_seg": GCMLSegInfer(self.cfg, self.store, cache), "gcml_edit": GCMLEditInfer(self.cfg, self.store, cache)}
+        # and its image in network space, so the first click after it loads and resamples nothing
+        cache, images = PredictionCache(self.cfg.interactive.cache_images), image_cache(self.cfg)
+        return {"gcml_seg": GCMLSegInfer(self.cfg, self.store, cache, images),
+                "gcml_edit": GCMLEditInfer(self.cfg, self.store, cache, images)}
 
     def init_trainers(self) -> dict[str, TrainTask]:
         return {"gcml": GCMLTrain(self.cfg, self.store)}

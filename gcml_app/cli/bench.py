@@ -91,7 +91,8 @@ def _bench_clicks(args: argparse.Namespace) -> int:
     r = click_bench(args.out, quick=args.quick)
     m, q, target = r["median_s"], r["ratio_to_gcml_seg"], f"<= {r['target_ratio']}x"
     shape = "x".join(map(str, r["shape_xyz_1mm"]))
-    rows: list[Row] = [(f"`gcml_seg`, the whole {shape} volume (ROI {r['roi_size'][0]})", f"{m['gcml_seg']:.2f} s", "")]
+    rows: list[Row] = [(f"`gcml_seg`, the whole {shape} volume (ROI {r['roi_size'][0]}), on {r['device']}",
+                        f"{m['gcml_seg']:.2f} s", "")]
     for key, what, tgt in (("first_click_after_gcml_seg", "the first click after the case's `gcml_seg`", target),
                            ("click_1", "a click in a new place after that", target),
                            ("click_in_session", "each click of five in three places (all sent each time)", target),

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import threading
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
@@ -41,7 +40,7 @@ from gcml_app.ml.device import precision
 from gcml_app.site.infer import GCMLSegInfer
 from gcml_app.store import ModelStore
 
-__all__ = ["GCMLEditInfer", "PredictionCache", "parse_clicks", "to_network_grid"]
+__all__ = ["GCMLEditInfer", "PredictionCache", "image_cache", "parse_clicks", "to_network_grid"]
 
 logger = logging.getLogger(__name__)
 
@@ -110,7 +109,7 @@ def to_network_grid(ijk: Sequence[int], original_affine: np.ndarray, network_aff
 
 class PredictionCache:
     """Zero-click predictions ``(1, D, H, W)`` uint8 in network space, per (image, served version), LRU-bounded
-    (also the preprocessed images ``gcml_edit`` clicked on last, per file)."""
+    (also the last preprocessed images, per file: :func:`image_cache`)."""
 
     def __init__(self, size: int):
         self.size = size
@@ -138,6 +137,11 @@ class PredictionCache:
                 self._items.popitem(last=False)
 
 
+def image_cache(cfg: SiteConfig) -> PredictionCache:
+    """The last images in network space that ``gcml_seg`` and ``gcml_edit`` share: at most 2 (float32)."""
+    return PredictionCache(min(2, cfg.interactive.cache_images))
+
+
 class GCMLEditInfer(GCMLSegInfer):
     """Click-to-correct with the served interactive model (``/info`` type ``deepedit``).
 
@@ -145,35 +149,20 @@ class GCMLEditInfer(GCMLSegInfer):
         cfg: site config with ``interactive.enabled``.
         store: the site's model store.
         cache: the zero-click predictions, shared with ``gcml_seg``.
+        images: the last images in network space, shared with ``gcml_seg`` (:func:`image_cache`); its own when
+            ``None``.
     """
 
-    def __init__(self, cfg: SiteConfig, store: ModelStore, cache: PredictionCache):
-        super().__init__(cfg, store, cache)
-        # the last images clicked on, in network space (a radiologist clicks on one case many times): a click then
-        # skips loading and resampling; at most 2, a 1 mm CT being float32 (a 58 M-voxel CT: 232 MB)
-        self._images = PredictionCache(min(2, cfg.interactive.cache_images))
+    def __init__(self, cfg: SiteConfig, store: ModelStore, cache: PredictionCache,
+                 images: PredictionCache | None = None):
+        # the last images clicked on or auto-segmented, in network space (a radiologist runs gcml_seg, then clicks
+        # on that case many times): a click then skips loading and resampling; at most 2, a 1 mm CT being float32
+        # (a 58 M-voxel CT: 232 MB)
+        super().__init__(cfg, store, cache, images if images is not None else image_cache(cfg))
         self._windows = PredictionCache(cfg.interactive.cache_windows)  # refine's windows, by their exact input
         self.type = InferType.DEEPEDIT
         self.labels = {"background": 0, **cfg.labels}  # DeepEdit's layout: Slicer shows a tool per label
         self.description = f"Click to correct: the personalized model of site {cfg.site} with clicks (GCML)"
-
-    def run_pre_transforms(self, data: dict[str, Any], transforms) -> dict[str, Any]:
-        """The image in network space: from the last images clicked on when the file is unchanged, else loaded."""
-        path = data.get("image_path") or data.get("image")
-        try:
-            st = os.stat(path)
-            key = (str(path), st.st_mtime_ns, st.st_size)
-        except (OSError, TypeError):
-            key = None
-        data["gcml_image_key"] = key  # what the file held: a click window's prediction is kept by it
-        hit = self._images.get(key) if key is not None else None
-        if hit is not None:
-            data["image"] = hit
-            return data
-        data = super().run_pre_transforms(data, transforms)
-        if key is not None:
-            self._images.put(key, data["image"])
-        return data
 
     def run_inferer(self, data: dict[str, Any], convert_to_batch=True, device="cpu"):
         """Clicks -> the network grid -> :func:`~gcml_app.ml.clicks.refine` of the cached zero-click prediction."""
@@ -204,6 +193,10 @@ class GCMLEditInfer(GCMLSegInfer):
         ]
 
     def writer(self, data: dict[str, Any], extension=None, dtype=None):
+        """The label as uint8 unless the request names ``result_dtype``: a label's values fit (at most 255), and
+        writing and compressing a quarter of float32's bytes is most of what a click costs on a GPU."""
+        if dtype is None and not data.get("result_dtype"):
+            dtype = "uint8"
         label, result = super().writer(data, extension=extension, dtype=dtype)
         result["gcml_clicks"] = data.get("gcml_clicks", 0)
         return label, result

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from typing import Any
 
@@ -21,9 +22,18 @@ from gcml_app.ml.network import arch_fingerprint, build_network, fit_state, othe
 from gcml_app.ml.transforms import image_transforms
 from gcml_app.store import ModelStore, StoreError
 
-__all__ = ["GCMLSegInfer"]
+__all__ = ["GCMLSegInfer", "file_key"]
 
 logger = logging.getLogger(__name__)
+
+
+def file_key(path: Any) -> tuple | None:
+    """``(path, mtime, size)`` of an image file, what its preprocessed image is kept by; ``None`` if unreadable."""
+    try:
+        st = os.stat(path)
+    except (OSError, TypeError):
+        return None
+    return (str(path), st.st_mtime_ns, st.st_size)
 
 
 class GCMLSegInfer(BasicInferTask):
@@ -38,12 +48,15 @@ class GCMLSegInfer(BasicInferTask):
         store: the site's model store.
         cache: an interactive site's zero-click predictions (:class:`gcml_app.site.edit.PredictionCache`): each
             answer leaves its prediction there, so the first click on the case costs only the click's windows.
+        images: an interactive site's last images in network space, by file (shared with ``gcml_edit``): each
+            answer leaves its image there, so the first click on the case skips loading and resampling it.
     """
 
-    def __init__(self, cfg: SiteConfig, store: ModelStore, cache=None):
+    def __init__(self, cfg: SiteConfig, store: ModelStore, cache=None, images=None):
         self.cfg = cfg
         self.store = store
         self.cache = cache
+        self.images = images
         self._template = build_network(cfg)
         self._arch = arch_fingerprint(cfg, self._template.state_dict())
         self._other_arch = other_layout_arch(cfg)  # served before interactive.enabled changed: converts exactly
@@ -67,12 +80,22 @@ class GCMLSegInfer(BasicInferTask):
         return image_transforms(self.cfg)
 
     def run_pre_transforms(self, data: dict[str, Any], transforms) -> dict[str, Any]:
+        """The image in network space: from ``images`` when the file is unchanged (an interactive site), else
+        loaded; ``data["gcml_image_key"]`` says what the file held (path, mtime, size), ``None`` without ``images``."""
+        key = file_key(data.get("image_path") or data.get("image")) if self.images is not None else None
+        data["gcml_image_key"] = key
+        hit = self.images.get(key) if key is not None else None
+        if hit is not None:
+            data["image"] = hit
+            return data
         # MONAI >= 1.5 ``Spacingd`` treats every ``image_*`` key as a meta dict, but MONAI Label's
         # ``image_path`` is a string: hold it aside while the transforms run.
         path = data.pop("image_path", None)
         data = super().run_pre_transforms(data, transforms)
         if path is not None:
             data["image_path"] = path
+        if key is not None:
+            self.images.put(key, data["image"])
         return data
 
     def gpu(self) -> int:

@@ -489,6 +489,7 @@ def test_bench_clicks_quick_writes_the_ratios(tmp_path):
                                   "click_in_session", "click_5"}
     assert all(v > 0 for v in r["median_s"].values()) and set(r["ratio_to_gcml_seg"]) == set(r["median_s"]) - {"gcml_seg"}
     assert (tmp_path / "b" / "clicks.json").exists()
+    assert r["device"] == ("cpu" if not torch.cuda.is_available() else torch.cuda.get_device_name())
 
 
 @pytest.mark.slow

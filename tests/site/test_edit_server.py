@@ -139,3 +139,19 @@ def test_bad_clicks_get_422_and_change_nothing(site, params, message):
     assert "Status: 422" in e.value.msg and message in e.value.msg
     assert sorted(p.name for p in (studies / "labels").rglob("*.nii.gz")) == labels
     assert store.served_version() == served
+
+
+def test_the_first_click_after_gcml_seg_loads_nothing_and_answers_as_after_a_fresh_load(site):
+    """gcml_seg leaves the image in network space for the clicks; the label comes back as uint8."""
+    client = site["client"]
+    client.infer("gcml_seg", "case_011", {})
+    clicks = {"organ": [[16, 16, 16]], "background": [[2, 2, 2]], "label": "organ"}
+    label, params = client.infer("gcml_edit", "case_011", clicks)
+    assert "pre" not in params["latencies"]["transform"], params["latencies"]  # no load, no resampling
+    image = sitk.ReadImage(str(label))
+    assert image.GetPixelID() == sitk.sitkUInt8
+    for other in ("case_009", "case_010"):  # two other cases push case_011's image out (2 are kept)
+        client.infer("gcml_seg", other, {})
+    fresh, params = client.infer("gcml_edit", "case_011", clicks)
+    assert "LoadImaged" in params["latencies"]["transform"]["pre"]
+    assert np.array_equal(_array(fresh), sitk.GetArrayFromImage(image))
