@@ -29,7 +29,7 @@ import torch
 from scipy import ndimage
 
 from gcml_app.ml.device import Precision
-from gcml_app.ml.evaluate import dice_of, predict
+from gcml_app.ml.evaluate import channel_argmax, dice_of, predict
 
 __all__ = ["Click", "ClickSimulator", "click_curve", "click_simulator", "click_windows", "clicks_reaching",
            "guidance_signal", "largest_error_click", "refine"]
@@ -265,7 +265,7 @@ def refine(model: torch.nn.Module, image: torch.Tensor, base: torch.Tensor, clic
             x[0, image.shape[0]:] = guidance_signal(reach, channels, roi, o, sigma, device)
             with amp.autocast():
                 z = model(x)
-            pred = z[0, :, :win[0], :win[1], :win[2]].argmax(0).to(base.device, torch.uint8)
+            pred = channel_argmax(z[0, :, :win[0], :win[1], :win[2]]).to(base.device)
             if windows is not None:
                 windows.put(wkey, pred)
         new[sl] = pred

@@ -9,7 +9,7 @@ from monai.inferers import sliding_window_inference
 
 from gcml_app.ml.device import Precision, stitch_device
 
-__all__ = ["dice_of", "dice_per_case", "mean_dice", "mean_over_cases", "predict"]
+__all__ = ["channel_argmax", "dice_of", "dice_per_case", "mean_dice", "mean_over_cases", "predict"]
 
 CaseScores = list[dict[str, float]]
 """Dice per label for each case, in case order: ``[{label: dice}, ...]``."""
@@ -41,6 +41,28 @@ def dice_of(pred: torch.Tensor, label: torch.Tensor, n: int) -> list[float]:
     return out
 
 
+def channel_argmax(logits: torch.Tensor) -> torch.Tensor:
+    """``logits.argmax(0)`` as uint8: ``(C, *S)`` -> ``(*S)``, the first maximum on ties.
+
+    On the CPU it is one pass per channel: PyTorch's argmax over a leading, strided dimension is 7-13x slower
+    there (3 x 96^3 float32 on 2 threads: 0.07 s against 0.006 s), and a channels-last copy would cost 3x the
+    memory. On a GPU it is PyTorch's argmax.
+
+    Example:
+        >>> channel_argmax(torch.tensor([[0.0, 2.0, 1.0], [1.0, 2.0, 0.0]]))
+        tensor([1, 0, 0], dtype=torch.uint8)
+    """
+    if logits.device.type != "cpu" or logits.shape[0] > 255:
+        return logits.argmax(0).to(torch.uint8)
+    best = logits[0].clone()
+    index = torch.zeros(logits.shape[1:], dtype=torch.uint8)
+    for c in range(1, logits.shape[0]):
+        higher = logits[c] > best  # strictly: a tie keeps the lower channel, as argmax does
+        index[higher] = c
+        torch.maximum(best, logits[c], out=best)
+    return index
+
+
 @torch.no_grad()
 def predict(model: torch.nn.Module, image: torch.Tensor, roi_size: tuple[int, int, int], sw_batch_size: int = 1,
             overlap: float = 0.25, device: str | torch.device = "cpu", amp: Precision | None = None,
@@ -63,7 +85,7 @@ def predict(model: torch.nn.Module, image: torch.Tensor, roi_size: tuple[int, in
     with amp.autocast():
         logits = sliding_window_inference(image[None], roi_size, sw_batch_size, model, overlap=overlap,
                                           sw_device=device, device=out_device)
-    return logits[0].argmax(0, keepdim=True).to(torch.uint8)
+    return channel_argmax(logits[0])[None]
 
 
 def dice_per_case(
