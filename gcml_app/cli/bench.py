@@ -99,6 +99,10 @@ def _bench_clicks(args: argparse.Namespace) -> int:
                            ("click_5", "those five clicks at once, no window kept (a new model version)", ""),
                            ("first_click_uncached", "the first click on a case never auto-segmented", "")):
         rows.append((what, f"{m[key]:.2f} s: {q[key]:.3f}x a full `gcml_seg`", tgt))
+    tc = r["train_clicks"]
+    rows.append((f"clicks drawn for a training batch of {tc['batch'][0]} crops of {tc['batch'][1]}³, each clicked "
+                 f"(seeds, {tc['train_clicks']} round on the model's errors), against a training step on it",
+                 f"{tc['simulate_s']:.2f} s against {tc['step_s']:.2f} s: {tc['ratio']:.1f}x", ""))
     _report(args, "clicks", "gcml bench --clicks: a click against a full gcml_seg", rows, "clicks.json")
     return 0
 

@@ -78,9 +78,26 @@ def _error_regions(pred: np.ndarray, label: np.ndarray, n_out: int) -> list[tupl
     return [(c, m) for c in range(n_out) if (m := (label == c) & (pred != c)).any()]
 
 
+def _edge_distance(mask: np.ndarray) -> np.ndarray:
+    """Each voxel's distance to the nearest voxel outside ``mask`` (outside the volume counts as outside); 0 off it.
+
+    Computed on the mask's bounding box grown by one voxel: every voxel around the box is outside the mask,
+    and moving a point outside the box onto the box's surface only brings it closer, so the distances are
+    those of the whole volume, at the cost of the box (an error region is often a small part of a crop).
+    """
+    dist = np.zeros(mask.shape, np.float64)
+    axes = range(mask.ndim)
+    spans = [np.flatnonzero(mask.any(axis=tuple(b for b in axes if b != a))) for a in axes]
+    if not spans[0].size:
+        return dist
+    box = tuple(slice(int(r[0]), int(r[-1]) + 1) for r in spans)
+    dist[box] = ndimage.distance_transform_edt(np.pad(mask[box], 1))[1:-1, 1:-1, 1:-1]
+    return dist
+
+
 def _sample_in(mask: np.ndarray, rng: np.random.Generator) -> tuple[int, int, int]:
     """A voxel of ``mask`` drawn with probability proportional to its distance from the mask's edge (DeepEdit)."""
-    dist = ndimage.distance_transform_edt(np.pad(mask, 1))[1:-1, 1:-1, 1:-1].ravel()
+    dist = _edge_distance(mask).ravel()
     p = dist / dist.sum()
     return tuple(int(i) for i in np.unravel_index(rng.choice(dist.size, p=p), mask.shape))
 
@@ -108,8 +125,7 @@ def largest_error_click(pred: np.ndarray, label: np.ndarray, n_out: int) -> Clic
     if best is None:
         return None
     _, c, comp = best
-    dist = ndimage.distance_transform_edt(np.pad(comp, 1))[1:-1, 1:-1, 1:-1]
-    return c, tuple(int(i) for i in np.unravel_index(int(dist.argmax()), comp.shape))
+    return c, tuple(int(i) for i in np.unravel_index(int(_edge_distance(comp).argmax()), comp.shape))
 
 
 class ClickSimulator:
@@ -151,8 +167,9 @@ class ClickSimulator:
         if not use.any():
             return torch.cat([x, x.new_zeros((b, self.channels, *x.shape[2:]))], dim=1)
         labels = y[:, 0].detach().to("cpu", torch.int64).numpy()
-        for i in np.flatnonzero(use):
-            clicks[i] = [(int(c), _sample_in(labels[i] == c, self.rng)) for c in np.unique(labels[i])]
+        for i in np.flatnonzero(use):  # the classes present, in order (np.unique's, without its sort)
+            present = np.flatnonzero(np.bincount(labels[i].ravel()))
+            clicks[i] = [(int(c), _sample_in(labels[i] == c, self.rng)) for c in present]
         idx = torch.as_tensor(np.flatnonzero(use), device=x.device)
         for _ in range(self.rounds):
             was_training = model.training
@@ -161,9 +178,10 @@ class ClickSimulator:
                 pred = model(torch.cat([x[idx], self._signal([clicks[i] for i in idx.tolist()], x)], dim=1))
             model.train(was_training)
             self.forward_passes += len(idx)
-            pred = pred.argmax(1).to("cpu").numpy()
+            pred = [channel_argmax(z).to("cpu").numpy() for z in pred]
             for j, i in enumerate(idx.tolist()):
-                clicks[i] += [(c, _sample_in(m, self.rng)) for c, m in _error_regions(pred[j], labels[i], self.channels)]
+                errors = _error_regions(pred[j], labels[i], self.channels)
+                clicks[i] += [(c, _sample_in(m, self.rng)) for c, m in errors]
         return torch.cat([x, self._signal(clicks, x)], dim=1)
 
 

@@ -7,7 +7,8 @@ zero-click prediction: it is computed, then kept), the first click after the cas
 keeps its prediction and its image in network space for the clicks), a click in a new place (the image kept too: the
 window around the click only), each request of a session of five clicks in three places (Slicer sends every
 click so far; the windows a new click does not reach are kept), and those five clicks at once with no window
-kept (after a new model version). Each is the whole MONAI Label task call (load, transforms, network, restore,
+kept (after a new model version); and what simulated clicks cost a training batch against its step
+(:func:`train_clicks_cost`). Each request is the whole MONAI Label task call (load, transforms, network, restore,
 write), as Slicer waits for it, on the GPU where the server has one (as MONAI Label runs its infer tasks), else
 the CPU. Ratios are measured in one run.
 """
@@ -31,7 +32,7 @@ from gcml_app.site.edit import GCMLEditInfer, PredictionCache, image_cache, warm
 from gcml_app.site.infer import GCMLSegInfer
 from gcml_app.store import ModelStore
 
-__all__ = ["CLICK_SHAPE", "click_bench"]
+__all__ = ["CLICK_SHAPE", "click_bench", "train_clicks_cost"]
 
 CLICK_SHAPE = (192, 192, 160)  # (x, y, z) at 1 mm, as the issue asks
 TARGET_RATIO = 0.25  # a click's latency at most a quarter of a full gcml_seg
@@ -45,6 +46,56 @@ def _site(state: Path, quick: bool) -> SiteConfig:
         "roi_size": [32] * 3 if quick else [96] * 3, "intensity": {"mode": "range", "a_min": -200, "a_max": 300},
         "network": net, "state_dir": str(state), "interactive": {"enabled": True},
         "validation": {"overlap": 0.25, "fraction": 0.5, "min_cases": 1}, "train": {"warm": False, "epochs": 1}})
+
+
+def train_clicks_cost(cfg: SiteConfig, store: ModelStore, case: dict[str, str], device: str,
+                      repeats: int = 3) -> dict[str, Any]:
+    """What simulated clicks cost a training batch: two ``roi_size`` crops through the organ of ``case``, every
+    crop clicked (seeds from the label, ``interactive.train_clicks`` rounds on the served model's errors),
+    against one supervised step of that model on the guided batch. Medians of ``repeats``.
+
+    Returns:
+        ``{"batch", "train_clicks", "simulate_s", "step_s", "ratio"}``.
+    """
+    from gcml_app.ml.clicks import ClickSimulator
+    from gcml_app.ml.device import precision
+    from gcml_app.ml.network import build_network, fit_state
+    from gcml_app.ml.supervised import supervised_step
+    from gcml_app.ml.transforms import case_transforms
+
+    d = case_transforms(cfg)({"image": case["image"], "label": case["label"]})
+    image, label = torch.as_tensor(d["image"]), torch.as_tensor(d["label"])
+    roi, shape = list(cfg.roi_size), image.shape[1:]
+    centre = [int(v.float().mean()) for v in (label[0] == 1).nonzero(as_tuple=True)]
+    crops = []
+    for shift in (-roi[0] // 4, roi[0] // 4):  # two overlapping crops through the organ
+        lo = [min(max(0, centre[i] + (shift if i == 0 else 0) - roi[i] // 2), shape[i] - roi[i]) for i in range(3)]
+        crops.append(tuple(slice(lo[i], lo[i] + roi[i]) for i in range(3)))
+    x = torch.stack([image[(slice(None), *c)] for c in crops]).to(device)
+    y = torch.stack([label[(slice(None), *c)] for c in crops]).to(device, torch.long)
+    net = build_network(cfg)
+    net.load_state_dict(fit_state(store.load(store.served_version()), cfg))
+    net.to(device).train()
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-5)
+    amp = precision(cfg, torch.device(device))
+    it = cfg.interactive
+    sim = ClickSimulator(cfg.out_channels, 1.0, it.train_clicks, it.sigma, seed=0)
+
+    def timed(fn) -> float:
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+    guided = sim(net, x, y)  # warm-up of both
+    supervised_step(net, opt, guided, y, amp=amp)
+    simulate = statistics.median(timed(lambda: sim(net, x, y)) for _ in range(repeats))
+    step = statistics.median(timed(lambda: supervised_step(net, opt, guided, y, amp=amp)) for _ in range(repeats))
+    return {"batch": [2, *roi], "train_clicks": it.train_clicks, "simulate_s": round(simulate, 3),
+            "step_s": round(step, 3), "ratio": round(simulate / step, 2)}
 
 
 def click_bench(out: str | Path, quick: bool = False, repeats: int = 3) -> dict[str, Any]:
@@ -121,6 +172,7 @@ def click_bench(out: str | Path, quick: bool = False, repeats: int = 3) -> dict[
                                                   ("click_in_session", in_session), ("click_5", five))}
     result = {
         "quick": quick, "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+        "train_clicks": train_clicks_cost(cfg, store, cases[0], device, repeats),
         "shape_xyz_1mm": list(shape), "roi_size": list(cfg.roi_size),
         "network": cfg.network.model_dump(mode="json"), "torch_threads": torch.get_num_threads(),
         "median_s": {k: round(v, 3) for k, v in med.items()},

@@ -66,6 +66,69 @@ def test_every_clicked_item_of_a_batch_gets_seeds_and_the_rest_zero_guidance():
     assert 0.4 < np.mean(clicked) < 0.6
 
 
+def _blob(shape, box):
+    m = np.zeros(shape, bool)
+    m[box] = True
+    return m
+
+
+def _two_blobs():
+    m = _blob((20, 24, 28), np.s_[2:6, 3:9, 4:8])
+    m[12:19, 15:22, 20:27] = True
+    return m
+
+
+@pytest.mark.parametrize("name, mask", [
+    ("a blob inside", _blob((20, 24, 28), np.s_[5:12, 6:15, 7:20])),
+    ("a blob touching two faces of the volume", _blob((20, 24, 28), np.s_[0:9, 10:24, 3:11])),
+    ("two blobs far apart (their box holds much that is not the mask)", _two_blobs()),
+    ("one voxel", _blob((20, 24, 28), np.s_[7, 8, 9])),
+    ("the whole volume", np.ones((20, 24, 28), bool)),
+    ("random speckle", np.random.default_rng(3).random((20, 24, 28)) < 0.4),
+    ("nothing", np.zeros((20, 24, 28), bool)),
+])
+def test_edge_distance_on_the_bounding_box_equals_the_whole_volumes(name, mask):
+    from scipy import ndimage
+
+    from gcml_app.ml.clicks import _edge_distance
+
+    whole = ndimage.distance_transform_edt(np.pad(mask, 1))[1:-1, 1:-1, 1:-1]
+    assert np.array_equal(_edge_distance(mask), whole), name
+
+
+def test_simulated_clicks_are_those_of_deepedits_recipe_written_plainly():
+    """The simulator's clicks against the recipe computed the plain way (whole-volume distance transforms,
+    np.unique, torch's argmax), from the same seed: the same clicks, so the interactive runs stay comparable."""
+    from scipy import ndimage
+
+    def sample(mask, rng):
+        dist = ndimage.distance_transform_edt(np.pad(mask, 1))[1:-1, 1:-1, 1:-1].ravel()
+        return tuple(int(i) for i in np.unravel_index(rng.choice(dist.size, p=dist / dist.sum()), mask.shape))
+
+    torch.manual_seed(0)
+    net = build_network(_cfg(True)).eval()
+    x = torch.randn(3, 1, 32, 32, 32)
+    y = torch.zeros(3, 1, 32, 32, 32, dtype=torch.long)
+    y[:, :, 8:20, 8:20, 8:20] = 1
+    y[1:, :, 12:15, 12:15, 12:15] = 2  # item 0 has no lesion
+    sim = ClickSimulator(3, 1.0, 2, 3.0, seed=5)
+    got = sim(net, x, y)
+
+    rng = np.random.default_rng(5)
+    rng.random(3)  # the draw of which items are clicked
+    labels = y[:, 0].numpy()
+    clicks = [[(int(c), sample(labels[i] == c, rng)) for c in np.unique(labels[i])] for i in range(3)]
+    for _ in range(2):
+        with torch.no_grad():
+            g = torch.stack([guidance_signal(c, 3, (32, 32, 32)) for c in clicks])
+            pred = net(torch.cat([x, g], 1)).argmax(1).numpy()
+        for i in range(3):
+            clicks[i] += [(c, sample((labels[i] == c) & (pred[i] != c), rng)) for c in range(3)
+                          if ((labels[i] == c) & (pred[i] != c)).any()]
+    want = torch.cat([x, torch.stack([guidance_signal(c, 3, (32, 32, 32)) for c in clicks])], 1)
+    assert sum(map(len, clicks)) > 8 and torch.equal(got, want)
+
+
 # ---------------------------------------------------------------- refinement around clicks
 class _Follows(torch.nn.Module):
     """A stand-in network for one piece (refine's merge): predicts the base segmentation of the *image* (a

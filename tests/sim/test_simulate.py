@@ -490,6 +490,8 @@ def test_bench_clicks_quick_writes_the_ratios(tmp_path):
     assert all(v > 0 for v in r["median_s"].values()) and set(r["ratio_to_gcml_seg"]) == set(r["median_s"]) - {"gcml_seg"}
     assert (tmp_path / "b" / "clicks.json").exists()
     assert r["device"] == ("cpu" if not torch.cuda.is_available() else torch.cuda.get_device_name())
+    tc = r["train_clicks"]
+    assert tc["batch"] == [2, 32, 32, 32] and tc["simulate_s"] > 0 and tc["step_s"] > 0
 
 
 @pytest.mark.slow
