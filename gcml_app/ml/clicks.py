@@ -73,8 +73,9 @@ def guidance_signal(clicks: Iterable[Click], channels: int, shape: Sequence[int]
     return g
 
 
-def _error_regions(pred: np.ndarray, label: np.ndarray, n_out: int) -> list[tuple[int, np.ndarray]]:
-    """``[(channel, voxels of that class the prediction misses)]`` for the channels with errors."""
+def _error_regions(pred, label, n_out: int) -> list[tuple[int, Any]]:
+    """``[(channel, voxels of that class the prediction misses)]`` for the channels with errors (numpy arrays or
+    tensors alike)."""
     return [(c, m) for c in range(n_out) if (m := (label == c) & (pred != c)).any()]
 
 
@@ -100,6 +101,56 @@ def _sample_in(mask: np.ndarray, rng: np.random.Generator) -> tuple[int, int, in
     dist = _edge_distance(mask).ravel()
     p = dist / dist.sum()
     return tuple(int(i) for i in np.unravel_index(rng.choice(dist.size, p=p), mask.shape))
+
+
+def _edge_distance_on_device(mask: torch.Tensor, chunk: int = 2**25) -> torch.Tensor:
+    """:func:`_edge_distance` with PyTorch where ``mask`` is (a GPU): the exact Euclidean distance transform.
+
+    Separable, one axis at a time: ``f(i) = min_j f(j) + (i - j)^2`` over each line, taken by brute force
+    (``n^2`` a line of ``n`` voxels: 0.1 GFLOP for a 96³ box, a few milliseconds on a GPU) in float64, so the
+    squared distances are exact integers and their square roots equal scipy's bit for bit (tested on the CPU).
+
+    Args:
+        mask: ``(D, H, W)`` bool on any device.
+        chunk: the most elements one brute-force block holds (2^25 float64: 256 MB).
+    """
+    dist = torch.zeros(mask.shape, dtype=torch.float64, device=mask.device)
+    spans = [torch.nonzero(mask.any(dim=tuple(b for b in range(3) if b != a))).flatten() for a in range(3)]
+    if not spans[0].numel():
+        return dist
+    box = tuple(slice(int(r[0]), int(r[-1]) + 1) for r in spans)
+    f = torch.nn.functional.pad(mask[box], (1, 1, 1, 1, 1, 1))
+    f = torch.where(f, torch.inf, 0.0).to(torch.float64)  # squared distance to outside: 0 there, unknown inside
+    for axis in range(3):
+        f = f.movedim(axis, -1).contiguous()
+        n = f.shape[-1]
+        i = torch.arange(n, dtype=torch.float64, device=f.device)
+        sq = (i[:, None] - i[None, :]) ** 2
+        lines = f.reshape(-1, n)
+        out = torch.empty_like(lines)
+        step = max(1, chunk // (n * n))
+        for s in range(0, lines.shape[0], step):
+            out[s:s + step] = (lines[s:s + step, None, :] + sq).amin(-1)
+        f = out.reshape(f.shape).movedim(-1, axis)
+    dist[box] = f.sqrt()[1:-1, 1:-1, 1:-1]
+    return dist
+
+
+def _sample_on_device(mask: torch.Tensor, generator: torch.Generator) -> tuple[int, int, int]:
+    """:func:`_sample_in` where ``mask`` is, with ``generator``: the same distribution, drawn by inverting the
+    cumulative distances at one uniform number."""
+    dist = _edge_distance_on_device(mask).flatten()
+    cdf = dist.cumsum(0)
+    u = torch.rand((), generator=generator, device=dist.device, dtype=torch.float64) * cdf[-1]
+    k = min(int(torch.searchsorted(cdf, u, right=True)), dist.numel() - 1)
+    return tuple(int(i) for i in np.unravel_index(k, tuple(mask.shape)))
+
+
+def _present(label: np.ndarray | torch.Tensor) -> list[int]:
+    """The classes present in an integer label volume, in order (np.unique's, without its sort)."""
+    if isinstance(label, torch.Tensor):
+        return torch.bincount(label.flatten()).nonzero().flatten().tolist()
+    return np.flatnonzero(np.bincount(label.ravel())).tolist()
 
 
 def largest_error_click(pred: np.ndarray, label: np.ndarray, n_out: int) -> Click | None:
@@ -147,11 +198,13 @@ class ClickSimulator:
         >>> x_g = sim(model, x, y)  # (B, C_in, D, H, W) -> (B, C_in + 3, D, H, W)
     """
 
-    def __init__(self, channels: int, click_probability: float, train_clicks: int, sigma: float, seed: int = 0):
+    def __init__(self, channels: int, click_probability: float, train_clicks: int, sigma: float, seed: int = 0,
+                 on_device: bool | None = None):
         if not 0.0 <= click_probability <= 1.0:
             raise ValueError(f"ClickSimulator: found click_probability={click_probability}; expected 0..1")
         self.channels, self.p, self.rounds, self.sigma = channels, click_probability, train_clicks, sigma
         self.rng = np.random.default_rng(seed)
+        self.on_device = on_device
         self.forward_passes = 0  # crops passed forward without gradient (the cost of the simulation)
 
     def _signal(self, clicks: list[list[Click]], like: torch.Tensor) -> torch.Tensor:
@@ -160,16 +213,32 @@ class ClickSimulator:
                             for c in clicks]).to(like.dtype)
 
     def __call__(self, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """``x (B, C_in, D, H, W)`` and ``y (B, 1, D, H, W)`` -> ``(B, C_in + G, D, H, W)``."""
+        """``x (B, C_in, D, H, W)`` and ``y (B, 1, D, H, W)`` -> ``(B, C_in + G, D, H, W)``.
+
+        On a GPU (``on_device``, default: where ``x`` is CUDA) the clicks are drawn there: the same exact
+        distances and distribution, with a torch generator seeded from the simulator's own. On the CPU, scipy
+        and numpy draw them (the clicks of the recorded runs).
+        """
         b = x.shape[0]
         use = self.rng.random(b) < self.p
         clicks: list[list[Click]] = [[] for _ in range(b)]
         if not use.any():
             return torch.cat([x, x.new_zeros((b, self.channels, *x.shape[2:]))], dim=1)
-        labels = y[:, 0].detach().to("cpu", torch.int64).numpy()
-        for i in np.flatnonzero(use):  # the classes present, in order (np.unique's, without its sort)
-            present = np.flatnonzero(np.bincount(labels[i].ravel()))
-            clicks[i] = [(int(c), _sample_in(labels[i] == c, self.rng)) for c in present]
+        here = self.on_device if self.on_device is not None else x.device.type == "cuda"
+        if here:
+            generator = torch.Generator(device=x.device)
+            generator.manual_seed(int(self.rng.integers(2**62)))
+            labels = y[:, 0].detach().long()
+
+            def draw(mask):
+                return _sample_on_device(mask, generator)
+        else:
+            labels = y[:, 0].detach().to("cpu", torch.int64).numpy()
+
+            def draw(mask):
+                return _sample_in(mask, self.rng)
+        for i in np.flatnonzero(use):
+            clicks[i] = [(c, draw(labels[i] == c)) for c in _present(labels[i])]
         idx = torch.as_tensor(np.flatnonzero(use), device=x.device)
         for _ in range(self.rounds):
             was_training = model.training
@@ -178,10 +247,9 @@ class ClickSimulator:
                 pred = model(torch.cat([x[idx], self._signal([clicks[i] for i in idx.tolist()], x)], dim=1))
             model.train(was_training)
             self.forward_passes += len(idx)
-            pred = [channel_argmax(z).to("cpu").numpy() for z in pred]
+            pred = [channel_argmax(z) if here else channel_argmax(z.cpu()).numpy() for z in pred]
             for j, i in enumerate(idx.tolist()):
-                errors = _error_regions(pred[j], labels[i], self.channels)
-                clicks[i] += [(c, _sample_in(m, self.rng)) for c, m in errors]
+                clicks[i] += [(c, draw(m)) for c, m in _error_regions(pred[j], labels[i], self.channels)]
         return torch.cat([x, self._signal(clicks, x)], dim=1)
 
 

@@ -51,17 +51,22 @@ def test_the_evaluation_click_is_at_the_centre_of_the_largest_error():
     assert largest_error_click(label, label, 3) is None
 
 
-def test_every_clicked_item_of_a_batch_gets_seeds_and_the_rest_zero_guidance():
+@pytest.mark.parametrize("on_device", [False, True], ids=["scipy", "torch (a GPU's path)"])
+def test_every_clicked_item_of_a_batch_gets_seeds_and_the_rest_zero_guidance(on_device):
     net = build_network(_cfg(True))
     x = torch.randn(4, 1, 32, 32, 32)
     y = torch.zeros(4, 1, 32, 32, 32, dtype=torch.long)
     y[:, :, 8:20, 8:20, 8:20] = 1
     y[:, :, 12:15, 12:15, 12:15] = 2
-    xg = ClickSimulator(3, 1.0, 1, 3.0, seed=0)(net, x, y)
+    xg = ClickSimulator(3, 1.0, 1, 3.0, seed=0, on_device=on_device)(net, x, y)
     assert xg.shape == (4, 4, 32, 32, 32) and torch.equal(xg[:, :1], x)
     assert (xg[:, 1:].amax(dim=(2, 3, 4)) == 1).all()  # every item, every class present got a seed click
+    lesion = xg[:, 3, 8:20, 8:20, 8:20]  # a lesion click lies in the lesion: its peak of 1 is there
+    assert (lesion[:, 4:7, 4:7, 4:7].amax(dim=(1, 2, 3)) == 1).all()
+    again = ClickSimulator(3, 1.0, 1, 3.0, seed=0, on_device=on_device)(net, x, y)
+    assert torch.equal(xg, again)  # deterministic per seed
     assert torch.equal(ClickSimulator(3, 0.0, 1, 3.0)(net, x, y)[:, 1:], torch.zeros(4, 3, 32, 32, 32))
-    share = ClickSimulator(3, 0.5, 0, 3.0, seed=1)
+    share = ClickSimulator(3, 0.5, 0, 3.0, seed=1, on_device=on_device)
     clicked = [bool(share(net, x[:1], y[:1])[:, 1:].any()) for _ in range(200)]
     assert 0.4 < np.mean(clicked) < 0.6
 
@@ -88,12 +93,28 @@ def _two_blobs():
     ("nothing", np.zeros((20, 24, 28), bool)),
 ])
 def test_edge_distance_on_the_bounding_box_equals_the_whole_volumes(name, mask):
+    """scipy on the mask's box, and PyTorch's brute force (what a GPU runs), both equal scipy on the whole."""
     from scipy import ndimage
 
-    from gcml_app.ml.clicks import _edge_distance
+    from gcml_app.ml.clicks import _edge_distance, _edge_distance_on_device
 
     whole = ndimage.distance_transform_edt(np.pad(mask, 1))[1:-1, 1:-1, 1:-1]
     assert np.array_equal(_edge_distance(mask), whole), name
+    on_device = _edge_distance_on_device(torch.from_numpy(mask), chunk=5000)  # small blocks: the chunking runs
+    assert on_device.dtype == torch.float64 and np.array_equal(on_device.numpy(), whole), name
+
+
+def test_clicks_drawn_on_the_device_fall_inside_with_probability_by_distance_from_the_edge():
+    from gcml_app.ml.clicks import _edge_distance, _sample_on_device
+
+    mask = _blob((16, 16, 16), np.s_[2:13, 3:12, 4:14])
+    dist = _edge_distance(mask)
+    gen = torch.Generator().manual_seed(0)
+    draws = [_sample_on_device(torch.from_numpy(mask), gen) for _ in range(3000)]
+    assert all(mask[d] for d in draws)
+    seen = np.array([dist[d] for d in draws])
+    expected = (dist**2).sum() / dist.sum()  # the mean distance of a voxel drawn with probability by distance
+    assert abs(seen.mean() - expected) < 0.03 * expected and seen.mean() > dist[mask].mean() + 0.3
 
 
 def test_simulated_clicks_are_those_of_deepedits_recipe_written_plainly():
