@@ -52,7 +52,7 @@ def channel_argmax(logits: torch.Tensor) -> torch.Tensor:
         >>> channel_argmax(torch.tensor([[0.0, 2.0, 1.0], [1.0, 2.0, 0.0]]))
         tensor([1, 0, 0], dtype=torch.uint8)
     """
-    if logits.device.type != "cpu" or logits.shape[0] > 255:
+    if logits.device.type != "cpu":
         return logits.argmax(0).to(torch.uint8)
     best = logits[0].clone()
     index = torch.zeros(logits.shape[1:], dtype=torch.uint8)

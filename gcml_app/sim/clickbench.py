@@ -48,6 +48,17 @@ def _site(state: Path, quick: bool) -> SiteConfig:
         "validation": {"overlap": 0.25, "fraction": 0.5, "min_cases": 1}, "train": {"warm": False, "epochs": 1}})
 
 
+def _seconds(fn, device: str) -> float:
+    """Wall seconds of ``fn()``, the GPU's queued work included."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fn()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
 def train_clicks_cost(cfg: SiteConfig, store: ModelStore, case: dict[str, str], device: str,
                       repeats: int = 3) -> dict[str, Any]:
     """What simulated clicks cost a training batch: two ``roi_size`` crops through the organ of ``case``, every
@@ -81,19 +92,11 @@ def train_clicks_cost(cfg: SiteConfig, store: ModelStore, case: dict[str, str], 
     it = cfg.interactive
     sim = ClickSimulator(cfg.out_channels, 1.0, it.train_clicks, it.sigma, seed=0)
 
-    def timed(fn) -> float:
-        if device == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter() - t0
-
     guided = sim(net, x, y)  # warm-up of both
     supervised_step(net, opt, guided, y, amp=amp)
-    simulate = statistics.median(timed(lambda: sim(net, x, y)) for _ in range(repeats))
-    step = statistics.median(timed(lambda: supervised_step(net, opt, guided, y, amp=amp)) for _ in range(repeats))
+    simulate = statistics.median(_seconds(lambda: sim(net, x, y), device) for _ in range(repeats))
+    step = statistics.median(_seconds(lambda: supervised_step(net, opt, guided, y, amp=amp), device)
+                             for _ in range(repeats))
     return {"batch": [2, *roi], "train_clicks": it.train_clicks, "simulate_s": round(simulate, 3),
             "step_s": round(step, 3), "ratio": round(simulate / step, 2)}
 
@@ -144,11 +147,8 @@ def click_bench(out: str | Path, quick: bool = False, repeats: int = 3) -> dict[
             images.clear()
         if new_case or new_place:
             edit._windows.clear()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        task({"image": str(path), "device": device, "result_extension": ".nii.gz", **params})
-        return time.perf_counter() - t0
+        return _seconds(lambda: task({"image": str(path), "device": device, "result_extension": ".nii.gz", **params}),
+                        device)
 
     def seg_then_click() -> float:
         """The first click after the case's ``gcml_seg``, nothing kept from before that ``gcml_seg``."""
