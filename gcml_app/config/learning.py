@@ -443,8 +443,9 @@ class InteractiveConfig(_Strict):
     max_clicks: int = Field(200, ge=1, le=10000, description="clicks one gcml_edit request may carry; more is "
                             "refused (422)")
     cache_images: int = Field(4, ge=0, description="zero-click predictions gcml_edit keeps in memory (per image "
-                              "and served version; uint8, a 1 mm CT about 60 MB each), so a click costs only the windows "
-                              "around the clicks")
+                              "and served version; uint8, a 1 mm CT about 60 MB each), so a click costs only the "
+                              "windows around the clicks; also the images gcml_seg and gcml_edit keep in network "
+                              "space, at most 2 (float32, a 1 mm CT about 232 MB each; 0 keeps none)")
     cache_windows: int = Field(32, ge=0, description="predictions of click windows gcml_edit keeps (uint8, ROI-sized: "
                                "under 1 MB each at ROI 96), so a new click costs only the windows its signal reaches "
                                "(Slicer sends every click so far with each request)")
