@@ -159,8 +159,8 @@ class GCMLSegInfer(BasicInferTask):
     def post_transforms(self, data=None) -> list:
         return [
             self._argmax,
+            *([self._keep_zero_click] if self.cache is not None else []),  # from the uint8 indices, once
             EnsureTyped("pred", device="cpu", dtype=torch.float32),
-            *([self._keep_zero_click] if self.cache is not None else []),
             # Back to the image's grid and orientation; channels 1..n -> the task's label indices.
             Restored("pred", ref_image="image", invert_orient=True, config_labels=self.cfg.labels),
         ]
