@@ -28,18 +28,20 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import io
 import json
 import logging
 import os
 import re
+import struct
 import threading
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO
 
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
 
 from gcml_app.util import jsonl
 from gcml_app.util.files import atomic_write, sha256_bytes
@@ -414,25 +416,57 @@ class ModelStore:
         An unreadable file is logged and treated as absent: rounds then restart from the served model,
         which loses that training but never serves or trains on damaged weights.
         """
-        if not self.working_path.exists():
-            return None
         from safetensors.torch import load as st_load
 
         try:
             data = self.working_path.read_bytes()
-            info = self.working_info() or {}
-            return st_load(data), {**info, "sha256": sha256_bytes(data)}
-        except (OSError, SafetensorError, ValueError, json.JSONDecodeError) as e:
+            return st_load(data), {**_working_header(io.BytesIO(data)), "sha256": sha256_bytes(data)}
+        except FileNotFoundError:
+            return None
+        except (OSError, SafetensorError, ValueError) as e:
             logger.warning(f"working model {self.working_path} is unreadable ({e}); rounds restart from the served model")
             return None
 
     def working_info(self) -> dict[str, Any] | None:
         """The working model's description from its header only (cheap: for ``/gcml/status``)."""
         try:
-            with safe_open(str(self.working_path), framework="pt") as f:
-                return json.loads((f.metadata() or {}).get("gcml_working", "{}"))
+            with open(self.working_path, "rb") as f:
+                return _working_header(f)
         except FileNotFoundError:
             return None
-        except (OSError, SafetensorError, ValueError) as e:
+        except (OSError, ValueError) as e:
             logger.warning(f"working model {self.working_path}: unreadable header ({e})")
             return None
+
+
+_MAX_HEADER = 100_000_000  # safetensors' own bound on a header's length
+
+
+def _working_header(f: BinaryIO) -> dict[str, Any]:
+    """The ``gcml_working`` description in the safetensors header of ``f``, read through that one handle.
+
+    Not ``safe_open``: it maps the file a second time by its path, so a round replacing the working
+    model between the two opens pairs one file's header with the other's size, and torch raises a
+    ``RuntimeError`` ("smaller than the required mapping size") that ``/gcml/status`` answered with
+    HTTP 500. One handle sees one file: the old one or the whole new one (``atomic_write``).
+
+    Raises:
+        ValueError: the file is not a safetensors file, or is cut short.
+    """
+    head = f.read(8)
+    if len(head) != 8:
+        raise ValueError("shorter than a safetensors header")
+    (n,) = struct.unpack("<Q", head)
+    if n > _MAX_HEADER:
+        raise ValueError(f"header of {n} bytes, above the {_MAX_HEADER} a safetensors file may have")
+    raw = f.read(n)
+    if len(raw) != n:
+        raise ValueError(f"header cut short: {len(raw)} of {n} bytes")
+    header = json.loads(raw)  # JSONDecodeError is a ValueError
+    meta = header.get("__metadata__", {}) if isinstance(header, dict) else None
+    if not isinstance(meta, dict):
+        raise ValueError("not a safetensors header")
+    info = json.loads(meta.get("gcml_working", "{}"))
+    if not isinstance(info, dict):
+        raise ValueError("its working-model description is not a JSON object")
+    return info

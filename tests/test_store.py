@@ -204,3 +204,56 @@ def test_sweep_removes_what_an_interrupted_publish_left_and_never_reuses_its_num
     assert sorted(store.sweep()) == [".v000003.json.abc.tmp", "v000002.safetensors"]
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("v")) == ["v000001.json", "v000001.safetensors"]
     assert publish(store, 1).version == 3 and store.served_version() == 3
+
+
+def _replace_working_model(root, stop) -> None:
+    """Another process (a round) replacing the working model, its header a different length each time."""
+    store, i = ModelStore(root), 0
+    while not stop.is_set():
+        i += 1
+        store.save_working(weights(0), note="x" * (i % 17), rounds_unpublished=i)
+
+
+def test_the_working_model_read_while_a_round_replaces_it_is_the_old_or_the_new_whole(tmp_path):
+    # safe_open mapped the file twice by path: a replace in between raised RuntimeError, and /gcml/status
+    # answered HTTP 500 (CI at 94c11b9). 40,000 reads like these raced 43 times before the fix.
+    import multiprocessing as mp
+
+    store = ModelStore(tmp_path / "models")
+    store.save_working(weights(0), note="", rounds_unpublished=0)
+    ctx = mp.get_context("spawn")
+    stop = ctx.Event()
+    writer = ctx.Process(target=_replace_working_model, args=(tmp_path / "models", stop))
+    writer.start()
+    try:
+        while store.working_info()["rounds_unpublished"] == 0:  # the writer is importing torch
+            assert writer.is_alive()
+        seen = set()
+        for _ in range(5000):
+            info = store.working_info()
+            working, full = store.working()
+            assert set(info) >= {"note", "rounds_unpublished", "updated"} and len(info["note"]) < 17
+            torch.testing.assert_close(working, weights(0))
+            assert full["note"] == "x" * (full["rounds_unpublished"] % 17)  # header and weights of one file
+            seen.add(info["rounds_unpublished"])
+    finally:
+        stop.set()
+        writer.join(30)
+    assert len(seen) > 100  # the reads did race the writer
+
+
+@pytest.mark.parametrize("data, why", [
+    (b"", "shorter than a safetensors header"),
+    (b"\x10\x00\x00\x00\x00\x00\x00\x00{\"a\"", "header cut short: 4 of 16 bytes"),
+    ((2**40).to_bytes(8, "little"), "header of 1099511627776 bytes, above"),
+    (b"\x02\x00\x00\x00\x00\x00\x00\x00[]", "not a safetensors header"),
+    (b"\x29\x00\x00\x00\x00\x00\x00\x00" + b'{"__metadata__": {"gcml_working": "[1]"}}', "is not a JSON object"),
+    (b"\x03\x00\x00\x00\x00\x00\x00\x00{x}", "Expecting property name"),
+])
+def test_an_unreadable_working_header_is_named_and_treated_as_absent(tmp_path, caplog, data, why):
+    store = ModelStore(tmp_path / "models")
+    store.working_path.write_bytes(data)
+    with caplog.at_level("WARNING"):
+        assert store.working_info() is None and store.working() is None
+    assert f"working model {store.working_path}: unreadable header (" in caplog.text and why in caplog.text
+    assert f"working model {store.working_path} is unreadable (" in caplog.text
