@@ -99,6 +99,11 @@ def _bench_clicks(args: argparse.Namespace) -> int:
                            ("click_5", "those five clicks at once, no window kept (a new model version)", ""),
                            ("first_click_uncached", "the first click on a case never auto-segmented", "")):
         rows.append((what, f"{m[key]:.2f} s: {q[key]:.3f}x a full `gcml_seg`", tgt))
+    for key, what in (("gcml_seg", "`gcml_seg`"), ("first_click_after_gcml_seg", "the first click after it"),
+                      ("click_in_session", "a click of the session")):
+        if st := r.get("stages_s", {}).get(key):  # results from before the stages were recorded have none
+            rows.append((f"where {what}'s time goes, s (MONAI Label's stages)",
+                         ", ".join(f"{s} {v:.3f}" for s, v in st.items()), ""))
     tc = r["train_clicks"]
     rows.append((f"clicks drawn for a training batch of {tc['batch'][0]} crops of {tc['batch'][1]}³, each clicked "
                  f"(seeds, {tc['train_clicks']} round on the model's errors), against a training step on it",

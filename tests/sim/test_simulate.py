@@ -489,6 +489,10 @@ def test_bench_clicks_quick_writes_the_ratios(tmp_path):
                                   "click_in_session", "click_5"}
     assert all(v > 0 for v in r["median_s"].values()) and set(r["ratio_to_gcml_seg"]) == set(r["median_s"]) - {"gcml_seg"}
     assert (tmp_path / "b" / "clicks.json").exists()
+    for measure, total in r["median_s"].items():  # the stages of each measure's calls account for their time
+        st = r["stages_s"][measure]
+        assert list(st) == ["pre", "infer", "invert", "post", "write"] and all(v >= 0 for v in st.values())
+        assert st["infer"] > 0 and sum(st.values()) <= total * 1.5 + 0.01  # medians of stages, not of one call
     assert r["device"] == ("cpu" if not torch.cuda.is_available() else torch.cuda.get_device_name())
     tc = r["train_clicks"]
     assert tc["batch"] == [2, 32, 32, 32] and tc["simulate_s"] > 0 and tc["step_s"] > 0

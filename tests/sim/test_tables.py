@@ -147,7 +147,8 @@ CLICKS = {"device": "cpu", "train_clicks": {"batch": [2, 96, 96, 96], "train_cli
                        "first_click_uncached": 6.39},
           "ratio_to_gcml_seg": {"first_click_after_gcml_seg": 0.191, "click_1": 0.141, "click_5": 0.286,
                                 "click_in_session": 0.152,
-                                "first_click_uncached": 1.078}}
+                                "first_click_uncached": 1.078},
+          "stages_s": {"gcml_seg": {"pre": 0.29, "infer": 0.031, "invert": 0.0, "post": 0.052, "write": 0.37}}}
 
 
 @pytest.mark.parametrize("argv, module, fn, result, rc, row", [
@@ -164,6 +165,9 @@ CLICKS = {"device": "cpu", "train_clicks": {"batch": [2, 96, 96, 96], "train_cli
      "against a training step on it | 0.81 s against 2.40 s: 0.3x |  |"),
     (["--clicks"], "gcml_app.sim.clickbench", "click_bench", CLICKS, 0,
      "| each click of five in three places (all sent each time) | 0.90 s: 0.152x a full `gcml_seg` | <= 0.25x |"),
+    (["--clicks"], "gcml_app.sim.clickbench", "click_bench", CLICKS, 0,
+     "| where `gcml_seg`'s time goes, s (MONAI Label's stages) | pre 0.290, infer 0.031, invert 0.000, post 0.052, "
+     "write 0.370 |  |"),
 ])
 def test_a_bench_mode_prints_its_rows_and_writes_them_as_markdown(tmp_path, monkeypatch, capsys, argv, module, fn,
                                                                  result, rc, row):
