@@ -2,15 +2,16 @@
 
 The site's own infer tasks run in-process on a synthetic CT of 192 x 192 x 160 voxels at 1 mm (the shape
 ``gcml bench --scale`` uses) with a realistic network (a UNet of 16-128 channels, ROI 96): a full ``gcml_seg``
-of a case opened (its image loaded and resampled, sliding windows over the volume), the first click on a case nobody auto-segmented in this server (no cached
-zero-click prediction: it is computed, then kept), the first click after the case's ``gcml_seg`` (which
-keeps its prediction and its image in network space for the clicks), a click in a new place (the image kept too: the
-window around the click only), each request of a session of five clicks in three places (Slicer sends every
-click so far; the windows a new click does not reach are kept), and those five clicks at once with no window
-kept (after a new model version); and what simulated clicks cost a training batch against its step
-(:func:`train_clicks_cost`). Each request is the whole MONAI Label task call (load, transforms, network, restore,
-write), as Slicer waits for it, on the GPU where the server has one (as MONAI Label runs its infer tasks), else
-the CPU, with the time of each of MONAI Label's stages (:data:`STAGES`). Ratios are measured in one run.
+of a case opened (its image loaded and resampled, sliding windows over the volume), the first click on a case
+nobody auto-segmented in this server (no cached zero-click prediction: it is computed, then kept), the first
+click after the case's ``gcml_seg`` (which keeps its prediction and its image in network space for the clicks),
+a click in a new place (the image kept too: the window around the click only), each request of a session of
+five clicks in three places (Slicer sends every click so far; the windows a new click does not reach are kept),
+and those five clicks at once with no window kept (after a new model version); and what simulated clicks cost
+a training batch against its step (:func:`train_clicks_cost`). Each request is the whole MONAI Label task call
+(load, transforms, network, restore, write), as Slicer waits for it, on the GPU where the server has one (as
+MONAI Label runs its infer tasks), else the CPU, with the time of each of MONAI Label's stages
+(:data:`STAGES`). Ratios are measured in one run.
 """
 
 from __future__ import annotations
