@@ -7,7 +7,10 @@ stands for another hospital's machine, so it runs at the lowest CPU weight
 
 - ``clients`` Slicer-like clients (``monailabel.client``, a seeded think time between calls), each
   looping: ``/info``, next sample, ``gcml_seg`` on it, save its final label (a new case while any
-  is unlabelled, then a correction of one already saved);
+  is unlabelled, then a correction of one already saved); with ``interactive``, site-a serves ``gcml_edit``
+  too and each client clicks 1-3 times on the case before saving (in the organ, then on background, each
+  request carrying every click so far, as Slicer sends them), while its partner stays without clicks (a
+  consortium half-way through turning them on);
 - rounds: the new labels queue them (``finetune.min_new_labels``), the scheduler gossips every
   ``interval_s``, the scoring watcher scores; from a shell, ``gcml status`` every minute and ``gcml sync``
   every few minutes (the real CLI, as cron would run it);
@@ -20,8 +23,9 @@ uploaded, the datastore JSON is valid, every round is in the history as done, re
 reason, and the served model's bytes match its manifest. Latency is reported per call (p50, p95), with
 ``gcml_seg``'s p95 against its idle p95, measured first on the quiet site as one radiologist meets it: a
 pause between calls, the images in turn (calls back to back on one image, which keep the CPU's threads
-and caches warm, are reported beside it); memory as the server's RSS growth over the last half of the run.
-Figures are ratios and growths within one run: these machines are noisy.
+and caches warm, are reported beside it); with ``interactive``, a click's p95 likewise, against one click a
+second over the images after their ``gcml_seg`` on the quiet site; memory as the server's RSS growth over the
+last half of the run. Figures are ratios and growths within one run: these machines are noisy.
 """
 
 from __future__ import annotations
@@ -53,7 +57,8 @@ from gcml_app.store import ModelStore
 
 __all__ = ["soak_bench"]
 
-TARGETS = {"seg_p95_ratio": 2.0, "rss_growth_last_half": 0.05, "labels_lost": 0, "corrupt_files": 0}
+TARGETS = {"seg_p95_ratio": 2.0, "edit_p95_ratio": 2.0, "rss_growth_last_half": 0.05, "labels_lost": 0,
+           "corrupt_files": 0}
 # Seconds a client spends on a case (uniform): a radiologist correcting an auto-segmentation takes minutes;
 # the soak compresses that about tenfold (--quick: a stress far beyond a real day, for the test).
 THINK_S = (4.0, 12.0)
@@ -92,10 +97,25 @@ class _Log:
         return None
 
 
+def _clicks(label: Path, rng: random.Random, n: int) -> list[dict[str, list[list[int]]]]:
+    """``n`` requests of a click session on ``label``'s case, as Slicer sends them (every click so far, IJK of
+    the image): an organ click first, then background and organ in turn, each at a random voxel of that class."""
+    a = sitk.GetArrayFromImage(sitk.ReadImage(str(label)))  # (z, y, x)
+    where = {"organ": np.argwhere(a == 1), "background": np.argwhere(a == 0)}
+    so_far: dict[str, list[list[int]]] = {"organ": [], "background": []}
+    out = []
+    for k in range(n):
+        name = "organ" if k % 2 == 0 else "background"
+        z, y, x = (int(v) for v in where[name][rng.randrange(len(where[name]))])
+        so_far[name] = [*so_far[name], [x, y, z]]
+        out.append({**so_far, "label": "organ"})
+    return out
+
+
 def _client(url: str, ids: list[str], truth: dict[str, Path], saved: dict[str, int], lock: threading.Lock,
-            log: _Log, stop: threading.Event, seed: int, think: tuple[float, float]) -> None:
-    """One radiologist: info, next sample, auto-segmentation, save its label; ``think`` seconds (uniform)
-    correcting each case, a third of that between cases."""
+            log: _Log, stop: threading.Event, seed: int, think: tuple[float, float], interactive: bool) -> None:
+    """One radiologist: info, next sample, auto-segmentation, (``interactive``: 1-3 clicks,) save its label;
+    ``think`` seconds (uniform) correcting each case, a third of that between cases."""
     rng, client = random.Random(seed), ParamsClient(url)
     while not stop.is_set():
         log.timed("info", client.info)
@@ -105,6 +125,10 @@ def _client(url: str, ids: list[str], truth: dict[str, Path], saved: dict[str, i
             with lock:
                 image = rng.choice(sorted(saved)) if saved else rng.choice(ids)
         log.timed("gcml_seg", client.infer, "gcml_seg", image, {})
+        if interactive:
+            for params in _clicks(truth[image], rng, rng.randint(1, 3)):
+                stop.wait(rng.uniform(*think) / 4)  # looking where to click
+                log.timed("gcml_edit", client.infer, "gcml_edit", image, params)
         stop.wait(rng.uniform(*think))  # looking at it, correcting it
         if log.timed("save_label", client.save_label, image, str(truth[image]), "final", {}) is not None:
             with lock:
@@ -149,9 +173,10 @@ def _sampler(server: SiteServer, site: SiteClient, state: Path, stop: threading.
         out.append(row)
 
 
-def _setup(work: Path, pool: int, quick: bool) -> tuple[dict[str, Path], dict[str, int], Path, dict[str, Path]]:
+def _setup(work: Path, pool: int, quick: bool, interactive: bool = False
+           ) -> tuple[dict[str, Path], dict[str, int], Path, dict[str, Path]]:
     """Both sites' studies and YAMLs; site-a: 8 labelled cases and ``pool`` unlabelled, whose true labels
-    the clients upload."""
+    the clients upload; with ``interactive``, site-a's clicks on."""
     ports = {s: free_port() for s in ("site-a", "site-b", "site-c")}
     for s in ("site-a", "site-b"):
         shutil.rmtree(work / s, ignore_errors=True)
@@ -159,6 +184,8 @@ def _setup(work: Path, pool: int, quick: bool) -> tuple[dict[str, Path], dict[st
     raw = yaml.safe_load(configs["site-a"].read_text())
     raw["gossip"]["interval_s"] = 60 if quick else 180  # the scheduler gossips during the soak
     raw["finetune"] = {**raw.get("finetune", {}), "min_new_labels": 4, "epochs": 1 if quick else 2}
+    if interactive:
+        raw["interactive"] = {**raw.get("interactive", {}), "enabled": True}
     configs["site-a"].write_text(yaml.safe_dump(raw, sort_keys=False))
     full = write_studies(work / "full-a", "a", cases=8 + pool, seed=0)
     studies = work / "site-a" / "studies"
@@ -176,15 +203,17 @@ def _setup(work: Path, pool: int, quick: bool) -> tuple[dict[str, Path], dict[st
 
 
 def soak_bench(out: str | Path, minutes: float = 20.0, clients: int = 4, seed: int = 0,
-               quick: bool = False) -> dict[str, Any]:
-    """Run the soak for ``minutes`` with ``clients`` clients; write ``out/soak.json`` and ``soak.png``."""
+               quick: bool = False, interactive: bool = False) -> dict[str, Any]:
+    """Run the soak for ``minutes`` with ``clients`` clients (``interactive``: clicking too); write
+    ``out/soak.json`` and ``soak.png``."""
     out = Path(out).resolve()
     work = out / "work"
     pool = 12 if quick else 60
-    configs, ports, studies, truth = _setup(work, pool, quick)
+    configs, ports, studies, truth = _setup(work, pool, quick, interactive)
     servers = {s: SiteServer(configs[s], studies if s == "site-a" else work / s / "studies", port=ports[s],
                              log=work / s / "server.log", elsewhere=s == "site-b") for s in ("site-a", "site-b")}
     result: dict[str, Any] = {"minutes": minutes, "clients": clients, "seed": seed, "quick": quick,
+                              "interactive": interactive,
                               "think_s": THINK_QUICK_S if quick else THINK_S, "targets": TARGETS}
     stop, lock = threading.Event(), threading.Lock()
     saved: dict[str, int] = {}
@@ -196,12 +225,13 @@ def soak_bench(out: str | Path, minutes: float = 20.0, clients: int = 4, seed: i
         b.round()
         _wait_quiet(servers.values())
         idle, idle_warm = _idle(servers["site-a"].url, sorted(truth), 10 if quick else 30)
+        idle_edit = _idle_clicks(servers["site-a"].url, truth, 10 if quick else 30, seed) if interactive else []
 
         t0 = time.monotonic()
         log = _Log(t0)
         threads = [threading.Thread(target=_client, daemon=True, args=(
             servers["site-a"].url, sorted(truth), truth, saved, lock, log, stop, seed * 1000 + k,
-            THINK_QUICK_S if quick else THINK_S))
+            THINK_QUICK_S if quick else THINK_S, interactive))
             for k in range(clients)]
         threads.append(threading.Thread(target=_shell, daemon=True, args=(
             configs["site-a"], log, stop, 20.0 if quick else 60.0, 60.0 if quick else 300.0)))
@@ -226,7 +256,7 @@ def soak_bench(out: str | Path, minutes: float = 20.0, clients: int = 4, seed: i
         stop.set()
         for srv in servers.values():
             srv.stop()
-    result.update(_figures(log.calls, idle, samples))
+    result.update(_figures(log.calls, idle, samples, idle_edit))
     result["idle_seg_back_to_back"] = _summary(idle_warm)
     result["calls_raw"] = len(log.calls)
     out.mkdir(parents=True, exist_ok=True)
@@ -253,6 +283,21 @@ def _idle(url: str, images: list[str], n: int) -> tuple[list[float], list[float]
         client.infer("gcml_seg", images[0], {})
         warm.append(time.perf_counter() - t)
     return paced, warm
+
+
+def _idle_clicks(url: str, truth: dict[str, Path], n: int, seed: int) -> list[float]:
+    """A click's seconds on the quiet site: ``gcml_seg`` on each image in turn (not timed), then one click on
+    it after a pause, ``n`` times."""
+    client, rng, images = ParamsClient(url), random.Random(seed), sorted(truth)
+    out = []
+    for k in range(n):
+        image = images[k % len(images)]
+        client.infer("gcml_seg", image, {})
+        time.sleep(IDLE_PAUSE_S)
+        t = time.perf_counter()
+        client.infer("gcml_edit", image, _clicks(truth[image], rng, 1)[0])
+        out.append(time.perf_counter() - t)
+    return out
 
 
 def _wait_quiet(servers, timeout: float = 300.0) -> None:
@@ -308,7 +353,8 @@ def _checks(config: Path, studies: Path, truth: dict[str, Path], saved: dict[str
             "served_version": served.version, "served_verifies": True}
 
 
-def _figures(calls: list[tuple], idle: list[float], samples: list[dict[str, Any]]) -> dict[str, Any]:
+def _figures(calls: list[tuple], idle: list[float], samples: list[dict[str, Any]],
+             idle_edit: list[float] = ()) -> dict[str, Any]:
     by = defaultdict(list)
     errors: Counter = Counter()
     for _, kind, s, err in calls:
@@ -321,6 +367,10 @@ def _figures(calls: list[tuple], idle: list[float], samples: list[dict[str, Any]
     fig = {"latency": latency, "errors": dict(errors),
            "idle_seg": _summary(idle),
            "seg_p95_ratio": round(_pct(by["gcml_seg"], 0.95) / idle95, 3) if by["gcml_seg"] else None}
+    if idle_edit:
+        fig["idle_edit"] = _summary(list(idle_edit))
+        fig["edit_p95_ratio"] = (round(_pct(by["gcml_edit"], 0.95) / _pct(list(idle_edit), 0.95), 3)
+                                 if by["gcml_edit"] else None)
     rss = [(r["t"], r["server_rss_mb"]) for r in samples if "server_rss_mb" in r]
     if len(rss) >= 4:
         half = rss[len(rss) // 2:]

@@ -139,6 +139,9 @@ SOAK = {"minutes": 20.0, "clients": 4, "checks": {"labels_saved": 60, "label_sav
         "idle_seg_back_to_back": {"p50_s": 0.05, "p95_s": 0.06},
         "seg_p95_ratio": 0.986, "targets": {"seg_p95_ratio": 2.0, "rss_growth_last_half": 0.05},
         "rss_growth_last_half": 0.0011, "server_fds": {"start": 12, "half": 13, "end": 13}, "errors": {}}
+SOAK_CLICKS = {**SOAK, "interactive": True, "targets": {**SOAK["targets"], "edit_p95_ratio": 2.0},
+               "latency": {**SOAK["latency"], "gcml_edit": {"n": 120, "p50_s": 0.061, "p95_s": 0.094}},
+               "idle_edit": {"n": 30, "p50_s": 0.058, "p95_s": 0.071}, "edit_p95_ratio": 1.324}
 CLICKS = {"device": "cpu", "train_clicks": {"batch": [2, 96, 96, 96], "train_clicks": 1, "simulate_s": 0.81,
                                            "step_s": 2.4, "ratio": 0.34},
           "shape_xyz_1mm": [192, 192, 160], "roi_size": [96] * 3, "target_ratio": 0.25,
@@ -156,6 +159,12 @@ CLICKS = {"device": "cpu", "train_clicks": {"batch": [2, 96, 96, 96], "train_cli
      "| `gcml_seg` p95 under load against idle | 0.986x | <= 2.0x |"),
     (["--soak", "20"], "gcml_app.sim.soak", "soak_bench", {**SOAK, "seg_p95_ratio": 2.5}, 2,  # a target missed: exit 2
      "| `gcml_seg` p95 under load against idle | 2.5x | <= 2.0x |"),
+    (["--soak", "20", "--interactive"], "gcml_app.sim.soak", "soak_bench", SOAK_CLICKS, 0,
+     "| `gcml_edit` clicks under load, p50 / p95 | 120 clicks, 61.0 ms / 94.0 ms |  |"),
+    (["--soak", "20", "--interactive"], "gcml_app.sim.soak", "soak_bench", {**SOAK_CLICKS, "edit_p95_ratio": 2.4}, 2,
+     "| `gcml_edit` p95 under load against idle | 2.4x | <= 2.0x |"),
+    (["--soak", "20", "--interactive"], "gcml_app.sim.soak", "soak_bench", {**SOAK_CLICKS, "edit_p95_ratio": None}, 2,
+     "| `gcml_edit` p95 under load against idle | no click answered | <= 2.0x |"),  # no click answered: missed
     (["--clicks"], "gcml_app.sim.clickbench", "click_bench", CLICKS, 0,
      "| `gcml_seg`, the whole 192x192x160 volume (ROI 96), on cpu | 5.93 s |  |"),
     (["--clicks"], "gcml_app.sim.clickbench", "click_bench", CLICKS, 0,
